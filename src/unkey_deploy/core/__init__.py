@@ -1,0 +1,1 @@
+"""Shared kernel: config, ids, errors, clock, logging. Imports no service."""

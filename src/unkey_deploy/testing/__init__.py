@@ -1,0 +1,1 @@
+"""Fakes and real-process fixtures shipped with the package, for our tests and for users'."""

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from unkey_deploy.core import config, errors, ids
+
+
+def test_ids_are_prefixed_sortable_and_checked() -> None:
+    a = ids.new_deployment_id()
+    b = ids.new_deployment_id()
+    assert a.startswith("dep_") and len(a) == 30
+    assert a != b
+    assert ids.is_id(a, "dep") and not ids.is_id(a, "cust")
+    with pytest.raises(errors.InvalidInput):
+        ids.parse_id("dep_../../etc", "dep")
+
+
+def test_error_round_trips_through_wire_form() -> None:
+    err = errors.ValidationFailed(
+        "bad body", [errors.Problem(loc="resources.cpu", msg="must be > 0")], suggestion="fix it"
+    )
+    back = errors.from_dict(err.to_dict())
+    assert isinstance(back, errors.ValidationFailed)
+    assert back.problems[0].loc == "resources.cpu"
+    assert back.exit_code == 2 and back.suggestion == "fix it"
+    rl = errors.from_dict(
+        errors.RateLimited("slow down", retry_after=2.5).to_dict() | {"retry_after": 2.5}
+    )
+    assert isinstance(rl, errors.RateLimited) and rl.retryable and rl.retry_after == 2.5
+
+
+def test_config_rejects_unknown_keys_and_reads_env(tmp_path: Path) -> None:
+    f = tmp_path / "unkey.toml"
+    f.write_text("[gateway]\nport = 9000\nbogus = 1\n")
+    with pytest.raises(errors.ValidationFailed) as exc:
+        config.load(f)
+    assert any(p.loc == "gateway.bogus" for p in exc.value.problems)
+    s = config.load(environ={"UNKEY_GATEWAY__PORT": "9443", "UNKEY_DATA_DIR": str(tmp_path)})
+    assert s.gateway.port == 9443 and s.data_dir == tmp_path
+    with pytest.raises(pydantic.ValidationError):
+        s.gateway.port = 1  # type: ignore[misc]
