@@ -1,0 +1,1 @@
+"""The ``unkey`` command line."""

@@ -1,0 +1,1 @@
+"""Metering: the 10 Hz collector, billaged batching and the versioned batch codec."""
