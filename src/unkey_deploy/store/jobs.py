@@ -6,9 +6,9 @@ queue, metald's VM work). Properties:
 - **priority**: higher first, then oldest first;
 - **dedupe**: ``(kind, dedupe_key)`` is unique while a job is not finished, so the same request
   enqueued twice yields the same job;
-- **leases**: a claimed job belongs to one worker until ``lease_until``; workers heartbeat, and a
-  job whose worker died (lease expired) is re-queued by :func:`requeue_expired`, so a crash never loses
-  work; ``attempts`` counts claims and ``max_attempts`` bounds retries;
+- **leases**: a claimed job belongs to one worker until ``lease_until``; workers heartbeat, and
+  a job whose worker died (lease expired) is re-queued by :func:`requeue_expired`, so a crash
+  never loses work; ``attempts`` counts claims and ``max_attempts`` bounds retries;
 - **cancel**: a queued job is cancelled at once, a running one gets ``cancel_requested`` which its
   worker sees on its next heartbeat.
 
