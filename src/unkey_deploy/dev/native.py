@@ -14,7 +14,9 @@ NativeStep = Callable[[Path], object]
 
 
 def steps() -> list[tuple[str, NativeStep]]:
-    return []
+    from ..metald.kernel import prepare_kernel  # noqa: PLC0415 (metald is optional here)
+
+    return [("guest kernel + initramfs (metald)", prepare_kernel)]
 
 
 def main(argv: list[str] | None = None) -> int:

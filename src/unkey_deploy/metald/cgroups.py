@@ -1,0 +1,182 @@
+"""One cgroup per VM: CPU quota = vcpus, memory limit = memory (+ VMM overhead).
+
+Works on cgroup v1 (one directory per controller: cpu, cpuacct, memory, pids), on pure cgroup v2,
+and on the hybrid layout of our CI machines (v1 controllers + an almost empty v2 hierarchy at
+``/sys/fs/cgroup/unified``). Directories are created *below the cgroup metald itself runs in*
+for each controller (``<mount>/<own path>/unkey-metald/<vm_id>``), because on hosts like ours a
+process may only create memory cgroups inside its own subtree.
+
+Processes join by writing their pid to ``cgroup.procs`` *before* they exec the VMM (see
+:meth:`VmCgroup.join_prefix`), so every child the VMM forks is accounted too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.errors import VmError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
+_PERIOD_US = 100_000
+
+
+def _own_paths() -> dict[str, str]:
+    """controller name -> our cgroup path, from /proc/self/cgroup (``""`` is the v2 entry)."""
+    out: dict[str, str] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        for c in ctrls.split(",") if ctrls else [""]:
+            out[c] = path
+    return out
+
+
+def _is_pure_v2() -> bool:
+    return (CGROUP_ROOT / "cgroup.controllers").exists()
+
+
+@dataclass(frozen=True)
+class VmCgroup:
+    """The cgroup directories of one VM (absent controllers are None)."""
+
+    name: str
+    v2: Path | None = None
+    v1: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def cpuacct_dir(self) -> Path | None:
+        return self.v1.get("cpuacct")
+
+    @property
+    def memory_dir(self) -> Path | None:
+        return self.v1.get("memory")
+
+    def dirs(self) -> list[Path]:
+        return ([self.v2] if self.v2 else []) + list(self.v1.values())
+
+    def procs_files(self) -> list[Path]:
+        return [d / "cgroup.procs" for d in self.dirs()]
+
+    def join_prefix(self) -> list[str]:
+        """argv prefix that moves the process into this cgroup, then execs the rest."""
+        targets = " ".join(f"'{p}'" for p in self.procs_files())
+        script = f'for f in {targets}; do echo $$ > "$f" || exit 97; done; exec "$@"'
+        return ["/bin/sh", "-c", script, "unkey-cgjoin"]
+
+    def pids(self) -> list[int]:
+        seen: set[int] = set()
+        for f in self.procs_files():
+            with contextlib.suppress(OSError):
+                seen.update(int(x) for x in f.read_text().split())
+        return sorted(seen)
+
+    def cpu_time_ns(self) -> int:
+        if self.cpuacct_dir:
+            return int((self.cpuacct_dir / "cpuacct.usage").read_text())
+        if self.v2:
+            for line in (self.v2 / "cpu.stat").read_text().splitlines():
+                k, v = line.split()
+                if k == "usage_usec":
+                    return int(v) * 1000
+        return 0
+
+    def memory_bytes(self) -> int:
+        if self.memory_dir:
+            return int((self.memory_dir / "memory.usage_in_bytes").read_text())
+        if self.v2 and (self.v2 / "memory.current").exists():
+            return int((self.v2 / "memory.current").read_text())
+        return 0
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """Kill what is left inside and remove every directory (idempotent)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = self.pids()
+            if not left:
+                break
+            self.kill_all()
+            if time.monotonic() > deadline:
+                raise VmError(f"cgroup {self.name} still has processes {left} after SIGKILL")
+            time.sleep(0.01)
+        for d in self.dirs():
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    # EBUSY for a moment after the last task exits
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+
+    def exists(self) -> bool:
+        return any(d.exists() for d in self.dirs())
+
+
+class CgroupManager:
+    """Creates per-VM cgroups below ``<own cgroup>/<parent_name>`` on each controller."""
+
+    def __init__(self, parent_name: str = "unkey-metald") -> None:
+        self.parent_name = parent_name
+        self.available = os.geteuid() == 0 and CGROUP_ROOT.is_dir()
+
+    def _v1_base(self, ctrl: str, own: dict[str, str]) -> Path | None:
+        mount = CGROUP_ROOT / ctrl
+        if not (mount / "cgroup.procs").exists():
+            return None
+        return mount / own.get(ctrl, "/").lstrip("/") / self.parent_name
+
+    def paths_for(self, name: str) -> VmCgroup:
+        """The directories ``name`` would have, without creating anything."""
+        own = _own_paths()
+        if _is_pure_v2():
+            return VmCgroup(
+                name, v2=CGROUP_ROOT / own.get("", "/").lstrip("/") / self.parent_name / name
+            )
+        v1 = {}
+        for ctrl in V1_CONTROLLERS:
+            base = self._v1_base(ctrl, own)
+            if base is not None:
+                v1[ctrl] = base / name
+        return VmCgroup(name, v1=v1)
+
+    def create(self, name: str, *, vcpus: int, memory_limit_bytes: int) -> VmCgroup | None:
+        """Create the VM's cgroup with its limits; None when cgroups cannot be managed here."""
+        if not self.available:
+            return None
+        cg = self.paths_for(name)
+        try:
+            if cg.v2 is not None:
+                base = cg.v2.parent
+                base.mkdir(parents=True, exist_ok=True)
+                for d in (base.parent, base):
+                    with contextlib.suppress(OSError):
+                        (d / "cgroup.subtree_control").write_text("+cpu +memory +pids")
+                cg.v2.mkdir(exist_ok=True)
+                (cg.v2 / "cpu.max").write_text(f"{vcpus * _PERIOD_US} {_PERIOD_US}")
+                if (cg.v2 / "memory.max").exists():
+                    (cg.v2 / "memory.max").write_text(str(memory_limit_bytes))
+            for ctrl, d in cg.v1.items():
+                d.mkdir(parents=True, exist_ok=True)
+                if ctrl == "cpu":
+                    (d / "cpu.cfs_period_us").write_text(str(_PERIOD_US))
+                    (d / "cpu.cfs_quota_us").write_text(str(vcpus * _PERIOD_US))
+                elif ctrl == "memory":
+                    (d / "memory.limit_in_bytes").write_text(str(memory_limit_bytes))
+        except OSError as exc:
+            with contextlib.suppress(OSError, VmError):
+                cg.remove(timeout=1)
+            raise VmError(f"cannot set up cgroup {name}: {exc}") from exc
+        return cg

@@ -1,0 +1,264 @@
+"""The ``sandbox`` driver: bubblewrap namespaces + cgroup limits on the same rootfs, no VMM.
+
+For hosts without a usable VMM. Isolation is by Linux namespaces, not hardware virtualisation,
+so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="namespaces"``.
+
+* Root file system: as root, the VM's ext4 image is loop-mounted read-only and an overlay with a
+  per-VM writable upper directory goes on top (copy-on-write, nothing copied). Without root, the
+  tree is extracted with ``debugfs -R "rdump / <dir>"`` (no mount needed).
+* Processes: ``bwrap`` with new user, pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
+  and /tmp, started as an unprivileged host uid (``setpriv``), so even "root" in the sandbox
+  has no capability on the host. As root, each VM gets its own network namespace joined to the
+  host by a veth pair (metald's network module creates it); without root the sandbox shares
+  the host network and the app's port must be free.
+* Limits: the cgroup (CPU quota = vcpus, memory) is joined before bwrap starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from ...core.errors import VmError
+from .base import (
+    DriverCapabilities,
+    VmRuntime,
+    VmSpec,
+    VmStats,
+    pid_start_time,
+    process_alive,
+    reap,
+    spawn,
+)
+
+BWRAP = "bwrap"
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise VmError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-400:]}")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc/<pid>/task/*/children)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += _children(p)
+    return tree
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            if line.split()[1] == target:
+                return True
+    return False
+
+
+class SandboxDriver:
+    """bubblewrap + cgroups; see the module docstring."""
+
+    name = "sandbox"
+
+    def __init__(self, *, run_as: tuple[int, int] = (65534, 65534)) -> None:
+        self.run_as = run_as
+        self.root = os.geteuid() == 0
+
+    def capabilities(self) -> DriverCapabilities:
+        nets = ("netns",) if self.root else ("host",)
+        if shutil.which(BWRAP) is None:
+            return DriverCapabilities(self.name, False, "bwrap not found", isolation="namespaces")
+        if not self.root and shutil.which("debugfs") is None:
+            return DriverCapabilities(
+                self.name, False, "debugfs (e2fsprogs) not found", isolation="namespaces"
+            )
+        probe = subprocess.run(
+            [BWRAP, "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "/bin/true"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if probe.returncode != 0:
+            return DriverCapabilities(
+                self.name, False, f"bwrap trial failed: {probe.stderr.strip()[:200]}",
+                isolation="namespaces",
+            )  # fmt: skip
+        return DriverCapabilities(
+            self.name, True, "bwrap trial run succeeded", isolation="namespaces",
+            networking=nets, graceful_stop=True,
+        )  # fmt: skip
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def create(self, spec: VmSpec) -> None:
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+
+    def _tree_dir(self, spec: VmSpec) -> tuple[Path, list[str]]:
+        """Make the VM's root tree available; returns it and the mounts made (innermost last)."""
+        merged = spec.workdir / "root"
+        merged.mkdir(exist_ok=True)
+        if not self.root:
+            if not (merged / ".vminit").exists():
+                _run(["debugfs", "-R", f"rdump / {merged}", str(spec.rootfs)])
+            return merged, []
+        lower, upper, work = (spec.workdir / d for d in ("lower", "upper", "work"))
+        for d in (lower, upper, work):
+            d.mkdir(exist_ok=True)
+        mounts: list[str] = []
+        try:
+            if not is_mounted(lower):
+                # noload: never replay the journal of an image we only read
+                _run(["mount", "-t", "ext4", "-o", "loop,ro,noload", str(spec.rootfs), str(lower)])
+            mounts.append(str(lower))
+            if not is_mounted(merged):
+                opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+                _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)])
+            mounts.append(str(merged))
+        except VmError:
+            self._unmount(mounts)
+            raise
+        return merged, mounts
+
+    @staticmethod
+    def _unmount(mounts: list[str]) -> None:
+        for m in reversed(mounts):
+            if is_mounted(Path(m)):
+                # -d: detach the loop device as well (normally autoclear does it)
+                subprocess.run(["umount", "-d", m], capture_output=True, check=False)
+            if is_mounted(Path(m)):
+                subprocess.run(["umount", "-l", "-d", m], capture_output=True, check=False)
+
+    def command(self, spec: VmSpec, tree: Path) -> list[str]:
+        """The bwrap command line (also used by the bench as the baseline)."""
+        env = {"PATH": _PATH, "HOSTNAME": spec.vm_id.replace("_", "-").lower()[:63]}
+        env.update(spec.env)
+        argv = [
+            BWRAP, "--unshare-user", "--uid", "0", "--gid", "0",
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--hostname", env["HOSTNAME"],
+            "--bind", str(tree), "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--new-session", "--clearenv",
+        ]  # fmt: skip
+        if spec.net.mode == "host" and not self.root:
+            argv.append("--die-with-parent")
+        for k, v in sorted(env.items()):
+            argv += ["--setenv", k, v]
+        init = "/.vminit/init" if (tree / ".vminit" / "init").exists() else "/sbin/init"
+        argv.append(init)
+        if not self.root:
+            return argv
+        uid, gid = spec.run_as or self.run_as
+        drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+        if spec.net.mode == "netns":
+            # The netns belongs to the host's user namespace, so an unprivileged app could not
+            # bind ports < 1024 in it: lower that per-netns limit before dropping privileges.
+            script = 'echo 0 > /proc/sys/net/ipv4/ip_unprivileged_port_start && exec "$@"'
+            return [
+                "nsenter", f"--net=/run/netns/{spec.net.netns}",
+                "/bin/sh", "-c", script, "unkey-sandbox", *drop, *argv,
+            ]  # fmt: skip
+        return [*drop, *argv]
+
+    def boot(self, spec: VmSpec) -> VmRuntime:
+        tree, mounts = self._tree_dir(spec)
+        try:
+            pid = spawn(self.command(spec, tree), cgroup=spec.cgroup, log=spec.log_path,
+                        cwd=spec.workdir)  # fmt: skip
+        except OSError as exc:
+            self._unmount(mounts)
+            raise VmError(f"cannot start bwrap: {exc}") from exc
+        start = pid_start_time(pid) or 0
+        return VmRuntime(
+            driver=self.name,
+            pid=pid,
+            pid_start=start,
+            workdir=str(spec.workdir),
+            log_path=str(spec.log_path),
+            mounts=mounts,
+            extra={"cgroup": [str(p) for p in spec.cgroup.procs_files()] if spec.cgroup else []},
+        )
+
+    def _pids(self, rt: VmRuntime) -> list[int]:
+        pids: set[int] = set()
+        for f in rt.extra.get("cgroup", []):
+            with contextlib.suppress(OSError):
+                pids.update(int(x) for x in Path(f).read_text().split())
+        if process_alive(rt.pid, rt.pid_start):
+            pids.update(process_tree(rt.pid))
+        return sorted(pids)
+
+    def stop(self, runtime: VmRuntime, timeout: float) -> None:
+        # PID 1 of the sandbox only gets signals it has a handler for, so TERM goes to everyone
+        # and the app decides; whatever is left after ``timeout`` is killed.
+        for pid in self._pids(runtime):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process_alive(runtime.pid, runtime.pid_start):
+            reap(runtime.pid)
+            time.sleep(0.01)
+        self._kill(runtime)
+
+    def _kill(self, rt: VmRuntime) -> None:
+        deadline = time.monotonic() + 5
+        while True:
+            pids = self._pids(rt)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            reap(rt.pid)
+            if time.monotonic() > deadline:
+                raise VmError(f"sandbox {rt.workdir}: processes {pids} survive SIGKILL")
+            time.sleep(0.005)
+        reap(rt.pid)
+
+    def delete(self, runtime: VmRuntime) -> None:
+        self._kill(runtime)
+        self._unmount(runtime.mounts)
+        for m in runtime.mounts:
+            if is_mounted(Path(m)):
+                raise VmError(f"cannot unmount {m}")
+
+    def inspect(self, runtime: VmRuntime) -> bool:
+        alive = process_alive(runtime.pid, runtime.pid_start)
+        if not alive:
+            reap(runtime.pid)
+        return alive
+
+    def stats(self, runtime: VmRuntime, spec: VmSpec) -> VmStats:
+        if spec.cgroup is not None:
+            return VmStats(spec.cgroup.cpu_time_ns(), spec.cgroup.memory_bytes(), 0, 0)
+        cpu = mem = 0
+        hz, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        for pid in self._pids(runtime):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                f = stat[stat.rindex(")") + 2 :].split()
+                cpu += (int(f[11]) + int(f[12])) * 1_000_000_000 // hz
+                mem += int(f[21]) * page
+        return VmStats(cpu, mem, 0, 0)
+
+    def recover(self, runtime: VmRuntime) -> bool:
+        return process_alive(runtime.pid, runtime.pid_start) and all(
+            is_mounted(Path(m)) for m in runtime.mounts
+        )
