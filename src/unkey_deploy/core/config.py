@@ -69,6 +69,14 @@ class MetaldConfig(_Section):
     kernel_dir: Path | None = None
     bridge: str = "unkbr0"
     subnet: str = "172.31.0.0/19"
+    # Host name shown in the hosts table (default: the machine's hostname).
+    host_name: str | None = None
+    # vCPUs the scheduler may place per host CPU (VMs rarely use all of theirs).
+    cpu_overcommit: float = Field(4.0, gt=0)
+    # Grace period between asking a guest to shut down and killing it.
+    stop_timeout_s: float = Field(5.0, ge=0)
+    # Unprivileged user the VMMs run as when metald is root.
+    runas_user: str = "nobody"
 
 
 class MeteringConfig(_Section):

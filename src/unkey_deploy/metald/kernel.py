@@ -229,9 +229,12 @@ def prepare_kernel(native_dir: Path) -> KernelPaths:
     return KernelPaths(bzimage=vmlinuz, vmlinux=vmlinux, initramfs=initramfs, version=version)
 
 
-def find_kernel(native_dir: Path) -> KernelPaths | None:
-    """The prepared kernel under ``native_dir`` if ``make native`` has run, else None (no I/O)."""
-    kdir = Path(native_dir).resolve() / "kernel"
+def find_kernel(path: Path) -> KernelPaths | None:
+    """The prepared kernel under ``path`` (the native dir, or its ``kernel`` subdirectory) if
+    ``make native`` has run, else None. Does no downloads."""
+    kdir = Path(path).resolve()
+    if not (kdir / "initramfs.img").exists():
+        kdir = kdir / "kernel"
     bz = sorted((kdir / "root" / "boot").glob("vmlinuz-*"))
     vmlinux, initramfs = kdir / "vmlinux", kdir / "initramfs.img"
     if not bz or not vmlinux.exists() or not initramfs.exists():

@@ -9,7 +9,6 @@ restarted metald can :meth:`VmDriver.recover` its VMs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 from collections.abc import Mapping
@@ -189,10 +188,20 @@ def process_alive(pid: int, start: int) -> bool:
     return pid > 0 and pid_start_time(pid) == start
 
 
-def reap(pid: int) -> None:
-    """Collect our child's exit status if it was ours (no zombie left behind)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def reap(pid: int, wait: float = 0.0) -> None:
+    """Collect our child's exit status if it is ours (no zombie left behind); with ``wait``,
+    keep trying that long for a child that is exiting right now."""
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except (ChildProcessError, OSError):
+            return  # not our child (metald restarted) or already collected
+        if done == pid or time.monotonic() >= deadline:
+            return
+        time.sleep(0.002)
 
 
 def spawn(argv: list[str], *, cgroup: VmCgroup | None, log: Path, cwd: Path) -> int:

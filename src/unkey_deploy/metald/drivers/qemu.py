@@ -99,8 +99,12 @@ class QemuDriver:
         *,
         runas_user: str = "nobody",
         accel: str | None = None,
+        run_dir: Path | None = None,
     ) -> None:
         self.kernel = kernel
+        # unix socket paths must be < 108 bytes: QMP sockets live here, not in the jail
+        self.run_dir = run_dir or Path("/run/unkey-metald" if os.geteuid() == 0 else
+                                       tempfile.gettempdir())  # fmt: skip
         self.state_dir = Path(state_dir)
         self.runas_user = runas_user
         self._accel = accel
@@ -184,7 +188,7 @@ class QemuDriver:
             "-netdev", netdev,
             "-device", "virtio-net-device,netdev=n0" + (f",mac={net.mac}" if net.mac else ""),
             "-serial", f"file:{spec.log_path}", "-display", "none", "-no-reboot",
-            "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
+            "-qmp", f"unix:{self.qmp_path(spec)},server=on,wait=off",
         ]  # fmt: skip
         dropped = False
         if os.geteuid() == 0:
@@ -202,8 +206,12 @@ class QemuDriver:
         ]
         return argv
 
+    def qmp_path(self, spec: VmSpec) -> Path:
+        return self.run_dir / f"{spec.vm_id}.qmp"
+
     def boot(self, spec: VmSpec) -> VmRuntime:
-        qmp_path = spec.workdir / "qmp.sock"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        qmp_path = self.qmp_path(spec)
         with contextlib.suppress(FileNotFoundError):
             qmp_path.unlink()
         pid = spawn(self.command(spec), cgroup=spec.cgroup, log=spec.workdir / "vmm.log",
@@ -241,7 +249,7 @@ class QemuDriver:
         while process_alive(rt.pid, rt.pid_start) and time.monotonic() < deadline:
             reap(rt.pid)
             time.sleep(0.005)
-        reap(rt.pid)
+        reap(rt.pid, wait=2.0)
 
     def stop(self, runtime: VmRuntime, timeout: float) -> None:
         if not process_alive(runtime.pid, runtime.pid_start):

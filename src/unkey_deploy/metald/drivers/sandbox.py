@@ -65,6 +65,31 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def _become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants.
+
+    When a sandbox is killed, bwrap's inner process can outlive the outer one for an instant;
+    orphans then go to the host's PID 1, and on some hosts (ours) PID 1 never reaps them. As a
+    subreaper metald adopts them instead and :meth:`SandboxDriver._kill` reaps them by pid.
+    """
+    import ctypes  # noqa: PLC0415
+
+    pr_set_child_subreaper = 36
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+
+
+def reap_adopted_bwrap() -> None:
+    """Reap zombie ``bwrap`` processes adopted by us (only those: other threads' subprocesses
+    must keep their exit statuses)."""
+    for pid in _children(os.getpid()):
+        with contextlib.suppress(OSError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            if comm == "bwrap" and stat[stat.rindex(")") + 2] == "Z":
+                reap(pid)
+
+
 def is_mounted(path: Path) -> bool:
     target = str(path)
     with contextlib.suppress(OSError):
@@ -79,9 +104,15 @@ class SandboxDriver:
 
     name = "sandbox"
 
-    def __init__(self, *, run_as: tuple[int, int] = (65534, 65534)) -> None:
+    def __init__(
+        self, *, run_as: tuple[int, int] = (65534, 65534), run_dir: Path | None = None
+    ) -> None:
         self.run_as = run_as
         self.root = os.geteuid() == 0
+        # Mount points live under a root-owned, world-traversable directory: the unprivileged
+        # bwrap must be able to reach the tree, whatever the permissions of metald's state dir.
+        self.run_dir = run_dir or Path("/run/unkey-metald")
+        _become_subreaper()
 
     def capabilities(self) -> DriverCapabilities:
         nets = ("netns",) if self.root else ("host",)
@@ -113,13 +144,15 @@ class SandboxDriver:
 
     def _tree_dir(self, spec: VmSpec) -> tuple[Path, list[str]]:
         """Make the VM's root tree available; returns it and the mounts made (innermost last)."""
-        merged = spec.workdir / "root"
+        base = self.base_dir(spec.vm_id) if self.root else spec.workdir
+        base.mkdir(parents=True, exist_ok=True, mode=0o755)
+        merged = base / "root"
         merged.mkdir(exist_ok=True)
         if not self.root:
             if not (merged / ".vminit").exists():
                 _run(["debugfs", "-R", f"rdump / {merged}", str(spec.rootfs)])
             return merged, []
-        lower, upper, work = (spec.workdir / d for d in ("lower", "upper", "work"))
+        lower, upper, work = (base / d for d in ("lower", "upper", "work"))
         for d in (lower, upper, work):
             d.mkdir(exist_ok=True)
         mounts: list[str] = []
@@ -136,6 +169,9 @@ class SandboxDriver:
             self._unmount(mounts)
             raise
         return merged, mounts
+
+    def base_dir(self, vm_id: str) -> Path:
+        return self.run_dir / vm_id
 
     @staticmethod
     def _unmount(mounts: list[str]) -> None:
@@ -193,7 +229,10 @@ class SandboxDriver:
             workdir=str(spec.workdir),
             log_path=str(spec.log_path),
             mounts=mounts,
-            extra={"cgroup": [str(p) for p in spec.cgroup.procs_files()] if spec.cgroup else []},
+            extra={
+                "cgroup": [str(p) for p in spec.cgroup.procs_files()] if spec.cgroup else [],
+                "base": str(self.base_dir(spec.vm_id)) if self.root else None,
+            },
         )
 
     def _pids(self, rt: VmRuntime) -> list[int]:
@@ -207,30 +246,41 @@ class SandboxDriver:
 
     def stop(self, runtime: VmRuntime, timeout: float) -> None:
         # PID 1 of the sandbox only gets signals it has a handler for, so TERM goes to everyone
-        # and the app decides; whatever is left after ``timeout`` is killed.
-        for pid in self._pids(runtime):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
+        # inside and the app decides; whatever is left after ``timeout`` is killed. The outer
+        # bwrap is spared until its children are gone: it reaps them (orphans would otherwise
+        # go to the host's init, which on some hosts never reaps them).
+        known = set(self._pids(runtime))
+        for pid in known:
+            if pid != runtime.pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and process_alive(runtime.pid, runtime.pid_start):
             reap(runtime.pid)
             time.sleep(0.01)
-        self._kill(runtime)
+        self._kill(runtime, known)
 
-    def _kill(self, rt: VmRuntime) -> None:
+    def _kill(self, rt: VmRuntime, known: set[int] | None = None) -> None:
         deadline = time.monotonic() + 5
+        seen: set[int] = set(known or ())
         while True:
             pids = self._pids(rt)
+            seen.update(pids)
             if not pids:
                 break
-            for pid in pids:
+            inner = [p for p in pids if p != rt.pid]
+            # children first (bwrap reaps them), then bwrap itself once they are gone
+            for pid in inner or pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
             reap(rt.pid)
             if time.monotonic() > deadline:
                 raise VmError(f"sandbox {rt.workdir}: processes {pids} survive SIGKILL")
-            time.sleep(0.005)
-        reap(rt.pid)
+            time.sleep(0.002)
+        reap(rt.pid, wait=2.0)
+        for pid in seen - {rt.pid}:
+            reap(pid, wait=0.5)  # adopted orphans (we are a subreaper)
+        reap_adopted_bwrap()
 
     def delete(self, runtime: VmRuntime) -> None:
         self._kill(runtime)
@@ -238,6 +288,9 @@ class SandboxDriver:
         for m in runtime.mounts:
             if is_mounted(Path(m)):
                 raise VmError(f"cannot unmount {m}")
+        base = runtime.extra.get("base")
+        if base:
+            shutil.rmtree(base, ignore_errors=True)
 
     def inspect(self, runtime: VmRuntime) -> bool:
         alive = process_alive(runtime.pid, runtime.pid_start)

@@ -1,0 +1,54 @@
+"""metald's tables (schema changes go through metald/migrations/versions)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+hosts = sa.Table(
+    "metald_hosts",
+    metadata,
+    sa.Column("host_id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("driver", sa.String(16), nullable=False),
+    sa.Column("cpus", sa.Integer, nullable=False),
+    sa.Column("memory_bytes", sa.BigInteger, nullable=False),
+    sa.Column("capabilities", sa.JSON, nullable=False),
+    sa.Column("schedulable", sa.Boolean, nullable=False),
+    sa.Column("registered_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+)
+
+vms = sa.Table(
+    "metald_vms",
+    metadata,
+    sa.Column("vm_id", sa.String(40), primary_key=True),
+    sa.Column("host_id", sa.String(40), nullable=False, index=True),
+    sa.Column("deployment_id", sa.String(40), nullable=False, index=True),
+    sa.Column("customer_id", sa.String(40), nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    # what the owner asked for: "running", "stopped" or "deleted"; each host's agent converges
+    sa.Column("desired", sa.String(16), nullable=False),
+    sa.Column("instance_id", sa.String(40), nullable=True),
+    sa.Column("vcpus", sa.Integer, nullable=False),
+    sa.Column("memory_bytes", sa.BigInteger, nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("rootfs", sa.Text, nullable=False),
+    sa.Column("env", sa.JSON, nullable=False),
+    sa.Column("driver", sa.String(16), nullable=True),
+    sa.Column("net", sa.JSON, nullable=True),
+    sa.Column("runtime", sa.JSON, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+ip_leases = sa.Table(
+    "metald_ip_leases",
+    metadata,
+    sa.Column("host_id", sa.String(40), primary_key=True),
+    sa.Column("slot", sa.Integer, primary_key=True),
+    sa.Column("vm_id", sa.String(40), nullable=False, unique=True),
+    sa.Column("leased_at", sa.Float, nullable=False),
+)

@@ -1,0 +1,219 @@
+"""VM networking: an IP allocator persisted in the DB, per-VM links, isolation and NAT.
+
+Design (root): every VM gets its own point-to-point /30 out of ``MetaldConfig.subnet`` — host
+side ``.1``, guest ``.2`` — on its own link: a tap (qemu, firecracker) or a veth pair into a
+per-VM network namespace (sandbox). There is no shared bridge, so VMs share no L2 segment; an
+nftables table owned by this metald drops forwarding between VM links (tenants cannot reach each
+other), drops new connections from VMs to the host itself, and masquerades VM traffic leaving by
+any other interface (NAT; the operator enables ``net.ipv4.ip_forward``, metald never flips host
+sysctls). The app's port is reachable from the host at ``<guest ip>:<port>``.
+
+Without root: QEMU user-mode networking with the app port forwarded from 127.0.0.1 (qemu), or
+the host's network (sandbox).
+
+Slots are leased per host in ``metald_ip_leases`` (primary key host+slot, unique VM), so two VMs
+never get the same /30 and a restarted metald finds the same addresses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+
+from ..core.errors import ResourceExhausted, VmError
+from . import models
+from .drivers.base import NetAttachment
+
+IFACE_PREFIX = "unk"
+
+
+def iface_name(vm_id: str) -> str:
+    """A stable interface name for a VM (IFNAMSIZ is 16 including the NUL)."""
+    return IFACE_PREFIX + hashlib.sha1(vm_id.encode(), usedforsecurity=False).hexdigest()[:11]
+
+
+def netns_name(vm_id: str) -> str:
+    return f"unk-{vm_id.lower()}"
+
+
+def _ip(args: list[str], batch: str | None = None, netns: str | None = None) -> None:
+    cmd = ["ip"] + (["-n", netns] if netns else []) + args
+    if batch is not None:
+        cmd += ["-batch", "-"]
+    proc = subprocess.run(cmd, input=batch, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise VmError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-400:]}")
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class IpAllocator:
+    """Leases /30 slots of ``subnet`` to VMs on one host, persisted in the database."""
+
+    def __init__(self, engine: Engine, host_id: str, subnet: str) -> None:
+        self.engine = engine
+        self.host_id = host_id
+        self.net = ipaddress.IPv4Network(subnet)
+        if self.net.prefixlen > 29:
+            raise VmError(f"subnet {subnet} is too small: it needs room for at least two /30s")
+        self.slots = self.net.num_addresses // 4
+
+    def addresses(self, slot: int) -> tuple[str, str]:
+        """(host ip, guest ip) of ``slot``."""
+        base = self.net.network_address + 4 * slot
+        return str(base + 1), str(base + 2)
+
+    def lease(self, vm_id: str) -> int:
+        """The VM's slot (the existing one if it has a lease). Safe against concurrent leases."""
+        t = models.ip_leases
+        for _ in range(20):
+            with self.engine.begin() as c:
+                row = c.execute(sa.select(t.c.slot).where(t.c.vm_id == vm_id)).first()
+                if row is not None:
+                    return int(row.slot)
+                used = {
+                    int(r.slot)
+                    for r in c.execute(sa.select(t.c.slot).where(t.c.host_id == self.host_id))
+                }
+                # slot 0 holds the subnet's network address: skip it to avoid surprises
+                free = next((s for s in range(1, self.slots) if s not in used), None)
+                if free is None:
+                    raise ResourceExhausted(
+                        f"no free /30 left in {self.net} on host {self.host_id}",
+                        suggestion="use a larger MetaldConfig.subnet",
+                    )
+                try:
+                    c.execute(
+                        t.insert().values(
+                            host_id=self.host_id, slot=free, vm_id=vm_id, leased_at=time.time()
+                        )
+                    )
+                    return free
+                except IntegrityError:
+                    pass  # somebody took it between our read and write: try again
+            time.sleep(0.01)
+        raise VmError(f"could not lease an address for {vm_id}")
+
+    def release(self, vm_id: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(models.ip_leases.delete().where(models.ip_leases.c.vm_id == vm_id))
+
+    def leased(self) -> dict[str, int]:
+        t = models.ip_leases
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(t.c.vm_id, t.c.slot).where(t.c.host_id == self.host_id))
+            return {str(r.vm_id): int(r.slot) for r in rows}
+
+
+class HostNetwork:
+    """Creates and removes VM links and this metald's nftables table."""
+
+    def __init__(self, subnet: str, table: str) -> None:
+        self.subnet = str(ipaddress.IPv4Network(subnet))
+        self.table = table
+
+    def ruleset(self) -> str:
+        t, p = self.table, IFACE_PREFIX
+        return f"""
+table inet {t} {{
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname "{p}*" oifname "{p}*" drop
+  }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{p}*" ct state established,related accept
+    iifname "{p}*" drop
+  }}
+}}
+table ip {t}_nat {{
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr {self.subnet} oifname != "{p}*" masquerade
+  }}
+}}
+"""
+
+    def setup(self) -> None:
+        """Install (or replace) this metald's nftables tables."""
+        self.teardown()
+        proc = subprocess.run(
+            ["nft", "-f", "-"], input=self.ruleset(), capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise VmError(f"nft failed: {proc.stderr.strip()[-400:]}")
+
+    def teardown(self) -> None:
+        for fam, name in (("inet", self.table), ("ip", f"{self.table}_nat")):
+            subprocess.run(["nft", "delete", "table", fam, name], capture_output=True, check=False)
+
+    def has_rules(self) -> bool:
+        proc = subprocess.run(
+            ["nft", "list", "table", "inet", self.table], capture_output=True, check=False
+        )
+        return proc.returncode == 0
+
+    def attach_tap(self, vm_id: str, host_ip: str, guest_ip: str) -> NetAttachment:
+        name = iface_name(vm_id)
+        self.detach_iface(name)
+        _ip([], batch=f"tuntap add dev {name} mode tap\naddr add {host_ip}/30 dev {name}\n"
+            f"link set {name} up\n")  # fmt: skip
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in hashlib.sha1(vm_id.encode(),
+              usedforsecurity=False).digest()[:3])  # fmt: skip
+        return NetAttachment(
+            mode="tap", host_iface=name, host_ip=host_ip, guest_ip=guest_ip, mac=mac
+        )
+
+    def attach_netns(self, vm_id: str, host_ip: str, guest_ip: str) -> NetAttachment:
+        name, ns = iface_name(vm_id), netns_name(vm_id)
+        self.detach_iface(name)
+        self.delete_netns(ns)
+        _ip(["netns", "add", ns])
+        try:
+            _ip([], batch=f"link add {name} type veth peer name eth0 netns {ns}\n"
+                f"addr add {host_ip}/30 dev {name}\nlink set {name} up\n")  # fmt: skip
+            _ip([], netns=ns, batch=f"link set lo up\naddr add {guest_ip}/30 dev eth0\n"
+                f"link set eth0 up\nroute add default via {host_ip}\n")  # fmt: skip
+        except VmError:
+            self.detach_iface(name)
+            self.delete_netns(ns)
+            raise
+        return NetAttachment(
+            mode="netns", host_iface=name, netns=ns, host_ip=host_ip, guest_ip=guest_ip
+        )
+
+    @staticmethod
+    def iface_exists(name: str) -> bool:
+        return Path(f"/sys/class/net/{name}").exists()
+
+    @classmethod
+    def detach_iface(cls, name: str) -> None:
+        if cls.iface_exists(name):
+            subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+    @staticmethod
+    def delete_netns(ns: str) -> None:
+        if Path(f"/run/netns/{ns}").exists():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+    def detach(self, att: NetAttachment) -> None:
+        """Remove what ``attach_*`` created (idempotent)."""
+        if att.host_iface:
+            self.detach_iface(att.host_iface)
+        if att.netns:
+            self.delete_netns(att.netns)
+        if att.host_iface and self.iface_exists(att.host_iface):
+            raise VmError(f"interface {att.host_iface} is still there after deleting it")

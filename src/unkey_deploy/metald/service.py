@@ -1,0 +1,694 @@
+"""metald: schedules, jails, boots, watches and tears down VMs on one host.
+
+One ``Metald`` runs per host. All hosts share the control-plane database: each registers its
+capacity in ``metald_hosts``; :meth:`Metald.create_vm` (on any host) places the VM with the pure
+:func:`placement.place` and records it for the chosen host. Actions on a VM of *this* host run
+at once; actions on another host's VM set the VM's ``desired`` state, which that host's
+reconciler (:meth:`Metald.reconcile`, run every ``interval`` by :meth:`Metald.start`) carries
+out. The lifecycle is the state machine in :mod:`.states`.
+
+Public API (used by the orchestration):
+``create_vm``, ``boot``, ``stop``, ``delete``, ``get``, ``list``, ``wait_ready``, ``wait_state``,
+``endpoint``, ``meter_target``/``meter_targets``, ``status``, ``reconcile``, ``recover``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from ..core.clock import SYSTEM_CLOCK, Clock
+from ..core.config import MetaldConfig
+from ..core.errors import (
+    DeadlineExceeded,
+    IllegalTransition,
+    InvalidInput,
+    NotFound,
+    Problem,
+    UnkeyError,
+    ValidationFailed,
+    VmError,
+)
+from ..core.ids import (
+    CustomerId,
+    InstanceId,
+    VmId,
+    is_id,
+    new_host_id,
+    new_instance_id,
+    new_vm_id,
+)
+from ..core.log import event
+from ..core.log import get as get_logger
+from ..metering.model import MeterTarget, SeriesKey
+from . import models
+from .cgroups import CgroupManager, VmCgroup
+from .drivers.base import DriverCapabilities, NetAttachment, VmDriver, VmRuntime, VmSpec
+from .drivers.qemu import VMM_OVERHEAD_BYTES
+from .jail import Jails
+from .kernel import KernelPaths, find_kernel
+from .network import HostNetwork, IpAllocator, free_tcp_port
+from .placement import HostView, PlacementRequest, place
+from .select import select_driver
+from .states import ACTIVE, VmState, check_action, transition
+
+log = get_logger("metald")
+
+MIN_MEMORY = 32 * 1024 * 1024
+HEARTBEAT_TTL_S = 30.0
+
+
+@dataclass(frozen=True)
+class CreateVm:
+    """A request for one VM of a deployment. ``rootfs`` is an ext4 image (``.zst`` accepted)."""
+
+    deployment_id: str
+    customer_id: str
+    rootfs: Path
+    vcpus: int = 1
+    memory_bytes: int = 256 * 1024 * 1024
+    port: int = 8080
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        problems = []
+        if not self.deployment_id:
+            problems.append(Problem("deployment_id", "is required"))
+        if not self.customer_id:
+            problems.append(Problem("customer_id", "is required"))
+        if not 1 <= self.vcpus <= 64:
+            problems.append(Problem("vcpus", "must be between 1 and 64"))
+        if self.memory_bytes < MIN_MEMORY:
+            problems.append(Problem("memory_bytes", f"must be at least {MIN_MEMORY}"))
+        if not 1 <= self.port <= 65535:
+            problems.append(Problem("port", "must be between 1 and 65535"))
+        for k in self.env:
+            if not k or "=" in k or "\0" in k:
+                problems.append(Problem(f"env.{k}", "is not a valid variable name"))
+        if not Path(self.rootfs).is_file():
+            problems.append(Problem("rootfs", f"{self.rootfs} is not a file"))
+        if problems:
+            raise ValidationFailed("invalid VM request", problems)
+
+
+@dataclass(frozen=True)
+class Vm:
+    """A VM as recorded by metald."""
+
+    vm_id: VmId
+    host_id: str
+    deployment_id: str
+    customer_id: CustomerId
+    state: VmState
+    desired: str
+    instance_id: InstanceId | None
+    vcpus: int
+    memory_bytes: int
+    port: int
+    driver: str | None
+    net: NetAttachment | None
+    error: str | None
+    created_at: float
+    updated_at: float
+
+    @property
+    def url(self) -> str | None:
+        if self.net is None:
+            return None
+        host, port = self.net.endpoint(self.port)
+        return f"http://{host}:{port}"
+
+
+def _to_vm(r: Any) -> Vm:
+    return Vm(
+        vm_id=VmId(r.vm_id),
+        host_id=r.host_id,
+        deployment_id=r.deployment_id,
+        customer_id=CustomerId(r.customer_id),
+        state=VmState(r.state),
+        desired=r.desired,
+        instance_id=InstanceId(r.instance_id) if r.instance_id else None,
+        vcpus=r.vcpus,
+        memory_bytes=r.memory_bytes,
+        port=r.port,
+        driver=r.driver,
+        net=NetAttachment(**r.net) if r.net else None,
+        error=r.error,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )
+
+
+def _mem_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 30
+
+
+class Metald:
+    """The metald of one host. See the module docstring."""
+
+    def __init__(
+        self,
+        config: MetaldConfig,
+        engine: Engine,
+        state_dir: Path,
+        *,
+        kernel: KernelPaths | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        driver: VmDriver | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.root = os.geteuid() == 0
+        self.kernel = kernel or (find_kernel(config.kernel_dir) if config.kernel_dir else None)
+        self.capabilities: dict[str, DriverCapabilities]
+        if driver is None:
+            driver, self.capabilities = select_driver(
+                config.driver, self.kernel, self.state_dir, runas_user=config.runas_user
+            )
+        else:
+            self.capabilities = {driver.name: driver.capabilities()}
+        self.driver: VmDriver = driver
+        self.host_id = config.host_id or self._stable_host_id()
+        self.host_name = config.host_name or socket.gethostname()
+        self.jails = Jails(self.state_dir / "jails")
+        self.cgroups = CgroupManager(parent_name=f"unkey-metald-{self._tag()}")
+        self.ips = IpAllocator(engine, self.host_id, config.subnet)
+        self.network = (
+            HostNetwork(config.subnet, table=f"unkey_{self._tag()}") if self.root else None
+        )
+        self._lock = threading.RLock()
+        self._stop_evt = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.network is not None:
+            self.network.setup()
+        self.register()
+        self.recover()
+
+    # -- identity & registration ------------------------------------------------------------
+    def _stable_host_id(self) -> str:
+        f = self.state_dir / "host_id"
+        if f.exists():
+            return f.read_text().strip()
+        hid = new_host_id()
+        f.write_text(hid)
+        return hid
+
+    def _tag(self) -> str:
+        """Short name for this metald's host-global objects (nft tables, cgroup parent)."""
+        return hashlib.sha1(
+            f"{self.host_id}|{self.config.subnet}".encode(), usedforsecurity=False
+        ).hexdigest()[:8]
+
+    def capacity(self) -> tuple[int, int]:
+        cpus = self.config.cpus or int((os.cpu_count() or 1) * self.config.cpu_overcommit)
+        mem = (self.config.memory_mib or _mem_total() // (1024 * 1024)) * 1024 * 1024
+        return cpus, mem
+
+    def register(self) -> None:
+        """Upsert this host's row (capacity, driver, capabilities) and heartbeat."""
+        cpus, mem = self.capacity()
+        now = self.clock.now().timestamp()
+        caps = {n: c.as_dict() for n, c in self.capabilities.items()}
+        t = models.hosts
+        values = {
+            "name": self.host_name, "driver": self.driver.name, "cpus": cpus,
+            "memory_bytes": mem, "capabilities": caps, "schedulable": True, "heartbeat_at": now,
+        }  # fmt: skip
+        with self.engine.begin() as c:
+            exists = c.execute(sa.select(t.c.host_id).where(t.c.host_id == self.host_id)).first()
+            if exists:
+                c.execute(t.update().where(t.c.host_id == self.host_id).values(**values))
+            else:
+                c.execute(t.insert().values(host_id=self.host_id, registered_at=now, **values))
+
+    def heartbeat(self) -> None:
+        t = models.hosts
+        with self.engine.begin() as c:
+            c.execute(
+                t.update()
+                .where(t.c.host_id == self.host_id)
+                .values(heartbeat_at=self.clock.now().timestamp())
+            )
+
+    def host_views(self) -> list[HostView]:
+        now = self.clock.now().timestamp()
+        with self.engine.connect() as c:
+            hosts = c.execute(sa.select(models.hosts)).all()
+            vms = c.execute(
+                sa.select(
+                    models.vms.c.host_id, models.vms.c.deployment_id,
+                    models.vms.c.vcpus, models.vms.c.memory_bytes,
+                ).where(models.vms.c.desired != "deleted")
+            ).all()  # fmt: skip
+        used: dict[str, list[int]] = {}
+        reps: dict[str, dict[str, int]] = {}
+        for v in vms:
+            u = used.setdefault(v.host_id, [0, 0])
+            u[0] += v.vcpus
+            u[1] += v.memory_bytes
+            r = reps.setdefault(v.host_id, {})
+            r[v.deployment_id] = r.get(v.deployment_id, 0) + 1
+        return [
+            HostView(
+                host_id=h.host_id,
+                cpus=h.cpus,
+                memory_bytes=h.memory_bytes,
+                used_cpus=used.get(h.host_id, [0, 0])[0],
+                used_memory_bytes=used.get(h.host_id, [0, 0])[1],
+                replicas=reps.get(h.host_id, {}),
+                schedulable=bool(h.schedulable) and now - h.heartbeat_at < HEARTBEAT_TTL_S,
+            )
+            for h in hosts
+        ]
+
+    # -- queries -------------------------------------------------------------------------------
+    def get(self, vm_id: str) -> Vm:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).first()
+        if r is None:
+            raise NotFound(f"VM {vm_id} not found")
+        return _to_vm(r)
+
+    def list(self, *, host_id: str | None = None, deployment_id: str | None = None) -> list[Vm]:
+        q = sa.select(models.vms).order_by(models.vms.c.created_at)
+        if host_id:
+            q = q.where(models.vms.c.host_id == host_id)
+        if deployment_id:
+            q = q.where(models.vms.c.deployment_id == deployment_id)
+        with self.engine.connect() as c:
+            return [_to_vm(r) for r in c.execute(q)]
+
+    def endpoint(self, vm_id: str) -> str:
+        """``http://host:port`` at which the host reaches the VM's app."""
+        vm = self.get(vm_id)
+        if vm.url is None:
+            raise IllegalTransition(f"VM {vm_id} has no endpoint while {vm.state}")
+        return vm.url
+
+    def status(self) -> dict[str, Any]:
+        """The ``capabilities/status`` report (shown by ``unkey dev status``)."""
+        cpus, mem = self.capacity()
+        counts: dict[str, int] = {}
+        for vm in self.list(host_id=self.host_id):
+            counts[vm.state] = counts.get(vm.state, 0) + 1
+        return {
+            "host_id": self.host_id,
+            "host_name": self.host_name,
+            "driver": self.driver.name,
+            "drivers": {n: c.as_dict() for n, c in self.capabilities.items()},
+            "kernel": self.kernel.version if self.kernel else None,
+            "cpus": cpus,
+            "memory_bytes": mem,
+            "networking": "tap/netns + nftables" if self.network else "user-mode / host",
+            "vms": counts,
+        }
+
+    # -- state persistence ------------------------------------------------------------------
+    def _set_state(self, vm_id: str, target: VmState, **values: Any) -> Vm:
+        """Move the VM to ``target`` (legal transitions only) and store ``values`` with it."""
+        with self._lock, self.engine.begin() as c:
+            r = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).first()
+            if r is None:
+                raise NotFound(f"VM {vm_id} not found")
+            transition(vm_id, VmState(r.state), target)
+            c.execute(
+                models.vms.update()
+                .where(models.vms.c.vm_id == vm_id, models.vms.c.state == r.state)
+                .values(state=str(target), updated_at=self.clock.now().timestamp(), **values)
+            )
+        event(log, "vm state", vm_id=vm_id, state=str(target))
+        return self.get(vm_id)
+
+    def _update(self, vm_id: str, **values: Any) -> None:
+        with self.engine.begin() as c:
+            c.execute(
+                models.vms.update()
+                .where(models.vms.c.vm_id == vm_id)
+                .values(updated_at=self.clock.now().timestamp(), **values)
+            )
+
+    # -- actions ------------------------------------------------------------------------------
+    def create_vm(self, req: CreateVm) -> Vm:
+        """Validate, place on a host, and record the VM as ``pending`` (not booted yet)."""
+        req.validate()
+        host = place(
+            PlacementRequest(req.deployment_id, req.vcpus, req.memory_bytes), self.host_views()
+        )
+        vm_id = new_vm_id()
+        now = self.clock.now().timestamp()
+        with self.engine.begin() as c:
+            c.execute(
+                models.vms.insert().values(
+                    vm_id=vm_id, host_id=host, deployment_id=req.deployment_id,
+                    customer_id=req.customer_id, state=str(VmState.PENDING), desired="stopped",
+                    vcpus=req.vcpus, memory_bytes=req.memory_bytes, port=req.port,
+                    rootfs=str(Path(req.rootfs).resolve()), env=dict(req.env),
+                    created_at=now, updated_at=now,
+                )
+            )  # fmt: skip
+        event(log, "vm created", vm_id=vm_id, host_id=host, deployment_id=req.deployment_id)
+        return self.get(vm_id)
+
+    def boot(self, vm_id: str) -> Vm:
+        """Boot the VM (a new instance). Returns once the VMM runs (state ``booting``); use
+        :meth:`wait_ready` for the app. On another host: recorded for its reconciler."""
+        vm = self.get(vm_id)
+        check_action(vm_id, vm.state, "boot")
+        self._update(vm_id, desired="running")
+        if vm.host_id != self.host_id:
+            return self.get(vm_id)
+        return self._boot_local(vm_id)
+
+    def stop(self, vm_id: str) -> Vm:
+        vm = self.get(vm_id)
+        check_action(vm_id, vm.state, "stop")
+        self._update(vm_id, desired="stopped")
+        if vm.host_id != self.host_id:
+            return self.get(vm_id)
+        return self._stop_local(vm_id)
+
+    def delete(self, vm_id: str) -> None:
+        """Delete the VM, stopping it first if needed; nothing of it is left on the host."""
+        vm = self.get(vm_id)
+        if vm.state in ACTIVE and vm.state != VmState.STOPPING:
+            if vm.host_id == self.host_id:
+                vm = self._stop_local(vm_id)
+            else:
+                self._update(vm_id, desired="deleted")
+                return
+        if vm.host_id != self.host_id:
+            self._update(vm_id, desired="deleted")
+            return
+        check_action(vm_id, vm.state, "delete")
+        self._delete_local(vm_id)
+
+    # -- local work ---------------------------------------------------------------------------
+    def _spec(self, r: Any, net: NetAttachment, *, instance_id: str, workdir: Path, rootfs: Path,
+              kernel: KernelPaths | None, cgroup: VmCgroup | None) -> VmSpec:  # fmt: skip
+        return VmSpec(
+            vm_id=VmId(r.vm_id), instance_id=InstanceId(instance_id),
+            customer_id=CustomerId(r.customer_id), vcpus=r.vcpus, memory_bytes=r.memory_bytes,
+            port=r.port, workdir=workdir, rootfs=rootfs, net=net, kernel=kernel, cgroup=cgroup,
+            env=dict(r.env or {}),
+        )  # fmt: skip
+
+    def _row(self, vm_id: str) -> Any:
+        with self.engine.connect() as c:
+            r = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).first()
+        if r is None:
+            raise NotFound(f"VM {vm_id} not found")
+        return r
+
+    def _attach(self, vm_id: str) -> NetAttachment:
+        if self.network is None:
+            if self.driver.name == "qemu":
+                return NetAttachment(mode="user", host_port=free_tcp_port())
+            return NetAttachment(mode="host")
+        slot = self.ips.lease(vm_id)
+        host_ip, guest_ip = self.ips.addresses(slot)
+        if self.driver.name == "sandbox":
+            return self.network.attach_netns(vm_id, host_ip, guest_ip)
+        return self.network.attach_tap(vm_id, host_ip, guest_ip)
+
+    def _boot_local(self, vm_id: str) -> Vm:
+        instance_id = new_instance_id()
+        self._set_state(vm_id, VmState.PREPARING, instance_id=instance_id, error=None,
+                        driver=self.driver.name)  # fmt: skip
+        r = self._row(vm_id)
+        try:
+            net = self._attach(vm_id)
+            self._update(vm_id, net=net.__dict__)
+            copy = self.driver.name != "sandbox"
+            jail, disk, jk = self.jails.prepare(
+                vm_id, Path(r.rootfs), kernel=self.kernel if copy else None,
+                copy_rootfs=copy, with_vmlinux=self.driver.name == "firecracker",
+            )  # fmt: skip
+            overhead = VMM_OVERHEAD_BYTES if self.driver.name == "qemu" else 0
+            cg = self.cgroups.create(
+                vm_id, vcpus=r.vcpus, memory_limit_bytes=r.memory_bytes + overhead
+            )
+            spec = self._spec(r, net, instance_id=instance_id, workdir=jail, rootfs=disk,
+                              kernel=jk, cgroup=cg)  # fmt: skip
+            self.driver.create(spec)
+            self._set_state(vm_id, VmState.BOOTING)
+            rt = self.driver.boot(spec)
+            self._update(vm_id, runtime=rt.to_json())
+        except UnkeyError as exc:
+            self._fail(vm_id, str(exc))
+            raise
+        except Exception as exc:
+            self._fail(vm_id, f"{type(exc).__name__}: {exc}")
+            raise VmError(f"booting VM {vm_id} failed: {exc}") from exc
+        return self.get(vm_id)
+
+    def _release(self, vm_id: str) -> None:
+        """Free everything the VM holds on this host (idempotent)."""
+        r = self._row(vm_id)
+        errors: list[str] = []
+        if r.runtime:
+            rt = VmRuntime.from_json(r.runtime)
+            try:
+                self.driver.delete(rt)
+            except UnkeyError as exc:
+                errors.append(str(exc))
+        cg = self.cgroups.paths_for(vm_id)
+        try:
+            cg.remove()
+        except (OSError, VmError) as exc:
+            errors.append(f"cgroup: {exc}")
+        if r.net and self.network is not None:
+            try:
+                self.network.detach(NetAttachment(**r.net))
+            except VmError as exc:
+                errors.append(str(exc))
+        self.ips.release(vm_id)
+        try:
+            self.jails.remove(vm_id)
+        except OSError as exc:
+            errors.append(f"jail: {exc}")
+        self._update(vm_id, runtime=None)
+        if errors:
+            raise VmError(f"releasing VM {vm_id} left problems: {'; '.join(errors)}")
+
+    def _fail(self, vm_id: str, error: str) -> None:
+        event(log, "vm failed", logging.WARNING, vm_id=vm_id, error=error)
+        with contextlib.suppress(UnkeyError):
+            self._release(vm_id)
+        with contextlib.suppress(IllegalTransition):
+            self._set_state(vm_id, VmState.FAILED, error=error[:2000])
+
+    def _stop_local(self, vm_id: str) -> Vm:
+        self._set_state(vm_id, VmState.STOPPING)
+        r = self._row(vm_id)
+        try:
+            if r.runtime:
+                self.driver.stop(VmRuntime.from_json(r.runtime), self.config.stop_timeout_s)
+            self._release(vm_id)
+        except UnkeyError as exc:
+            self._fail(vm_id, f"stop: {exc}")
+            raise
+        return self._set_state(vm_id, VmState.STOPPED)
+
+    def _delete_local(self, vm_id: str) -> None:
+        self._release(vm_id)
+        with self.engine.begin() as c:
+            c.execute(models.vms.delete().where(models.vms.c.vm_id == vm_id))
+        event(log, "vm deleted", vm_id=vm_id)
+
+    # -- readiness ----------------------------------------------------------------------------
+    def probe(self, vm: Vm, timeout: float = 0.5) -> bool:
+        """One HTTP GET of the app's ``/``: any HTTP answer means the app is serving."""
+        if vm.url is None:
+            return False
+        try:
+            httpx.get(vm.url + "/", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    def wait_ready(self, vm_id: str, timeout: float = 60.0) -> Vm:
+        """Wait until the app answers HTTP (then the VM is ``running``); raise when it fails
+        or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            vm = self.get(vm_id)
+            if vm.state == VmState.RUNNING and self.probe(vm):
+                return vm
+            if vm.state == VmState.FAILED:
+                raise VmError(f"VM {vm_id} failed: {vm.error}")
+            if vm.state == VmState.BOOTING:
+                if vm.host_id == self.host_id and not self._alive(vm_id):
+                    self._fail(vm_id, "the VM process exited during boot" + self._log_tail(vm_id))
+                    continue
+                if self.probe(vm):
+                    with contextlib.suppress(IllegalTransition):
+                        return self._set_state(vm_id, VmState.RUNNING)
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"VM {vm_id} not ready within {timeout:.0f} s (state {vm.state})"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    def wait_state(self, vm_id: str, states: set[VmState], timeout: float = 60.0) -> Vm:
+        deadline = time.monotonic() + timeout
+        while True:
+            vm = self.get(vm_id)
+            if vm.state in states:
+                return vm
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"VM {vm_id} still {vm.state} after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _log_tail(self, vm_id: str, n: int = 600) -> str:
+        r = self._row(vm_id)
+        if not r.runtime:
+            return ""
+        rt = VmRuntime.from_json(r.runtime)
+        tail = ""
+        for p in (Path(rt.workdir) / "vmm.log", Path(rt.log_path)):
+            with contextlib.suppress(OSError):
+                tail += p.read_text(errors="replace")[-n:]
+        return f"; log: {tail.strip()}" if tail.strip() else ""
+
+    def _alive(self, vm_id: str) -> bool:
+        r = self._row(vm_id)
+        if not r.runtime:
+            return False
+        return self.driver.inspect(VmRuntime.from_json(r.runtime))
+
+    # -- metering -----------------------------------------------------------------------------
+    def meter_target(self, vm_id: str) -> MeterTarget:
+        """What the collector reads for this running VM instance."""
+        r = self._row(vm_id)
+        if r.host_id != self.host_id or not r.runtime or not r.instance_id:
+            raise IllegalTransition(f"VM {vm_id} is not running on this host")
+        rt = VmRuntime.from_json(r.runtime)
+        cg = self.cgroups.paths_for(vm_id)
+        net = NetAttachment(**r.net) if r.net else None
+        return MeterTarget(
+            key=SeriesKey(r.customer_id, r.vm_id, r.instance_id, r.vcpus, r.memory_bytes),
+            pid=rt.pid,
+            cgroup_v2_dir=cg.v2 if cg.v2 and cg.v2.exists() else None,
+            cgroup_v1_cpuacct_dir=cg.cpuacct_dir if cg.cpuacct_dir and cg.cpuacct_dir.exists()
+            else None,
+            cgroup_v1_memory_dir=cg.memory_dir if cg.memory_dir and cg.memory_dir.exists()
+            else None,
+            host_iface=net.host_iface if net else None,
+            qmp_socket=Path(rt.qmp_socket) if rt.qmp_socket else None,
+            firecracker_metrics=Path(rt.metrics_path) if rt.metrics_path else None,
+        )  # fmt: skip
+
+    def meter_targets(self) -> builtins.list[MeterTarget]:
+        out = []
+        for vm in self.list(host_id=self.host_id):
+            if vm.state in (VmState.BOOTING, VmState.RUNNING):
+                with contextlib.suppress(UnkeyError):
+                    out.append(self.meter_target(vm.vm_id))
+        return out
+
+    # -- reconciliation -----------------------------------------------------------------------
+    def recover(self) -> None:
+        """After a (re)start: re-attach to live VMs; mark the rest failed and free them."""
+        for vm in self.list(host_id=self.host_id):
+            if vm.state in (VmState.BOOTING, VmState.RUNNING):
+                r = self._row(vm.vm_id)
+                rt = VmRuntime.from_json(r.runtime) if r.runtime else None
+                if rt is None or not self.driver.recover(rt):
+                    self._fail(vm.vm_id, "the VM process was gone when metald restarted")
+            elif vm.state in (VmState.PREPARING, VmState.STOPPING):
+                self._fail(vm.vm_id, f"metald stopped while the VM was {vm.state}")
+
+    def reconcile(self) -> None:
+        """One pass: converge this host's VMs to their desired state; detect dead VMs."""
+        self.heartbeat()
+        for vm in self.list(host_id=self.host_id):
+            try:
+                self._reconcile_one(vm)
+            except UnkeyError as exc:
+                event(log, "reconcile", logging.WARNING, vm_id=vm.vm_id, error=str(exc))
+
+    def _reconcile_one(self, vm: Vm) -> None:
+        if vm.state in (VmState.BOOTING, VmState.RUNNING) and not self._alive(vm.vm_id):
+            self._fail(vm.vm_id, "the VM process exited" + self._log_tail(vm.vm_id))
+            return
+        if vm.desired == "deleted":
+            if vm.state in (VmState.BOOTING, VmState.RUNNING, VmState.PREPARING):
+                self._stop_local(vm.vm_id)
+            if self.get(vm.vm_id).state in (VmState.PENDING, VmState.STOPPED, VmState.FAILED):
+                self._delete_local(vm.vm_id)
+            return
+        if vm.desired == "running" and vm.state in (VmState.PENDING, VmState.STOPPED):
+            self._boot_local(vm.vm_id)
+        elif vm.desired == "stopped" and vm.state in (VmState.BOOTING, VmState.RUNNING):
+            self._stop_local(vm.vm_id)
+        elif vm.state == VmState.BOOTING and self.probe(vm, timeout=0.2):
+            with contextlib.suppress(IllegalTransition):
+                self._set_state(vm.vm_id, VmState.RUNNING)
+
+    def start(self, interval: float = 0.2) -> None:
+        """Run :meth:`reconcile` every ``interval`` seconds in a background thread."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop_evt.wait(interval):
+                try:
+                    self.reconcile()
+                except Exception as exc:  # keep the loop alive; the next pass retries
+                    event(log, "reconcile loop", logging.ERROR, error=str(exc))
+
+        self._thread = threading.Thread(target=loop, name="metald-reconcile", daemon=True)
+        self._thread.start()
+
+    def close(self, *, remove_network: bool = False) -> None:
+        """Stop the background loop (VMs keep running; a new Metald recovers them)."""
+        self._stop_evt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if remove_network and self.network is not None:
+            self.network.teardown()
+
+    def shutdown(self) -> None:
+        """Delete every VM of this host and remove the host's network rules and cgroups."""
+        self.close()
+        for vm in self.list(host_id=self.host_id):
+            with contextlib.suppress(UnkeyError):
+                self.delete(vm.vm_id)
+        if self.network is not None:
+            self.network.teardown()
+        for d in self.cgroups.paths_for("x").dirs():
+            with contextlib.suppress(OSError):
+                d.parent.rmdir()
+        with self.engine.begin() as c:
+            c.execute(models.hosts.delete().where(models.hosts.c.host_id == self.host_id))
+        shutil.rmtree(self.state_dir / "jails", ignore_errors=True)
+
+
+def parse_vm_id(value: str) -> VmId:
+    if not is_id(value, "vm"):
+        raise InvalidInput(f"{value!r} is not a vm_ id")
+    return VmId(value)

@@ -1,0 +1,92 @@
+"""Fixtures for metald: the guest kernel, a database, a private subnet, metald instances."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from unkey_deploy.core.config import MetaldConfig
+from unkey_deploy.metald.kernel import KernelPaths, prepare_kernel
+from unkey_deploy.metald.service import Metald
+from unkey_deploy.store.db import make_engine, upgrade
+from unkey_deploy.testing.rootfs import build_test_rootfs
+
+REPO = Path(__file__).resolve().parents[2]
+SUBNET_LOCKS = Path("/tmp/unkey-test-subnets")
+
+
+@pytest.fixture(scope="session")
+def kernel() -> KernelPaths:
+    native = Path(os.environ.get("UNKEY_NATIVE_DIR", REPO / ".native"))
+    return prepare_kernel(native)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    eng = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def subnet() -> Iterator[str]:
+    """A /24 out of 172.31.64.0-172.31.255.0 that no other test worker holds right now."""
+    SUBNET_LOCKS.mkdir(exist_ok=True)
+    choices = list(range(64, 256))
+    random.shuffle(choices)
+    for n in choices:
+        lock = SUBNET_LOCKS / str(n)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            # stale lock of a dead worker?
+            with contextlib.suppress(OSError, ValueError):
+                if not Path(f"/proc/{int(lock.read_text())}").exists():
+                    lock.unlink()
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            yield f"172.31.{n}.0/24"
+        finally:
+            lock.unlink()
+        return
+    pytest.fail("no free test subnet")
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    return build_test_rootfs(tmp_path / "image" / "rootfs.ext4", port=8080)
+
+
+MetaldFactory = Callable[..., Metald]
+
+
+@pytest.fixture
+def make_metald(
+    tmp_path: Path, engine: Engine, subnet: str, kernel: KernelPaths
+) -> Iterator[MetaldFactory]:
+    made: list[Metald] = []
+
+    def factory(driver: str, name: str = "h1", **kw: object) -> Metald:
+        cfg = MetaldConfig(
+            driver=driver,  # type: ignore[arg-type]
+            host_name=name,
+            subnet=subnet,
+            stop_timeout_s=0.5,
+            **kw,  # type: ignore[arg-type]
+        )
+        md = Metald(cfg, engine, tmp_path / f"metald-{name}", kernel=kernel)
+        made.append(md)
+        return md
+
+    yield factory
+    for md in made:
+        md.shutdown()

@@ -1,0 +1,199 @@
+"""Real boots: the test image under ``sandbox`` and ``qemu`` answers HTTP 200, and stop/delete
+leave no process, interface, netns, mount or cgroup behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from unkey_deploy.core.errors import IllegalTransition
+from unkey_deploy.metald.drivers.base import VmRuntime
+from unkey_deploy.metald.service import CreateVm, Metald
+from unkey_deploy.metald.states import VmState
+
+MetaldFactory = Callable[..., Metald]
+
+pytestmark = pytest.mark.root
+
+
+def _mounts_under(path: Path) -> list[str]:
+    return [
+        line.split()[1]
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+        if line.split()[1].startswith(str(path))
+    ]
+
+
+class Trace:
+    """What a booted VM holds on the host, recorded so we can check it is all gone later."""
+
+    def __init__(self, md: Metald, vm_id: str) -> None:
+        vm = md.get(vm_id)
+        row = md._row(vm_id)
+        self.rt = VmRuntime.from_json(row.runtime)
+        self.cgroup_dirs = md.cgroups.paths_for(vm_id).dirs()
+        self.iface = vm.net.host_iface if vm.net else None
+        self.netns = vm.net.netns if vm.net else None
+        self.jail = md.jails.path(vm_id)
+        self.state_dir = md.state_dir
+        self.pids = md.cgroups.paths_for(vm_id).pids()
+
+    def assert_present(self) -> None:
+        assert Path(f"/proc/{self.rt.pid}").exists()
+        assert self.pids, "the VM's processes should be in its cgroup"
+        assert all(d.is_dir() for d in self.cgroup_dirs) and self.cgroup_dirs
+        if self.iface:
+            assert Path(f"/sys/class/net/{self.iface}").exists()
+        if self.netns:
+            assert Path(f"/run/netns/{self.netns}").exists()
+        assert self.jail.is_dir()
+
+    def assert_gone(self) -> None:
+        for pid in [self.rt.pid, *self.pids]:
+            assert not Path(f"/proc/{pid}").exists(), f"process {pid} is still there"
+        assert not any(d.exists() for d in self.cgroup_dirs), "cgroup left behind"
+        if self.iface:
+            assert not Path(f"/sys/class/net/{self.iface}").exists(), "interface left behind"
+        if self.netns:
+            assert not Path(f"/run/netns/{self.netns}").exists(), "netns left behind"
+        assert not self.jail.exists(), "jail left behind"
+        if self.rt.qmp_socket:
+            assert not Path(self.rt.qmp_socket).exists(), "QMP socket left behind"
+        assert _mounts_under(self.state_dir) == [], "mount left behind"
+        base = self.rt.extra.get("base")
+        if base:
+            assert _mounts_under(Path(base)) == [], "mount left behind"
+            assert not Path(base).exists(), "sandbox run dir left behind"
+
+
+def _boot_and_check(md: Metald, rootfs: Path, timeout: float) -> tuple[str, Trace]:
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, vcpus=1, memory_bytes=128 << 20))
+    assert vm.state == VmState.PENDING and vm.host_id == md.host_id
+    md.boot(vm.vm_id)
+    vm = md.wait_ready(vm.vm_id, timeout=timeout)
+    assert vm.state == VmState.RUNNING
+    r = httpx.get(md.endpoint(vm.vm_id) + "/", timeout=5)
+    assert r.status_code == 200
+    assert r.text == "unkey-test-app\n"
+    trace = Trace(md, vm.vm_id)
+    trace.assert_present()
+    return vm.vm_id, trace
+
+
+def test_sandbox_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, rootfs: Path) -> None:
+    md = make_metald("sandbox")
+    assert md.driver.name == "sandbox"
+    vm_id, trace = _boot_and_check(md, rootfs, timeout=10)
+    vm = md.get(vm_id)
+    assert vm.net is not None and vm.net.mode == "netns"
+    # the app runs as pid 1 of its own pid namespace, with the env metald passed
+    env = httpx.get(md.endpoint(vm_id) + "/cgi-bin/env", timeout=5).text
+    assert f"HOSTNAME={vm_id.replace('_', '-').lower()}" in env
+    # metering contract
+    mt = md.meter_target(vm_id)
+    assert mt.pid == trace.rt.pid and mt.key.vm_id == vm_id and mt.key.vcpus == 1
+    assert mt.cgroup_v1_cpuacct_dir is not None and mt.cgroup_v1_cpuacct_dir.is_dir()
+    assert mt.host_iface == vm.net.host_iface
+    limit = int((md.cgroups.paths_for(vm_id).v1["memory"] / "memory.limit_in_bytes").read_text())
+    assert limit == 128 << 20
+    quota = int((md.cgroups.paths_for(vm_id).v1["cpu"] / "cpu.cfs_quota_us").read_text())
+    assert quota == 100_000
+    with pytest.raises(IllegalTransition):
+        md.boot(vm_id)
+    with pytest.raises(IllegalTransition):
+        md._set_state(vm_id, VmState.PENDING)
+    md.stop(vm_id)
+    assert md.get(vm_id).state == VmState.STOPPED
+    trace.assert_gone()
+    with pytest.raises(IllegalTransition):
+        md.stop(vm_id)
+    # a stopped VM boots again as a new instance
+    old_instance = md.get(vm_id).instance_id
+    md.boot(vm_id)
+    md.wait_ready(vm_id, timeout=10)
+    assert md.get(vm_id).instance_id != old_instance
+    trace2 = Trace(md, vm_id)
+    md.delete(vm_id)
+    trace2.assert_gone()
+    assert md.list() == []
+
+
+@pytest.mark.qemu
+def test_qemu_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, rootfs: Path) -> None:
+    md = make_metald("qemu")
+    caps = md.status()["drivers"]["qemu"]
+    assert caps["available"] and caps["accel"] in ("tcg", "kvm")
+    vm_id, trace = _boot_and_check(md, rootfs, timeout=90)
+    vm = md.get(vm_id)
+    assert vm.net is not None and vm.net.mode == "tap"
+    stats = md.driver.stats(trace.rt, _spec_for_stats(md, vm_id))
+    assert stats.disk_read_bytes > 0, "QMP query-blockstats should show the guest reading its disk"
+    assert stats.cpu_time_ns > 0 and stats.memory_used_bytes > 0
+    mt = md.meter_target(vm_id)
+    assert mt.qmp_socket is not None and mt.qmp_socket.exists()
+    # QEMU runs unprivileged (-runas) after opening its files
+    status = Path(f"/proc/{trace.rt.pid}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    assert uid_line.split()[1] != "0"
+    console = Path(trace.rt.log_path).read_text(errors="replace")
+    assert "UNKEY_TEST_APP: serving on port 8080" in console
+    md.delete(vm_id)
+    trace.assert_gone()
+    assert md.list() == []
+
+
+def _spec_for_stats(md: Metald, vm_id: str):  # type: ignore[no-untyped-def]
+    from unkey_deploy.metald.drivers.base import NetAttachment, VmSpec
+
+    vm = md.get(vm_id)
+    return VmSpec(
+        vm_id=vm.vm_id, instance_id=vm.instance_id or "", customer_id=vm.customer_id,  # type: ignore[arg-type]
+        vcpus=vm.vcpus, memory_bytes=vm.memory_bytes, port=vm.port,
+        workdir=md.jails.path(vm_id), rootfs=md.jails.path(vm_id) / "rootfs.ext4",
+        net=vm.net or NetAttachment(mode="host"), cgroup=md.cgroups.paths_for(vm_id),
+    )  # fmt: skip
+
+
+def test_dead_vm_is_marked_failed_and_freed(make_metald: MetaldFactory, rootfs: Path) -> None:
+    md = make_metald("sandbox")
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    trace = Trace(md, vm.vm_id)
+    for pid in trace.pids:
+        os.kill(pid, signal.SIGKILL)
+    md.reconcile()
+    failed = md.get(vm.vm_id)
+    assert failed.state == VmState.FAILED
+    assert failed.error and "exited" in failed.error
+    trace.assert_gone()
+    assert md.ips.leased() == {}
+
+
+def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) -> None:
+    md = make_metald("sandbox", name="h1")
+    a = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    b = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    for v in (a, b):
+        md.boot(v.vm_id)
+        md.wait_ready(v.vm_id, timeout=10)
+    leases = md.ips.leased()
+    trace_b = Trace(md, b.vm_id)
+    md.close()  # metald goes away; its VMs keep running
+    for pid in trace_b.pids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.05)
+    md2 = make_metald("sandbox", name="h1")
+    assert md2.host_id == md.host_id
+    assert md2.get(a.vm_id).state == VmState.RUNNING
+    assert httpx.get(md2.endpoint(a.vm_id) + "/", timeout=5).status_code == 200
+    assert md2.get(b.vm_id).state == VmState.FAILED
+    trace_b.assert_gone()
+    # the surviving VM kept its address lease across the restart
+    assert md2.ips.leased() == {a.vm_id: leases[a.vm_id]}
