@@ -1,0 +1,164 @@
+"""The firecracker driver against Firecracker's published OpenAPI spec (no binary can run here).
+
+Every request the driver sends is validated against the spec, both directly (the boot plan) and
+on the wire, through a fake Firecracker process that serves the API on a unix socket and
+rejects what the spec rejects.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from unkey_deploy.core.errors import VmError
+from unkey_deploy.metald.drivers.base import NetAttachment, VmSpec
+from unkey_deploy.metald.drivers.firecracker import ApiCall, FirecrackerDriver
+from unkey_deploy.metald.kernel import KernelPaths
+from unkey_deploy.testing.firecracker_api import FirecrackerSpec
+from unkey_deploy.testing.rootfs import build_test_rootfs
+
+SPEC_PATH = Path("/work/shared/specs/firecracker/firecracker.yaml")
+
+
+@pytest.fixture(scope="module")
+def fc_spec() -> FirecrackerSpec:
+    if not SPEC_PATH.exists():
+        pytest.fail(f"Firecracker's OpenAPI spec is expected at {SPEC_PATH}")
+    return FirecrackerSpec(SPEC_PATH)
+
+
+def _spec(tmp_path: Path, kernel: KernelPaths, *, netns: str | None = None) -> VmSpec:
+    workdir = tmp_path / "jail"
+    workdir.mkdir(exist_ok=True)
+    rootfs = build_test_rootfs(workdir / "rootfs.ext4")
+    return VmSpec(
+        vm_id="vm_01JTESTFIRECRACKER0000000",  # type: ignore[arg-type]
+        instance_id="inst_01JTESTFIRECRACKER00000",  # type: ignore[arg-type]
+        customer_id="cust_a",  # type: ignore[arg-type]
+        vcpus=2,
+        memory_bytes=256 << 20,
+        port=8080,
+        workdir=workdir,
+        rootfs=rootfs,
+        net=NetAttachment(
+            mode="tap",
+            host_iface="unkfc0",
+            host_ip="172.31.9.1",
+            guest_ip="172.31.9.2",
+            mac="52:54:00:aa:bb:cc",
+            netns=netns,
+        ),
+        kernel=kernel,
+    )
+
+
+def test_validator_rejects_what_the_spec_rejects(fc_spec: FirecrackerSpec) -> None:
+    ok = {"vcpu_count": 2, "mem_size_mib": 256}
+    assert fc_spec.validate("PUT", "/machine-config", ok) == []
+    assert fc_spec.validate("PUT", "/machine-config", {"vcpu_count": 2})  # missing required
+    assert fc_spec.validate("PUT", "/machine-config", {**ok, "vcpu_count": "2"})  # wrong type
+    assert fc_spec.validate("PUT", "/machine-config", {**ok, "ram": 1})  # unknown field
+    assert fc_spec.validate("PUT", "/actions", {"action_type": "Reboot"})  # not in the enum
+    assert fc_spec.validate("PUT", "/no-such-thing", {})  # unknown path
+    assert fc_spec.validate("DELETE", "/machine-config", None)  # unknown method
+    assert fc_spec.validate("PUT", "/boot-source", None)  # required body
+    drive = {"drive_id": "rootfs", "is_root_device": True, "path_on_host": "/r"}
+    assert fc_spec.validate("PUT", "/drives/rootfs", drive) == []
+    assert fc_spec.validate("PUT", "/drives/other", drive)  # id differs from the path
+    assert fc_spec.validate("GET", "/", None) == []
+
+
+@pytest.mark.parametrize("jailed", [True, False])
+def test_every_boot_request_matches_the_spec(
+    fc_spec: FirecrackerSpec, tmp_path: Path, kernel: KernelPaths, jailed: bool
+) -> None:
+    drv = FirecrackerDriver(kernel, tmp_path / "state", firecracker_bin="/usr/bin/firecracker",
+                            jailer_bin="/usr/bin/jailer" if jailed else None)  # fmt: skip
+    plan = drv.plan(_spec(tmp_path, kernel))
+    assert [(c.method, c.path) for c in plan] == [
+        ("PUT", "/machine-config"),
+        ("PUT", "/boot-source"),
+        ("PUT", "/drives/rootfs"),
+        ("PUT", "/network-interfaces/eth0"),
+        ("PUT", "/metrics"),
+        ("PUT", "/actions"),
+    ]
+    for c in plan:
+        assert fc_spec.validate(c.method, c.path, c.body) == [], c
+    # the stop and metering requests too
+    for action in ("SendCtrlAltDel", "FlushMetrics"):
+        assert fc_spec.validate("PUT", "/actions", {"action_type": action}) == []
+    boot = plan[1].body or {}
+    assert "unkey.ip=172.31.9.2/30" in boot["boot_args"]
+    assert "unkey.gw=172.31.9.1" in boot["boot_args"]
+    if jailed:  # paths are relative to the jailer's chroot
+        assert boot["kernel_image_path"] == "/vmlinux"
+
+
+def test_jailer_command(tmp_path: Path, kernel: KernelPaths) -> None:
+    drv = FirecrackerDriver(kernel, tmp_path / "state", firecracker_bin="/usr/bin/firecracker",
+                            jailer_bin="/usr/bin/jailer", cgroup_version=2)  # fmt: skip
+    spec = _spec(tmp_path, kernel, netns="unk-vm")
+    argv = drv.jailer_command(spec)
+    assert argv[0] == "/usr/bin/jailer"
+
+    def opt(name: str) -> list[str]:
+        return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+    assert opt("--id") == ["vm-01JTESTFIRECRACKER0000000"]
+    assert opt("--exec-file") == ["/usr/bin/firecracker"]
+    assert opt("--uid") == ["65534"] and opt("--gid") == ["65534"]
+    assert opt("--chroot-base-dir") == [str(spec.workdir / "fc")]
+    assert opt("--cgroup-version") == ["2"]
+    assert opt("--cgroup") == ["cpu.max=200000 100000", f"memory.max={(256 + 64) << 20}"]
+    assert opt("--netns") == ["/var/run/netns/unk-vm"]
+    assert argv[argv.index("--") + 1 :] == ["--api-sock", "/run/firecracker.socket"]
+    assert (
+        drv.chroot_root(spec) == spec.workdir / "fc/firecracker/vm-01JTESTFIRECRACKER0000000/root"
+    )
+    v1 = FirecrackerDriver(kernel, tmp_path / "s", firecracker_bin="/f", jailer_bin="/j",
+                           cgroup_version=1).jailer_command(spec)  # fmt: skip
+    assert "cpu.cfs_quota_us=200000" in v1 and f"memory.limit_in_bytes={(256 + 64) << 20}" in v1
+
+
+def test_driver_against_a_fake_firecracker_process(tmp_path: Path, kernel: KernelPaths) -> None:
+    record = tmp_path / "requests.jsonl"
+    fake = tmp_path / "firecracker"
+    fake.write_text(
+        f"#!/bin/sh\nexec {sys.executable} -m unkey_deploy.testing.firecracker_api "
+        f'--spec {SPEC_PATH} --record {record} "$@"\n'
+    )
+    fake.chmod(0o755)
+    drv = FirecrackerDriver(kernel, tmp_path / "state", firecracker_bin=str(fake), jailer_bin=None)
+    spec = _spec(tmp_path, kernel)
+    drv.create(spec)
+    rt = drv.boot(spec)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [c["problems"] for c in calls] == [[]] * 6, calls
+    assert calls[-1]["body"] == {"action_type": "InstanceStart"}
+    assert drv.inspect(rt) and drv.recover(rt)
+    # runtime: configuration is refused after InstanceStart, as Firecracker does
+    with pytest.raises(VmError, match="not supported after starting"):
+        drv.call(rt.api_socket or "", ApiCall("PUT", "/machine-config",
+                                               {"vcpu_count": 1, "mem_size_mib": 128}))  # fmt: skip
+    drv.stats(rt, spec)  # FlushMetrics is accepted
+    drv.stop(rt, timeout=5)
+    deadline = time.monotonic() + 5
+    while drv.inspect(rt) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not drv.inspect(rt)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert all(c["problems"] == [] for c in calls), calls
+    assert calls[-1]["body"] == {"action_type": "SendCtrlAltDel"}
+    assert not Path(rt.api_socket or "").exists()
+
+
+def test_unavailable_without_binaries(tmp_path: Path, kernel: KernelPaths) -> None:
+    drv = FirecrackerDriver(kernel, tmp_path, firecracker_bin=None, jailer_bin=None)
+    drv.firecracker_bin = None
+    caps = drv.capabilities()
+    assert not caps.available and "not found" in caps.reason

@@ -1,0 +1,86 @@
+"""The IP allocator (persisted, survives restarts) and the per-VM links."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from unkey_deploy.core.errors import ResourceExhausted
+from unkey_deploy.metald.network import HostNetwork, IpAllocator, iface_name, netns_name
+
+
+def test_leases_are_unique_stable_and_persisted(engine: Engine) -> None:
+    ips = IpAllocator(engine, "host_a", "172.31.0.0/27")  # 8 slots, slot 0 reserved
+    got = [ips.lease(f"vm_{i}") for i in range(7)]
+    assert sorted(got) == list(range(1, 8))
+    assert ips.lease("vm_3") == got[3]  # idempotent
+    with pytest.raises(ResourceExhausted, match="no free /30"):
+        ips.lease("vm_overflow")
+    # another host has its own address space
+    assert IpAllocator(engine, "host_b", "172.31.0.0/27").lease("vm_other") == 1
+    # "restart": a new allocator sees the same leases
+    again = IpAllocator(engine, "host_a", "172.31.0.0/27")
+    assert again.leased() == {f"vm_{i}": got[i] for i in range(7)}
+    again.release("vm_2")
+    assert again.lease("vm_new") == got[2]
+    assert ips.addresses(1) == ("172.31.0.5", "172.31.0.6")
+
+
+def test_concurrent_leases_never_collide(engine: Engine) -> None:
+    ips = IpAllocator(engine, "host_a", "172.31.0.0/24")
+    out: dict[str, int] = {}
+
+    def worker(n: int) -> None:
+        for i in range(8):
+            out[f"vm_{n}_{i}"] = ips.lease(f"vm_{n}_{i}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(out.values())) == 32
+
+
+@pytest.mark.root
+def test_tap_and_netns_links_are_created_and_removed(subnet: str) -> None:
+    net = HostNetwork(subnet, table="unkey_test_links")
+    base = subnet.rsplit(".", 1)[0]
+    tap = net.attach_tap("vm_tapcheck_" + base.replace(".", ""), f"{base}.1", f"{base}.2")
+    try:
+        assert tap.host_iface and Path(f"/sys/class/net/{tap.host_iface}").exists()
+        out = subprocess.run(["ip", "-4", "addr", "show", tap.host_iface], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+        assert f"{base}.1/30" in out
+    finally:
+        net.detach(tap)
+    assert not Path(f"/sys/class/net/{tap.host_iface}").exists()
+    vm = "vm_nscheck_" + base.replace(".", "")
+    ns = net.attach_netns(vm, f"{base}.5", f"{base}.6")
+    try:
+        assert ns.netns == netns_name(vm) and Path(f"/run/netns/{ns.netns}").exists()
+        out = subprocess.run(["ip", "-n", ns.netns, "-4", "addr", "show", "eth0"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert f"{base}.6/30" in out
+    finally:
+        net.detach(ns)
+    assert not Path(f"/run/netns/{ns.netns}").exists()
+    assert not Path(f"/sys/class/net/{iface_name(vm)}").exists()
+
+
+@pytest.mark.root
+def test_nftables_table_is_ours_and_removable(subnet: str) -> None:
+    net = HostNetwork(subnet, table="unkey_test_nft")
+    net.setup()
+    try:
+        assert net.has_rules()
+        rules = subprocess.run(["nft", "list", "table", "ip", "unkey_test_nft_nat"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert f"ip saddr {subnet}" in rules and "masquerade" in rules
+    finally:
+        net.teardown()
+    assert not net.has_rules()

@@ -1,0 +1,48 @@
+"""The VM lifecycle state machine."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from unkey_deploy.core.errors import IllegalTransition
+from unkey_deploy.metald.states import TRANSITIONS, VmState, check_action, transition
+
+S = VmState
+
+
+def test_happy_path_and_reboot() -> None:
+    path = [S.PENDING, S.PREPARING, S.BOOTING, S.RUNNING, S.STOPPING, S.STOPPED, S.PREPARING]
+    for a, b in itertools.pairwise(path):
+        assert transition("vm_x", a, b) == b
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [(S.PENDING, S.RUNNING), (S.STOPPED, S.RUNNING), (S.RUNNING, S.BOOTING),
+     (S.STOPPED, S.STOPPING), (S.FAILED, S.RUNNING), (S.RUNNING, S.PENDING)],
+)  # fmt: skip
+def test_illegal_transitions_raise(src: VmState, dst: VmState) -> None:
+    with pytest.raises(IllegalTransition) as ei:
+        transition("vm_x", src, dst)
+    assert ei.value.details == {"vm_id": "vm_x", "from": str(src), "to": str(dst)}
+    assert ei.value.code == "illegal_transition"
+
+
+def test_every_active_state_can_fail() -> None:
+    for s in (S.PENDING, S.PREPARING, S.BOOTING, S.RUNNING, S.STOPPING):
+        assert S.FAILED in TRANSITIONS[s]
+    assert set(TRANSITIONS) == set(VmState)
+
+
+def test_actions() -> None:
+    check_action("vm_x", S.PENDING, "boot")
+    check_action("vm_x", S.RUNNING, "stop")
+    check_action("vm_x", S.FAILED, "delete")
+    with pytest.raises(IllegalTransition, match="cannot boot VM vm_x: it is running"):
+        check_action("vm_x", S.RUNNING, "boot")
+    with pytest.raises(IllegalTransition, match="cannot delete"):
+        check_action("vm_x", S.RUNNING, "delete")
+    with pytest.raises(IllegalTransition, match="cannot stop"):
+        check_action("vm_x", S.STOPPED, "stop")
