@@ -197,7 +197,12 @@ table ip {t}_nat {{
 
     @staticmethod
     def iface_exists(name: str) -> bool:
-        return Path(f"/sys/class/net/{name}").exists()
+        # /proc/net/dev follows the netns of the reading process; /sys/class/net follows the
+        # netns sysfs was mounted in, which differs when metald was started with nsenter
+        for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+            if line.split(":", 1)[0].strip() == name:
+                return True
+        return False
 
     @classmethod
     def detach_iface(cls, name: str) -> None:

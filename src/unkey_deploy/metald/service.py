@@ -161,95 +161,17 @@ def _mem_total() -> int:
     return 1 << 30
 
 
-class Metald:
-    """The metald of one host. See the module docstring."""
+class Scheduler:
+    """The cluster-wide part of metald, usable from any process with the database: places VMs
+    on registered hosts and records what their owners want; each host's :class:`Metald`
+    carries it out. :class:`Metald` extends it with the host-local work."""
 
-    def __init__(
-        self,
-        config: MetaldConfig,
-        engine: Engine,
-        state_dir: Path,
-        *,
-        kernel: KernelPaths | None = None,
-        clock: Clock = SYSTEM_CLOCK,
-        driver: VmDriver | None = None,
-    ) -> None:
-        self.config = config
+    host_id: str | None = None
+
+    def __init__(self, engine: Engine, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self.engine = engine
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
-        self.root = os.geteuid() == 0
-        self.kernel = kernel or (find_kernel(config.kernel_dir) if config.kernel_dir else None)
-        self.capabilities: dict[str, DriverCapabilities]
-        if driver is None:
-            driver, self.capabilities = select_driver(
-                config.driver, self.kernel, self.state_dir, runas_user=config.runas_user
-            )
-        else:
-            self.capabilities = {driver.name: driver.capabilities()}
-        self.driver: VmDriver = driver
-        self.host_id = config.host_id or self._stable_host_id()
-        self.host_name = config.host_name or socket.gethostname()
-        self.jails = Jails(self.state_dir / "jails")
-        self.cgroups = CgroupManager(parent_name=f"unkey-metald-{self._tag()}")
-        self.ips = IpAllocator(engine, self.host_id, config.subnet)
-        self.network = (
-            HostNetwork(config.subnet, table=f"unkey_{self._tag()}") if self.root else None
-        )
         self._lock = threading.RLock()
-        self._stop_evt = threading.Event()
-        self._thread: threading.Thread | None = None
-        if self.network is not None:
-            self.network.setup()
-        self.register()
-        self.recover()
-
-    # -- identity & registration ------------------------------------------------------------
-    def _stable_host_id(self) -> str:
-        f = self.state_dir / "host_id"
-        if f.exists():
-            return f.read_text().strip()
-        hid = new_host_id()
-        f.write_text(hid)
-        return hid
-
-    def _tag(self) -> str:
-        """Short name for this metald's host-global objects (nft tables, cgroup parent)."""
-        return hashlib.sha1(
-            f"{self.host_id}|{self.config.subnet}".encode(), usedforsecurity=False
-        ).hexdigest()[:8]
-
-    def capacity(self) -> tuple[int, int]:
-        cpus = self.config.cpus or int((os.cpu_count() or 1) * self.config.cpu_overcommit)
-        mem = (self.config.memory_mib or _mem_total() // (1024 * 1024)) * 1024 * 1024
-        return cpus, mem
-
-    def register(self) -> None:
-        """Upsert this host's row (capacity, driver, capabilities) and heartbeat."""
-        cpus, mem = self.capacity()
-        now = self.clock.now().timestamp()
-        caps = {n: c.as_dict() for n, c in self.capabilities.items()}
-        t = models.hosts
-        values = {
-            "name": self.host_name, "driver": self.driver.name, "cpus": cpus,
-            "memory_bytes": mem, "capabilities": caps, "schedulable": True, "heartbeat_at": now,
-        }  # fmt: skip
-        with self.engine.begin() as c:
-            exists = c.execute(sa.select(t.c.host_id).where(t.c.host_id == self.host_id)).first()
-            if exists:
-                c.execute(t.update().where(t.c.host_id == self.host_id).values(**values))
-            else:
-                c.execute(t.insert().values(host_id=self.host_id, registered_at=now, **values))
-
-    def heartbeat(self) -> None:
-        t = models.hosts
-        with self.engine.begin() as c:
-            c.execute(
-                t.update()
-                .where(t.c.host_id == self.host_id)
-                .values(heartbeat_at=self.clock.now().timestamp())
-            )
 
     def host_views(self) -> list[HostView]:
         now = self.clock.now().timestamp()
@@ -306,24 +228,6 @@ class Metald:
             raise IllegalTransition(f"VM {vm_id} has no endpoint while {vm.state}")
         return vm.url
 
-    def status(self) -> dict[str, Any]:
-        """The ``capabilities/status`` report (shown by ``unkey dev status``)."""
-        cpus, mem = self.capacity()
-        counts: dict[str, int] = {}
-        for vm in self.list(host_id=self.host_id):
-            counts[vm.state] = counts.get(vm.state, 0) + 1
-        return {
-            "host_id": self.host_id,
-            "host_name": self.host_name,
-            "driver": self.driver.name,
-            "drivers": {n: c.as_dict() for n, c in self.capabilities.items()},
-            "kernel": self.kernel.version if self.kernel else None,
-            "cpus": cpus,
-            "memory_bytes": mem,
-            "networking": "tap/netns + nftables" if self.network else "user-mode / host",
-            "vms": counts,
-        }
-
     # -- state persistence ------------------------------------------------------------------
     def _set_state(self, vm_id: str, target: VmState, **values: Any) -> Vm:
         """Move the VM to ``target`` (legal transitions only) and store ``values`` with it."""
@@ -371,35 +275,208 @@ class Metald:
         return self.get(vm_id)
 
     def boot(self, vm_id: str) -> Vm:
+        """Ask for the VM to run (its host boots it)."""
+        check_action(vm_id, self.get(vm_id).state, "boot")
+        self._update(vm_id, desired="running")
+        return self.get(vm_id)
+
+    def stop(self, vm_id: str) -> Vm:
+        check_action(vm_id, self.get(vm_id).state, "stop")
+        self._update(vm_id, desired="stopped")
+        return self.get(vm_id)
+
+    def delete(self, vm_id: str) -> None:
+        """Ask for the VM to be deleted (its host stops it first and frees everything)."""
+        self.get(vm_id)
+        self._update(vm_id, desired="deleted")
+
+    # -- readiness ----------------------------------------------------------------------------
+    def probe(self, vm: Vm, timeout: float = 0.5) -> bool:
+        """One HTTP GET of the app's ``/``: any HTTP answer means the app is serving."""
+        if vm.url is None:
+            return False
+        try:
+            httpx.get(vm.url + "/", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    def _alive(self, vm_id: str) -> bool:
+        return True  # only a host can tell; its reconciler marks dead VMs failed
+
+    def wait_ready(self, vm_id: str, timeout: float = 60.0) -> Vm:
+        """Wait until the app answers HTTP (then the VM is ``running``); raise when it fails
+        or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            vm = self.get(vm_id)
+            if vm.state == VmState.RUNNING and self.probe(vm):
+                return vm
+            if vm.state == VmState.FAILED:
+                raise VmError(f"VM {vm_id} failed: {vm.error}")
+            if vm.state == VmState.BOOTING:
+                if vm.host_id == self.host_id and not self._alive(vm_id):
+                    self._on_dead(vm_id)
+                    continue
+                if self.probe(vm):
+                    with contextlib.suppress(IllegalTransition):
+                        return self._set_state(vm_id, VmState.RUNNING)
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"VM {vm_id} not ready within {timeout:.0f} s (state {vm.state})"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    def _on_dead(self, vm_id: str) -> None:
+        raise NotImplementedError
+
+    def wait_state(self, vm_id: str, states: set[VmState], timeout: float = 60.0) -> Vm:
+        deadline = time.monotonic() + timeout
+        while True:
+            vm = self.get(vm_id)
+            if vm.state in states:
+                return vm
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"VM {vm_id} still {vm.state} after {timeout:.0f} s")
+            time.sleep(0.05)
+
+
+class Metald(Scheduler):
+    """The metald of one host. See the module docstring."""
+
+    def __init__(
+        self,
+        config: MetaldConfig,
+        engine: Engine,
+        state_dir: Path,
+        *,
+        kernel: KernelPaths | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        driver: VmDriver | None = None,
+    ) -> None:
+        super().__init__(engine, clock=clock)
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.root = os.geteuid() == 0
+        self.kernel = kernel or (find_kernel(config.kernel_dir) if config.kernel_dir else None)
+        self.capabilities: dict[str, DriverCapabilities]
+        if driver is None:
+            driver, self.capabilities = select_driver(
+                config.driver, self.kernel, self.state_dir, runas_user=config.runas_user
+            )
+        else:
+            self.capabilities = {driver.name: driver.capabilities()}
+        self.driver: VmDriver = driver
+        self.host_id = config.host_id or self._stable_host_id()
+        self.host_name = config.host_name or socket.gethostname()
+        self.jails = Jails(self.state_dir / "jails")
+        self.cgroups = CgroupManager(parent_name=f"unkey-metald-{self._tag()}")
+        self.ips = IpAllocator(engine, self.host_id, config.subnet)
+        self.network = (
+            HostNetwork(config.subnet, table=f"unkey_{self._tag()}") if self.root else None
+        )
+        self._stop_evt = threading.Event()
+        self._last_heartbeat = self.clock.monotonic()
+        self._thread: threading.Thread | None = None
+        if self.network is not None:
+            self.network.setup()
+        self.register()
+        self.recover()
+
+    # -- identity & registration ------------------------------------------------------------
+    def _stable_host_id(self) -> str:
+        f = self.state_dir / "host_id"
+        if f.exists():
+            return f.read_text().strip()
+        hid = new_host_id()
+        f.write_text(hid)
+        return hid
+
+    def _tag(self) -> str:
+        """Short name for this metald's host-global objects (nft tables, cgroup parent)."""
+        return hashlib.sha1(
+            f"{self.host_id}|{self.config.subnet}".encode(), usedforsecurity=False
+        ).hexdigest()[:8]
+
+    def capacity(self) -> tuple[int, int]:
+        cpus = self.config.cpus or int((os.cpu_count() or 1) * self.config.cpu_overcommit)
+        mem = (self.config.memory_mib or _mem_total() // (1024 * 1024)) * 1024 * 1024
+        return cpus, mem
+
+    def register(self) -> None:
+        """Upsert this host's row (capacity, driver, capabilities) and heartbeat."""
+        cpus, mem = self.capacity()
+        now = self.clock.now().timestamp()
+        caps = {n: c.as_dict() for n, c in self.capabilities.items()}
+        t = models.hosts
+        values = {
+            "name": self.host_name, "driver": self.driver.name, "cpus": cpus,
+            "memory_bytes": mem, "capabilities": caps, "schedulable": True, "heartbeat_at": now,
+        }  # fmt: skip
+        with self.engine.begin() as c:
+            exists = c.execute(sa.select(t.c.host_id).where(t.c.host_id == self.host_id)).first()
+            if exists:
+                c.execute(t.update().where(t.c.host_id == self.host_id).values(**values))
+            else:
+                c.execute(t.insert().values(host_id=self.host_id, registered_at=now, **values))
+
+    def heartbeat(self) -> None:
+        t = models.hosts
+        with self.engine.begin() as c:
+            c.execute(
+                t.update()
+                .where(t.c.host_id == self.host_id)
+                .values(heartbeat_at=self.clock.now().timestamp())
+            )
+
+    def status(self) -> dict[str, Any]:
+        """The ``capabilities/status`` report (shown by ``unkey dev status``)."""
+        cpus, mem = self.capacity()
+        counts: dict[str, int] = {}
+        for vm in self.list(host_id=self.host_id):
+            counts[vm.state] = counts.get(vm.state, 0) + 1
+        return {
+            "host_id": self.host_id,
+            "host_name": self.host_name,
+            "driver": self.driver.name,
+            "drivers": {n: c.as_dict() for n, c in self.capabilities.items()},
+            "kernel": self.kernel.version if self.kernel else None,
+            "cpus": cpus,
+            "memory_bytes": mem,
+            "networking": "tap/netns + nftables" if self.network else "user-mode / host",
+            "vms": counts,
+        }
+
+    # -- actions ------------------------------------------------------------------------------
+    def boot(self, vm_id: str) -> Vm:
         """Boot the VM (a new instance). Returns once the VMM runs (state ``booting``); use
         :meth:`wait_ready` for the app. On another host: recorded for its reconciler."""
         vm = self.get(vm_id)
+        if vm.host_id != self.host_id:
+            return super().boot(vm_id)
         check_action(vm_id, vm.state, "boot")
         self._update(vm_id, desired="running")
-        if vm.host_id != self.host_id:
-            return self.get(vm_id)
         return self._boot_local(vm_id)
 
     def stop(self, vm_id: str) -> Vm:
         vm = self.get(vm_id)
+        if vm.host_id != self.host_id:
+            return super().stop(vm_id)
         check_action(vm_id, vm.state, "stop")
         self._update(vm_id, desired="stopped")
-        if vm.host_id != self.host_id:
-            return self.get(vm_id)
         return self._stop_local(vm_id)
 
     def delete(self, vm_id: str) -> None:
         """Delete the VM, stopping it first if needed; nothing of it is left on the host."""
         vm = self.get(vm_id)
-        if vm.state in ACTIVE and vm.state != VmState.STOPPING:
-            if vm.host_id == self.host_id:
-                vm = self._stop_local(vm_id)
-            else:
-                self._update(vm_id, desired="deleted")
-                return
         if vm.host_id != self.host_id:
-            self._update(vm_id, desired="deleted")
+            super().delete(vm_id)
             return
+        if vm.state in ACTIVE and vm.state != VmState.STOPPING:
+            vm = self._stop_local(vm_id)
         check_action(vm_id, vm.state, "delete")
         self._delete_local(vm_id)
 
@@ -517,51 +594,6 @@ class Metald:
         event(log, "vm deleted", vm_id=vm_id)
 
     # -- readiness ----------------------------------------------------------------------------
-    def probe(self, vm: Vm, timeout: float = 0.5) -> bool:
-        """One HTTP GET of the app's ``/``: any HTTP answer means the app is serving."""
-        if vm.url is None:
-            return False
-        try:
-            httpx.get(vm.url + "/", timeout=timeout)
-        except httpx.HTTPError:
-            return False
-        return True
-
-    def wait_ready(self, vm_id: str, timeout: float = 60.0) -> Vm:
-        """Wait until the app answers HTTP (then the VM is ``running``); raise when it fails
-        or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            vm = self.get(vm_id)
-            if vm.state == VmState.RUNNING and self.probe(vm):
-                return vm
-            if vm.state == VmState.FAILED:
-                raise VmError(f"VM {vm_id} failed: {vm.error}")
-            if vm.state == VmState.BOOTING:
-                if vm.host_id == self.host_id and not self._alive(vm_id):
-                    self._fail(vm_id, "the VM process exited during boot" + self._log_tail(vm_id))
-                    continue
-                if self.probe(vm):
-                    with contextlib.suppress(IllegalTransition):
-                        return self._set_state(vm_id, VmState.RUNNING)
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(
-                    f"VM {vm_id} not ready within {timeout:.0f} s (state {vm.state})"
-                )
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
-
-    def wait_state(self, vm_id: str, states: set[VmState], timeout: float = 60.0) -> Vm:
-        deadline = time.monotonic() + timeout
-        while True:
-            vm = self.get(vm_id)
-            if vm.state in states:
-                return vm
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"VM {vm_id} still {vm.state} after {timeout:.0f} s")
-            time.sleep(0.05)
-
     def _log_tail(self, vm_id: str, n: int = 600) -> str:
         r = self._row(vm_id)
         if not r.runtime:
@@ -572,6 +604,9 @@ class Metald:
             with contextlib.suppress(OSError):
                 tail += p.read_text(errors="replace")[-n:]
         return f"; log: {tail.strip()}" if tail.strip() else ""
+
+    def _on_dead(self, vm_id: str) -> None:
+        self._fail(vm_id, "the VM process exited during boot" + self._log_tail(vm_id))
 
     def _alive(self, vm_id: str) -> bool:
         r = self._row(vm_id)
@@ -623,7 +658,10 @@ class Metald:
 
     def reconcile(self) -> None:
         """One pass: converge this host's VMs to their desired state; detect dead VMs."""
-        self.heartbeat()
+        now = self.clock.monotonic()
+        if now - self._last_heartbeat >= HEARTBEAT_TTL_S / 10:
+            self.heartbeat()
+            self._last_heartbeat = now
         for vm in self.list(host_id=self.host_id):
             try:
                 self._reconcile_one(vm)

@@ -1,0 +1,36 @@
+"""metald's interface for other services (import from here, not from the internals).
+
+* :class:`Scheduler` — cluster-wide: place and record VMs, ask for boot/stop/delete, read them,
+  wait for them. Needs only the control-plane database.
+* :class:`Metald` — one host's agent (a Scheduler that also boots, stops and watches the VMs of
+  its own host, reports ``status()`` and ``meter_targets()``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..metering.model import MeterTarget
+from .service import CreateVm, Metald, Scheduler, Vm
+from .states import VmState
+
+__all__ = ["CreateVm", "Metald", "MetaldApi", "Scheduler", "Vm", "VmState"]
+
+
+class MetaldApi(Protocol):
+    """What the orchestration calls (both :class:`Metald` and :class:`Scheduler` offer it,
+    except ``status``/``meter_targets`` which are per host)."""
+
+    def create_vm(self, req: CreateVm) -> Vm: ...
+    def boot(self, vm_id: str) -> Vm: ...
+    def stop(self, vm_id: str) -> Vm: ...
+    def delete(self, vm_id: str) -> None: ...
+    def get(self, vm_id: str) -> Vm: ...
+    def list(self, *, host_id: str | None = None, deployment_id: str | None = None) -> list[Vm]: ...
+    def wait_ready(self, vm_id: str, timeout: float = 60.0) -> Vm: ...
+    def endpoint(self, vm_id: str) -> str: ...
+
+
+class HostAgent(MetaldApi, Protocol):
+    def status(self) -> dict[str, Any]: ...
+    def meter_targets(self) -> list[MeterTarget]: ...
