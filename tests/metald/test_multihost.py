@@ -67,7 +67,8 @@ class Hosts:
         # the per-VM netns and overlay mounts it makes would be invisible to this test)
         with open(self.tmp / f"{name}.log", "w") as errlog:
             proc = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "unkey_deploy.metald.agent",
+                ["nsenter", f"--net=/run/netns/{ns}",
+                 sys.executable, "-m", "unkey_deploy.metald.agent",
                  "--database-url", self.url, "--state-dir", str(self.tmp / name),
                  "--host-name", name, "--subnet", self.subnet, "--driver", "sandbox",
                  "--cpus", "4", "--memory-mib", "2048", "--interval", "0.05"],
