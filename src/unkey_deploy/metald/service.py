@@ -172,6 +172,9 @@ class Scheduler:
         self.engine = engine
         self.clock = clock
         self._lock = threading.RLock()
+        # one client: building one per probe costs milliseconds (TLS context), more than a
+        # sandbox needs to boot
+        self._http = httpx.Client(trust_env=False, headers={"Connection": "close"})
 
     def host_views(self) -> list[HostView]:
         now = self.clock.now().timestamp()
@@ -296,7 +299,7 @@ class Scheduler:
         if vm.url is None:
             return False
         try:
-            httpx.get(vm.url + "/", timeout=timeout)
+            self._http.get(vm.url + "/", timeout=timeout)
         except httpx.HTTPError:
             return False
         return True
@@ -307,8 +310,9 @@ class Scheduler:
     def wait_ready(self, vm_id: str, timeout: float = 60.0) -> Vm:
         """Wait until the app answers HTTP (then the VM is ``running``); raise when it fails
         or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        delay = 0.005
+        start = time.monotonic()
+        deadline = start + timeout
+        delay = 0.003
         while True:
             vm = self.get(vm_id)
             if vm.state == VmState.RUNNING and self.probe(vm):
@@ -327,10 +331,15 @@ class Scheduler:
                     f"VM {vm_id} not ready within {timeout:.0f} s (state {vm.state})"
                 )
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.1)
+            # poll tightly for the first second (sandboxes are ready in tens of ms), then back off
+            if time.monotonic() - start > 1.0:
+                delay = min(delay * 1.5, 0.1)
 
     def _on_dead(self, vm_id: str) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        self._http.close()
 
     def wait_state(self, vm_id: str, states: set[VmState], timeout: float = 60.0) -> Vm:
         deadline = time.monotonic() + timeout
@@ -707,6 +716,7 @@ class Metald(Scheduler):
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        self._http.close()
         if remove_network and self.network is not None:
             self.network.teardown()
 

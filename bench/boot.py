@@ -1,0 +1,210 @@
+"""Deploy-to-HTTP-ready per VM driver, against the bare VMM command line in the same run.
+
+    sudo .venv/bin/python bench/boot.py [--qemu-runs 3] [--sandbox-runs 10] [--concurrent 20]
+
+* ``sandbox``: metald ``create_vm`` + ``boot`` + ``wait_ready`` (loop+overlay mount, netns +
+  veth, cgroup, bwrap as an unprivileged uid) vs a bare ``bwrap`` of the same tree (already
+  extracted) on the host network, both until the first HTTP 200.
+* ``qemu``: metald (jail with the rootfs copy, tap + nftables, cgroup, -chroot/-runas/-sandbox)
+  vs the bare ``qemu-system-x86_64 -M microvm`` command of notes/vm.md (user-mode net) with the
+  same kernel, initramfs and image, both until the first HTTP 200.
+* ``concurrent``: N sandbox VMs booted at once on one host; all must answer.
+
+Prints medians; the last lines are ``RESULT driver=... seconds=... baseline=... ratio=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from unkey_deploy.core.config import MetaldConfig  # noqa: E402
+from unkey_deploy.metald.drivers.qemu import QEMU, host_tsc_khz  # noqa: E402
+from unkey_deploy.metald.kernel import guest_cmdline, prepare_kernel  # noqa: E402
+from unkey_deploy.metald.service import CreateVm, Metald  # noqa: E402
+from unkey_deploy.store.db import make_engine, upgrade  # noqa: E402
+from unkey_deploy.testing.rootfs import build_test_rootfs  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+HTTP = httpx.Client(trust_env=False, headers={"Connection": "close"})
+
+
+def wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if HTTP.get(url, timeout=0.5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.003)
+
+
+def bare_bwrap(tree: Path, port: int) -> float:
+    argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
+            "--unshare-ipc", "--unshare-uts", "--bind", str(tree), "/", "--proc", "/proc",
+            "--dev", "/dev", "--tmpfs", "/tmp", "--new-session", "--die-with-parent",
+            "--clearenv", "--setenv", "PATH", "/bin", "/.vminit/init"]  # fmt: skip
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *argv]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", 10)
+        return time.perf_counter() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bare_qemu(kernel_bz: Path, initrd: Path, image: Path, work: Path) -> float:
+    disk = work / "bare.ext4"
+    shutil.copyfile(image, disk)
+    hp = free_port()
+    argv = [QEMU, "-M", "microvm", "-nodefaults", "-no-user-config", "-accel", "tcg",
+            "-cpu", "max", "-m", "256", "-smp", "1", "-kernel", str(kernel_bz),
+            "-initrd", str(initrd), "-append", guest_cmdline(tsc_khz=host_tsc_khz()),
+            "-drive", f"id=root,file={disk},format=raw,if=none,cache=writeback",
+            "-device", "virtio-blk-device,drive=root",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{hp}-:8080",
+            "-device", "virtio-net-device,netdev=n0",
+            "-serial", f"file:{work / 'bare-serial.log'}",
+            "-display", "none", "-no-reboot"]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{hp}/", 120)
+        return time.perf_counter() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def ours(md: Metald, image: Path, timeout: float) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    vm = md.create_vm(CreateVm("dep_bench", "cust_bench", image, memory_bytes=256 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=timeout)
+    wait_http(md.endpoint(vm.vm_id) + "/", timeout)
+    return time.perf_counter() - t0, vm.vm_id
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--qemu-runs", type=int, default=3)
+    ap.add_argument("--sandbox-runs", type=int, default=10)
+    ap.add_argument("--concurrent", type=int, default=20)
+    ap.add_argument("--subnet", default="172.31.16.0/22")
+    ap.add_argument(
+        "--native-dir", default=os.environ.get("UNKEY_NATIVE_DIR", str(REPO / ".native"))
+    )
+    args = ap.parse_args()
+    kernel = prepare_kernel(Path(args.native_dir))
+    results: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="unkey-bench-boot-") as tmpd:
+        tmp = Path(tmpd)
+        # the unprivileged bwrap of the baseline must reach the tree inside
+        os.chmod(tmp, 0o755)  # noqa: S103
+        image = build_test_rootfs(tmp / "app.ext4", port=8080)
+        engine = make_engine(f"sqlite:///{tmp / 'bench.db'}")
+        upgrade(engine)
+
+        # -- sandbox
+        bport = free_port()
+        tree = tmp / "tree"
+        build_image = build_test_rootfs(tmp / "bare.ext4", port=bport)
+        tree.mkdir()
+        subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(build_image)], check=True,
+                       capture_output=True)  # fmt: skip
+        cfg = MetaldConfig(driver="sandbox", host_name="bench-sandbox", subnet=args.subnet,
+                           cpus=256, memory_mib=65536, stop_timeout_s=0.2)  # fmt: skip
+        md = Metald(cfg, engine, tmp / "sandbox", kernel=kernel)
+        try:
+            base, mine = [], []
+            for _ in range(args.sandbox_runs):  # interleaved so load affects both alike
+                base.append(bare_bwrap(tree, bport))
+                s, vm_id = ours(md, image, 10)
+                mine.append(s)
+                md.delete(vm_id)
+            b, m = statistics.median(base), statistics.median(mine)
+            print(f"sandbox: ours {[round(x * 1000) for x in mine]} ms, "
+                  f"bare bwrap {[round(x * 1000) for x in base]} ms", file=sys.stderr)  # fmt: skip
+            results.append(f"RESULT driver=sandbox seconds={m:.4f} baseline={b:.4f} "
+                           f"ratio={m / b:.2f} overhead_ms={(m - b) * 1000:.0f}")  # fmt: skip
+
+            # -- N concurrent sandboxes on one host
+            n = args.concurrent
+            t0 = time.perf_counter()
+
+            def one(_: int) -> str:
+                vm = md.create_vm(CreateVm("dep_many", "cust_bench", image, memory_bytes=64 << 20))
+                md.boot(vm.vm_id)
+                md.wait_ready(vm.vm_id, timeout=60)
+                wait_http(md.endpoint(vm.vm_id) + "/", 30)
+                return vm.vm_id
+
+            with ThreadPoolExecutor(max_workers=n) as ex:
+                futs = [ex.submit(one, i) for i in range(n)]
+                ok = [f for f in futs if f.exception() is None]
+            total = time.perf_counter() - t0
+            failed = n - len(ok)
+            for f in futs:
+                if f.exception() is not None:
+                    print(f"concurrent boot failed: {f.exception()}", file=sys.stderr)
+            for vm in md.list():
+                md.delete(vm.vm_id)
+            results.append(f"RESULT driver=sandbox concurrent={n} ok={len(ok)} failed={failed} "
+                           f"seconds={total:.3f}")  # fmt: skip
+        finally:
+            md.shutdown()
+
+        # -- qemu
+        if shutil.which(QEMU) and args.qemu_runs > 0:
+            cfg = MetaldConfig(driver="qemu", host_name="bench-qemu", subnet=args.subnet,
+                               cpus=256, memory_mib=65536, stop_timeout_s=0.2)  # fmt: skip
+            md = Metald(cfg, engine, tmp / "qemu", kernel=kernel)
+            try:
+                base, mine = [], []
+                for _ in range(args.qemu_runs):
+                    base.append(bare_qemu(kernel.bzimage, kernel.initramfs, image, tmp))
+                    s, vm_id = ours(md, image, 120)
+                    mine.append(s)
+                    md.delete(vm_id)
+                b, m = statistics.median(base), statistics.median(mine)
+                print(f"qemu ({md.status()['drivers']['qemu']['accel']}): ours "
+                      f"{[round(x, 2) for x in mine]} s, bare {[round(x, 2) for x in base]} s",
+                      file=sys.stderr)  # fmt: skip
+                results.append(f"RESULT driver=qemu seconds={m:.3f} baseline={b:.3f} "
+                               f"ratio={m / b:.2f} overhead_ms={(m - b) * 1000:.0f}")  # fmt: skip
+            finally:
+                md.shutdown()
+        engine.dispose()
+    for line in results:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
