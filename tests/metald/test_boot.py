@@ -74,7 +74,10 @@ class Trace:
 
 
 def _boot_and_check(md: Metald, rootfs: Path, timeout: float) -> tuple[str, Trace]:
-    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, vcpus=1, memory_bytes=128 << 20))
+    vm = md.create_vm(
+        CreateVm("dep_test", "cust_a", rootfs, vcpus=1, memory_bytes=128 << 20,
+                 env={"GREETING": "it's \"quoted\" $HOME"})
+    )  # fmt: skip
     assert vm.state == VmState.PENDING and vm.host_id == md.host_id
     md.boot(vm.vm_id)
     vm = md.wait_ready(vm.vm_id, timeout=timeout)
@@ -82,6 +85,10 @@ def _boot_and_check(md: Metald, rootfs: Path, timeout: float) -> tuple[str, Trac
     r = httpx.get(md.endpoint(vm.vm_id) + "/", timeout=5)
     assert r.status_code == 200
     assert r.text == "unkey-test-app\n"
+    # the request's env reached the app through the image's /.vminit/env
+    env = httpx.get(md.endpoint(vm.vm_id) + "/cgi-bin/env", timeout=5).text
+    assert 'GREETING=it\'s "quoted" $HOME\n' in env
+    assert "PORT=8080\n" in env
     trace = Trace(md, vm.vm_id)
     trace.assert_present()
     return vm.vm_id, trace
@@ -204,3 +211,57 @@ def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) ->
     trace_b.assert_gone()
     # the surviving VM kept its address lease across the restart
     assert md2.ips.leased() == {a.vm_id: leases[a.vm_id]}
+
+
+def test_sandbox_without_root_paths(tmp_path: Path) -> None:
+    """The non-root code path: tree extracted with debugfs (no mount), host network."""
+    from unkey_deploy.metald.drivers.base import NetAttachment, VmSpec
+    from unkey_deploy.metald.drivers.sandbox import SandboxDriver, process_tree
+    from unkey_deploy.metald.network import free_tcp_port
+    from unkey_deploy.testing.rootfs import build_test_rootfs
+
+    port = free_tcp_port()
+    image = build_test_rootfs(tmp_path / "img.ext4", port=port)
+    drv = SandboxDriver()
+    drv.root = False  # what metald does when it is not root
+    spec = VmSpec(
+        vm_id="vm_nonroot", instance_id="inst_x", customer_id="cust_a",  # type: ignore[arg-type]
+        vcpus=1, memory_bytes=64 << 20, port=port, workdir=tmp_path / "jail", rootfs=image,
+        net=NetAttachment(mode="host"), env={"GREETING": "from-env"},
+    )  # fmt: skip
+    drv.create(spec)
+    rt = drv.boot(spec)
+    assert rt.mounts == []
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/cgi-bin/env", timeout=1)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert r.status_code == 200 and "GREETING=from-env" in r.text
+    pids = process_tree(rt.pid)
+    drv.stop(rt, 0.2)
+    drv.delete(rt)
+    assert not drv.inspect(rt)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_burn_mode_uses_the_cpu_quota(make_metald: MetaldFactory, tmp_path: Path) -> None:
+    """The test image's CPU burner runs inside the VM's cgroup, which accounts and caps it."""
+    from unkey_deploy.testing.rootfs import build_test_rootfs
+
+    image = build_test_rootfs(tmp_path / "burn.ext4", burn_cpus=2)
+    md = make_metald("sandbox")
+    vm = md.create_vm(CreateVm("dep_burn", "cust_a", image, vcpus=1, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    cg = md.cgroups.paths_for(vm.vm_id)
+    t0, c0 = time.monotonic(), cg.cpu_time_ns()
+    time.sleep(1.0)
+    used = (cg.cpu_time_ns() - c0) / 1e9 / (time.monotonic() - t0)
+    # two busy loops, one vCPU of quota: about one CPU-second per second, never two
+    assert 0.3 < used < 1.25, used
+    md.delete(vm.vm_id)

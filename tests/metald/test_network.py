@@ -84,3 +84,21 @@ def test_nftables_table_is_ours_and_removable(subnet: str) -> None:
     finally:
         net.teardown()
     assert not net.has_rules()
+
+
+def test_zstd_assets_decompress_to_sparse_files(tmp_path: Path) -> None:
+    import zstandard
+
+    from unkey_deploy.metald.jail import decompress_zstd_sparse
+
+    raw = tmp_path / "disk.img"
+    with open(raw, "wb") as f:
+        f.write(b"head" * 1000)
+        f.seek(64 << 20)
+        f.write(b"tail")
+    packed = tmp_path / "disk.img.zst"
+    packed.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw.read_bytes()))
+    out = tmp_path / "out.ext4"
+    decompress_zstd_sparse(packed, out)
+    assert out.read_bytes() == raw.read_bytes()
+    assert out.stat().st_blocks * 512 < 4 << 20, "zeros must become holes"

@@ -116,3 +116,55 @@ class Jails:
         jail = self.path(vm_id)
         if jail.exists():
             shutil.rmtree(jail)
+
+
+ENV_FILE = "/.vminit/env"
+
+
+def parse_env(data: bytes) -> dict[str, str]:
+    """The builder's env file: NUL-separated ``KEY=VALUE`` entries."""
+    out: dict[str, str] = {}
+    for item in data.split(b"\0"):
+        if b"=" in item:
+            k, _, v = item.decode(errors="replace").partition("=")
+            out[k] = v
+    return out
+
+
+def render_env(env: dict[str, str]) -> bytes:
+    return b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+
+
+def merge_env_tree(root: Path, env: dict[str, str]) -> None:
+    """Add/override ``env`` in ``<root>/.vminit/env`` of an unpacked tree (no-op without one)."""
+    path = root / ENV_FILE.lstrip("/")
+    if not env or not path.parent.is_dir():
+        return
+    current = parse_env(path.read_bytes()) if path.exists() else {}
+    path.write_bytes(render_env({**current, **env}))
+
+
+def inject_env(image: Path, env: dict[str, str]) -> None:
+    """Add/override ``env`` in ``/.vminit/env`` inside an ext4 image, without mounting it
+    (``debugfs``; works without root). Images without ``/.vminit`` are left alone."""
+    if not env:
+        return
+    probe = subprocess.run(
+        ["debugfs", "-R", "stat /.vminit", str(image)], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0 or "Inode:" not in probe.stdout:
+        return
+    cur = subprocess.run(
+        ["debugfs", "-R", f"cat {ENV_FILE}", str(image)], capture_output=True, check=False
+    )
+    current = parse_env(cur.stdout) if cur.returncode == 0 else {}
+    tmp = image.with_name("env.tmp")
+    tmp.write_bytes(render_env({**current, **env}))
+    try:
+        cmds = f"rm {ENV_FILE}\nwrite {tmp} {ENV_FILE}\n"
+        proc = subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input=cmds,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if proc.returncode != 0 or "Allocated inode" not in proc.stdout + proc.stderr:
+            raise VmError(f"cannot write {ENV_FILE} into {image}: {proc.stderr.strip()[-300:]}")
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -60,7 +60,7 @@ from . import models
 from .cgroups import CgroupManager, VmCgroup
 from .drivers.base import DriverCapabilities, NetAttachment, VmDriver, VmRuntime, VmSpec
 from .drivers.qemu import VMM_OVERHEAD_BYTES
-from .jail import Jails
+from .jail import Jails, inject_env
 from .kernel import KernelPaths, find_kernel
 from .network import HostNetwork, IpAllocator, free_tcp_port
 from .placement import HostView, PlacementRequest, place
@@ -294,28 +294,28 @@ class Scheduler:
         self._update(vm_id, desired="deleted")
 
     # -- readiness ----------------------------------------------------------------------------
-    def probe(self, vm: Vm, timeout: float = 0.5) -> bool:
-        """One HTTP GET of the app's ``/``: any HTTP answer means the app is serving."""
+    def probe(self, vm: Vm, timeout: float = 0.5, path: str = "/") -> bool:
+        """One HTTP GET of the app's ``path``: any HTTP answer below 500 means it is serving."""
         if vm.url is None:
             return False
         try:
-            self._http.get(vm.url + "/", timeout=timeout)
+            resp = self._http.get(vm.url + path, timeout=timeout)
         except httpx.HTTPError:
             return False
-        return True
+        return resp.status_code < 500
 
     def _alive(self, vm_id: str) -> bool:
         return True  # only a host can tell; its reconciler marks dead VMs failed
 
-    def wait_ready(self, vm_id: str, timeout: float = 60.0) -> Vm:
-        """Wait until the app answers HTTP (then the VM is ``running``); raise when it fails
-        or ``timeout`` passes."""
+    def wait_ready(self, vm_id: str, timeout: float = 60.0, path: str = "/") -> Vm:
+        """Wait until the app answers HTTP on ``path`` (then the VM is ``running``); raise
+        VmError when it fails, DeadlineExceeded when ``timeout`` passes."""
         start = time.monotonic()
         deadline = start + timeout
         delay = 0.003
         while True:
             vm = self.get(vm_id)
-            if vm.state == VmState.RUNNING and self.probe(vm):
+            if vm.state == VmState.RUNNING and self.probe(vm, path=path):
                 return vm
             if vm.state == VmState.FAILED:
                 raise VmError(f"VM {vm_id} failed: {vm.error}")
@@ -323,7 +323,7 @@ class Scheduler:
                 if vm.host_id == self.host_id and not self._alive(vm_id):
                     self._on_dead(vm_id)
                     continue
-                if self.probe(vm):
+                if self.probe(vm, path=path):
                     with contextlib.suppress(IllegalTransition):
                         return self._set_state(vm_id, VmState.RUNNING)
             if time.monotonic() > deadline:
@@ -530,6 +530,9 @@ class Metald(Scheduler):
                 vm_id, Path(r.rootfs), kernel=self.kernel if copy else None,
                 copy_rootfs=copy, with_vmlinux=self.driver.name == "firecracker",
             )  # fmt: skip
+            if copy and r.env:
+                # the guest's init reads its environment from the image (builder contract)
+                inject_env(disk, dict(r.env))
             overhead = VMM_OVERHEAD_BYTES if self.driver.name == "qemu" else 0
             cg = self.cgroups.create(
                 vm_id, vcpus=r.vcpus, memory_limit_bytes=r.memory_bytes + overhead

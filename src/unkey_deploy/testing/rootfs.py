@@ -25,7 +25,11 @@ BUSYBOX = Path("/bin/busybox")
 
 _INIT = r"""#!/bin/busybox sh
 export PATH=/bin:/sbin
-[ -r /.vminit/env ] && . /.vminit/env
+# /.vminit/env holds NUL-separated KEY=VALUE entries (the builder's format)
+if [ -r /.vminit/env ]; then
+  eval "$(busybox tr '\0' '\n' < /.vminit/env | busybox sed -n \
+    -e "s/'/'\\\\''/g" -e "s/^\([A-Za-z_][A-Za-z0-9_]*\)=\(.*\)$/export \1='\2'/p")"
+fi
 busybox mount -t proc proc /proc 2>/dev/null
 busybox mount -t sysfs sys /sys 2>/dev/null
 busybox mount -t tmpfs tmp /tmp 2>/dev/null
@@ -63,12 +67,11 @@ def build_test_tree(root: Path, *, port: int = 8080, burn_cpus: int = 0) -> Path
     init = root / ".vminit" / "init"
     init.write_text(_INIT)
     init.chmod(0o755)
-    # The same files the builder writes (NUL-separated argv), plus a shell-sourced env for the
-    # script init above.
+    # The same files the builder writes (NUL-separated argv and env).
     (root / ".vminit" / "argv").write_bytes(b"/bin/busybox\0httpd\0-f\0-p\0" + str(port).encode())
     (root / ".vminit" / "cwd").write_text("/")
     (root / ".vminit" / "user").write_text("0:0")
-    (root / ".vminit" / "env").write_text(f"PORT={port}\nBURN_CPUS={burn_cpus}\n")
+    (root / ".vminit" / "env").write_bytes(f"PORT={port}\0BURN_CPUS={burn_cpus}\0".encode())
     return root
 
 

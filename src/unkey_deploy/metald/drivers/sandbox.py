@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ...core.errors import VmError
+from ..jail import merge_env_tree
 from .base import (
     DriverCapabilities,
     VmRuntime,
@@ -151,6 +152,7 @@ class SandboxDriver:
         if not self.root:
             if not (merged / ".vminit").exists():
                 _run(["debugfs", "-R", f"rdump / {merged}", str(spec.rootfs)])
+            merge_env_tree(merged, dict(spec.env))
             return merged, []
         lower, upper, work = (base / d for d in ("lower", "upper", "work"))
         for d in (lower, upper, work):
@@ -165,7 +167,8 @@ class SandboxDriver:
                 opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
                 _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)])
             mounts.append(str(merged))
-        except VmError:
+            merge_env_tree(merged, dict(spec.env))  # lands in the per-VM upper layer
+        except (VmError, OSError):
             self._unmount(mounts)
             raise
         return merged, mounts
