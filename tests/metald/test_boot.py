@@ -265,3 +265,44 @@ def test_burn_mode_uses_the_cpu_quota(make_metald: MetaldFactory, tmp_path: Path
     # two busy loops, one vCPU of quota: about one CPU-second per second, never two
     assert 0.3 < used < 1.25, used
     md.delete(vm.vm_id)
+
+
+@pytest.mark.qemu
+def test_qemu_user_mode_networking(tmp_path: Path, kernel) -> None:  # type: ignore[no-untyped-def]
+    """What metald uses without root: QEMU user-mode networking, the app's port forwarded from
+    127.0.0.1 only; no cgroup, no tap."""
+    from unkey_deploy.metald.drivers.base import NetAttachment, VmSpec
+    from unkey_deploy.metald.drivers.qemu import QemuDriver
+    from unkey_deploy.metald.network import free_tcp_port
+    from unkey_deploy.testing.rootfs import build_test_rootfs
+
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    image = build_test_rootfs(jail / "rootfs.ext4")
+    host_port = free_tcp_port()
+    drv = QemuDriver(kernel, tmp_path / "state")
+    spec = VmSpec(
+        vm_id="vm_usermode", instance_id="inst_x", customer_id="cust_a",  # type: ignore[arg-type]
+        vcpus=1, memory_bytes=128 << 20, port=8080, workdir=jail, rootfs=image,
+        net=NetAttachment(mode="user", host_port=host_port), kernel=kernel,
+    )  # fmt: skip
+    argv = drv.command(spec)
+    assert f"hostfwd=tcp:127.0.0.1:{host_port}-:8080" in " ".join(argv)
+    rt = drv.boot(spec)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{host_port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert drv.inspect(rt), Path(rt.log_path).read_text(errors="replace")
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert r.status_code == 200 and r.text == "unkey-test-app\n"
+        assert drv.recover(rt), "QMP query-status should say the guest runs"
+    finally:
+        drv.stop(rt, 0.5)
+        drv.delete(rt)
+    assert not drv.inspect(rt) and not Path(f"/proc/{rt.pid}").exists()
+    assert rt.qmp_socket and not Path(rt.qmp_socket).exists()

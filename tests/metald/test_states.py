@@ -46,3 +46,22 @@ def test_actions() -> None:
         check_action("vm_x", S.RUNNING, "delete")
     with pytest.raises(IllegalTransition, match="cannot stop"):
         check_action("vm_x", S.STOPPED, "stop")
+
+
+def test_driver_probe_report(tmp_path, kernel) -> None:  # type: ignore[no-untyped-def]
+    """What `unkey dev status` shows: every driver's trial, and auto picks the first that works
+    (firecracker cannot run here; qemu can, under TCG since KVM cannot boot guests here)."""
+    from unkey_deploy.metald.select import probe_drivers, select_driver
+
+    report = probe_drivers(kernel, tmp_path)
+    assert set(report) == {"firecracker", "qemu", "sandbox"}
+    assert not report["firecracker"].available
+    assert report["qemu"].available and report["qemu"].accel in ("tcg", "kvm")
+    assert report["sandbox"].available and report["sandbox"].isolation == "namespaces"
+    drv, tried = select_driver("auto", kernel, tmp_path)
+    assert drv.name == "qemu" and list(tried) == ["firecracker", "qemu"]
+    assert select_driver("sandbox", kernel, tmp_path)[0].name == "sandbox"
+    from unkey_deploy.core.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="firecracker: firecracker/jailer binaries not found"):
+        select_driver("firecracker", kernel, tmp_path)

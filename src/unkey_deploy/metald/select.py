@@ -51,3 +51,13 @@ def select_driver(
             suggestion="install qemu-system-x86 and run `make native`, or install bubblewrap",
         )
     return chosen, report
+
+
+def probe_drivers(
+    kernel: KernelPaths | None, state_dir: Path, *, runas_user: str = "nobody"
+) -> dict[str, DriverCapabilities]:
+    """Every driver's trial result on this host (for ``unkey dev status`` without a Metald)."""
+    return {
+        name: make_driver(name, kernel, state_dir, runas_user=runas_user).capabilities()
+        for name in AUTO_ORDER
+    }
