@@ -239,11 +239,15 @@ class Scheduler:
             if r is None:
                 raise NotFound(f"VM {vm_id} not found")
             transition(vm_id, VmState(r.state), target)
-            c.execute(
+            res = c.execute(
                 models.vms.update()
                 .where(models.vms.c.vm_id == vm_id, models.vms.c.state == r.state)
                 .values(state=str(target), updated_at=self.clock.now().timestamp(), **values)
             )
+            if res.rowcount != 1:  # another process moved it between our read and write
+                raise IllegalTransition(
+                    f"VM {vm_id} changed state concurrently; {r.state} -> {target} not applied"
+                )
         event(log, "vm state", vm_id=vm_id, state=str(target))
         return self.get(vm_id)
 
