@@ -63,7 +63,7 @@ def wait_http(url: str, timeout: float) -> None:
 
 
 def bare_bwrap(tree: Path, port: int) -> float:
-    argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
+    argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--as-pid-1",
             "--unshare-ipc", "--unshare-uts", "--bind", str(tree), "/", "--proc", "/proc",
             "--dev", "/dev", "--tmpfs", "/tmp", "--new-session", "--die-with-parent",
             "--clearenv", "--setenv", "PATH", "/bin", "/.vminit/init"]  # fmt: skip

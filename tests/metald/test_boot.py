@@ -174,9 +174,12 @@ def test_dead_vm_is_marked_failed_and_freed(make_metald: MetaldFactory, rootfs: 
     md.boot(vm.vm_id)
     md.wait_ready(vm.vm_id, timeout=10)
     trace = Trace(md, vm.vm_id)
+    # the guest dies (its init and everything under it); the VMM process (bwrap) then exits.
+    # (Killing bwrap at the same instant would orphan the init to the host's PID 1.)
     for pid in trace.pids:
-        with contextlib.suppress(ProcessLookupError):  # httpd's per-request children come and go
-            os.kill(pid, signal.SIGKILL)
+        if pid != trace.rt.pid:
+            with contextlib.suppress(ProcessLookupError):  # httpd's per-request children
+                os.kill(pid, signal.SIGKILL)
     # the kill is asynchronous: the reconciler notices on one of its next passes
     deadline = time.monotonic() + 10
     while md.get(vm.vm_id).state != VmState.FAILED and time.monotonic() < deadline:
@@ -200,8 +203,14 @@ def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) ->
     trace_b = Trace(md, b.vm_id)
     md.close()  # metald goes away; its VMs keep running
     for pid in trace_b.pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        if pid != trace_b.rt.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{trace_b.rt.pid}/stat").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(trace_b.rt.pid, os.WNOHANG)  # bwrap was a child of this process
+        time.sleep(0.01)
     time.sleep(0.05)
     md2 = make_metald("sandbox", name="h1")
     assert md2.host_id == md.host_id

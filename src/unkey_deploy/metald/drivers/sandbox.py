@@ -8,7 +8,10 @@ so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="
   tree is extracted with ``debugfs -R "rdump / <dir>"`` (no mount needed).
 * Processes: ``bwrap`` with new user, pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
   and /tmp, started as an unprivileged host uid (``setpriv``), so even "root" in the sandbox
-  has no capability on the host. As root, each VM gets its own network namespace joined to the
+  has no capability on the host. ``--as-pid-1``: the image's init is PID 1 of its namespace,
+  as in a VM, and reaps its children itself (bwrap's own reaper would be orphaned when bwrap
+  exits, and on hosts whose PID 1 does not reap, like our CI machines, leak as a zombie).
+  As root, each VM gets its own network namespace joined to the
   host by a veth pair (metald's network module creates it); without root the sandbox shares
   the host network and the app's port must be free.
 * Limits: the cgroup (CPU quota = vcpus, memory) is joined before bwrap starts.
@@ -66,31 +69,6 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _become_subreaper() -> None:
-    """Make this process the reaper of its orphaned descendants.
-
-    When a sandbox is killed, bwrap's inner process can outlive the outer one for an instant;
-    orphans then go to the host's PID 1, and on some hosts (ours) PID 1 never reaps them. As a
-    subreaper metald adopts them instead and :meth:`SandboxDriver._kill` reaps them by pid.
-    """
-    import ctypes  # noqa: PLC0415
-
-    pr_set_child_subreaper = 36
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
-
-
-def reap_adopted_bwrap() -> None:
-    """Reap zombie ``bwrap`` processes adopted by us (only those: other threads' subprocesses
-    must keep their exit statuses)."""
-    for pid in _children(os.getpid()):
-        with contextlib.suppress(OSError, ValueError):
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            if comm == "bwrap" and stat[stat.rindex(")") + 2] == "Z":
-                reap(pid)
-
-
 def is_mounted(path: Path) -> bool:
     target = str(path)
     with contextlib.suppress(OSError):
@@ -113,7 +91,6 @@ class SandboxDriver:
         # Mount points live under a root-owned, world-traversable directory: the unprivileged
         # bwrap must be able to reach the tree, whatever the permissions of metald's state dir.
         self.run_dir = run_dir or Path("/run/unkey-metald")
-        _become_subreaper()
 
     def capabilities(self) -> DriverCapabilities:
         nets = ("netns",) if self.root else ("host",)
@@ -124,7 +101,16 @@ class SandboxDriver:
                 self.name, False, "debugfs (e2fsprogs) not found", isolation="namespaces"
             )
         probe = subprocess.run(
-            [BWRAP, "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "/bin/true"],
+            [
+                BWRAP,
+                "--unshare-user",
+                "--unshare-pid",
+                "--as-pid-1",
+                "--ro-bind",
+                "/",
+                "/",
+                "/bin/true",
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -191,7 +177,7 @@ class SandboxDriver:
         env.update(spec.env)
         argv = [
             BWRAP, "--unshare-user", "--uid", "0", "--gid", "0",
-            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", env["HOSTNAME"],
             "--bind", str(tree), "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             "--new-session", "--clearenv",
@@ -249,11 +235,9 @@ class SandboxDriver:
 
     def stop(self, runtime: VmRuntime, timeout: float) -> None:
         # PID 1 of the sandbox only gets signals it has a handler for, so TERM goes to everyone
-        # inside and the app decides; whatever is left after ``timeout`` is killed. The outer
-        # bwrap is spared until its children are gone: it reaps them (orphans would otherwise
-        # go to the host's init, which on some hosts never reaps them).
-        known = set(self._pids(runtime))
-        for pid in known:
+        # inside and the app decides; whatever is left after ``timeout`` is killed. bwrap itself
+        # is spared: it exits (and reaps) when its child does.
+        for pid in self._pids(runtime):
             if pid != runtime.pid:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGTERM)
@@ -261,14 +245,12 @@ class SandboxDriver:
         while time.monotonic() < deadline and process_alive(runtime.pid, runtime.pid_start):
             reap(runtime.pid)
             time.sleep(0.01)
-        self._kill(runtime, known)
+        self._kill(runtime)
 
-    def _kill(self, rt: VmRuntime, known: set[int] | None = None) -> None:
+    def _kill(self, rt: VmRuntime) -> None:
         deadline = time.monotonic() + 5
-        seen: set[int] = set(known or ())
         while True:
             pids = self._pids(rt)
-            seen.update(pids)
             if not pids:
                 break
             inner = [p for p in pids if p != rt.pid]
@@ -281,9 +263,6 @@ class SandboxDriver:
                 raise VmError(f"sandbox {rt.workdir}: processes {pids} survive SIGKILL")
             time.sleep(0.002)
         reap(rt.pid, wait=2.0)
-        for pid in seen - {rt.pid}:
-            reap(pid, wait=0.5)  # adopted orphans (we are a subreaper)
-        reap_adopted_bwrap()
 
     def delete(self, runtime: VmRuntime) -> None:
         self._kill(runtime)
