@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from unkey_deploy.core.errors import VmError
 from unkey_deploy.metald.drivers.base import NetAttachment, VmSpec
 from unkey_deploy.metald.drivers.firecracker import ApiCall, FirecrackerDriver
 from unkey_deploy.metald.kernel import KernelPaths
+from unkey_deploy.metald.service import CreateVm, Metald
+from unkey_deploy.metald.states import VmState
 from unkey_deploy.testing.firecracker_api import FirecrackerSpec
 from unkey_deploy.testing.rootfs import build_test_rootfs
 
@@ -112,13 +115,13 @@ def test_jailer_command(tmp_path: Path, kernel: KernelPaths) -> None:
     assert opt("--id") == ["vm-01JTESTFIRECRACKER0000000"]
     assert opt("--exec-file") == ["/usr/bin/firecracker"]
     assert opt("--uid") == ["65534"] and opt("--gid") == ["65534"]
-    assert opt("--chroot-base-dir") == [str(spec.workdir / "fc")]
+    assert opt("--chroot-base-dir") == ["/srv/jailer"]
     assert opt("--cgroup-version") == ["2"]
     assert opt("--cgroup") == ["cpu.max=200000 100000", f"memory.max={(256 + 64) << 20}"]
     assert opt("--netns") == ["/var/run/netns/unk-vm"]
     assert argv[argv.index("--") + 1 :] == ["--api-sock", "/run/firecracker.socket"]
-    assert (
-        drv.chroot_root(spec) == spec.workdir / "fc/firecracker/vm-01JTESTFIRECRACKER0000000/root"
+    assert drv.chroot_root(spec) == Path(
+        "/srv/jailer/firecracker/vm-01JTESTFIRECRACKER0000000/root"
     )
     v1 = FirecrackerDriver(kernel, tmp_path / "s", firecracker_bin="/f", jailer_bin="/j",
                            cgroup_version=1).jailer_command(spec)  # fmt: skip
@@ -162,3 +165,46 @@ def test_unavailable_without_binaries(tmp_path: Path, kernel: KernelPaths) -> No
     drv.firecracker_bin = None
     caps = drv.capabilities()
     assert not caps.available and "not found" in caps.reason
+
+
+@pytest.mark.root
+def test_metald_with_the_firecracker_driver(
+    tmp_path: Path, kernel: KernelPaths, make_metald: Callable[..., Metald]
+) -> None:
+    """metald prepares the jail (kernel, vmlinux, rootfs copy), a tap, a cgroup, and drives the
+    (fake) Firecracker through a full boot and teardown; every request passes the spec."""
+    record = tmp_path / "requests.jsonl"
+    fake = tmp_path / "firecracker"
+    fake.write_text(
+        f"#!/bin/sh\nexec {sys.executable} -m unkey_deploy.testing.firecracker_api "
+        f'--spec {SPEC_PATH} --record {record} "$@"\n'
+    )
+    fake.chmod(0o755)
+    drv = FirecrackerDriver(kernel, tmp_path / "state", firecracker_bin=str(fake), jailer_bin=None)
+    md = make_metald("sandbox")  # any driver to build it, then swap in firecracker
+    md.driver = drv
+    image = build_test_rootfs(tmp_path / "img.ext4")
+    vm = md.create_vm(CreateVm("dep_fc", "cust_a", image, vcpus=2, memory_bytes=128 << 20,
+                               env={"GREETING": "hi"}))  # fmt: skip
+    vm = md.boot(vm.vm_id)
+    assert vm.state == VmState.BOOTING and vm.net is not None and vm.net.mode == "tap"
+    jail = md.jails.path(vm.vm_id)
+    assert (jail / "vmlinux").exists() and (jail / "rootfs.ext4").exists()
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [c["problems"] for c in calls] == [[]] * 6
+    by_path = {c["path"]: c["body"] for c in calls}
+    assert by_path["/machine-config"]["vcpu_count"] == 2
+    assert by_path["/machine-config"]["mem_size_mib"] == 128
+    assert by_path["/network-interfaces/eth0"]["host_dev_name"] == vm.net.host_iface
+    assert by_path["/drives/rootfs"]["path_on_host"] == str(jail / "rootfs.ext4")
+    mt = md.meter_target(vm.vm_id)
+    assert mt.firecracker_metrics is not None and mt.qmp_socket is None
+    iface = vm.net.host_iface
+    assert iface and Path(f"/sys/class/net/{iface}").exists()
+    md.delete(vm.vm_id)
+    assert not Path(f"/sys/class/net/{iface}").exists()
+    assert not jail.exists()
+    assert not md.cgroups.paths_for(vm.vm_id).exists()
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert calls[-1]["body"] == {"action_type": "SendCtrlAltDel"}
+    assert all(c["problems"] == [] for c in calls)

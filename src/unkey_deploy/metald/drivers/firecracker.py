@@ -13,8 +13,8 @@ Stop: ``SendCtrlAltDel``, then SIGKILL after the timeout. Disk counters: ``Flush
 the last line of the metrics file (``block.read_bytes`` / ``block.write_bytes``).
 
 The jailer (``--id --exec-file --uid --gid --chroot-base-dir --cgroup-version --cgroup ...
-[--netns]``) creates ``<chroot-base>/firecracker/<id>/root``, applies the cgroup limits, joins
-the netns, chroots, drops to the unprivileged uid/gid and execs Firecracker; metald hard-links
+[--netns]``) creates ``<chroot-base>/firecracker/<id>/root`` (base: ``/srv/jailer``),
+applies the cgroup limits, joins the netns, chroots, drops to the unprivileged uid/gid and execs Firecracker; metald hard-links
 the kernel and the VM's rootfs copy into that root first. Paths in API bodies are then relative
 to the chroot.
 
@@ -86,7 +86,13 @@ class FirecrackerDriver:
         uid: int = 65534,
         gid: int = 65534,
         cgroup_version: int | None = None,
+        chroot_base: Path = Path("/srv/jailer"),
+        run_dir: Path | None = None,
     ) -> None:
+        # Short paths on purpose: the API socket lives under them and unix socket paths must
+        # stay under 108 bytes (the jailer's default base is /srv/jailer too).
+        self.chroot_base = Path(chroot_base)
+        self.run_dir = run_dir or Path("/run/unkey-metald")
         self.kernel = kernel
         self.state_dir = Path(state_dir)
         self.firecracker_bin = firecracker_bin or shutil.which("firecracker")
@@ -110,14 +116,16 @@ class FirecrackerDriver:
     def chroot_root(self, spec: VmSpec) -> Path:
         """Where the VMM sees ``/``: the jailer's root, or the jail dir when not jailed."""
         if self.jailer_bin:
-            return spec.workdir / "fc" / "firecracker" / jailer_id(spec.vm_id) / "root"
+            return self.chroot_base / "firecracker" / jailer_id(spec.vm_id) / "root"
         return spec.workdir
 
     def _inside(self, spec: VmSpec, name: str) -> str:
         return f"/{name}" if self.jailer_bin else str(self.chroot_root(spec) / name)
 
     def api_socket(self, spec: VmSpec) -> Path:
-        return self.chroot_root(spec) / "run" / "firecracker.socket"
+        if self.jailer_bin:
+            return self.chroot_root(spec) / "run" / "firecracker.socket"
+        return self.run_dir / f"{spec.vm_id}.fc.sock"
 
     def plan(self, spec: VmSpec) -> list[ApiCall]:
         """Every API request of a boot, in order."""
@@ -170,7 +178,7 @@ class FirecrackerDriver:
             self.jailer_bin, "--id", jailer_id(spec.vm_id),
             "--exec-file", self.firecracker_bin,
             "--uid", str(self.uid), "--gid", str(self.gid),
-            "--chroot-base-dir", str(spec.workdir / "fc"),
+            "--chroot-base-dir", str(self.chroot_base),
             "--cgroup-version", str(self.cgroup_version),
         ]  # fmt: skip
         for lim in limits:
@@ -192,6 +200,7 @@ class FirecrackerDriver:
             raise VmError("the firecracker driver needs a guest kernel")
         root = self.chroot_root(spec)
         (root / "run").mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         for name, src in (
             ("vmlinux", spec.kernel.vmlinux),
             ("initramfs.img", spec.kernel.initramfs),
@@ -237,6 +246,7 @@ class FirecrackerDriver:
             driver=self.name, pid=pid, pid_start=pid_start_time(pid) or 0,
             workdir=str(spec.workdir), log_path=str(spec.log_path), api_socket=str(sock),
             metrics_path=str(self.chroot_root(spec) / "metrics.json"),
+            extra={"jailer_dir": str(self.chroot_root(spec).parent) if self.jailer_bin else None},
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -274,6 +284,11 @@ class FirecrackerDriver:
 
     def delete(self, runtime: VmRuntime) -> None:
         self._kill(runtime)
+        if runtime.api_socket:
+            Path(runtime.api_socket).unlink(missing_ok=True)
+        jail = runtime.extra.get("jailer_dir")
+        if jail:
+            shutil.rmtree(jail, ignore_errors=True)  # the jailer leaves its chroot behind
 
     def inspect(self, runtime: VmRuntime) -> bool:
         alive = process_alive(runtime.pid, runtime.pid_start)
