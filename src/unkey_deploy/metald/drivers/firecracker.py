@@ -15,8 +15,8 @@ the last line of the metrics file (``block.read_bytes`` / ``block.write_bytes``)
 The jailer (``--id --exec-file --uid --gid --chroot-base-dir --cgroup-version --cgroup ...
 [--netns]``) creates ``<chroot-base>/firecracker/<id>/root`` (base: ``/srv/jailer``),
 applies the cgroup limits, joins the netns, chroots, drops to the unprivileged uid/gid and
-execs Firecracker; metald hard-links the kernel and the VM's rootfs copy into that root first. Paths in API bodies are then relative
-to the chroot.
+execs Firecracker; metald hard-links the kernel and the VM's rootfs copy into that root
+first. Paths in API bodies are then relative to the chroot.
 
 Firecracker cannot run on our CI machines (no binary, and KVM cannot boot guests there), so
 ``capabilities()`` reports it unavailable unless both binaries exist and KVM really boots.
