@@ -315,3 +315,16 @@ def test_qemu_user_mode_networking(tmp_path: Path, kernel) -> None:  # type: ign
         drv.delete(rt)
     assert not drv.inspect(rt) and not Path(f"/proc/{rt.pid}").exists()
     assert rt.qmp_socket and not Path(rt.qmp_socket).exists()
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+def test_qemu_under_kvm_when_it_really_works(make_metald: MetaldFactory, rootfs: Path) -> None:
+    md = make_metald("qemu")
+    caps = md.status()["drivers"]["qemu"]
+    if caps["accel"] != "kvm":
+        pytest.skip(f"KVM cannot boot a guest on this host ({caps['reason']}); TCG is used")
+    vm_id, trace = _boot_and_check(md, rootfs, timeout=30)
+    assert "\0kvm\0" in Path(f"/proc/{trace.rt.pid}/cmdline").read_text()
+    md.delete(vm_id)
+    trace.assert_gone()
