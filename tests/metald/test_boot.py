@@ -328,3 +328,23 @@ def test_qemu_under_kvm_when_it_really_works(make_metald: MetaldFactory, rootfs:
     assert "\0kvm\0" in Path(f"/proc/{trace.rt.pid}/cmdline").read_text()
     md.delete(vm_id)
     trace.assert_gone()
+
+
+def test_launch_replica_for_the_orchestration(make_metald: MetaldFactory, rootfs: Path) -> None:
+    from unkey_deploy.core.errors import DeadlineExceeded
+    from unkey_deploy.metald.launch import launch_replica
+
+    md = make_metald("sandbox")
+    events: list[str] = []
+    vm = launch_replica(md, deployment_id="dep_l", customer_id="cust_a", rootfs=rootfs, vcpus=1,
+                        memory_bytes=64 << 20, port=8080, env={"A": "1"},
+                        progress=lambda ph, msg, **_: events.append(f"{ph}: {msg}"))  # fmt: skip
+    assert vm.state == VmState.RUNNING and vm.url
+    assert httpx.get(vm.url + "/", timeout=5).status_code == 200
+    assert [e.split(" ")[1] for e in events] == ["scheduled", "booting", vm.vm_id]
+    # an app that never answers on its port: the VM is deleted and the deadline reported
+    with pytest.raises(DeadlineExceeded):
+        launch_replica(md, deployment_id="dep_l", customer_id="cust_a", rootfs=rootfs, vcpus=1,
+                       memory_bytes=64 << 20, port=9999, timeout=1.0)  # fmt: skip
+    assert [v.vm_id for v in md.list()] == [vm.vm_id]
+    md.delete(vm.vm_id)
