@@ -44,7 +44,7 @@ VIRTIO_MODULES = (
 )
 BUSYBOX = Path("/bin/busybox")
 _LZ4_MAGIC = b"\x02!L\x18"
-_INITRAMFS_VERSION = "4"  # bump when the init script changes, so prepare_kernel rebuilds
+_INITRAMFS_VERSION = "5"  # bump when the init script changes, so prepare_kernel rebuilds
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -81,6 +81,8 @@ ip addr add "$ip" dev eth0 2>/dev/null
 if [ -n "$dns" ] && [ -d /newroot/etc ]; then
   echo "nameserver $dns" > /newroot/etc/resolv.conf 2>/dev/null
 fi
+# images from the builder may lack the usual mount points (the disk is the VM's own copy)
+mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/tmp /newroot/run 2>/dev/null
 echo "UNKEY_INITRAMFS: switching root" > /dev/ttyS0
 mount --move /dev /newroot/dev 2>/dev/null || mount -t devtmpfs dev /newroot/dev
 umount /proc /sys
