@@ -124,7 +124,7 @@ def test_three_hosts_place_boot_isolate_and_clean_up(hosts: Hosts, tmp_path: Pat
     for v in web:
         sched.boot(v.vm_id)
     for v in web:
-        vm = sched.wait_state(v.vm_id, {VmState.RUNNING, VmState.FAILED}, timeout=60)
+        vm = sched.wait_ready(v.vm_id, timeout=60)
         assert vm.state == VmState.RUNNING, vm.error
         assert vm.url is not None
         # reachable from its own host's namespace...

@@ -319,12 +319,15 @@ class Scheduler:
         delay = 0.003
         while True:
             vm = self.get(vm_id)
-            if vm.state == VmState.RUNNING and self.probe(vm, path=path):
+            # Guest addresses are local to their host: for another host's VM, its agent (which
+            # probes from there) says when it runs.
+            local = vm.host_id == self.host_id
+            if vm.state == VmState.RUNNING and (not local or self.probe(vm, path=path)):
                 return vm
             if vm.state == VmState.FAILED:
                 raise VmError(f"VM {vm_id} failed: {vm.error}")
-            if vm.state == VmState.BOOTING:
-                if vm.host_id == self.host_id and not self._alive(vm_id):
+            if vm.state == VmState.BOOTING and local:
+                if not self._alive(vm_id):
                     self._on_dead(vm_id)
                     continue
                 if self.probe(vm, path=path):
