@@ -117,6 +117,9 @@ def test_three_hosts_place_boot_isolate_and_clean_up(hosts: Hosts, tmp_path: Pat
     assert set(host_rows) == {"h1", "h2", "h3"}
     assert all(r.driver == "sandbox" and r.cpus == 4 for r in host_rows.values())
     name_of = {r.host_id: n for n, r in host_rows.items()}
+    report = sched.hosts()
+    assert [h["name"] for h in report] == ["h1", "h2", "h3"]
+    assert all(h["schedulable"] and h["drivers"]["sandbox"]["available"] for h in report)
 
     web = [sched.create_vm(CreateVm("dep_web", "cust_a", rootfs, memory_bytes=64 << 20))
            for _ in range(3)]  # fmt: skip

@@ -207,6 +207,28 @@ class Scheduler:
             for h in hosts
         ]
 
+    def hosts(self) -> list[dict[str, Any]]:
+        """Every registered host with its driver, capacity, use and driver trial results (what
+        ``unkey dev status`` shows; works from any process that has the database)."""
+        views = {v.host_id: v for v in self.host_views()}
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(models.hosts).order_by(models.hosts.c.name)).all()
+        return [
+            {
+                "host_id": r.host_id,
+                "name": r.name,
+                "driver": r.driver,
+                "cpus": r.cpus,
+                "memory_bytes": r.memory_bytes,
+                "used_cpus": views[r.host_id].used_cpus,
+                "used_memory_bytes": views[r.host_id].used_memory_bytes,
+                "schedulable": views[r.host_id].schedulable,
+                "heartbeat_at": r.heartbeat_at,
+                "drivers": r.capabilities,
+            }
+            for r in rows
+        ]
+
     # -- queries -------------------------------------------------------------------------------
     def get(self, vm_id: str) -> Vm:
         with self.engine.connect() as c:
