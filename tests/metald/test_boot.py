@@ -310,6 +310,12 @@ def test_qemu_user_mode_networking(tmp_path: Path, kernel) -> None:  # type: ign
                 time.sleep(0.05)
         assert r.status_code == 200 and r.text == "unkey-test-app\n"
         assert drv.recover(rt), "QMP query-status should say the guest runs"
+        # graceful stop: the ACPI power button reaches the guest, whose initramfs watcher sends
+        # SIGTERM to init and, as the test app ignores it, syncs and powers off after 3 s
+        t0 = time.monotonic()
+        drv.stop(rt, 20)
+        assert time.monotonic() - t0 < 15
+        assert "reboot: Power down" in Path(rt.log_path).read_text(errors="replace")
     finally:
         drv.stop(rt, 0.5)
         drv.delete(rt)

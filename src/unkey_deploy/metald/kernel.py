@@ -41,10 +41,13 @@ VIRTIO_MODULES = (
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    # ACPI power button -> input event: lets `system_powerdown` ask the guest to shut down
+    "button",
+    "evdev",
 )
 BUSYBOX = Path("/bin/busybox")
 _LZ4_MAGIC = b"\x02!L\x18"
-_INITRAMFS_VERSION = "5"  # bump when the init script changes, so prepare_kernel rebuilds
+_INITRAMFS_VERSION = "7"  # bump when the init script changes, so prepare_kernel rebuilds
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -83,6 +86,19 @@ if [ -n "$dns" ] && [ -d /newroot/etc ]; then
 fi
 # images from the builder may lack the usual mount points (the disk is the VM's own copy)
 mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/tmp /newroot/run 2>/dev/null
+# Graceful stop: QEMU's ACPI power button (QMP system_powerdown) becomes an input event;
+# this watcher survives switch_root, sends SIGTERM to the new init (the builder's init forwards
+# it to the app and powers off when the app exits) and powers off itself after a grace period.
+# switch_root empties the initramfs, so the watcher keeps busybox on a small tmpfs of its own.
+for ev in /sys/class/input/event*; do
+  [ -e "$ev" ] || continue
+  if grep -qi "power button" "$ev/device/name" 2>/dev/null; then
+    mkdir -p /keep && mount -t tmpfs -o size=4m keep /keep && cp /bin/busybox /keep/busybox
+    dev=/dev/input/${ev##*/}
+    (exec 3<"$dev"; /keep/busybox head -c 1 <&3 >/dev/null; kill -TERM 1
+     /keep/busybox sleep 3; /keep/busybox sync; /keep/busybox poweroff -f) &
+  fi
+done
 echo "UNKEY_INITRAMFS: switching root" > /dev/ttyS0
 mount --move /dev /newroot/dev 2>/dev/null || mount -t devtmpfs dev /newroot/dev
 umount /proc /sys

@@ -3,8 +3,10 @@
 * Accelerator: KVM only when a trial boot of our kernel reaches the initramfs (on hosts like our
   CI, ``/dev/kvm`` answers but cannot boot a stock guest), TCG otherwise. Under TCG the kernel
   gets ``tsc_early_khz=<host TSC>`` or about half the boots hang calibrating the TSC (vm.md §4).
-* Serial console goes to ``<jail>/console.log``; QMP on ``<jail>/qmp.sock`` is used for graceful
-  stop (``system_powerdown`` then ``quit``) and disk counters (``query-blockstats``).
+* Serial console goes to ``<jail>/console.log``; QMP (a socket under ``/run/unkey-metald``) is
+  used for disk counters (``query-blockstats``) and graceful stop: ``system_powerdown`` presses
+  the ACPI power button, our initramfs' watcher sends SIGTERM to the guest's init and powers off
+  3 s later (after ``sync``); if the guest is still there after the stop timeout, ``quit``.
 * Least privilege: QEMU opens its files (kernel, disk, tap, sockets) as root and then, before
   running the guest, ``-chroot``s into the VM's jail directory and ``-runas`` the unprivileged
   user (``nobody`` unless configured), under ``-sandbox on`` (seccomp: no obsolete syscalls, no
