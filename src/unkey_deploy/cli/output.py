@@ -1,0 +1,43 @@
+"""How the CLI talks to people: data to stdout (tables or ``--json``), everything else to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..core.errors import UnkeyError, ValidationFailed
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    t = Table(title=title, show_edge=False, header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    out.print(t)
+
+
+def print_error(exc: UnkeyError, *, source: str | None = None) -> None:
+    """Render an error for a person: the message, every problem, then what to do next."""
+    err.print(f"[bold red]error[/]: {exc.message}", highlight=False, markup=True)
+    if isinstance(exc, ValidationFailed):
+        for p in exc.problems:
+            err.print(f"  {p.render(source)}", highlight=False, markup=False)
+    rid = exc.details.get("request_id") if exc.details else None
+    if rid:
+        err.print(f"  request_id: {rid}", highlight=False, markup=False)
+    if exc.suggestion:
+        err.print(f"[yellow]hint[/]: {exc.suggestion}", highlight=False)
