@@ -588,3 +588,25 @@ def load_file(path: Path) -> AppSpec:
             f"cannot read {path}", [Problem(loc="", msg=exc.strerror or str(exc))]
         ) from None
     return load_bytes(raw)
+
+
+def problems_of(errors: Any) -> list[Problem]:
+    """Pydantic errors -> Problems without positions (the gateway, for JSON bodies).
+
+    A leading ``body`` in the location is dropped, so a problem reads ``resources.cpu`` exactly
+    as ``unkey validate`` would name it; query/header/path problems keep their prefix.
+    """
+    out = []
+    for e in errors:
+        err = dict(e)
+        loc = tuple(err.get("loc", ()))
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        err["loc"] = loc
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            out.append(Problem(loc="", msg=f"body is not valid JSON: {ctx.get('error', '')}"))
+            continue
+        p = _problem_from_pydantic(err, {})
+        out.append(Problem(loc=p.loc, msg=p.msg))
+    return out

@@ -69,3 +69,7 @@ def _register_all() -> None:
 def main(argv: list[str] | None = None) -> None:
     _register_all()
     cli.main(args=argv, prog_name="unkey")
+
+
+if __name__ == "__main__":
+    main()

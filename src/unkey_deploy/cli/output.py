@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..core.errors import UnkeyError, ValidationFailed
 
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 

@@ -1,0 +1,280 @@
+"""The local stack: every service as a background process with a pid file and a log.
+
+``unkey dev up`` prepares the data dir (TLS certificate, admin token, database schema), starts
+each service of :data:`SERVICES` that is not running, waits until each is healthy and writes
+``stack.json`` (API URL, CA certificate, admin token file) for the CLI. ``unkey dev down`` stops
+them in reverse order with SIGTERM, waiting for each to finish what it is doing (SIGKILL only after
+the grace period). Nothing lives only in memory: state is in the database and files under the data
+dir, so ``down`` then ``up`` continues where it stopped.
+
+Later services (builderd, metald, billaged, nats-server, the billing service) plug in with
+:func:`register` and a :class:`ServiceSpec`.
+
+Layout of the data dir (default ``.unkey``)::
+
+    control.db          control-plane database (SQLite, WAL)
+    tls/gateway.{crt,key}
+    admin-token         (0600)
+    stack.json          what the CLI reads
+    run/<service>.pid   logs/<service>.log
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..core.config import Settings
+from ..core.errors import Unavailable
+from ..gateway.server import admin_token_file, ensure_admin_token, tls_files
+from ..gateway.tls import ensure_self_signed
+from ..store import db
+
+Argv = Callable[[Settings], list[str]]
+Health = Callable[[Settings], bool]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How to run one service of the stack."""
+
+    name: str
+    argv: Argv
+    health: Health
+    url: Callable[[Settings], str | None] = lambda _s: None
+    env: dict[str, str] = field(default_factory=dict)
+    stop_timeout_s: float = 15.0
+
+
+def _unkey(*args: str) -> list[str]:
+    return [sys.executable, "-m", "unkey_deploy.cli.main", *args]
+
+
+def gateway_url(settings: Settings) -> str:
+    cfg = settings.gateway
+    scheme = "https" if cfg.tls else "http"
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host  # noqa: S104
+    return f"{scheme}://{host}:{cfg.port}"
+
+
+def _gateway_argv(settings: Settings) -> list[str]:
+    argv = _unkey(
+        "gatewayd",
+        "--data-dir",
+        str(settings.data_dir),
+        "--host",
+        settings.gateway.host,
+        "--port",
+        str(settings.gateway.port),
+    )
+    if not settings.gateway.tls:
+        argv.append("--plain-http")
+    if settings.database_url:
+        argv += ["--database-url", settings.database_url]
+    return argv
+
+
+def _gateway_health(settings: Settings) -> bool:
+    cert, _key = tls_files(settings)
+    try:
+        r = httpx.get(
+            gateway_url(settings) + "/healthz",
+            verify=str(cert) if settings.gateway.tls else False,
+            timeout=2.0,
+        )
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200
+
+
+SERVICES: list[ServiceSpec] = [
+    ServiceSpec("gatewayd", _gateway_argv, _gateway_health, url=gateway_url),
+]
+
+
+def register(spec: ServiceSpec, *, before: str | None = None) -> None:
+    """Add a service to the stack (``before``: start it before that service, e.g. nats first)."""
+    if any(s.name == spec.name for s in SERVICES):
+        raise ValueError(f"service {spec.name} is already registered")
+    if before is None:
+        SERVICES.append(spec)
+    else:
+        idx = next(i for i, s in enumerate(SERVICES) if s.name == before)
+        SERVICES.insert(idx, spec)
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    running: bool
+    pid: int | None
+    healthy: bool
+    url: str | None
+    log: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "running": self.running,
+            "pid": self.pid,
+            "healthy": self.healthy,
+            "url": self.url,
+            "log": self.log,
+        }
+
+
+class Stack:
+    def __init__(self, settings: Settings, services: list[ServiceSpec] | None = None) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.services = SERVICES if services is None else services
+
+    def _pid_file(self, name: str) -> Path:
+        return self.data_dir / "run" / f"{name}.pid"
+
+    def _log_file(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+    def pid(self, name: str) -> int | None:
+        """The pid of a running service (a stale pid file is removed)."""
+        path = self._pid_file(name)
+        try:
+            pid = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if not _alive(pid) or not _is_ours(pid):
+            path.unlink(missing_ok=True)
+            return None
+        return pid
+
+    def prepare(self) -> None:
+        """First run: data dir, TLS certificate, admin token, schema (idempotent)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in ("run", "logs"):
+            (self.data_dir / sub).mkdir(exist_ok=True)
+        if self.settings.gateway.tls:
+            cert, key = tls_files(self.settings)
+            ensure_self_signed(cert, key)
+        ensure_admin_token(self.settings)
+        engine = db.make_engine(self.settings.resolved_database_url)
+        try:
+            db.upgrade(engine)
+        finally:
+            engine.dispose()
+        cert, _ = tls_files(self.settings)
+        state = {
+            "api_url": gateway_url(self.settings),
+            "ca_cert": str(cert.resolve()) if self.settings.gateway.tls else None,
+            "admin_token_file": str(admin_token_file(self.settings).resolve()),
+            "data_dir": str(self.data_dir),
+        }
+        (self.data_dir / "stack.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def up(self, *, timeout_s: float = 60.0) -> list[ServiceStatus]:
+        self.prepare()
+        for spec in self.services:
+            if self.pid(spec.name) is not None:
+                continue
+            log_path = self._log_file(spec.name)
+            with open(log_path, "ab") as log_fh:
+                proc = subprocess.Popen(
+                    spec.argv(self.settings),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env={**os.environ, **spec.env},
+                )
+            self._pid_file(spec.name).write_text(f"{proc.pid}\n")
+            deadline = time.monotonic() + timeout_s
+            while not spec.health(self.settings):
+                if proc.poll() is not None:
+                    self._pid_file(spec.name).unlink(missing_ok=True)
+                    raise Unavailable(
+                        f"{spec.name} exited with status {proc.returncode} while starting",
+                        suggestion=f"see {log_path}:\n{_tail(log_path)}",
+                    )
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"{spec.name} did not become healthy within {timeout_s:.0f} s",
+                        suggestion=f"see {log_path}",
+                    )
+                time.sleep(0.1)
+        return self.status()
+
+    def down(self) -> list[str]:
+        """Stop every running service, last started first; returns the names stopped."""
+        stopped = []
+        for spec in reversed(self.services):
+            pid = self.pid(spec.name)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + spec.stop_timeout_s
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self._pid_file(spec.name).unlink(missing_ok=True)
+            stopped.append(spec.name)
+        return stopped
+
+    def status(self) -> list[ServiceStatus]:
+        out = []
+        for spec in self.services:
+            pid = self.pid(spec.name)
+            out.append(
+                ServiceStatus(
+                    name=spec.name,
+                    running=pid is not None,
+                    pid=pid,
+                    healthy=pid is not None and spec.health(self.settings),
+                    url=spec.url(self.settings),
+                    log=str(self._log_file(spec.name)),
+                )
+            )
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _is_ours(pid: int) -> bool:
+    """Guard against a recycled pid: the process must be one of our Python service commands."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"unkey" in cmdline
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,237 @@
+"""A typed HTTP client for the gateway API, used by the CLI and by tests.
+
+Every non-2xx answer becomes the matching :class:`~unkey_deploy.core.errors.UnkeyError` (the
+``request_id`` lands in ``err.details["request_id"]``); a gateway that cannot be reached is
+:class:`~unkey_deploy.core.errors.Unavailable` with a suggestion.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..core.errors import Unavailable, UnkeyError, from_dict
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One server-sent event of a deployment's stream (``event == "end"`` closes it)."""
+
+    id: int | None
+    event: str
+    data: Json
+
+
+class GatewayClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        admin_token: str | None = None,
+        ca_cert: Path | str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.admin_token = admin_token
+        verify: Any = str(ca_cert) if ca_cert else True
+        self._http = httpx.Client(base_url=self.base_url, verify=verify, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _headers(self, admin: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+        token = self.admin_token if admin else self.api_key
+        h = dict(extra or {})
+        if token:
+            h["Authorization"] = f"Bearer {token}"
+        return h
+
+    def _unreachable(self, exc: Exception) -> Unavailable:
+        if isinstance(exc, httpx.ConnectError) and "CERTIFICATE" in str(exc).upper():
+            return Unavailable(
+                f"TLS verification failed for {self.base_url}: {exc}",
+                suggestion="set UNKEY_CA_CERT to the gateway's certificate "
+                "(for `unkey dev up`: .unkey/tls/gateway.crt)",
+            )
+        return Unavailable(
+            f"cannot reach the gateway at {self.base_url}: {exc}",
+            suggestion="start the local stack with `unkey dev up`, or set UNKEY_API_URL",
+        )
+
+    @staticmethod
+    def raise_for(resp: httpx.Response) -> None:
+        if resp.is_success:
+            return
+        try:
+            body = resp.json()
+            err_body = body["error"]
+            err = from_dict(err_body)
+            rid = body.get("request_id")
+        except (ValueError, KeyError, TypeError):
+            raise UnkeyError(
+                f"gateway answered HTTP {resp.status_code}: {resp.text[:200]}"
+            ) from None
+        if rid:
+            err.details = {**err.details, "request_id": rid}
+        raise err
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        admin: bool = False,
+        json_body: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        try:
+            resp = self._http.request(
+                method,
+                path,
+                json=json_body,
+                params=params,
+                headers=self._headers(admin, headers),
+            )
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        self.raise_for(resp)
+        return resp
+
+    # -- API ------------------------------------------------------------------------------------
+
+    def health(self) -> Json:
+        result: Json = self.request("GET", "/healthz").json()
+        return result
+
+    def whoami(self) -> Json:
+        result: Json = self.request("GET", "/v1/whoami").json()
+        return result
+
+    def deploy(self, spec: Json, *, idempotency_key: str | None = None) -> Json:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        result: Json = self.request("POST", "/v1/deploy", json_body=spec, headers=headers).json()
+        return result
+
+    def list_deployments(self, *, limit: int = 50, state: str | None = None) -> Json:
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        result: Json = self.request("GET", "/v1/deployments", params=params).json()
+        return result
+
+    def get_deployment(self, deployment_id: str) -> Json:
+        result: Json = self.request("GET", f"/v1/deployments/{deployment_id}").json()
+        return result
+
+    def events(
+        self, deployment_id: str, *, follow: bool = True, last_event_id: int | None = None
+    ) -> Iterator[Event]:
+        """Yield the deployment's events until the stream's ``end`` event (inclusive)."""
+        headers = self._headers(False)
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        url = f"/v1/deployments/{deployment_id}/events"
+        try:
+            with self._http.stream(
+                "GET",
+                url,
+                params={"follow": str(follow).lower()},
+                headers=headers,
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    self.raise_for(resp)
+                ev_id: int | None = None
+                ev_name = "message"
+                data: list[str] = []
+                for line in resp.iter_lines():
+                    if line == "":
+                        if data:
+                            yield Event(ev_id, ev_name, json.loads("\n".join(data)))
+                        ev_id, ev_name, data = None, "message", []
+                        continue
+                    if line.startswith(":"):
+                        continue
+                    field, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if field == "id":
+                        ev_id = int(value)
+                    elif field == "event":
+                        ev_name = value
+                    elif field == "data":
+                        data.append(value)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+
+    def create_key(self, name: str = "default") -> Json:
+        result: Json = self.request("POST", "/v1/keys", json_body={"name": name}).json()
+        return result
+
+    def list_keys(self) -> Json:
+        result: Json = self.request("GET", "/v1/keys").json()
+        return result
+
+    def revoke_key(self, key_id: str) -> Json:
+        result: Json = self.request("DELETE", f"/v1/keys/{key_id}").json()
+        return result
+
+    # -- admin ------------------------------------------------------------------------------------
+
+    def create_customer(
+        self,
+        name: str,
+        *,
+        email: str | None = None,
+        tenant_id: str | None = None,
+        pricing_tier: str | None = None,
+        discount_pct: Decimal | None = None,
+        credit_balance: Decimal | None = None,
+        create_key: bool = True,
+    ) -> Json:
+        body: Json = {"name": name, "create_key": create_key}
+        for k, v in (
+            ("email", email),
+            ("tenant_id", tenant_id),
+            ("pricing_tier", pricing_tier),
+            ("discount_pct", discount_pct),
+            ("credit_balance", credit_balance),
+        ):
+            if v is not None:
+                body[k] = str(v) if isinstance(v, Decimal) else v
+        result: Json = self.request("POST", "/v1/customers", admin=True, json_body=body).json()
+        return result
+
+    def update_customer(self, customer_id: str, **changes: Decimal | str | None) -> Json:
+        body = {k: str(v) for k, v in changes.items() if v is not None}
+        result: Json = self.request(
+            "PATCH", f"/v1/customers/{customer_id}", admin=True, json_body=body
+        ).json()
+        return result
+
+    def list_customers(self) -> Json:
+        result: Json = self.request("GET", "/v1/customers", admin=True).json()
+        return result
+
+    def get_customer(self, customer_id: str) -> Json:
+        result: Json = self.request("GET", f"/v1/customers/{customer_id}", admin=True).json()
+        return result
