@@ -38,7 +38,7 @@ import httpx
 from ..core.config import Settings
 from ..core.errors import Unavailable
 from ..gateway.server import admin_token_file, ensure_admin_token, tls_files
-from ..gateway.tls import ensure_self_signed
+from ..gateway.tls import client_context, ensure_self_signed
 from ..store import db
 
 Argv = Callable[[Settings], list[str]]
@@ -90,7 +90,7 @@ def _gateway_health(settings: Settings) -> bool:
     try:
         r = httpx.get(
             gateway_url(settings) + "/healthz",
-            verify=str(cert) if settings.gateway.tls else False,
+            verify=client_context(cert) if settings.gateway.tls else False,
             timeout=2.0,
         )
     except httpx.HTTPError:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from ..core.errors import Unavailable, UnkeyError, from_dict
+from .tls import client_context
 
 Json = dict[str, Any]
 
@@ -43,7 +44,7 @@ class GatewayClient:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.admin_token = admin_token
-        verify: Any = str(ca_cert) if ca_cert else True
+        verify: Any = client_context(ca_cert) if ca_cert else True
         self._http = httpx.Client(base_url=self.base_url, verify=verify, timeout=timeout)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -58,3 +59,8 @@ def ensure_self_signed(cert_file: Path, key_file: Path, *, hosts: tuple[str, ...
         )
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return True
+
+
+def client_context(ca_cert: Path | str) -> ssl.SSLContext:
+    """An SSL context trusting ``ca_cert`` (for httpx's ``verify=``)."""
+    return ssl.create_default_context(cafile=str(ca_cert))

@@ -79,6 +79,9 @@ _TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset(),
 }
 
+_CENT = Decimal("0.01")  # discount_pct is Numeric(5, 2)
+_MICRO = Decimal("0.000001")  # credit_balance is Numeric(18, 6)
+
 API_KEY_PREFIX = "uk_"
 _API_KEY_RE = re.compile(r"^uk_([0-9A-HJKMNP-TV-Z]{26})_([0-9a-f]{48})$")
 
@@ -198,8 +201,8 @@ class Customer:
             name=r.name,
             email=r.email,
             pricing_tier=r.pricing_tier,
-            discount_pct=Decimal(r.discount_pct),
-            credit_balance=Decimal(r.credit_balance),
+            discount_pct=Decimal(r.discount_pct).quantize(_CENT),
+            credit_balance=Decimal(r.credit_balance).quantize(_MICRO),
             created_at=r.created_at,
             updated_at=r.updated_at,
         )
@@ -318,8 +321,17 @@ def _check_money(pricing_tier: str | None, discount_pct: Decimal | None) -> None
         )
     if discount_pct is not None and not Decimal(0) <= discount_pct <= Decimal(100):
         raise InvalidInput(f"discount_pct {discount_pct} must be between 0 and 100")
-    if discount_pct is not None and discount_pct != discount_pct.quantize(Decimal("0.01")):
+    if discount_pct is not None and discount_pct != discount_pct.quantize(_CENT):
         raise InvalidInput(f"discount_pct {discount_pct} has more than 2 decimal places")
+
+
+def _check_credits(value: Decimal | None, what: str) -> None:
+    if value is None:
+        return
+    if not value.is_finite() or value != value.quantize(_MICRO):
+        raise InvalidInput(f"{what} {value} must be a finite amount with at most 6 decimal places")
+    if abs(value) >= Decimal(10) ** 12:
+        raise InvalidInput(f"{what} {value} is out of range")
 
 
 def create_customer(
@@ -337,6 +349,7 @@ def create_customer(
     if not name or len(name) > 200:
         raise InvalidInput("customer name must be 1..200 characters")
     _check_money(pricing_tier, discount_pct)
+    _check_credits(credit_balance, "credit_balance")
     if tenant_id is None:
         if session.scalars(select(TenantRow.id).where(TenantRow.name == name)).first():
             raise Conflict(
@@ -386,6 +399,8 @@ def update_customer(
 ) -> Customer:
     """Change a customer's tier, discount or credits (set with ``credit_balance``, or add)."""
     _check_money(pricing_tier, discount_pct)
+    _check_credits(credit_balance, "credit_balance")
+    _check_credits(add_credits, "add_credits")
     row = session.get(CustomerRow, customer_id, with_for_update=True)
     if row is None:
         raise NotFound(f"customer {customer_id} not found")

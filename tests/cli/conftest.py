@@ -1,0 +1,23 @@
+"""A real gatewayd over HTTPS, one per module (tests use fresh customers, so keys never share
+rate-limit buckets)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from unkey_deploy.testing.gateway import RunningGateway, running_gateway
+
+JWT_SECRET = "test-secret-" + "x" * 32
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    with running_gateway(
+        tmp_path_factory.mktemp("gw"),
+        rate_limit_per_s=1.0,
+        rate_limit_burst=12,
+        jwt_secret=JWT_SECRET,
+    ) as gw:
+        yield gw
