@@ -620,6 +620,24 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    base_openapi = app.openapi
+
+    def openapi_with_security() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base_openapi()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key (`uk_...`), a JWT, or on admin routes the "
+                    "admin token",
+                }
+            }
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi_with_security  # type: ignore[method-assign]
     _install_error_handlers(app)
     app.add_middleware(RequestContext, max_body=config.max_body_bytes, registry=registry)
     return app
