@@ -14,9 +14,13 @@ NativeStep = Callable[[Path], object]
 
 
 def steps() -> list[tuple[str, NativeStep]]:
+    from ..builder.vminit import build_init  # noqa: PLC0415
     from ..metald.kernel import prepare_kernel  # noqa: PLC0415 (metald is optional here)
 
-    return [("guest kernel + initramfs (metald)", prepare_kernel)]
+    return [
+        ("guest kernel + initramfs (metald)", prepare_kernel),
+        ("static guest init (builder)", build_init),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,45 @@
+"""rootfs.ext4: reproducible bytes, fsck-clean, contents and ownership, zstd round trip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from unkey_deploy.builder.rootfs import compress, decompress_sparse, make_rootfs, sha256_file
+
+pytestmark = pytest.mark.root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)  # keeps owners
+    return dst
+
+
+def test_same_tree_twice_gives_identical_bytes(
+    tmp_path: Path, make_tree: Callable[..., Path]
+) -> None:
+    base = make_tree(tmp_path / "base")
+    (base / "app/owned").write_text("x")
+    os.chown(base / "app/owned", 1000, 1000)
+    a = make_rootfs(_copy(base, tmp_path / "a"), tmp_path / "a.ext4", seed="sha256:abc|opts")
+    b = make_rootfs(_copy(base, tmp_path / "b"), tmp_path / "b.ext4", seed="sha256:abc|opts")
+    assert a.sha256 == b.sha256 == sha256_file(tmp_path / "b.ext4")
+    c = make_rootfs(_copy(base, tmp_path / "c"), tmp_path / "c.ext4", seed="sha256:other")
+    assert c.sha256 != a.sha256 and c.uuid != a.uuid
+    fsck = subprocess.run(
+        ["e2fsck", "-fn", str(tmp_path / "a.ext4")], capture_output=True, check=False
+    )
+    assert fsck.returncode == 0
+    ls = subprocess.run(["debugfs", "-R", "ls -l /app", str(tmp_path / "a.ext4")],
+                        capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert any("owned" in line and " 1000 " in line for line in ls.splitlines())
+    za = compress(tmp_path / "a.ext4", tmp_path / "a.zst", level=3, threads=2)
+    zb = compress(tmp_path / "b.ext4", tmp_path / "b.zst", level=3, threads=2)
+    assert za.sha256 == zb.sha256 and za.bytes < a.bytes
+    assert decompress_sparse(tmp_path / "a.zst", tmp_path / "back.ext4") == a.bytes
+    assert sha256_file(tmp_path / "back.ext4") == a.sha256
+    assert os.stat(tmp_path / "back.ext4").st_blocks * 512 < a.bytes  # holes kept
