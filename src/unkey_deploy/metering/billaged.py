@@ -24,7 +24,6 @@ operations: :meth:`Billaged.ingest` takes slot indices and an ``(n, 7)`` array.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -404,8 +403,17 @@ class Billaged:
             backoff = 0.1
             if not self.spool.pending_count:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), idle_s)
+                # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation
+                waiter = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait({waiter}, timeout=idle_s)
+                finally:
+                    waiter.cancel()
+
+    def stop_publisher(self) -> None:
+        """Make :meth:`run_publisher` return after its current round."""
+        self._closing = True
+        self._wake.set()
 
     async def drain(self, timeout_s: float = 60.0) -> bool:
         """Publish until the spool is empty; False if ``timeout_s`` passed first."""

@@ -69,3 +69,6 @@ class MeterTarget:
     # disk: QEMU QMP socket, or Firecracker metrics FIFO/file
     qmp_socket: Path | None = None
     firecracker_metrics: Path | None = None
+    # True when the counters above existed before this instance booted (a reused cgroup or
+    # interface): the collector then subtracts its first reading instead of counting from 0.
+    baseline_at_first_read: bool = False

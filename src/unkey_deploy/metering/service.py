@@ -1,0 +1,91 @@
+"""The metering loop on a host: collector -> billaged every 100 ms, publisher alongside.
+
+``targets`` is metald's view of the running VM instances (its drivers build one
+:class:`~unkey_deploy.metering.model.MeterTarget` per instance); an instance that disappears
+from it is stopped in billaged, which flushes its partial batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from .billaged import Billaged
+from .collector import Collector
+from .model import MeterTarget, SeriesKey
+
+TargetsFn = Callable[[], Iterable[MeterTarget]]
+
+
+class MeteringLoop:
+    def __init__(
+        self,
+        collector: Collector,
+        billaged: Billaged,
+        targets: TargetsFn,
+        *,
+        interval_s: float = 0.1,
+        targets_every: int = 10,
+    ) -> None:
+        self.collector = collector
+        self.billaged = billaged
+        self.targets = targets
+        self.interval_s = interval_s
+        self.targets_every = targets_every
+        self._slots: dict[SeriesKey, int] = {}
+        self._ticks = 0
+
+    def refresh_targets(self) -> None:
+        for key in self.collector.set_targets(self.targets()):
+            self.billaged.stop(key)
+            self._slots.pop(key, None)
+
+    def tick(self) -> int:
+        """One sweep: read every target, hand the samples to billaged. Returns samples taken."""
+        if self._ticks % self.targets_every == 0:
+            self.refresh_targets()
+        self._ticks += 1
+        keys, rows = self.collector.sample()
+        if not keys:
+            return 0
+        slots = np.empty(len(keys), dtype=np.int64)
+        for i, k in enumerate(keys):
+            s = self._slots.get(k)
+            if s is None:
+                s = self._slots[k] = self.billaged.slot(k)
+            slots[i] = s
+        return self.billaged.ingest(slots, rows)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sample every ``interval_s`` on a fixed schedule (no drift) until ``stop`` is set,
+        publishing in the background; then stop every series and close."""
+        loop = asyncio.get_running_loop()
+        publisher = asyncio.create_task(self.billaged.run_publisher())
+        next_at = loop.time()
+        try:
+            while not stop.is_set():
+                self.tick()
+                next_at += self.interval_s
+                delay = next_at - loop.time()
+                if delay < 0:  # overran: skip the missed ticks rather than burst
+                    next_at = loop.time()
+                    delay = 0
+                waiter = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({waiter}, timeout=delay)
+                finally:
+                    waiter.cancel()
+        finally:
+            for key in self.collector.keys:
+                self.billaged.stop(key)
+            self.collector.close()
+            self.billaged.stop_publisher()
+            try:
+                await asyncio.wait_for(asyncio.shield(publisher), 15.0)
+            except TimeoutError:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
