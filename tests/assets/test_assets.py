@@ -37,7 +37,8 @@ def _image(tmp_path: Path, name: str, fill: bytes) -> tuple[Path, str, int]:
 
 def _meta(customer: CustomerId, sha: str, size: int, key: str = "k1") -> AssetMeta:
     return AssetMeta(
-        customer_id=customer, source_image="127.0.0.1:5000/app:1", manifest_digest="sha256:" + "a" * 64,
+        customer_id=customer, source_image="127.0.0.1:5000/app:1",
+        manifest_digest="sha256:" + "a" * 64,
         build_id=BuildId(new_build_id()), build_key=key, tree_bytes=1000, ext4_bytes=size,
         ext4_sha256=sha, image_config={"Entrypoint": ["/app"]},
     )  # fmt: skip
