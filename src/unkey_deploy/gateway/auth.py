@@ -25,6 +25,7 @@ and the tenant in ``tenant_id``; the customer must exist in that tenant.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import threading
 from dataclasses import dataclass
@@ -167,6 +168,8 @@ class GatewayState:
     auth: Authenticator
     limiter: TokenBuckets
     admin_token: str | None
+    write_lock: contextlib.AbstractContextManager[Any]
+    inline_writes: bool = False
 
 
 def state_of(request: Request) -> GatewayState:

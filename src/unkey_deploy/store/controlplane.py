@@ -25,7 +25,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ForeignKey,
@@ -33,8 +33,10 @@ from sqlalchemy import (
     Integer,
     Numeric,
     String,
+    Table,
     Text,
     UniqueConstraint,
+    insert,
     select,
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
@@ -169,6 +171,11 @@ class IdempotencyRow(Base):
     status_code: Mapped[int]
     response: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float]
+
+
+_DEPLOYMENTS = cast(Table, DeploymentRow.__table__)
+_EVENTS = cast(Table, DeploymentEventRow.__table__)
+_INSERT_EVENT = insert(_EVENTS)
 
 
 # --- snapshots ------------------------------------------------------------------------------------
@@ -490,24 +497,47 @@ def create_deployment(
     request_id: str,
     spec: dict[str, Any],
     now: float,
+    deployment_id: str | None = None,
+    job_id: str | None = None,
 ) -> Deployment:
-    """Record an accepted deployment (state ``accepted``) and its first event."""
-    row = DeploymentRow(
-        id=new_deployment_id(),
-        tenant_id=tenant_id,
-        customer_id=customer_id,
+    """Record an accepted deployment (state ``accepted``) and its first event.
+
+    Core inserts rather than the ORM unit of work: this is the gateway's hot path.
+    """
+    values: dict[str, Any] = {
+        "id": deployment_id or new_deployment_id(),
+        "tenant_id": tenant_id,
+        "customer_id": customer_id,
+        "request_id": request_id,
+        "name": str(spec["name"]),
+        "image": str(spec["image"]),
+        "spec": json.dumps(spec, sort_keys=True),
+        "state": "accepted",
+        "url": None,
+        "asset_id": None,
+        "error": None,
+        "job_id": job_id,
+        "created_at": now,
+        "updated_at": now,
+    }
+    session.connection().execute(insert(_DEPLOYMENTS), [values])
+    add_event(session, values["id"], "accepted", "deployment accepted", now=now)
+    return Deployment(
+        id=DeploymentId(values["id"]),
+        tenant_id=TenantId(tenant_id),
+        customer_id=CustomerId(customer_id),
         request_id=request_id,
-        name=str(spec["name"]),
-        image=str(spec["image"]),
-        spec=json.dumps(spec, sort_keys=True),
+        name=values["name"],
+        image=values["image"],
+        spec=spec,
         state="accepted",
+        url=None,
+        asset_id=None,
+        error=None,
+        job_id=job_id,
         created_at=now,
         updated_at=now,
     )
-    session.add(row)
-    session.flush()
-    add_event(session, DeploymentId(row.id), "accepted", "deployment accepted", now=now)
-    return Deployment.of(row)
 
 
 def attach_job(session: Session, deployment_id: str, job_id: str) -> None:
@@ -579,16 +609,18 @@ def add_event(
     data: dict[str, Any] | None = None,
 ) -> int:
     """Append one progress event; returns its id (ids grow; the SSE stream resumes from one)."""
-    row = DeploymentEventRow(
-        deployment_id=deployment_id,
-        phase=phase[:32],
-        message=message,
-        data=json.dumps(data or {}, sort_keys=True, default=str),
-        created_at=now,
+    result = session.connection().execute(
+        _INSERT_EVENT,
+        {
+            "deployment_id": deployment_id,
+            "phase": phase[:32],
+            "message": message,
+            "data": json.dumps(data or {}, sort_keys=True, default=str),
+            "created_at": now,
+        },
     )
-    session.add(row)
-    session.flush()
-    return row.id
+    pk = result.inserted_primary_key
+    return int(pk[0]) if pk else 0
 
 
 def events_after(
