@@ -1,0 +1,233 @@
+"""Cleaning and usage of one series, exactly as BILLING.md defines them. Pure functions.
+
+Samples are ``(n, 7)`` int64 arrays in :data:`unkey_deploy.metering.codec.COLUMNS` order
+(t, cpu_time_ns, memory_used_bytes, net_rx, net_tx, disk_read, disk_write). Everything is
+vectorised with numpy; only a series that really holds invalid samples takes the sequential
+path (each invalid sample changes what the next one is compared against).
+
+Units stay integers: CPU ns, memory byte x ns, bytes, gap ns. Memory byte x ns per hour can pass
+2^64, so its sums are built from 16-bit limbs of the memory value (each limb x dt summed over an
+hour stays below 2^58) and combined as Python ints per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from .pricing import NS_PER_HOUR, NS_PER_S
+
+Arr = npt.NDArray[np.int64]
+T, CPU, MEM, RX, TX, DR, DW = range(7)
+COUNTERS = (CPU, RX, TX, DR, DW)
+
+REASON_COUNTER = "counter_decreased"
+REASON_CPU = "cpu_over_100_percent"
+REASON_MEMORY = "memory_over_allocation"
+
+
+@dataclass
+class HourUsage:
+    """Integer usage of one series in one UTC hour (``hour`` = hour index since the epoch)."""
+
+    cpu_ns: int = 0
+    mem_byte_ns: int = 0
+    net_rx_bytes: int = 0
+    net_tx_bytes: int = 0
+    disk_read_bytes: int = 0
+    disk_write_bytes: int = 0
+    gap_ns: int = 0
+    gaps: int = 0
+    samples: int = 0
+
+    @property
+    def net_bytes(self) -> int:
+        return self.net_rx_bytes + self.net_tx_bytes
+
+    def add(self, o: HourUsage) -> None:
+        for f in FIELDS:
+            setattr(self, f, getattr(self, f) + getattr(o, f))
+
+    def copy(self) -> HourUsage:
+        return HourUsage(**{f: getattr(self, f) for f in FIELDS})
+
+
+FIELDS = (
+    "cpu_ns",
+    "mem_byte_ns",
+    "net_rx_bytes",
+    "net_tx_bytes",
+    "disk_read_bytes",
+    "disk_write_bytes",
+    "gap_ns",
+    "gaps",
+    "samples",
+)
+
+
+@dataclass
+class Cleaned:
+    """The result of cleaning samples that follow ``prev`` (the last valid sample before them).
+
+    ``rows`` are the input sorted by t without duplicate t (and without t <= prev.t);
+    ``valid`` marks the valid ones; ``deltas`` (n, 7) are, for valid rows, the counter deltas
+    against the previous valid sample (t column: dt, 0 for a series' first sample); ``reasons``
+    maps invalid row index -> reason; ``hours`` the usage per hour of the valid intervals.
+    """
+
+    rows: Arr
+    src: npt.NDArray[np.intp]  # index of each row in the input
+    valid: npt.NDArray[np.bool_]
+    deltas: Arr
+    cpu_percent: npt.NDArray[np.float32]
+    reasons: dict[int, str]
+    hours: dict[int, HourUsage] = field(default_factory=dict)
+    last: Arr | None = None  # last valid sample after these rows (prev if none is valid)
+
+
+def dedupe_sorted(arr: Arr, after_t: int | None = None) -> tuple[Arr, npt.NDArray[np.intp]]:
+    """Sort by t, keep the first sample of each t, and drop those at or before ``after_t``.
+    Returns the rows and their indices in ``arr``."""
+    if len(arr) == 0:
+        return arr.reshape(0, 7), np.zeros(0, dtype=np.intp)
+    t = arr[:, T]
+    if len(t) < 2 or bool(np.all(t[1:] > t[:-1])):
+        order = np.arange(len(arr))  # already in order (the usual case): no sort
+    else:
+        order = np.argsort(t, kind="stable")
+    s = arr[order]
+    keep = np.ones(len(s), dtype=bool)
+    keep[1:] = s[1:, T] != s[:-1, T]
+    if after_t is not None:
+        keep &= s[:, T] > after_t
+    if keep.all():
+        return s, order
+    return s[keep], order[keep]
+
+
+def _checks(prev: Arr, rows: Arr, vcpus: int, mem_total: int) -> npt.NDArray[np.bool_]:
+    """Validity of each row against its immediate predecessor (``prev`` then rows[:-1])."""
+    before = np.vstack([prev[None, :], rows[:-1]])
+    d = rows - before
+    ok = np.all(d[:, COUNTERS] >= 0, axis=1)
+    ok &= d[:, CPU] <= vcpus * d[:, T]
+    ok &= rows[:, MEM] <= mem_total
+    result: npt.NDArray[np.bool_] = ok
+    return result
+
+
+def _reason(prev: Arr | None, row: Arr, vcpus: int, mem_total: int) -> str | None:
+    if row[MEM] > mem_total:
+        return REASON_MEMORY
+    if prev is None:
+        return None
+    if any(int(row[c]) < int(prev[c]) for c in COUNTERS):
+        return REASON_COUNTER
+    if int(row[CPU]) - int(prev[CPU]) > vcpus * (int(row[T]) - int(prev[T])):
+        return REASON_CPU
+    return None
+
+
+def _valid_mask(
+    prev: Arr | None, rows: Arr, vcpus: int, mem_total: int
+) -> tuple[npt.NDArray[np.bool_], dict[int, str]]:
+    n = len(rows)
+    if n == 0:
+        return np.zeros(0, dtype=bool), {}
+    if prev is not None:
+        fast = _checks(prev, rows, vcpus, mem_total)
+    else:
+        fast = np.ones(n, dtype=bool)
+        fast[1:] = _checks(rows[0], rows[1:], vcpus, mem_total)
+        fast[0] = rows[0, MEM] <= mem_total
+    if fast.all():
+        return fast, {}
+    # Sequential from the first failure: each invalid sample changes the next comparison.
+    first = int(np.argmin(fast))
+    valid = fast.copy()
+    reasons: dict[int, str] = {}
+    last: Arr | None = rows[first - 1] if first > 0 else prev
+    for i in range(first, n):
+        r = _reason(last, rows[i], vcpus, mem_total)
+        if r is None:
+            valid[i] = True
+            last = rows[i]
+        else:
+            valid[i] = False
+            reasons[i] = r
+    return valid, reasons
+
+
+def _limb_sums(mem: Arr, dt: Arr, starts: npt.NDArray[np.intp]) -> list[int]:
+    """Σ mem x dt per group (groups start at ``starts``), exact, as Python ints."""
+    total = [0] * len(starts)
+    m = mem.astype(np.uint64)
+    d = dt.astype(np.uint64)
+    for k in range(4):
+        limb = (m >> np.uint64(16 * k)) & np.uint64(0xFFFF)
+        if not limb.any():
+            continue
+        sums = np.add.reduceat(limb * d, starts).tolist()
+        for g, s in enumerate(sums):
+            total[g] += int(s) << (16 * k)
+    return total
+
+
+def clean(prev: Arr | None, samples: Arr, vcpus: int, mem_total: int) -> Cleaned:
+    """Clean ``samples`` that follow ``prev`` and compute the usage of their intervals.
+
+    ``prev`` is the last valid sample of the series before these (None: the series starts
+    here, and its first valid sample counts its whole counter values)."""
+    rows, src = dedupe_sorted(samples, None if prev is None else int(prev[T]))
+    n = len(rows)
+    valid, reasons = _valid_mask(prev, rows, vcpus, mem_total)
+    deltas = np.zeros((n, 7), dtype=np.int64)
+    cpu_pct = np.zeros(n, dtype=np.float32)
+    out = Cleaned(
+        rows=rows, src=src, valid=valid, deltas=deltas, cpu_percent=cpu_pct, reasons=reasons
+    )
+    vidx = np.flatnonzero(valid)
+    if len(vidx) == 0:
+        out.last = prev
+        return out
+    v = rows[vidx]
+    if prev is not None:
+        before = np.vstack([prev[None, :], v[:-1]])
+        d = v - before
+    else:
+        before = np.vstack([np.zeros((1, 7), dtype=np.int64), v[:-1]])
+        d = v - before
+        d[0, T] = 0  # no interval before a series' first sample: counters count whole values
+    deltas[vidx] = d
+    dt = d[:, T]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = np.where(dt > 0, 100.0 * d[:, CPU] / (vcpus * np.maximum(dt, 1)), 0.0)
+    cpu_pct[vidx] = pct.astype(np.float32)
+    # memory: a.memory_used x dt for intervals of at most 1 s; longer ones are gaps.
+    counted = (dt > 0) & (dt <= NS_PER_S)
+    gap = dt > NS_PER_S
+    mem_dt = np.where(counted, dt, 0)
+    hour = v[:, T] // NS_PER_HOUR
+    starts = np.flatnonzero(np.concatenate(([True], hour[1:] != hour[:-1])))
+    sums = np.add.reduceat(d[:, 1:], starts, axis=0).tolist()  # cpu, mem(unused), rx, tx, dr, dw
+    gap_ns = np.add.reduceat(np.where(gap, dt, 0), starts).tolist()
+    gaps = np.add.reduceat(gap.astype(np.int64), starts).tolist()
+    counts = np.diff(np.append(starts, len(v))).tolist()
+    mem = _limb_sums(before[:, MEM], mem_dt, starts)
+    for g, s in enumerate(starts.tolist()):
+        row = sums[g]
+        out.hours[int(hour[s])] = HourUsage(
+            cpu_ns=int(row[0]),
+            mem_byte_ns=mem[g],
+            net_rx_bytes=int(row[2]),
+            net_tx_bytes=int(row[3]),
+            disk_read_bytes=int(row[4]),
+            disk_write_bytes=int(row[5]),
+            gap_ns=int(gap_ns[g]),
+            gaps=int(gaps[g]),
+            samples=int(counts[g]),
+        )
+    out.last = v[-1].copy()
+    return out
