@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from unkey_deploy.core.clock import FakeClock
 from unkey_deploy.core.config import GatewayConfig
-from unkey_deploy.core.errors import RateLimited, Unauthenticated
+from unkey_deploy.core.errors import NotFound, RateLimited, Unauthenticated
 from unkey_deploy.gateway.auth import Authenticator
 from unkey_deploy.gateway.ratelimit import TokenBuckets
 from unkey_deploy.gateway.tls import client_context
@@ -99,3 +100,46 @@ def test_request_ids_size_cap_admin_and_metrics(gateway: RunningGateway) -> None
     # JSON logs carry the request id and the customer.
     log = gateway.log_file.read_text()
     assert a.headers["x-request-id"] in log and c.id in log
+
+
+def test_event_stream_resumes_after_last_event_id(gateway: RunningGateway) -> None:
+    c = new_customer(gateway)
+    spec = {"name": "sse", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "128MiB"}}
+    with gateway.client(c.key) as client:
+        dep_id = client.deploy(spec)["deployment"]["id"]
+        engine = db.make_engine(gateway.database_url)
+        records = cp.DeploymentRecords(db.session_factory(engine))
+        for i in range(3):
+            records.event(dep_id, "build", f"step {i}")
+        engine.dispose()
+        first = list(client.events(dep_id, follow=False))
+        assert [e.data["message"] for e in first[:-1]] == [
+            "deployment accepted", "step 0", "step 1", "step 2",
+        ]  # fmt: skip
+        assert first[-1].event == "end" and first[-1].data["state"] == "accepted"
+        resumed = list(client.events(dep_id, follow=False, last_event_id=first[1].id))
+        assert [e.data["message"] for e in resumed[:-1]] == ["step 1", "step 2"]
+    other = new_customer(gateway)
+    with gateway.client(other.key) as client, pytest.raises(NotFound):
+        list(client.events(dep_id, follow=False))
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_deployment(
+    gateway: RunningGateway,
+) -> None:
+    c = new_customer(gateway)
+    spec = {"name": "idem", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "128MiB"}}
+    results: list[str] = []
+
+    def go() -> None:
+        with gateway.client(c.key) as client:
+            results.append(client.deploy(spec, idempotency_key="same")["deployment"]["id"])
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 8 and len(set(results)) == 1
+    with gateway.client(c.key) as client:
+        assert len(client.list_deployments()["deployments"]) == 1
