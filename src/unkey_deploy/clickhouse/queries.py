@@ -54,6 +54,9 @@ def _ts(t: datetime) -> str:
 def _as_utc(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if isinstance(value, int) and not isinstance(value, bool):
+        # ClickHouse's Arrow output (chDB) carries DateTime as UInt32 epoch seconds
+        return datetime.fromtimestamp(value, UTC)
     raise InvalidInput(f"expected a datetime from ClickHouse, got {value!r}")
 
 
@@ -313,7 +316,7 @@ def _sql_vm_usage(resolution: Resolution) -> str:
     return f"""
 SELECT
     vm_id,
-    {col} AS t,
+    toDateTime({col}, 'UTC') AS t,
     avgMerge(cpu_avg) AS avg_cpu,
     max(cpu_max) AS max_cpu,
     quantileTDigestMerge(0.95)(cpu_p95) AS p95_cpu,
@@ -384,13 +387,10 @@ def vm_usage(
     )
     out: list[UsagePoint] = []
     for r in rows:
-        t = r["t"]
-        if not isinstance(t, datetime):  # Date for the daily rollup
-            t = datetime(t.year, t.month, t.day, tzinfo=UTC)
         out.append(
             UsagePoint(
                 vm_id=str(r["vm_id"]),
-                t=_as_utc(t),
+                t=_as_utc(r["t"]),
                 avg_cpu=float(r["avg_cpu"]),
                 max_cpu=float(r["max_cpu"]),
                 p95_cpu=float(r["p95_cpu"]),

@@ -9,6 +9,7 @@ here, so chDB and the server run the same SQL texts, which the server-backend te
 from __future__ import annotations
 
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
@@ -174,14 +175,22 @@ class SqlStorage(ABC):
         return applied_now
 
     def _dedup_settings(self, token: str | None) -> dict[str, Any]:
-        settings: dict[str, Any] = {}
-        if token is not None:
-            if not token or len(token) > 1024:
-                raise InvalidInput("dedup_token must be 1..1024 characters")
-            settings["insert_deduplicate"] = 1
-            settings["insert_deduplication_token"] = token
-            # A retried insert dropped in metrics_raw must not reach the rollups either.
-            settings["deduplicate_blocks_in_dependent_materialized_views"] = 1
+        if token is None:
+            # No token: never deduplicate. Without a token ClickHouse would drop blocks by content
+            # hash, and two different inserts can yield identical rollup blocks (idle VMs).
+            token = "auto:" + uuid.uuid4().hex
+        elif not token or len(token) > 1024:
+            raise InvalidInput("dedup_token must be 1..1024 characters")
+        settings: dict[str, Any] = {
+            "insert_deduplicate": 1,
+            "insert_deduplication_token": token,
+            # A retry dropped in metrics_raw must not reach the rollups either: the views' blocks
+            # get ids derived from the token (the rollups have a dedup window for this).
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+            # Our inserts are big blocks already (10k+ rows): no server-side buffering, and the
+            # answer means "stored" (see README.md for the measurement).
+            "async_insert": 0,
+        }
         if self.cluster is not None:
             # Through a Distributed table: insert synchronously into the shard, so the token and
             # the "committed" answer refer to the real table, not a local spool.

@@ -1,6 +1,10 @@
 -- Rollups: AggregatingMergeTree with aggregate-state columns ONLY (a plain column keeps one
 -- arbitrary row per key on merge: the seed design's metrics_5min bug). Read with -Merge for
 -- AggregateFunction columns and max()/sum() for SimpleAggregateFunction columns.
+-- The dedup window on the rollups is what makes a retried raw insert (same token) skip the views
+-- too: measured, without it the raw table drops the retry but every rollup counts it twice.
+-- Inserts always carry a token (Storage adds a random one), so identical-looking aggregate
+-- blocks from different inserts are never dropped by hash.
 CREATE TABLE IF NOT EXISTS metrics_5min
 (
     customer_id LowCardinality(String),
@@ -25,7 +29,7 @@ ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMMDD(bucket)
 ORDER BY (customer_id, vm_id, bucket)
 TTL bucket + INTERVAL 30 DAY
-SETTINGS ttl_only_drop_parts = 1;
+SETTINGS ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS metrics_hourly
 (
@@ -51,7 +55,7 @@ ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (customer_id, vm_id, hour)
 TTL hour + INTERVAL 400 DAY
-SETTINGS ttl_only_drop_parts = 1;
+SETTINGS ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS metrics_daily
 (
@@ -75,7 +79,8 @@ CREATE TABLE IF NOT EXISTS metrics_daily
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYear(day)
-ORDER BY (customer_id, vm_id, day);
+ORDER BY (customer_id, vm_id, day)
+SETTINGS non_replicated_deduplication_window = 10000;
 
 -- The chain: raw -> 5 min (-State), 5 min -> hourly -> daily (-MergeState). A chained view sees
 -- the block just written to its source, so it re-aggregates states, never final values.
