@@ -1,0 +1,593 @@
+"""Layer applier: untrusted OCI layer tars -> a root directory, never writing outside it.
+
+Why not ``tarfile.extractall(filter="data")``: real images hold absolute symlinks and setuid files,
+which that filter rejects or rewrites. The rules here (see :func:`apply_layer`):
+
+* entry names are made relative; any ``..`` component is rejected;
+* parent directories are resolved chroot-style: in-image symlinks are followed with ``root`` as
+  ``/`` (at most 40 hops) and ``..`` stops at ``root``, so a symlink can never lead outside;
+* the entry itself is never followed: the old entry is removed, regular files are created with
+  ``O_CREAT|O_EXCL|O_NOFOLLOW``, symlinks are stored as-is (absolute targets included);
+* hardlink targets must already exist inside ``root`` and not be symlinks or directories;
+* whiteouts ``.wh.NAME`` delete NAME, ``.wh..wh..opq`` empties the directory of lower-layer entries;
+* character/block devices and FIFOs are skipped and counted, never created;
+* uncompressed bytes, per-file size and entry count are limited (bomb protection);
+* numeric uid/gid (``lchown``), modes (setuid kept: hardening decides), mtimes clamped to
+  :data:`EPOCH`, directory mtimes fixed in a final pass (adding children changes them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import tarfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import zstandard
+
+from ..core.config import BuilderConfig
+from ..core.errors import ImageError, LayerError
+from .oci import LAYER_TYPES, short_digest
+
+# Fixed epoch every mtime is clamped to (2023-11-14T22:13:20Z): same image -> same tree.
+EPOCH = 1_700_000_000
+MAX_SYMLINK_HOPS = 40
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_WH = ".wh."
+_OPQ = ".wh..wh..opq"
+
+
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one layer may still add: uncompressed tar bytes (layer and image), entries."""
+
+    max_layer_bytes: int = 2 * 1024**3
+    max_image_bytes: int = 8 * 1024**3
+    max_files: int = 500_000
+
+    @classmethod
+    def from_config(cls, cfg: BuilderConfig) -> Limits:
+        return cls(cfg.max_layer_bytes, cfg.max_image_bytes, cfg.max_files)
+
+    def minus(self, stats: LayerStats) -> Limits:
+        """What is left for the next layers after ``stats``."""
+        return replace(
+            self,
+            max_image_bytes=max(0, self.max_image_bytes - stats.tar_bytes),
+            max_files=max(0, self.max_files - stats.entries),
+        )
+
+
+@dataclass
+class LayerStats:
+    """What applying one layer did."""
+
+    digest: str = ""
+    compressed_bytes: int = 0
+    tar_bytes: int = 0
+    entries: int = 0
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    whiteouts: int = 0
+    opaque_dirs: int = 0
+    file_bytes: int = 0
+    skipped_devices: list[str] = field(default_factory=list)
+    skipped_other: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+
+
+class _CountingReader:
+    """Wraps the uncompressed stream: sha256 for diff_id, and the byte limits (bomb guard)."""
+
+    def __init__(self, inner: _Readable, limit: int, err: Callable[[str], Exception]) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._err = err
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._inner.read(n if n is not None and n >= 0 else 1 << 20)
+        self.count += len(b)
+        if self.count > self._limit:
+            raise self._err(f"uncompressed layer exceeds the {self._limit}-byte limit (tar bomb?)")
+        self.hash.update(b)
+        return b
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class _Applier:
+    def __init__(self, root: Path, digest: str, limits: Limits, stats: LayerStats) -> None:
+        self.root = root
+        self.digest = digest
+        self.limits = limits
+        self.stats = stats
+        self.is_root = os.geteuid() == 0
+        # Paths (relative, '/'-joined) created or replaced by this layer: opaque markers keep them.
+        self.created: set[str] = set()
+        # Directory rel path -> mtime to restore at the end (their children changed).
+        self.touched: dict[str, int] = {}
+        # Directory rel path -> mtime from this layer's own entry.
+        self.dir_mtimes: dict[str, int] = {}
+
+    def err(self, name: str, msg: str) -> LayerError:
+        return LayerError(
+            f'layer {short_digest(self.digest)}: entry "{name}": {msg}',
+            details={"layer": self.digest, "entry": name},
+        )
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def split_name(self, name: str) -> list[str]:
+        if "\x00" in name:
+            raise self.err(name, "NUL byte in name")
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise self.err(name, "path escapes the root ('..' component)")
+        return parts
+
+    def abs(self, rel: list[str]) -> Path:
+        return self.root.joinpath(*rel) if rel else self.root
+
+    def touch(self, rel: list[str]) -> None:
+        key = "/".join(rel)
+        if key not in self.touched:
+            self.touched[key] = min(os.lstat(self.abs(rel)).st_mtime_ns // 1_000_000_000, EPOCH)
+
+    def resolve_dir(self, name: str, parts: list[str], create: bool) -> list[str]:
+        """Resolve directory components chroot-style; returns the real rel path (no symlinks).
+
+        Missing directories are created (0755, root-owned) when ``create``.
+        """
+        todo = list(reversed(parts))
+        cur: list[str] = []
+        hops = 0
+        while todo:
+            c = todo.pop()
+            if c in ("", "."):
+                continue
+            if c == "..":
+                if cur:
+                    cur.pop()
+                continue
+            p = self.abs([*cur, c])
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                if not create:
+                    raise self.err(
+                        name, f"parent directory /{'/'.join([*cur, c])} does not exist"
+                    ) from None
+                self.touch(cur)
+                p.mkdir(0o755)
+                self.touched["/".join([*cur, c])] = EPOCH
+                self.created.add("/".join([*cur, c]))
+                cur.append(c)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise self.err(
+                        name, f"too many levels of symbolic links (> {MAX_SYMLINK_HOPS})"
+                    )
+                target = os.fsdecode(os.readlink(os.fspath(p)))  # noqa: PTH115 (need the raw text)
+                if target.startswith("/"):
+                    cur = []
+                todo.extend(reversed(target.split("/")))
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise self.err(name, f"parent /{'/'.join([*cur, c])} is not a directory")
+            cur.append(c)
+        return cur
+
+    def remove(self, rel: list[str]) -> bool:
+        p = self.abs(rel)
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        return True
+
+    # -- entries ------------------------------------------------------------------------------
+
+    def apply(self, tf: tarfile.TarFile) -> None:
+        for m in tf:
+            self.stats.entries += 1
+            if self.stats.entries > self.limits.max_files:
+                raise self.err(
+                    m.name, f"too many entries (limit {self.limits.max_files} files per image)"
+                )
+            self.entry(tf, m)
+
+    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        name = m.name
+        parts = self.split_name(name)
+        if not parts:
+            return  # the root itself ("./"): its metadata stays ours
+        base = parts[-1]
+        if base.startswith(_WH):
+            self.whiteout(name, parts)
+            return
+        if m.ischr() or m.isblk() or m.isfifo():
+            self.stats.skipped_devices.append("/" + "/".join(parts))
+            return
+        if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
+            self.stats.skipped_other.append("/" + "/".join(parts))
+            return
+        parent = self.resolve_dir(name, parts[:-1], create=True)
+        rel = [*parent, base]
+        key = "/".join(rel)
+        dest = self.abs(rel)
+        self.touch(parent)
+        if m.isdir():
+            try:
+                st: os.stat_result | None = os.lstat(dest)
+            except FileNotFoundError:
+                st = None
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                if st is not None:
+                    dest.unlink()
+                dest.mkdir(0o700)
+            self.created.add(key)
+            self.stats.dirs += 1
+            self.meta(dest, m, is_link=False)
+            self.dir_mtimes[key] = min(int(m.mtime), EPOCH)
+            return
+        if m.islnk():
+            tparts = self.split_name_link(name, m.linkname)
+            tparent = self.resolve_dir(name, tparts[:-1], create=False)
+            target = self.abs([*tparent, tparts[-1]])
+            try:
+                tst = os.lstat(target)
+            except FileNotFoundError:
+                raise self.err(
+                    name, f"hardlink target {m.linkname!r} does not exist in the image"
+                ) from None
+            if stat.S_ISLNK(tst.st_mode):
+                raise self.err(name, f"hardlink target {m.linkname!r} is a symlink")
+            if stat.S_ISDIR(tst.st_mode):
+                raise self.err(name, f"hardlink target {m.linkname!r} is a directory")
+            if [*tparent, tparts[-1]] == rel:
+                return  # a link to itself: nothing to do
+            self.remove(rel)
+            os.link(target, dest, follow_symlinks=False)
+            self.created.add(key)
+            self.stats.hardlinks += 1
+            return
+        self.remove(rel)
+        self.created.add(key)
+        if m.issym():
+            if "\x00" in m.linkname:
+                raise self.err(name, "NUL byte in symlink target")
+            dest.symlink_to(m.linkname)
+            self.stats.symlinks += 1
+            self.meta(dest, m, is_link=True)
+            return
+        # Regular file.
+        if m.size > self.limits.max_layer_bytes:
+            raise self.err(
+                name, f"file is {m.size} bytes, over the {self.limits.max_layer_bytes}-byte limit"
+            )
+        fd = os.open(
+            dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            src = tf.extractfile(m)
+            left = m.size
+            if src is not None:
+                while left > 0:
+                    b = src.read(min(left, 1 << 20))
+                    if not b:
+                        raise self.err(name, "unexpected end of layer data inside the file")
+                    _write_all(fd, b)
+                    left -= len(b)
+            self.stats.files += 1
+            self.stats.file_bytes += m.size
+            self.meta_fd(fd, m)
+        finally:
+            os.close(fd)
+        os.utime(dest, (min(int(m.mtime), EPOCH),) * 2, follow_symlinks=False)
+
+    def split_name_link(self, name: str, linkname: str) -> list[str]:
+        if "\x00" in linkname:
+            raise self.err(name, "NUL byte in hardlink target")
+        parts = [p for p in linkname.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise self.err(name, f"hardlink target {linkname!r} escapes the root")
+        if not parts:
+            raise self.err(name, "hardlink to the root directory")
+        return parts
+
+    def whiteout(self, name: str, parts: list[str]) -> None:
+        base = parts[-1]
+        try:
+            parent = self.resolve_dir(name, parts[:-1], create=False)
+        except LayerError:
+            if os.path.lexists(self.abs(parts[:-1])):
+                raise
+            return  # whiteout below a directory that does not exist: nothing to remove
+        if base == _OPQ:
+            self.touch(parent)
+            d = self.abs(parent)
+            prefix = "/".join(parent)
+            for child in sorted(c.name for c in d.iterdir()):
+                key = f"{prefix}/{child}" if prefix else child
+                if key not in self.created:
+                    self.remove([*parent, child])
+            self.stats.opaque_dirs += 1
+            return
+        target = base[len(_WH) :]
+        if target in ("", ".", "..") or target.startswith(_WH):
+            raise self.err(name, f"invalid whiteout target {target!r}")
+        self.touch(parent)
+        if self.remove([*parent, target]):
+            self.stats.whiteouts += 1
+
+    def meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
+        if self.is_root:
+            os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, m.mode & 0o7777)
+
+    def meta(self, path: Path, m: tarfile.TarInfo, *, is_link: bool) -> None:
+        if self.is_root:
+            os.lchown(path, m.uid, m.gid)
+        if not is_link:
+            path.chmod(m.mode & 0o7777)
+        os.utime(path, (min(int(m.mtime), EPOCH),) * 2, follow_symlinks=False)
+
+    def finish(self) -> None:
+        """Directory mtimes last: creating children changed them."""
+        want = dict(self.touched)
+        want.update(self.dir_mtimes)
+        for key, mt in sorted(want.items(), key=lambda kv: -kv[0].count("/")):
+            p = self.root / key if key else self.root
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.lstat(p).st_mode):
+                    os.utime(p, (mt, mt), follow_symlinks=False)
+
+
+def _write_all(fd: int, b: bytes) -> None:
+    view = memoryview(b)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _Peek:
+    """Peek the first bytes of a stream (compression magic) without consuming them."""
+
+    def __init__(self, inner: _Readable) -> None:
+        self._inner = inner
+        self._head = b""
+
+    def peek(self, n: int) -> bytes:
+        while len(self._head) < n:
+            b = self._inner.read(n - len(self._head))
+            if not b:
+                break
+            self._head += b
+        return self._head[:n]
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n is None or n < 0 or n >= len(self._head):
+                out, self._head = self._head, b""
+                if n is not None and n >= 0 and n > len(out):
+                    out += self._inner.read(n - len(out))
+                elif n is None or n < 0:
+                    out += self._inner.read()
+                return out
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        return self._inner.read(n)
+
+
+def _open_decompressed(
+    peek: _Peek, media_type: str, err: Callable[[str], Exception]
+) -> tuple[_Readable, str]:
+    if media_type not in LAYER_TYPES:
+        raise err(f"unsupported layer media type {media_type!r}")
+    want = LAYER_TYPES[media_type]
+    head = peek.peek(4)
+    if head.startswith(_GZIP_MAGIC):
+        kind = "gzip"
+    elif head == _ZSTD_MAGIC:
+        kind = "zstd"
+    else:
+        kind = ""
+    if want and kind != want:
+        raise err(f"layer data is not {want} ({media_type}); first bytes {head.hex() or '(empty)'}")
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=peek, mode="rb"), kind  # type: ignore[call-overload]
+    if kind == "zstd":
+        reader = zstandard.ZstdDecompressor().stream_reader(peek, read_across_frames=True)  # type: ignore[arg-type]
+        return reader, kind
+    return peek, kind
+
+
+def apply_layer(
+    stream: _Readable,
+    root: Path,
+    *,
+    media_type: str,
+    layer_digest: str,
+    diff_id: str | None = None,
+    limits: Limits | None = None,
+) -> LayerStats:
+    """Apply one layer (compressed blob stream, read once, front to back) onto ``root``.
+
+    ``media_type`` must be a known layer type; compression is taken from the data's magic bytes
+    (a type promising gzip/zstd must carry it). ``diff_id`` (sha256 of the uncompressed tar) is
+    checked when given. If ``stream`` has a ``drain()`` (a :class:`~.oci.VerifiedStream`), the
+    rest of the blob is read afterwards so its digest is verified.
+
+    Raises :class:`LayerError` (``layer sha256:abcd…: entry "x": what``) for hostile or broken
+    entries and corrupt data, :class:`ImageError` for blob digest/size problems. On error
+    ``root`` holds a partial tree (discard it); nothing is ever written outside ``root``.
+    """
+    lim = limits or Limits()
+    root = Path(os.path.realpath(root))
+    if not root.is_dir():
+        raise LayerError(f"layer {short_digest(layer_digest)}: target {root} is not a directory")
+    stats = LayerStats(digest=layer_digest)
+    applier = _Applier(root, layer_digest, lim, stats)
+
+    def lerr(msg: str) -> LayerError:
+        return LayerError(
+            f"layer {short_digest(layer_digest)}: {msg}", details={"layer": layer_digest}
+        )
+
+    peek = _Peek(stream)
+    decomp, _kind = _open_decompressed(peek, media_type, lerr)
+    budget = min(lim.max_layer_bytes, lim.max_image_bytes)
+    counter = _CountingReader(decomp, budget, lerr)
+    try:
+        with tarfile.open(fileobj=counter, mode="r|", bufsize=1 << 16) as tf:  # type: ignore[call-overload]
+            applier.apply(tf)
+        counter.drain()
+    except (LayerError, ImageError):
+        raise
+    except tarfile.TarError as e:
+        raise lerr(f"not a valid tar stream: {e}") from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise lerr(f"corrupt or truncated compressed data: {e}") from e
+    except zstandard.ZstdError as e:
+        raise lerr(f"corrupt zstd data: {e}") from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise lerr(f"cannot apply layer: {e}") from e
+    finally:
+        applier.finish()
+    drain = getattr(stream, "drain", None)
+    if callable(drain):
+        drain()
+    stats.tar_bytes = counter.count
+    stats.compressed_bytes = int(getattr(stream, "bytes_read", 0))
+    if diff_id is not None:
+        got = "sha256:" + counter.hash.hexdigest()
+        if got != diff_id:
+            raise LayerError(
+                f"layer {short_digest(layer_digest)}: diff_id mismatch: "
+                f"config says {diff_id}, uncompressed tar is {got}",
+                details={"layer": layer_digest, "diff_id": diff_id, "actual": got},
+            )
+    return stats
+
+
+@dataclass
+class ExtractStats:
+    layers: list[LayerStats] = field(default_factory=list)
+
+    @property
+    def skipped_devices(self) -> list[str]:
+        return [p for s in self.layers for p in s.skipped_devices]
+
+    @property
+    def tar_bytes(self) -> int:
+        return sum(s.tar_bytes for s in self.layers)
+
+    @property
+    def entries(self) -> int:
+        return sum(s.entries for s in self.layers)
+
+
+# progress(layer_index, bytes_read_so_far, layer_size)
+Progress = Callable[[int, int, int], None]
+
+
+def extract_image(
+    image: Any,
+    root: Path,
+    limits: Limits | BuilderConfig | None = None,
+    log: Callable[[str], None] | logging.Logger | None = None,
+    *,
+    progress: Progress | None = None,
+) -> ExtractStats:
+    """Apply every layer of a :class:`~.source.ResolvedImage` onto ``root`` in order.
+
+    Each verified blob is streamed straight into :func:`apply_layer` (no temp copy). ``progress``
+    gets ``(layer index, compressed bytes read, layer size)`` as data arrives; ``log`` (a callable
+    taking a line, or a Logger) gets one line per layer and one per skipped device node.
+    Limits (bytes, files) apply to the whole image. ``root`` must exist (ideally empty); its mtime
+    is set to :data:`EPOCH` at the end.
+    """
+    lim = (
+        limits
+        if isinstance(limits, Limits)
+        else Limits.from_config(limits)
+        if limits is not None
+        else Limits()
+    )
+
+    def say(line: str) -> None:
+        if log is None:
+            return
+        if isinstance(log, logging.Logger):
+            log.info(line)
+        else:
+            log(line)
+
+    out = ExtractStats()
+    n = len(image.layers)
+    for layer in image.layers:
+        done = 0
+
+        def cb(k: int, _i: int = layer.index, _size: int = layer.size) -> None:
+            nonlocal done
+            done += k
+            if progress is not None:
+                progress(_i, done, _size)
+
+        say(
+            f"layer {layer.index + 1}/{n} {short_digest(layer.digest)} "
+            f"({layer.size} bytes): applying"
+        )
+        with image.open_layer(layer, cb) as stream:
+            st = apply_layer(
+                stream,
+                root,
+                media_type=layer.media_type,
+                layer_digest=layer.digest,
+                diff_id=layer.diff_id,
+                limits=lim,
+            )
+        lim = lim.minus(st)
+        out.layers.append(st)
+        say(
+            f"layer {layer.index + 1}/{n} {short_digest(layer.digest)}: {st.entries} entries, "
+            f"{st.tar_bytes} bytes uncompressed, {st.whiteouts} whiteouts"
+        )
+        for dev in st.skipped_devices:
+            say(f"layer {short_digest(layer.digest)}: skipped device node or FIFO {dev}")
+    os.utime(root, (EPOCH, EPOCH), follow_symlinks=False)
+    return out
+
+
+__all__ = ["EPOCH", "ExtractStats", "LayerStats", "Limits", "apply_layer", "extract_image"]
