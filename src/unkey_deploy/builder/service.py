@@ -1,0 +1,604 @@
+"""builderd: the build pipeline, a persistent build queue with workers, and the build cache.
+
+Pipeline (:func:`build_rootfs`): resolve the image -> apply its layers into a scratch tree ->
+launch spec from the image config + app.yaml overrides -> harden -> inject ``/.vminit`` ->
+reproducible ``rootfs.ext4`` -> zstd. Each step logs a line (the deploy turns them into progress
+events) and checks for cancellation.
+
+Queue: the generic job queue (:mod:`unkey_deploy.store.jobs`, kind ``build``) gives priorities,
+leases, retries and crash recovery; the ``builds`` table holds the build record and
+``build_logs`` its log lines. A build's state is its job's state. A worker that dies mid-build
+stops heart-beating, :func:`jobs.requeue_expired` (run by every worker's loop) puts the job back
+and another worker starts it again from scratch (its scratch directory is per attempt).
+
+Cache: key = manifest digest + build options + pipeline version
+(:meth:`BuildOptions.cache_key`). After resolving the image (one manifest request), a worker
+asks assetmanagerd for a live asset built under that key; if there is one, the build succeeds at
+once with ``cached=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Boolean, Float, Integer, String, Text, select
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+
+from ..assets.api import Asset, AssetMeta, Assets
+from ..core import errors
+from ..core.clock import Clock, SystemClock
+from ..core.config import BuilderConfig, Settings
+from ..core.errors import BuildFailed, DeadlineExceeded, IllegalTransition, NotFound, UnkeyError
+from ..core.ids import AssetId, BuildId, CustomerId, new_build_id
+from ..store import jobs
+from ..store.db import Base, transaction
+from .api import (
+    FINISHED,
+    Build,
+    BuildOptions,
+    BuildRequest,
+    BuildState,
+    ImageSource,
+    Log,
+    SourceImage,
+)
+from .harden import harden
+from .rootfs import compress, make_rootfs
+from .vminit import ImageConfig, inject, launch_spec
+
+JOB_KIND = "build"
+
+
+class Cancelled(Exception):
+    """The build's cancellation was requested; raised at the next step boundary."""
+
+
+# -- pipeline -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalBuild:
+    """The output of one pipeline run (before it is registered as an asset)."""
+
+    source: SourceImage
+    cache_key: str
+    rootfs: Path  # ext4
+    compressed: Path  # ext4.zst
+    tree_bytes: int
+    ext4_bytes: int
+    ext4_sha256: str
+    compressed_bytes: int
+    compressed_sha256: str
+    harden_report: dict[str, Any]
+    launch: dict[str, Any]
+    seconds: float
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "source_image": self.source.ref,
+            "manifest_digest": self.source.manifest_digest,
+            "cache_key": self.cache_key,
+            "rootfs": str(self.rootfs),
+            "compressed": str(self.compressed),
+            "tree_bytes": self.tree_bytes,
+            "ext4_bytes": self.ext4_bytes,
+            "ext4_sha256": self.ext4_sha256,
+            "compressed_bytes": self.compressed_bytes,
+            "compressed_sha256": self.compressed_sha256,
+            "harden": self.harden_report,
+            "launch": self.launch,
+            "image_config": self.source.raw_config,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def build_rootfs(
+    source: ImageSource,
+    image: str | SourceImage,
+    options: BuildOptions,
+    workdir: Path,
+    *,
+    init_binary: Path,
+    config: BuilderConfig,
+    log: Log,
+    check_cancel: Callable[[], None] = lambda: None,
+    keep_tree: bool = False,
+) -> LocalBuild:
+    """Run the pipeline in ``workdir`` (created): ``rootfs.ext4`` and ``rootfs.ext4.zst``."""
+    start = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = image if isinstance(image, SourceImage) else source.resolve(image, log)
+    key = options.cache_key(resolved.manifest_digest)
+    root = workdir / "root"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(mode=0o755)
+    try:
+        check_cancel()
+        log(f"extract: applying layers of {resolved.ref} ({resolved.manifest_digest})")
+        source.extract(resolved, root, log)
+        check_cancel()
+        spec = launch_spec(root, resolved.config, options.overrides())
+        log(f"launch: argv={list(spec.argv)} cwd={spec.cwd} user={spec.uid}:{spec.gid}")
+        report = harden(root, spec, keep_shell=options.keep_shell, log=log)
+        inject(root, spec, init_binary)
+        check_cancel()
+        log("rootfs: mkfs.ext4 -d (reproducible), e2fsck -fn")
+        info = make_rootfs(root, workdir / "rootfs.ext4", seed=key)
+        check_cancel()
+        threads = max(1, min(4, os.cpu_count() or 1))
+        z = compress(Path(info.path), workdir / "rootfs.ext4.zst", level=config.zstd_level,
+                     threads=threads)  # fmt: skip
+        log(f"compress: zstd -{config.zstd_level}: {info.bytes / 1e6:.1f} MB -> "
+            f"{z.bytes / 1e6:.1f} MB")  # fmt: skip
+    finally:
+        if not keep_tree:
+            shutil.rmtree(root, ignore_errors=True)
+    return LocalBuild(
+        source=resolved,
+        cache_key=key,
+        rootfs=Path(info.path),
+        compressed=Path(z.path),
+        tree_bytes=info.tree_bytes,
+        ext4_bytes=info.bytes,
+        ext4_sha256=info.sha256,
+        compressed_bytes=z.bytes,
+        compressed_sha256=z.sha256,
+        harden_report=report.as_dict(),
+        launch=spec.as_dict(),
+        seconds=time.monotonic() - start,
+    )
+
+
+# -- records --------------------------------------------------------------------------------------
+
+
+class BuildRow(Base):
+    __tablename__ = "builds"
+
+    build_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    image: Mapped[str] = mapped_column(String(1024))
+    customer_id: Mapped[str] = mapped_column(String(40), index=True)
+    deployment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    options: Mapped[str] = mapped_column(Text)
+    manifest_digest: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    asset_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class BuildLogRow(Base):
+    __tablename__ = "build_logs"
+
+    build_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[float] = mapped_column(Float)
+    line: Mapped[str] = mapped_column(Text)
+
+
+_JOB_TO_BUILD = {
+    jobs.JobState.QUEUED: BuildState.QUEUED,
+    jobs.JobState.RUNNING: BuildState.RUNNING,
+    jobs.JobState.SUCCEEDED: BuildState.SUCCEEDED,
+    jobs.JobState.FAILED: BuildState.FAILED,
+    jobs.JobState.CANCELLED: BuildState.CANCELLED,
+}
+
+
+class BuildService:
+    """The ``Builder`` implementation plus its workers."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        assets: Assets,
+        source: ImageSource,
+        *,
+        work_dir: Path,
+        init_binary: Path,
+        config: BuilderConfig | None = None,
+        clock: Clock | None = None,
+        lease_s: float = 30.0,
+        poll_s: float = 0.2,
+        max_attempts: int = 3,
+    ) -> None:
+        self.factory = factory
+        self.assets = assets
+        self.source = source
+        self.work_dir = Path(work_dir)
+        self.init_binary = init_binary
+        self.config = config or BuilderConfig()
+        self.clock = clock or SystemClock()
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.max_attempts = max_attempts
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _now(self) -> float:
+        return self.clock.time_ns() / 1e9
+
+    # -- Builder ----------------------------------------------------------------------------------
+    def submit(self, req: BuildRequest) -> BuildId:
+        if not req.image or len(req.image) > 1024:
+            raise errors.InvalidInput("image reference must be 1-1024 characters")
+        build_id = new_build_id()
+        now = self._now()
+        with transaction(self.factory) as s:
+            job = jobs.enqueue(s, JOB_KIND, {"build_id": build_id}, now=now,
+                               priority=req.priority, max_attempts=self.max_attempts)  # fmt: skip
+            s.add(BuildRow(
+                build_id=build_id, job_id=job.id, image=req.image, customer_id=req.customer_id,
+                deployment_id=req.deployment_id, options=json.dumps(req.options.as_dict()),
+                cached=False, created_at=now, updated_at=now,
+            ))  # fmt: skip
+            s.add(BuildLogRow(build_id=build_id, seq=0, ts=now, line=f"queued: {req.image}"))
+        self._wake.set()
+        return build_id
+
+    def _build(self, s: Session, build_id: str, after_seq: int = -1) -> Build:
+        row = s.get(BuildRow, build_id)
+        if row is None:
+            raise NotFound(f"build {build_id} not found")
+        job = jobs.get(s, row.job_id)
+        lines = s.scalars(
+            select(BuildLogRow.line)
+            .where(BuildLogRow.build_id == build_id, BuildLogRow.seq > after_seq)
+            .order_by(BuildLogRow.seq)
+        ).all()
+        error = json.loads(row.error) if row.error else None
+        if error is None and job.state in (jobs.JobState.FAILED,) and job.error:
+            error = {"code": "build_failed", "message": job.error}
+        return Build(
+            build_id=BuildId(row.build_id),
+            state=_JOB_TO_BUILD[job.state],
+            image=row.image,
+            customer_id=CustomerId(row.customer_id),
+            deployment_id=row.deployment_id,
+            asset_id=AssetId(row.asset_id) if row.asset_id else None,
+            manifest_digest=row.manifest_digest,
+            cached=row.cached,
+            error=error,
+            attempts=job.attempts,
+            log=tuple(lines),
+            created_at=row.created_at,
+            updated_at=max(row.updated_at, job.updated_at),
+        )
+
+    def get(self, build_id: BuildId) -> Build:
+        with self.factory() as s:
+            return self._build(s, build_id)
+
+    def wait(self, build_id: BuildId, timeout: float, on_log: Log | None = None) -> Build:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            b = self.get(build_id)
+            if on_log is not None:
+                for line in b.log[seen:]:
+                    on_log(line)
+            seen = len(b.log)
+            if b.state in FINISHED:
+                return b
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"build {build_id} not finished after {timeout:.0f} s "
+                                       f"(state {b.state})")  # fmt: skip
+            time.sleep(0.05)
+
+    def cancel(self, build_id: BuildId) -> Build:
+        with transaction(self.factory) as s:
+            row = s.get(BuildRow, build_id)
+            if row is None:
+                raise NotFound(f"build {build_id} not found")
+            try:
+                jobs.cancel(s, row.job_id, now=self._now())
+            except IllegalTransition as exc:
+                raise IllegalTransition(
+                    f"build {build_id} already finished; nothing to cancel"
+                ) from exc
+            self._log(s, build_id, "cancel requested")
+        return self.get(build_id)
+
+    # -- workers ----------------------------------------------------------------------------------
+    def _log(self, s: Session, build_id: str, line: str) -> None:
+        last = s.scalars(
+            select(BuildLogRow.seq).where(BuildLogRow.build_id == build_id)
+            .order_by(BuildLogRow.seq.desc()).limit(1)
+        ).first()  # fmt: skip
+        s.add(BuildLogRow(build_id=build_id, seq=(last if last is not None else -1) + 1,
+                          ts=self._now(), line=line[:4000]))  # fmt: skip
+
+    def log_line(self, build_id: str, line: str) -> None:
+        with transaction(self.factory) as s:
+            self._log(s, build_id, line)
+
+    def start(self, n: int | None = None) -> None:
+        """Start ``n`` worker threads (default ``BuilderConfig.workers``)."""
+        host = socket.gethostname()
+        for i in range(n or self.config.workers):
+            name = f"builder-{host}-{os.getpid()}-{i}"
+            t = threading.Thread(target=self.run_worker, args=(name,), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    def run_worker(self, name: str, *, once: bool = False) -> None:
+        """Claim and run builds until :meth:`stop` (or one pass with ``once``)."""
+        while not self._stop.is_set():
+            with transaction(self.factory) as s:
+                jobs.requeue_expired(s, now=self._now())
+            job = jobs.claim(self.factory, [JOB_KIND], name, now=self._now(),
+                             lease_s=self.lease_s)  # fmt: skip
+            if job is None:
+                if once:
+                    return
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            self._run_job(job, name)
+            if once:
+                return
+
+    @contextlib.contextmanager
+    def _heartbeat(self, job: jobs.Job, worker: str, cancel: threading.Event) -> Iterator[None]:
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3):
+                try:
+                    with transaction(self.factory) as s:
+                        j = jobs.heartbeat(s, job.id, worker, now=self._now(), lease_s=self.lease_s)
+                    if j.cancel_requested:
+                        cancel.set()
+                except UnkeyError:  # lost the lease (e.g. stalled past it): stop the build
+                    cancel.set()
+                    return
+
+        t = threading.Thread(target=beat, daemon=True, name=f"{worker}-heartbeat")
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
+
+    def _run_job(self, job: jobs.Job, worker: str) -> None:
+        build_id = str(job.payload.get("build_id", ""))
+        with self.factory() as s:
+            row = s.get(BuildRow, build_id)
+            if row is None:  # a malformed queue message must not kill the worker
+                with transaction(self.factory) as s2:
+                    jobs.fail(s2, job.id, worker, f"no build record {build_id!r}",
+                              now=self._now(), retryable=False)  # fmt: skip
+                return
+            image, customer, opts_raw = row.image, row.customer_id, row.options
+        cancel = threading.Event()
+        scratch = self.work_dir / build_id / f"attempt-{job.attempts}"
+
+        def log(line: str) -> None:
+            self.log_line(build_id, line)
+            if cancel.is_set():
+                raise Cancelled
+
+        def check_cancel() -> None:
+            if cancel.is_set():
+                raise Cancelled
+
+        try:
+            with self._heartbeat(job, worker, cancel):
+                log(f"attempt {job.attempts}/{job.max_attempts} on {worker}")
+                options = BuildOptions.from_dict(json.loads(opts_raw))
+                resolved = self.source.resolve(image, log)
+                key = options.cache_key(resolved.manifest_digest)
+                self._set(build_id, manifest_digest=resolved.manifest_digest)
+                hit = self.assets.find(key)
+                if hit is not None:
+                    self.source.release(resolved)
+                    log(f"cache hit: {hit.asset_id} (built by {hit.build_id})")
+                    self._finish(job, worker, build_id, hit, cached=True)
+                    return
+                out = build_rootfs(self.source, resolved, options, scratch,
+                                   init_binary=self.init_binary, config=self.config, log=log,
+                                   check_cancel=check_cancel)  # fmt: skip
+                check_cancel()
+                asset = self.assets.register(out.compressed, AssetMeta(
+                    customer_id=CustomerId(customer), source_image=image,
+                    manifest_digest=resolved.manifest_digest, build_id=BuildId(build_id),
+                    build_key=key, tree_bytes=out.tree_bytes, ext4_bytes=out.ext4_bytes,
+                    ext4_sha256=out.ext4_sha256,
+                    image_config={"config": resolved.raw_config, "launch": out.launch,
+                                  "harden": out.harden_report},
+                ))  # fmt: skip
+                log(f"asset ready: {asset.asset_id} ({asset.compressed_bytes / 1e6:.1f} MB "
+                    f"compressed, {out.seconds:.1f} s)")  # fmt: skip
+                self._finish(job, worker, build_id, asset, cached=False)
+        except Cancelled:
+            with transaction(self.factory) as s:
+                self._log(s, build_id, "cancelled")
+                jobs.acknowledge_cancel(s, job.id, worker, now=self._now())
+        except UnkeyError as exc:
+            self._failed(job, worker, build_id, exc)
+        except Exception as exc:
+            self._failed(job, worker, build_id, UnkeyError(f"internal error: {exc!r}",
+                                                          retryable=True))  # fmt: skip
+        finally:
+            shutil.rmtree(self.work_dir / build_id, ignore_errors=True)
+
+    def _set(self, build_id: str, **fields: Any) -> None:
+        with transaction(self.factory) as s:
+            row = s.get(BuildRow, build_id)
+            if row is not None:
+                for k, v in fields.items():
+                    setattr(row, k, v)
+                row.updated_at = self._now()
+
+    def _finish(
+        self, job: jobs.Job, worker: str, build_id: str, asset: Asset, *, cached: bool
+    ) -> None:
+        with transaction(self.factory) as s:
+            row = s.get(BuildRow, build_id)
+            assert row is not None  # noqa: S101 (checked by the caller in this attempt)
+            row.asset_id, row.cached, row.error, row.updated_at = (
+                asset.asset_id,
+                cached,
+                None,
+                self._now(),
+            )
+            jobs.complete(s, job.id, worker, now=self._now(),
+                          result={"asset_id": asset.asset_id, "cached": cached})  # fmt: skip
+
+    def _failed(self, job: jobs.Job, worker: str, build_id: str, exc: UnkeyError) -> None:
+        with transaction(self.factory) as s:
+            after = jobs.fail(s, job.id, worker, exc.message, now=self._now(),
+                              retryable=exc.retryable, backoff_s=1.0)  # fmt: skip
+            retrying = after.state == jobs.JobState.QUEUED
+            self._log(s, build_id, f"{'error (will retry)' if retrying else 'failed'}: "
+                                   f"{exc.code}: {exc.message}")  # fmt: skip
+            row = s.get(BuildRow, build_id)
+            if row is not None and not retrying:
+                row.error = json.dumps(exc.to_dict())
+                row.updated_at = self._now()
+
+
+# -- deploy workflow adapter ----------------------------------------------------------------------
+
+
+class DeployBuilds:
+    """``deployer.api.Builds`` on top of builderd: submit, stream the log as progress events,
+    wait, and raise the build's own error (BuildFailed/ImageError/LayerError...) on failure."""
+
+    def __init__(self, builder: BuildService, *, timeout_s: float = 1800.0) -> None:
+        self.builder = builder
+        self.timeout_s = timeout_s
+
+    def build(self, req: Any, progress: Callable[..., None], /) -> Any:
+        from ..deployer.api import BuiltAsset  # noqa: PLC0415 (deployer depends on us, not back)
+
+        options = BuildOptions(keep_shell=bool(req.keep_shell),
+                               command=tuple(req.command) if req.command else None)  # fmt: skip
+        build_id = self.builder.submit(BuildRequest(
+            image=req.image, customer_id=CustomerId(req.customer_id), options=options,
+            priority=10, deployment_id=req.deployment_id,
+        ))  # fmt: skip
+        progress("build", f"build {build_id} queued", build_id=build_id)
+
+        def on_log(line: str) -> None:
+            progress("build", line, build_id=build_id)
+
+        b = self.builder.wait(build_id, self.timeout_s, on_log=on_log)
+        if b.state != BuildState.SUCCEEDED or b.asset_id is None:
+            if b.error:
+                raise errors.from_dict(b.error)
+            raise BuildFailed(f"build {build_id} {b.state}")
+        asset = self.builder.assets.get(b.asset_id)
+        return BuiltAsset(asset_id=asset.asset_id, build_id=build_id,
+                          rootfs_bytes=asset.ext4_bytes, cached=b.cached)  # fmt: skip
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+
+
+class OciImageSource:
+    """``ImageSource`` over :mod:`.source` (registry refs, ``oci:PATH[:tag]``,
+    ``docker-archive:PATH``) and :mod:`.layers` (the safe layer applier)."""
+
+    def __init__(
+        self,
+        config: BuilderConfig | None = None,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
+        self.config = config or BuilderConfig()
+        self.credentials = credentials
+
+    def resolve(self, image: str, log: Log) -> SourceImage:
+        from . import source  # noqa: PLC0415
+
+        log(f"resolve: {image}")
+        img = source.resolve(image, config=self.config, credentials=self.credentials)
+        try:
+            cfg = ImageConfig.from_oci(img.image_config)
+        except BaseException:
+            img.close()
+            raise
+        log(f"resolve: {img.manifest_digest}, {len(img.layers)} layers, "
+            f"{img.compressed_size / 1e6:.1f} MB")  # fmt: skip
+        return SourceImage(image, img.manifest_digest, cfg, img.image_config, handle=img)
+
+    def extract(self, image: SourceImage, root: Path, log: Log) -> None:
+        from .layers import extract_image  # noqa: PLC0415
+
+        try:
+            stats = extract_image(image.handle, root, self.config, log)
+            log(f"extract: {len(stats.layers)} layers, {stats.entries} entries, "
+                f"{stats.tar_bytes / 1e6:.1f} MB uncompressed")  # fmt: skip
+        finally:
+            self.release(image)
+
+    def release(self, image: SourceImage) -> None:
+        if image.handle is not None:
+            image.handle.close()
+
+
+def oci_source(settings: Settings) -> ImageSource:
+    """The real image source (registry / oci: / docker-archive:)."""
+    return OciImageSource(settings.builder)
+
+
+def open_builder(settings: Settings, *, source: ImageSource | None = None,
+                 clock: Clock | None = None, lease_s: float = 30.0) -> BuildService:  # fmt: skip
+    """builderd for ``settings``: control-plane DB, asset manager, init built under data_dir."""
+    from ..assets.service import open_assets  # noqa: PLC0415
+    from ..store.db import make_engine, session_factory  # noqa: PLC0415
+    from .vminit import build_init  # noqa: PLC0415
+
+    engine = make_engine(settings.resolved_database_url)
+    return BuildService(
+        session_factory(engine), open_assets(settings, clock=clock),
+        source or oci_source(settings), work_dir=settings.data_dir / "builds",
+        init_binary=build_init(settings.data_dir / "native"), config=settings.builder,
+        clock=clock, lease_s=lease_s,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m unkey_deploy.builder.service``: run builderd's workers until SIGTERM."""
+    import signal  # noqa: PLC0415
+
+    from ..core.config import load  # noqa: PLC0415
+    from ..store.db import make_engine, upgrade  # noqa: PLC0415
+
+    settings = load(environ=os.environ)
+    upgrade(make_engine(settings.resolved_database_url))
+    svc = open_builder(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    svc.start()
+    print(f"builderd: {settings.builder.workers} workers", file=sys.stderr, flush=True)
+    stop.wait()
+    svc.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""builderd end to end over real OCI layouts: build, cache, logs, failure, cancel, priority,
+the deploy adapter, and crash recovery (kill -9 of a worker process mid-build)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from unkey_deploy.assets.blobs import FsBlobStore
+from unkey_deploy.assets.service import AssetManager
+from unkey_deploy.builder.api import BuildOptions, BuildRequest, BuildState, SourceImage
+from unkey_deploy.builder.service import BuildService, DeployBuilds, OciImageSource
+from unkey_deploy.core.errors import IllegalTransition, ImageError
+from unkey_deploy.core.ids import CustomerId, new_customer_id
+from unkey_deploy.store.db import make_engine, session_factory, upgrade
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'control.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def factory(db_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(db_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def _service(tmp_path: Path, factory: sessionmaker[Session], init: Path, **kw: Any) -> BuildService:
+    assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
+    source = kw.pop("source", None) or OciImageSource()
+    return BuildService(factory, assets, source, work_dir=tmp_path / "work", init_binary=init,
+                        poll_s=0.05, **kw)  # fmt: skip
+
+
+@pytest.fixture
+def svc(
+    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path
+) -> Iterator[BuildService]:
+    s = _service(tmp_path, factory, init_binary)
+    yield s
+    s.stop()
+
+
+def _debugfs_cat(image: Path, path: str) -> bytes:
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True,
+                          check=True).stdout  # fmt: skip
+
+
+def test_build_then_cached_rebuild(svc: BuildService, app_image: str, tmp_path: Path) -> None:
+    cust = new_customer_id()
+    svc.start(2)
+    lines: list[str] = []
+    b = svc.wait(svc.submit(BuildRequest(app_image, cust)), 120, on_log=lines.append)
+    assert b.state == BuildState.SUCCEEDED, b.error
+    assert b.asset_id is not None and not b.cached and b.manifest_digest
+    assert any(line.startswith("harden: removed shells /bin/sh") for line in lines)
+    assert any(line.startswith("asset ready") for line in lines)
+    assert list(b.log) == lines  # the stored log is what was streamed
+    asset = svc.assets.get(b.asset_id)
+    assert asset.manifest_digest == b.manifest_digest and asset.customer_id == cust
+    assert asset.image_config["config"]["User"] == "app"
+    rootfs = svc.assets.fetch(b.asset_id, tmp_path / "out.ext4")
+    assert _debugfs_cat(rootfs, "/.vminit/argv") == b"/app/server\x00--port\x008080\x00"
+    assert _debugfs_cat(rootfs, "/.vminit/user") == b"1000:1000"
+    assert _debugfs_cat(rootfs, "/.vminit/env") == b"PATH=/bin\0A=1\0"
+    stat = subprocess.run(["debugfs", "-R", "stat /app/server", str(rootfs)],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "Mode:  0755" in stat  # setuid dropped
+
+    t0 = time.monotonic()
+    again = svc.wait(svc.submit(BuildRequest(app_image, new_customer_id())), 60)
+    assert again.state == BuildState.SUCCEEDED and again.cached
+    assert again.asset_id == b.asset_id and time.monotonic() - t0 < 5
+    other = svc.wait(svc.submit(BuildRequest(app_image, cust, BuildOptions(keep_shell=True))), 120)
+    assert other.state == BuildState.SUCCEEDED and not other.cached  # options are in the key
+    assert other.asset_id != b.asset_id
+
+
+def test_broken_image_fails_without_retry(svc: BuildService, tmp_path: Path) -> None:
+    svc.start(1)
+    b = svc.wait(svc.submit(BuildRequest(f"oci:{tmp_path}/missing", new_customer_id())), 60)
+    assert b.state == BuildState.FAILED and b.attempts == 1
+    assert b.error is not None and b.error["code"] == "image_error"
+    assert "missing" in b.error["message"] and any(
+        x.startswith("failed: image_error") for x in b.log
+    )
+
+
+def test_priority_and_cancel_of_queued_build(svc: BuildService, app_image: str) -> None:
+    cust = new_customer_id()
+    low = svc.submit(BuildRequest(app_image, cust, priority=0))
+    high = svc.submit(BuildRequest(app_image, cust, priority=5))
+    doomed = svc.submit(BuildRequest(app_image, cust, priority=9))
+    assert svc.cancel(doomed).state == BuildState.CANCELLED
+    with pytest.raises(IllegalTransition):
+        svc.cancel(doomed)
+    svc.run_worker("w", once=True)
+    assert svc.get(high).state == BuildState.SUCCEEDED
+    assert svc.get(low).state == BuildState.QUEUED
+
+
+class _BlockingSource(OciImageSource):
+    """The real source, but extraction waits until the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release_extract = threading.Event()
+
+    def extract(self, image: SourceImage, root: Path, log: Any) -> None:
+        self.entered.set()
+        while not self.release_extract.wait(0.05):
+            log("extract: waiting")  # a log line is a cancellation point
+        super().extract(image, root, log)
+
+
+def test_cancel_running_build(
+    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path, app_image: str
+) -> None:
+    source = _BlockingSource()
+    svc = _service(tmp_path, factory, init_binary, source=source, lease_s=0.6)
+    try:
+        svc.start(1)
+        bid = svc.submit(BuildRequest(app_image, new_customer_id()))
+        assert source.entered.wait(30)
+        svc.cancel(bid)
+        b = svc.wait(bid, 30)
+        assert b.state == BuildState.CANCELLED and b.asset_id is None
+        assert not (tmp_path / "work" / bid).exists()  # scratch removed
+    finally:
+        source.release_extract.set()
+        svc.stop()
+
+
+def test_deploy_adapter_streams_progress_and_raises_build_errors(
+    svc: BuildService, app_image: str, tmp_path: Path
+) -> None:
+    from unkey_deploy.deployer.api import DeployRequest
+
+    svc.start(1)
+    events: list[tuple[str, str]] = []
+
+    def progress(phase: str, message: str, **data: Any) -> None:
+        events.append((phase, message))
+
+    def req(image: str) -> DeployRequest:
+        return DeployRequest(deployment_id="dep_1", customer_id=new_customer_id(),
+                             tenant_id="ten_1", request_id="req_1", name="app", image=image,
+                             vcpus=1, memory_bytes=256 << 20, port=8080)  # fmt: skip
+
+    built = DeployBuilds(svc).build(req(app_image), progress)
+    assert built.asset_id.startswith("ast_") and built.rootfs_bytes > 0 and not built.cached
+    assert any(m.startswith("asset ready") for _, m in events)
+    assert svc.assets.local_path(built.asset_id).read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    with pytest.raises(ImageError):
+        DeployBuilds(svc).build(req(f"oci:{tmp_path}/nope"), progress)
+
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from unkey_deploy.assets.blobs import FsBlobStore
+    from unkey_deploy.assets.service import AssetManager
+    from unkey_deploy.builder.service import BuildService, OciImageSource
+    from unkey_deploy.store.db import make_engine, session_factory
+
+    class Slow(OciImageSource):
+        def extract(self, image, root, log):
+            log("extract: slow worker started")
+            time.sleep(120)
+
+    url, tmp, init = sys.argv[1:4]
+    f = session_factory(make_engine(url))
+    assets = AssetManager(f, FsBlobStore(Path(tmp) / "blobs"), Path(tmp) / "cache")
+    svc = BuildService(f, assets, Slow(), work_dir=Path(tmp) / "work", init_binary=Path(init),
+                       lease_s=1.0, poll_s=0.05)
+    svc.run_worker("doomed-worker")
+""")
+
+
+def test_worker_killed_mid_build_is_retried_by_another(
+    tmp_path: Path, factory: sessionmaker[Session], db_url: str, init_binary: Path, app_image: str
+) -> None:
+    svc = _service(tmp_path, factory, init_binary, lease_s=1.0)
+    bid = svc.submit(BuildRequest(app_image, CustomerId(new_customer_id())))
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, db_url, str(tmp_path), str(init_binary)])
+    try:
+        deadline = time.monotonic() + 60
+        while not any("slow worker started" in x for x in svc.get(bid).log):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        assert svc.get(bid).state == BuildState.RUNNING
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        svc.start(1)
+        b = svc.wait(bid, 120)
+    finally:
+        svc.stop()
+    assert b.state == BuildState.SUCCEEDED and b.attempts == 2 and b.asset_id
+    assert any("on doomed-worker" in x for x in b.log)
