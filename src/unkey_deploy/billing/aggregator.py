@@ -1,0 +1,510 @@
+"""The billing aggregator: metering batches in, exact VM-hour billing rows, raw intervals and
+quarantined samples out (stage 7 of the design; what a bill means is BILLING.md).
+
+Order and exactly-once
+----------------------
+A series (one VM instance) sends batches with ``seq`` = 0, 1, 2, ... (metering.model.Batch).
+The aggregator applies each series' batches **in seq order**, whatever order they arrive in:
+a batch ahead of a missing one is held (unacked) until the missing one is redelivered, so a late
+batch is simply applied in its place and every hour it touches is recomputed from the series'
+state at that point. Because samples of a series are ordered by t within and across batches,
+this is exactly BILLING.md's "ordered by t" cleaning, and replaying the same batches in any
+order, any number of times, gives the same rows.
+
+Per series the aggregator keeps a small state (last applied seq, last valid sample, usage so far
+in the current hour) in ClickHouse (``billing_series_state``, ReplacingMergeTree read with
+FINAL). A flush of many batches commits in this order, then acks:
+
+1. raw interval rows (``metrics_raw``; rows of redelivered batches already present are not sent
+   again) and quarantined samples;
+2. ``billing_hourly`` rows of every hour touched (state's running total + the new usage), with a
+   version larger than any before (a recomputed hour replaces the older row);
+3. the new series states: **the commit point**. A batch with ``seq <= last_seq`` is a duplicate;
+4. ``processed_batches`` markers (for operators/queries), then the JetStream acks.
+
+A crash before 3 leaves the old states: redelivered batches are applied again to the same state
+and give the same rows (billing rows win by version, raw rows are not sent twice). A crash after
+3 makes the redeliveries duplicates, acked and skipped.
+
+Hot path: one ``clean`` (numpy) per series per flush and Arrow columns built with numpy; no
+per-sample Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..clickhouse.api import BillingHourlyRow, Storage
+from ..core.errors import InvalidInput
+from ..metering.codec import COLUMNS, DecodedBatch, decode_array
+from ..metering.model import SeriesKey
+from . import pricing
+from .customers import CustomerDirectory, CustomerInfo
+from .pricing import NS_PER_HOUR
+from .usage import FIELDS, HourUsage, clean
+
+log = logging.getLogger(__name__)
+
+STATE_TABLE = "billing_series_state"
+STATE_DDL = f"""
+CREATE TABLE IF NOT EXISTS {STATE_TABLE}
+(
+    vm_id String,
+    instance_id String,
+    customer_id String,
+    vcpus UInt32,
+    memory_total_bytes UInt64,
+    last_seq Int64,
+    has_last UInt8,
+    t Int64, cpu_time_ns Int64, memory_used_bytes Int64, net_rx_bytes Int64,
+    net_tx_bytes Int64, disk_read_bytes Int64, disk_write_bytes Int64,
+    hour Int64,
+    acc_cpu_ns UInt64,
+    acc_mem_byte_ns Decimal(38, 0),
+    acc_net_rx_bytes UInt64, acc_net_tx_bytes UInt64,
+    acc_disk_read_bytes UInt64, acc_disk_write_bytes UInt64,
+    acc_gap_ns UInt64, acc_gaps UInt64, acc_samples UInt64,
+    version UInt64
+)
+ENGINE = ReplacingMergeTree(version)
+ORDER BY (vm_id, instance_id)
+"""
+_SAMPLE_COLS = ("t", *COLUMNS[1:])
+_ACC = tuple(f"acc_{f}" for f in FIELDS)
+
+REASON_UNKNOWN_CUSTOMER = "unknown_customer"
+REASON_UNKNOWN_VM = "unknown_vm"
+REASON_INVALID_BATCH = "invalid_batch"
+REASON_AFTER_SKIP = "arrived_after_skip"
+REASON_ALLOCATION = "allocation_changed"
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One message from the bus. ``handle`` is given back in :class:`Settled`."""
+
+    handle: Any
+    data: bytes
+    redelivered: bool = False
+
+
+@dataclass
+class Settled:
+    """What to do with the messages of a flush, once :meth:`Aggregator.process` returned."""
+
+    ack: list[Any] = field(default_factory=list)
+    term: list[Any] = field(default_factory=list)
+    held: int = 0
+    samples: int = 0
+    raw_rows: int = 0
+    billing_rows: int = 0
+
+
+@dataclass
+class SeriesState:
+    key: SeriesKey
+    last_seq: int = -1
+    last: np.ndarray | None = None
+    hour: int = -1
+    acc: HourUsage = field(default_factory=HourUsage)
+
+
+@dataclass
+class _Held:
+    item: Incoming
+    batch: DecodedBatch
+    since: float
+
+
+def _sid(vm_id: str, instance_id: str) -> str:
+    return f"{vm_id}:{instance_id}"
+
+
+def _esc(s: str) -> str:
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class Versioner:
+    """Strictly increasing versions from the wall clock (ns), across restarts too."""
+
+    def __init__(self, now_ns: Any = time.time_ns) -> None:
+        self._now = now_ns
+        self._last = 0
+
+    def next(self) -> int:
+        v = max(int(self._now()), self._last + 1)
+        self._last = v
+        return v
+
+
+class Aggregator:
+    """Synchronous core (the bus loop is :func:`run_consumer`). Not thread-safe."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        directory: CustomerDirectory,
+        *,
+        pricing_version: str = "v1",
+        hold_timeout_s: float = 120.0,
+        monotonic: Any = time.monotonic,
+        versioner: Versioner | None = None,
+    ) -> None:
+        pricing.price_sheet(pricing_version, "standard")  # fail fast on an unknown version
+        self.storage = storage
+        self.directory = directory
+        self.pricing_version = pricing_version
+        self.hold_timeout_s = hold_timeout_s
+        self._mono = monotonic
+        self._versions = versioner or Versioner()
+        self._states: dict[str, SeriesState] = {}
+        self._held: dict[str, dict[int, _Held]] = defaultdict(dict)
+        self._skipped: dict[str, set[int]] = defaultdict(set)
+        storage.command(STATE_DDL)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _load_states(self, keys: Iterable[SeriesKey]) -> None:
+        want = {_sid(k.vm_id, k.instance_id): k for k in keys}
+        missing = [s for s in want if s not in self._states]
+        if not missing:
+            return
+        cols = ", ".join(
+            ["vm_id", "instance_id", "last_seq", "has_last", *_SAMPLE_COLS, "hour", *_ACC]
+        )
+        rows = self.storage.query(  # constant column/table names; ids are bound
+            f"SELECT {cols} FROM {STATE_TABLE} FINAL "  # noqa: S608
+            "WHERE concat(vm_id, ':', instance_id) IN {ids:Array(String)}",
+            {"ids": missing},
+        )
+        found = {}
+        for r in rows:
+            sid = _sid(r["vm_id"], r["instance_id"])
+            st = SeriesState(key=want[sid], last_seq=int(r["last_seq"]), hour=int(r["hour"]))
+            if int(r["has_last"]):
+                st.last = np.array([int(r[c]) for c in _SAMPLE_COLS], dtype=np.int64)
+            st.acc = HourUsage(**{f: int(r[f"acc_{f}"]) for f in FIELDS})
+            found[sid] = st
+        for sid in missing:
+            self._states[sid] = found.get(sid) or SeriesState(key=want[sid])
+
+    def _state_values(self, st: SeriesState, version: int) -> str:
+        k = st.key
+        last = st.last if st.last is not None else np.zeros(7, dtype=np.int64)
+        vals = [
+            _esc(k.vm_id),
+            _esc(k.instance_id),
+            _esc(k.customer_id),
+            str(k.vcpus),
+            str(k.memory_total_bytes),
+            str(st.last_seq),
+            "1" if st.last is not None else "0",
+            *(str(int(x)) for x in last),
+            str(st.hour),
+            *(str(getattr(st.acc, f)) for f in FIELDS),
+            str(version),
+        ]
+        return "(" + ",".join(vals) + ")"
+
+    def forget(self) -> None:
+        """Drop in-memory state (as a restart would)."""
+        self._states.clear()
+        self._held.clear()
+
+    # -- processing -----------------------------------------------------------------------------
+
+    def process(self, items: Sequence[Incoming]) -> Settled:
+        out = Settled()
+        quarantine: list[dict[str, Any]] = []
+        redelivered: set[str] = set()
+        now = self._mono()
+        for it in items:
+            try:
+                b = decode_array(it.data)
+            except InvalidInput as exc:
+                quarantine.append(_q_row("", "", "", "", 0, f"{REASON_INVALID_BATCH}: {exc}", ""))
+                out.term.append(it.handle)
+                continue
+            sid = _sid(b.key.vm_id, b.key.instance_id)
+            if it.redelivered:
+                redelivered.add(b.batch_id)
+            old = self._held[sid].get(b.seq)
+            self._held[sid][b.seq] = _Held(it, b, old.since if old else now)
+        if not self._held:
+            self._write_quarantine(quarantine)
+            return out
+        self._load_states(h.batch.key for hs in self._held.values() for h in hs.values())
+
+        # Pick, per series, the batches that can be applied now (in seq order).
+        ready: dict[str, list[_Held]] = {}
+        for sid, held in list(self._held.items()):
+            st = self._states[sid]
+            for seq in [s for s in held if s <= st.last_seq]:
+                h = held.pop(seq)
+                if seq in self._skipped[sid]:
+                    self._skipped[sid].discard(seq)
+                    quarantine.extend(_q_batch(h.batch, REASON_AFTER_SKIP))
+                out.ack.append(h.item.handle)  # a duplicate: already committed
+            run: list[_Held] = []
+            nxt = st.last_seq + 1
+            while nxt in held:
+                run.append(held.pop(nxt))
+                nxt += 1
+            if held and not run:
+                oldest = min(held.values(), key=lambda h: h.since)
+                if now - oldest.since >= self.hold_timeout_s:
+                    first = min(held)
+                    log.warning(
+                        "series %s: batches %d..%d never arrived; applying %d without them",
+                        sid,
+                        st.last_seq + 1,
+                        first - 1,
+                        first,
+                    )
+                    self._skipped[sid].update(range(st.last_seq + 1, first))
+                    nxt = first
+                    while nxt in held:
+                        run.append(held.pop(nxt))
+                        nxt += 1
+            if run:
+                ready[sid] = run
+            if not held:
+                del self._held[sid]
+        out.held = sum(len(h) for h in self._held.values())
+
+        raw_parts: list[pa.Table] = []
+        billing: list[BillingHourlyRow] = []
+        new_states: list[SeriesState] = []
+        raw_ids: list[str] = []
+        done_ids: list[str] = []
+        for sid, run in ready.items():
+            st = self._states[sid]
+            key = run[0].batch.key
+            ids = [h.batch.batch_id for h in run]
+            done_ids += ids
+            out.ack += [h.item.handle for h in run]
+            nsamples = sum(len(h.batch.samples) for h in run)
+            out.samples += nsamples
+            cust = self.directory.customer(key.customer_id)
+            reason = None
+            if cust is None:
+                reason = REASON_UNKNOWN_CUSTOMER
+            elif not self.directory.known_vm(key.customer_id, key.vm_id):
+                reason = REASON_UNKNOWN_VM
+            elif (st.key.vcpus, st.key.memory_total_bytes) != (key.vcpus, key.memory_total_bytes):
+                reason = REASON_ALLOCATION
+            if reason is not None or cust is None:
+                for h in run:
+                    quarantine.extend(_q_batch(h.batch, reason or REASON_UNKNOWN_CUSTOMER))
+                st.last_seq = run[-1].batch.seq
+                new_states.append(st)
+                continue
+            arr = (
+                run[0].batch.samples
+                if len(run) == 1
+                else np.concatenate([h.batch.samples for h in run])
+            )
+            seq_of_row = np.repeat(np.arange(len(run)), [len(h.batch.samples) for h in run])
+            c = clean(st.last, arr, key.vcpus, key.memory_total_bytes)
+            for i, why in c.reasons.items():
+                b = run[int(seq_of_row[c.src[i]])].batch
+                quarantine.append(
+                    _q_row(
+                        key.customer_id,
+                        key.vm_id,
+                        key.instance_id,
+                        b.batch_id,
+                        int(c.rows[i, 0]),
+                        why,
+                        json.dumps(dict(zip(COLUMNS, c.rows[i].tolist(), strict=True))),
+                    )
+                )
+            vmask = c.valid
+            if vmask.any():
+                raw_parts.append(
+                    _raw_table(key, c, seq_of_row[c.src[vmask]], [h.batch.batch_id for h in run])
+                )
+                raw_ids += [h.batch.batch_id for h in run]
+            sheet = pricing.price_sheet(self.pricing_version, cust.pricing_tier)
+            hours = dict(c.hours)
+            if st.hour in hours:
+                merged = st.acc.copy()
+                merged.add(hours[st.hour])
+                hours[st.hour] = merged
+            version = self._versions.next()
+            for hour, u in sorted(hours.items()):
+                billing.append(_billing_row(key, cust, hour, u, sheet, version))
+            if c.last is not None and (st.last is None or int(c.last[0]) != int(st.last[0])):
+                last_hour = int(c.last[0]) // NS_PER_HOUR
+                st.acc = hours[last_hour].copy() if last_hour in hours else HourUsage()
+                st.hour = last_hour
+            st.last = c.last
+            st.last_seq = run[-1].batch.seq
+            new_states.append(st)
+
+        # Commit: raw + quarantine, billing rows, then states (the commit point), then markers.
+        if raw_parts:
+            raw = pa.concat_tables(raw_parts)
+            present = (
+                self.storage.raw_batches_present([i for i in raw_ids if i in redelivered])
+                if redelivered
+                else set()
+            )
+            if present:
+                keep = pa.compute.invert(
+                    pa.compute.is_in(raw.column("batch_id"), pa.array(sorted(present)))
+                )
+                raw = raw.filter(keep)
+            if raw.num_rows:
+                token = hashlib.sha256("\n".join(sorted(raw_ids)).encode()).hexdigest()
+                self.storage.insert_raw(raw, token)
+            out.raw_rows = raw.num_rows
+        self._write_quarantine(quarantine)
+        if billing:
+            self.storage.upsert_billing_hourly(billing)
+            out.billing_rows = len(billing)
+        if new_states:
+            v = self._versions.next()
+            self.storage.command(  # values are numbers or escaped by _esc
+                f"INSERT INTO {STATE_TABLE} VALUES "  # noqa: S608
+                + ",".join(self._state_values(st, v) for st in new_states)
+            )
+        if done_ids:
+            self.storage.mark_processed(done_ids)
+        return out
+
+    def held_handles(self) -> list[Any]:
+        return [h.item.handle for hs in self._held.values() for h in hs.values()]
+
+    def _write_quarantine(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        tbl = pa.Table.from_pylist(rows, schema=_Q_SCHEMA)
+        token = hashlib.sha256(
+            "\n".join(f"{r['batch_id']}|{r['timestamp']}|{r['reason']}" for r in rows).encode()
+        ).hexdigest()
+        self.storage.insert_quarantine(tbl, token)
+
+
+_Q_SCHEMA = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("vm_id", pa.string()),
+        ("instance_id", pa.string()),
+        ("batch_id", pa.string()),
+        ("timestamp", pa.timestamp("ns", tz="UTC")),
+        ("reason", pa.string()),
+        ("sample_json", pa.string()),
+    ]
+)
+
+
+def _q_row(  # noqa: PLR0917 (one quarantine row, all fields)
+    customer_id: str, vm_id: str, instance_id: str, batch_id: str, t: int, reason: str, js: str
+) -> dict[str, Any]:
+    return {
+        "customer_id": customer_id,
+        "vm_id": vm_id,
+        "instance_id": instance_id,
+        "batch_id": batch_id,
+        "timestamp": t,
+        "reason": reason,
+        "sample_json": js,
+    }
+
+
+def _q_batch(b: DecodedBatch, reason: str) -> list[dict[str, Any]]:
+    k = b.key
+    return [
+        _q_row(
+            k.customer_id,
+            k.vm_id,
+            k.instance_id,
+            b.batch_id,
+            int(r[0]),
+            reason,
+            json.dumps(dict(zip(COLUMNS, r, strict=True))),
+        )
+        for r in b.samples.tolist()
+    ]
+
+
+def _const(value: str, n: int) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(
+        pa.array(np.zeros(n, dtype=np.int32)), pa.array([value])
+    ).cast(pa.string())
+
+
+def _raw_table(key: SeriesKey, c: Any, batch_idx: np.ndarray, batch_ids: list[str]) -> pa.Table:
+    v = c.valid
+    rows = c.rows[v]
+    d = c.deltas[v]
+    n = len(rows)
+    dt = d[:, 0]
+    before_mem = np.empty(n, dtype=np.int64)
+    # memory gauge of the previous valid sample (a): reconstruct from b's gauge minus delta
+    before_mem[:] = rows[:, 2] - d[:, 2]
+    counted = (dt > 0) & (dt <= pricing.NS_PER_S)
+    mem_byte_ns = np.where(counted, before_mem.astype(np.uint64) * dt.astype(np.uint64), 0)
+    return pa.table(
+        {
+            "customer_id": _const(key.customer_id, n),
+            "vm_id": _const(key.vm_id, n),
+            "instance_id": _const(key.instance_id, n),
+            "timestamp": pa.array(rows[:, 0], pa.timestamp("ns", tz="UTC")),
+            "interval_ns": pa.array(dt.astype(np.uint64)),
+            "cpu_time_ns": pa.array(d[:, 1].astype(np.uint64)),
+            "cpu_usage_percent": pa.array(c.cpu_percent[v]),
+            "memory_used_bytes": pa.array(rows[:, 2].astype(np.uint64)),
+            "memory_total_bytes": pa.array(np.full(n, key.memory_total_bytes, dtype=np.uint64)),
+            "vcpus": pa.array(np.full(n, key.vcpus, dtype=np.uint16)),
+            "network_rx_bytes": pa.array(d[:, 3].astype(np.uint64)),
+            "network_tx_bytes": pa.array(d[:, 4].astype(np.uint64)),
+            "disk_read_bytes": pa.array(d[:, 5].astype(np.uint64)),
+            "disk_write_bytes": pa.array(d[:, 6].astype(np.uint64)),
+            "mem_byte_ns": pa.array(mem_byte_ns.astype(np.uint64)),
+            "gap_ns": pa.array(np.where(dt > pricing.NS_PER_S, dt, 0).astype(np.uint64)),
+            "batch_id": pa.DictionaryArray.from_arrays(
+                pa.array(batch_idx.astype(np.int32)), pa.array(batch_ids)
+            ).cast(pa.string()),
+        }
+    )
+
+
+def _billing_row(  # noqa: PLR0917
+    key: SeriesKey,
+    cust: CustomerInfo,
+    hour: int,
+    u: HourUsage,
+    sheet: pricing.PriceSheet,
+    version: int,
+) -> BillingHourlyRow:
+    return BillingHourlyRow(
+        customer_id=key.customer_id,
+        vm_id=key.vm_id,
+        instance_id=key.instance_id,
+        hour=datetime.fromtimestamp(hour * 3600, UTC),
+        cpu_time_ns=u.cpu_ns,
+        mem_byte_ns=u.mem_byte_ns,
+        net_rx_bytes=u.net_rx_bytes,
+        net_tx_bytes=u.net_tx_bytes,
+        disk_read_bytes=u.disk_read_bytes,
+        disk_write_bytes=u.disk_write_bytes,
+        gap_ns=u.gap_ns,
+        sample_count=u.samples,
+        storage_byte_ns=0,
+        cost=pricing.hour_cost(sheet, u.cpu_ns, u.mem_byte_ns, u.net_bytes),
+        pricing_version=sheet.version,
+        version=version,
+    )
