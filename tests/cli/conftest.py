@@ -16,7 +16,7 @@ JWT_SECRET = "test-secret-" + "x" * 32
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     with running_gateway(
         tmp_path_factory.mktemp("gw"),
-        rate_limit_per_s=1.0,
+        rate_limit_per_s=0.05,  # one token per 20 s: a slow CLI start never refills a bucket
         rate_limit_burst=12,
         jwt_secret=JWT_SECRET,
     ) as gw:

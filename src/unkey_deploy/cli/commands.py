@@ -18,7 +18,6 @@ from ..core.errors import (
     DeadlineExceeded,
     InvalidInput,
     Unavailable,
-    UnkeyError,
     ValidationFailed,
     from_dict,
 )
@@ -565,7 +564,3 @@ def register(group: click.Group) -> None:
     """Add the API commands to the top-level group."""
     for cmd in (deploy, deployments, keys, customers, login, whoami, dev, gatewayd):
         group.add_command(cmd)
-
-
-__all__ = ["register"]
-_ = UnkeyError

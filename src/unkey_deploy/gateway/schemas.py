@@ -119,9 +119,6 @@ class KeyOut(_Out):
 
 class CreateKeyRequest(_Out):
     name: str = Field("default", min_length=1, max_length=200)
-    customer_id: str | None = Field(
-        None, description="admin only: the customer to create the key for"
-    )
 
 
 class KeyCreated(_Out):
