@@ -124,3 +124,30 @@ def test_metering_stream_settings_are_code(nats_server: NatsServer) -> None:
     asyncio.run(main())
     with pytest.raises(Exception, match="subject token"):
         mstream.subject_for("cust.with.dots")
+
+
+def test_nats_url_selects_external_server_else_starts_local(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    from unkey_deploy.bus import resolve_nats
+
+    data = tmp_path / "data"
+    url, started = resolve_nats(BusConfig(nats_url=nats_server.url), data)
+    assert url == nats_server.url and started is None
+    assert not (data / "nats").exists()
+    url, started = resolve_nats(BusConfig(), data)
+    try:
+        assert started is not None and started.running and url != nats_server.url
+        assert (data / "nats" / "url").read_text().strip() == url
+
+        async def ping() -> int:
+            bus = await connect(url)
+            await bus.ensure_stream(SPEC)
+            n = await bus.stream_message_count("TEST")
+            await bus.close()
+            return n
+
+        assert asyncio.run(ping()) == 0
+    finally:
+        if started:
+            started.stop()

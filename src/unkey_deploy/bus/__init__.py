@@ -16,7 +16,7 @@ from .interface import (
     StreamSpec,
 )
 from .jetstream import JetStreamBus, connect
-from .server import NatsServer, nats_server_binary
+from .server import NatsServer, nats_server_binary, resolve_nats
 
 __all__ = [
     "MSG_ID_HEADER",
@@ -31,4 +31,5 @@ __all__ = [
     "StreamSpec",
     "connect",
     "nats_server_binary",
+    "resolve_nats",
 ]

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..core.config import BusConfig
 from ..core.errors import NotFound, Unavailable
 
 
@@ -166,3 +167,15 @@ class NatsServer:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def resolve_nats(cfg: BusConfig, data_dir: Path, *, port: int = 0) -> tuple[str, NatsServer | None]:
+    """The NATS URL to use: ``cfg.nats_url`` (an external server or cluster) when set, else a
+    local ``nats-server`` started now under ``<data_dir>/nats`` (the caller stops it). The local
+    URL is also written to ``<data_dir>/nats/url`` for other processes of ``unkey dev up``."""
+    if cfg.nats_url:
+        return cfg.nats_url, None
+    server = NatsServer(Path(data_dir) / "nats", port=port)
+    server.start()
+    (server.store_dir / "url").write_text(server.url + "\n")
+    return server.url, server

@@ -57,6 +57,7 @@ class Stats:
     duplicates: int = 0
     publish_errors: int = 0
     bytes_published: int = 0
+    samples_published: int = 0
 
 
 class Billaged:
@@ -383,6 +384,7 @@ class Billaged:
             done += 1
             self.stats.batches_published += 1
             self.stats.bytes_published += len(it.data)
+            self.stats.samples_published += it.samples
             if res.duplicate:
                 self.stats.duplicates += 1
         return done

@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from ..bus.interface import Bus
+from ..bus.jetstream import connect
+from ..core.config import Settings
 from .billaged import Billaged
 from .collector import Collector
 from .model import MeterTarget, SeriesKey
@@ -89,3 +92,23 @@ class MeteringLoop:
                 publisher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await publisher
+
+
+def build(settings: Settings, targets: TargetsFn, nats_url: str) -> MeteringLoop:
+    """A host's metering loop from the settings: spool under ``<data_dir>/billaged``, batches
+    of ``metering.batch_samples``, sampled every ``metering.interval_ms``, published to
+    ``nats_url`` (see :func:`unkey_deploy.bus.resolve_nats`). Run it with
+    ``await loop.run(stop_event)``."""
+
+    async def factory() -> Bus:
+        return await connect(nats_url)
+
+    billaged = Billaged(
+        settings.data_dir / "billaged",
+        bus_factory=factory,
+        bus_config=settings.bus,
+        batch_samples=settings.metering.batch_samples,
+    )
+    return MeteringLoop(
+        Collector(), billaged, targets, interval_s=settings.metering.interval_ms / 1000
+    )

@@ -52,23 +52,44 @@ class SimFleet:
             for i in range(n)
         ]
         rng = np.random.default_rng(seed)
-        # per-VM rates; each counter grows by rate*k plus a bounded wiggle < rate, so monotone
         self._rate = rng.integers(1_000, 50_000_000, size=(n, NCOLS), dtype=np.int64)
         self._rate[:, 0] = TICK_NS
         self._idx = idx
 
     def rows(self, k: int, vms: np.ndarray | None = None) -> Samples:
-        """Sample ``k`` of each VM in ``vms`` (all by default) as an (n, 7) array."""
-        i = self._idx if vms is None else vms
+        """Sample ``k`` of each VM in ``vms`` (all by default) as an (n, 7) array.
+
+        Realistic entropy (so compression figures mean something): every counter grows by a
+        pseudo-random 0..2x its VM's rate per tick, timestamps jitter by up to 1 ms, memory is
+        page-aligned and changes every 5 s. Still a pure function of (seed, vm, k)."""
+        i = self._idx if vms is None else np.asarray(vms, dtype=np.int64)
         rate = self._rate[i]
-        wiggle = (i[:, None] * 7919 + k * 104729 + np.arange(NCOLS) * 31) % 997
-        out = rate * k + (wiggle * rate) // 1000
-        out[:, 0] = T0 + k * TICK_NS + i  # distinct per VM, strictly increasing per VM
-        out[:, 2] = ((i * 4099 + k * 13) % 1024) * (MEM_TOTAL // 1024)  # gauge within total
+        cols = np.arange(NCOLS, dtype=np.uint64)
+        h = _mix(
+            (np.uint64(self.seed) << np.uint64(48))
+            ^ (i.astype(np.uint64)[:, None] << np.uint64(24))
+            ^ (np.uint64(k) << np.uint64(3))
+            ^ cols
+        )
+        noise = (h % rate.astype(np.uint64)).astype(np.int64)  # 0 <= noise < rate
+        out = rate * k + noise  # out(k+1) - out(k) = rate + noise' - noise, in 1..2*rate-1
+        out[:, 0] = T0 + k * TICK_NS + (noise[:, 0] % 1_000_000)  # up to 1 ms of jitter
+        slow = _mix((i.astype(np.uint64) << np.uint64(20)) ^ np.uint64(k // 50 + 1))
+        pages = (slow % np.uint64(MEM_TOTAL // 2 // 4096)).astype(np.int64)
+        out[:, 2] = (MEM_TOTAL // 4) + pages * 4096  # gauge within 1/4..3/4 of the total
         return np.asarray(out, dtype=np.int64)
 
     def tick_of(self, t: int, vm: int) -> int:
-        return (t - T0 - vm) // TICK_NS
+        return (t - T0) // TICK_NS
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, vectorised (uint64 arithmetic wraps)."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return np.asarray(x ^ (x >> np.uint64(31)), dtype=np.uint64)
 
 
 def checksum(rows: Iterable[Samples]) -> tuple[int, str]:

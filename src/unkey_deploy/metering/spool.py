@@ -8,7 +8,8 @@ Layout under the spool dir::
                          was acked.
     seq.log              JSON lines {"s": "<vm>:<instance>", "n": next_seq, "t": last_t,
                          "closed": bool, "closed_at": ns}, last line per series wins;
-                         fsync'd after each segment.
+                         fsync'd before any segment is deleted (until then the segments
+                         themselves carry the seqs).
                          So a batch id is never reused for different samples after a restart.
     journal/             the sample journal (:mod:`.journal`)
 
@@ -93,6 +94,7 @@ class Spool:
         self._seq_log_path = self.root / "seq.log"
         self._load()
         self._seq_log = open(self._seq_log_path, "ab")  # noqa: SIM115 - lives as long as the spool
+        self._seq_dirty = False
         names = sorted(self._segments)
         self._next_segment = (names[-1] + 1) if names else 0
 
@@ -189,7 +191,14 @@ class Spool:
         self.series.update(states)
         self._seq_log.write(b"".join(self._seq_line(k, v) for k, v in states.items()))
         self._seq_log.flush()
-        os.fsync(self._seq_log.fileno())
+        # Not fsync'd here: until the segment carrying these batches is deleted, the segment
+        # itself tells recovery the seqs (see _load); ack() syncs seq.log before any delete.
+        self._seq_dirty = True
+
+    def _sync_seq_log(self) -> None:
+        if self._seq_dirty:
+            os.fsync(self._seq_log.fileno())
+            self._seq_dirty = False
 
     # -- publishing -----------------------------------------------------------------------
     def pending(self, limit: int) -> list[tuple[int, int, SpooledBatch]]:
@@ -210,6 +219,7 @@ class Spool:
             return
         self._acked[segment].add(index)
         if len(self._acked[segment]) == len(self._segments[segment]):
+            self._sync_seq_log()
             (self.seg_dir / f"{segment:012d}.spool").unlink(missing_ok=True)
             del self._segments[segment]
             del self._acked[segment]
@@ -219,4 +229,5 @@ class Spool:
         return sum(len(v) - len(self._acked[k]) for k, v in self._segments.items())
 
     def close(self) -> None:
+        self._sync_seq_log()
         self._seq_log.close()
