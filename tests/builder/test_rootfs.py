@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def test_same_tree_twice_gives_identical_bytes(
     (base / "app/owned").write_text("x")
     os.chown(base / "app/owned", 1000, 1000)
     a = make_rootfs(_copy(base, tmp_path / "a"), tmp_path / "a.ext4", seed="sha256:abc|opts")
+    time.sleep(1.1)  # the copies' ctimes differ (mkfs -d copies ctime; the build must pin it)
     b = make_rootfs(_copy(base, tmp_path / "b"), tmp_path / "b.ext4", seed="sha256:abc|opts")
     assert a.sha256 == b.sha256 == sha256_file(tmp_path / "b.ext4")
     c = make_rootfs(_copy(base, tmp_path / "c"), tmp_path / "c.ext4", seed="sha256:other")

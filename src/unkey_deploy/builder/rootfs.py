@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,6 +105,7 @@ def make_rootfs(tree: Path, out: Path, *, seed: str) -> RootfsInfo:
           "-N", str(inodes + 1024), "-b", "4096", "-I", "256", "-T", "default", str(out)],
          env, "mkfs.ext4 -d")
     # fmt: on
+    _pin_ctimes(out, env)
     _run(["e2fsck", "-fy", str(out)], env, "e2fsck -fy")
     _run(["resize2fs", "-M", str(out)], env, "resize2fs -M")
     _run(["e2fsck", "-fn", str(out)], env, "e2fsck -fn (verification)")
@@ -114,6 +117,41 @@ def make_rootfs(tree: Path, out: Path, *, seed: str) -> RootfsInfo:
         inodes=inodes,
         uuid=fs_uuid,
     )
+
+
+def _used_inodes(image: Path, env: dict[str, str]) -> list[int]:
+    """Inode numbers in use, from ``dumpe2fs``'s per-group free-inode ranges."""
+    text = _run(["dumpe2fs", str(image)], env, "dumpe2fs").stdout
+    per_group = 0
+    used: list[int] = []
+    group = -1
+    for line in text.splitlines():
+        if line.startswith("Inodes per group:"):
+            per_group = int(line.split(":")[1])
+        elif re.match(r"Group \d+:", line):
+            group = int(line.split()[1].rstrip(":"))
+        elif line.strip().startswith("Free inodes:") and group >= 0 and per_group:
+            first, last = group * per_group + 1, (group + 1) * per_group
+            free: set[int] = set()
+            for raw in line.split(":", 1)[1].split(","):
+                part = raw.strip()
+                if part:
+                    lo, _, hi = part.partition("-")
+                    free.update(range(int(lo), int(hi or lo) + 1))
+            used.extend(i for i in range(first, last + 1) if i not in free)
+    return used
+
+
+def _pin_ctimes(image: Path, env: dict[str, str]) -> None:
+    """``mkfs -d`` copies each file's ctime, which nobody can set on the host (it is the time of
+    the last inode change), so two builds of one image would differ: pin every used inode's ctime
+    to EPOCH with ``debugfs`` (by inode number: no file name ever reaches its command parser)."""
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(EPOCH))
+    cmds = "".join(f"sif <{i}> ctime {stamp}\n" for i in _used_inodes(image, env))
+    proc = subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input=cmds,
+                          capture_output=True, text=True, env=env, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise BuildFailed(f"debugfs (pin ctimes) failed: {proc.stderr.strip()[-400:]}")
 
 
 def sha256_file(path: Path) -> str:
