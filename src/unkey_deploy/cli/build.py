@@ -83,7 +83,8 @@ def register(group: click.Group) -> None:
             sys.stdout.write(f"{asset.resolve()}\n")
             err.print(
                 f"built {image} ({result.source.manifest_digest}): "
-                f"ext4 {result.ext4_bytes / 1e6:.1f} MB, zstd {result.compressed_bytes / 1e6:.1f} MB in {result.seconds:.1f} s; "
+                f"ext4 {result.ext4_bytes / 1e6:.1f} MB, "
+                f"zstd {result.compressed_bytes / 1e6:.1f} MB in {result.seconds:.1f} s; "
                 f"metadata in {output / 'asset.json'}",
                 highlight=False, markup=False,
             )  # fmt: skip
