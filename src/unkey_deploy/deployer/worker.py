@@ -77,7 +77,7 @@ class DeployWorker:
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue had nothing for us."""
         with self.factory() as s, s.begin():
-            jobs.requeue_expired(s, now=self._now())
+            jobs.requeue_expired(s, now=self._now(), kinds=[JOB_KIND])
         job = jobs.claim(
             self.factory, [JOB_KIND], self.worker_id, now=self._now(), lease_s=self.lease_s
         )

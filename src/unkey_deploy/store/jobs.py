@@ -282,11 +282,14 @@ def cancel(session: Session, job_id: str, *, now: float) -> Job:
     return Job.of(row)
 
 
-def requeue_expired(session: Session, *, now: float) -> list[Job]:
+def requeue_expired(
+    session: Session, *, now: float, kinds: Iterable[str] | None = None
+) -> list[Job]:
     """Jobs whose worker stopped heartbeating: back to the queue, or failed when out of attempts."""
-    rows = session.scalars(
-        select(JobRow).where(JobRow.state == JobState.RUNNING, JobRow.lease_until < now)
-    ).all()
+    q = select(JobRow).where(JobRow.state == JobState.RUNNING, JobRow.lease_until < now)
+    if kinds is not None:
+        q = q.where(JobRow.kind.in_(list(kinds)))
+    rows = session.scalars(q).all()
     out = []
     for row in rows:
         row.lease_owner = None
