@@ -7,7 +7,7 @@ PKGS=(
   busybox-static cpio lz4                   # initramfs, vmlinux extraction
   qemu-system-x86 bubblewrap                # VM drivers: qemu (TCG/KVM), sandbox
   iproute2 iptables nftables                # taps, bridges, netns, NAT, isolation
-  docker-registry skopeo umoci              # local OCI registry for tests/demo, bench baseline
+  docker-registry skopeo umoci wrk          # local OCI registry for tests/demo, bench baseline + load
   postgresql                                # control-plane store tests against PostgreSQL
   chromium chromium-driver                  # dashboard tests
 )
