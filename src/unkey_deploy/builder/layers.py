@@ -157,6 +157,14 @@ class _Applier:
             self.touched[key] = min(os.lstat(self.abs(rel)).st_mtime_ns // 1_000_000_000, EPOCH)
 
     def resolve_dir(self, name: str, parts: list[str], create: bool) -> list[str]:
+        got = self.walk(name, parts, create)
+        if got is None:  # pragma: no cover (walk only returns None with missing_ok)
+            raise self.err(name, "parent directory does not exist")
+        return got
+
+    def walk(
+        self, name: str, parts: list[str], create: bool, missing_ok: bool = False
+    ) -> list[str] | None:
         """Resolve directory components chroot-style; returns the real rel path (no symlinks).
 
         Missing directories are created (0755, root-owned) when ``create``.
@@ -176,6 +184,8 @@ class _Applier:
             try:
                 st = os.lstat(p)
             except FileNotFoundError:
+                if missing_ok:
+                    return None
                 if not create:
                     raise self.err(
                         name, f"parent directory /{'/'.join([*cur, c])} does not exist"
@@ -326,11 +336,8 @@ class _Applier:
 
     def whiteout(self, name: str, parts: list[str]) -> None:
         base = parts[-1]
-        try:
-            parent = self.resolve_dir(name, parts[:-1], create=False)
-        except LayerError:
-            if os.path.lexists(self.abs(parts[:-1])):
-                raise
+        parent = self.walk(name, parts[:-1], create=False, missing_ok=True)
+        if parent is None:
             return  # whiteout below a directory that does not exist: nothing to remove
         if base == _OPQ:
             self.touch(parent)
@@ -474,6 +481,8 @@ def apply_layer(
     except (LayerError, ImageError):
         raise
     except tarfile.TarError as e:
+        if isinstance(e.__context__, (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError)):
+            raise lerr(f"corrupt or truncated compressed data: {e}") from e
         raise lerr(f"not a valid tar stream: {e}") from e
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise lerr(f"corrupt or truncated compressed data: {e}") from e
