@@ -124,3 +124,9 @@ def busybox_app_image(path: Path, *, entry: str = "/app/server", extra: bytes = 
 @pytest.fixture
 def app_image(tmp_path: Path) -> str:
     return busybox_app_image(tmp_path / "layout")
+
+
+@pytest.fixture
+def oci_layout() -> Callable[..., str]:
+    """``write_oci_layout`` (tests/builder is not a package, so tests get it as a fixture)."""
+    return write_oci_layout

@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from conftest import write_oci_layout
 
 pytestmark = pytest.mark.root
 
@@ -49,9 +48,12 @@ def test_build_json_and_reproducible(tmp_path: Path, app_image: str) -> None:
     ],
 )
 def test_hostile_image_exits_nonzero_naming_layer_and_entry(
-    tmp_path: Path, entries: list[tuple[str, bytes | None, int, str | None]], needle: str | None
+    tmp_path: Path,
+    entries: list[tuple[str, bytes | None, int, str | None]],
+    needle: str | None,
+    oci_layout: Callable[..., str],
 ) -> None:
-    ref = write_oci_layout(tmp_path / "evil", {"Entrypoint": ["/x"]},
+    ref = oci_layout(tmp_path / "evil", {"Entrypoint": ["/x"]},
                            [[("x", b"#", 0o755, None)], entries])  # fmt: skip
     before = set(os.listdir("/etc"))
     r = _unkey("build", ref, "--output", str(tmp_path / "out"), home=tmp_path)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Boolean, Float, Integer, String, Text, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from ..assets.api import Asset, AssetMeta, Assets
@@ -311,7 +312,7 @@ class BuildService:
                 raise IllegalTransition(
                     f"build {build_id} already finished; nothing to cancel"
                 ) from exc
-            self._log(s, build_id, "cancel requested")
+        self.log_line(build_id, "cancel requested")
         return self.get(build_id)
 
     # -- workers ----------------------------------------------------------------------------------
@@ -324,8 +325,14 @@ class BuildService:
                           ts=self._now(), line=line[:4000]))  # fmt: skip
 
     def log_line(self, build_id: str, line: str) -> None:
-        with transaction(self.factory) as s:
-            self._log(s, build_id, line)
+        for attempt in range(5):
+            try:
+                with transaction(self.factory) as s:
+                    self._log(s, build_id, line)
+                return
+            except IntegrityError:  # another writer took that seq (e.g. cancel vs worker)
+                if attempt == 4:
+                    raise
 
     def start(self, n: int | None = None) -> None:
         """Start ``n`` worker threads (default ``BuilderConfig.workers``)."""
