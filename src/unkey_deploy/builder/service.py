@@ -354,7 +354,7 @@ class BuildService:
         """Claim and run builds until :meth:`stop` (or one pass with ``once``)."""
         while not self._stop.is_set():
             with transaction(self.factory) as s:
-                jobs.requeue_expired(s, now=self._now())
+                jobs.requeue_expired(s, now=self._now(), kinds=[JOB_KIND])
             job = jobs.claim(self.factory, [JOB_KIND], name, now=self._now(),
                              lease_s=self.lease_s)  # fmt: skip
             if job is None:
