@@ -222,3 +222,29 @@ def test_worker_killed_mid_build_is_retried_by_another(
         svc.stop()
     assert b.state == BuildState.SUCCEEDED and b.attempts == 2 and b.asset_id
     assert any("on doomed-worker" in x for x in b.log)
+
+
+def test_built_rootfs_starts_under_bwrap_without_a_shell(
+    tmp_path: Path, app_image: str, init_binary: Path
+) -> None:
+    """The pipeline's output runs as metald's sandbox runs it: ``bwrap --as-pid-1 /.vminit/init``
+    over the image's tree, with /bin/sh removed, as the image's user, in its WorkingDir."""
+    from unkey_deploy.builder.service import build_rootfs
+    from unkey_deploy.core.config import BuilderConfig
+
+    script = 'echo "$(id -u) $(pwd) $A $B"; exit 5'
+    opts = BuildOptions(command=("/bin/busybox", "sh", "-c", script), env={"B": "two"})
+    out = build_rootfs(OciImageSource(), app_image, opts, tmp_path / "w", init_binary=init_binary,
+                       config=BuilderConfig(), log=lambda _: None)  # fmt: skip
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(out.rootfs)], check=True,
+                   capture_output=True)  # fmt: skip
+    assert not (tree / "bin/sh").exists() and not (tree / "bin/sh").is_symlink()
+    # fmt: off
+    cmd = ["bwrap", "--unshare-pid", "--as-pid-1", "--unshare-uts", "--bind", str(tree), "/",
+           "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--clearenv", "/.vminit/init"]
+    # fmt: on
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.strip() == "1000 /app 1 two"
