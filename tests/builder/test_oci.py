@@ -1,0 +1,402 @@
+"""The OCI client and sources against a real registry (Debian's docker-registry) with token auth.
+
+The registry, its token server and the little proxies are started here on 127.0.0.1 and stopped
+after. The proxy in front of the registry forwards everything but can inject 5xx/429 answers and
+redirect blob downloads to a second "storage" host that records the headers it receives.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from unkey_deploy.builder.layers import EPOCH, extract_image
+from unkey_deploy.builder.oci import Reference, RegistryClient
+from unkey_deploy.builder.source import resolve
+from unkey_deploy.core.config import BuilderConfig
+from unkey_deploy.core.errors import ImageError, Unauthenticated
+from unkey_deploy.testing import images as im
+from unkey_deploy.testing.registry import Registry, free_port, start_registry
+
+CREDS = ("builder", "s3cret-pass")
+
+
+@dataclass
+class Pushed:
+    reg: Registry
+    multi: im.Built
+    http_app: im.Built
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
+    reg = start_registry(tmp_path_factory.mktemp("registry"), auth=CREDS)
+    try:
+        multi = im.multilayer_image()
+        app = im.http_app_image()
+        im.push(reg.host, "test/multi", "latest", multi, CREDS)
+        im.push(reg.host, "test/multi-docker", "latest", im.multilayer_image(docker=True), CREDS)
+        im.push(reg.host, "test/multi-zstd", "latest", im.multilayer_image("zstd"), CREDS)
+        im.push(reg.host, "test/multi-plain", "latest", im.multilayer_image(""), CREDS)
+        im.push(reg.host, "test/index", "latest", im.multiarch_index(), CREDS)
+        im.push(reg.host, "test/app", "v1", app, CREDS)
+        yield Pushed(reg, multi, app)
+    finally:
+        reg.stop()
+
+
+def mk(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
+def tree(root: Path) -> dict[str, tuple[str, int, int, int, bytes | str]]:
+    """(type, mode, uid, mtime, content or link target) for every path below root."""
+    out: dict[str, tuple[str, int, int, int, bytes | str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in sorted(dirnames + filenames):
+            p = Path(dirpath, n)
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", 0, st.st_uid, int(st.st_mtime), os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_uid, int(st.st_mtime), "")
+            else:
+                out[rel] = (
+                    "f",
+                    stat.S_IMODE(st.st_mode),
+                    st.st_uid,
+                    int(st.st_mtime),
+                    p.read_bytes(),
+                )
+    return out
+
+
+def check_multilayer_tree(root: Path) -> None:
+    for rel, content in im.MULTILAYER_EXPECT.items():
+        assert (root / rel).read_bytes() == content, rel
+    for rel in im.MULTILAYER_ABSENT:
+        assert not os.path.lexists(root / rel), rel
+    assert os.readlink(root / "abs-link") == "/etc/os-release"  # absolute symlink kept as-is
+    assert (root / "opq").is_dir() and sorted(os.listdir(root / "opq")) == ["new"]
+    assert stat.S_IMODE((root / "usr/bin/tool").stat().st_mode) == 0o4755  # setuid kept
+    main, link = (root / "app/main.sh").stat(), (root / "app/main-link").stat()
+    assert main.st_ino == link.st_ino  # hardlink, not a copy
+    if os.geteuid() == 0:
+        assert (main.st_uid, main.st_gid) == (1000, 1000)
+        assert (root / "app").stat().st_uid == 1000
+    for rel, (_, _, _, mtime, _) in tree(root).items():
+        assert mtime <= EPOCH, rel
+    assert int(root.stat().st_mtime) == EPOCH
+
+
+def test_pull_multilayer_with_token_auth(pushed: Pushed, tmp_path: Path) -> None:
+    reg = pushed.reg
+    before = len(reg.token_requests)
+    client = RegistryClient(credentials={reg.host: CREDS})
+    progress: dict[int, int] = {}
+    with client, resolve(reg.ref("test/multi"), client=client) as img:
+        assert img.manifest_digest == pushed.multi.digest
+        assert img.entrypoint == ["/app/main.sh"] and img.cmd == ["--flag"]
+        assert img.env == ["PATH=/usr/bin:/bin", "A=1"]
+        assert (img.working_dir, img.user, img.exposed_ports) == ("/app", "1000:1000", ["8080/tcp"])
+        assert len(img.layers) == 3
+        stats = extract_image(
+            img, tmp_path, progress=lambda i, done, total: progress.__setitem__(i, done)
+        )
+        sizes = {la.index: la.size for la in img.layers}
+    check_multilayer_tree(tmp_path)
+    assert sorted(stats.skipped_devices) == ["/dev/null", "/fifo"]
+    assert progress == sizes  # every compressed byte reported, per layer
+    # The token flow happened: a 401 challenge, then one token for the repository scope,
+    # reused for the manifest, the config and all three layers.
+    assert client.stats["challenges"] == 1
+    assert client.stats["tokens"] == 1
+    new = reg.token_requests[before:]
+    assert len(new) == 1
+    assert new[0]["query"]["scope"] == ["repository:test/multi:pull"]
+    assert new[0]["auth"].startswith("Basic ")
+
+
+def test_anonymous_and_wrong_password_are_refused(pushed: Pushed) -> None:
+    with pytest.raises(Unauthenticated, match=r"token server .* refused the credentials"):
+        resolve(pushed.reg.ref("test/multi"))
+    with pytest.raises(Unauthenticated, match="refused the credentials"):
+        resolve(pushed.reg.ref("test/multi"), credentials={pushed.reg.host: ("builder", "wrong")})
+
+
+@pytest.mark.parametrize("repo", ["test/multi-docker", "test/multi-zstd", "test/multi-plain"])
+def test_docker_schema2_zstd_and_plain_layers_give_the_same_tree(
+    pushed: Pushed, tmp_path: Path, repo: str
+) -> None:
+    creds = {pushed.reg.host: CREDS}
+    with resolve(pushed.reg.ref("test/multi"), credentials=creds) as img:
+        extract_image(img, mk(tmp_path / "a"))
+    with resolve(pushed.reg.ref(repo), credentials=creds) as img:
+        if repo.endswith("docker"):
+            assert img.manifest_media_type == im.DOCKER_MANIFEST
+        extract_image(img, mk(tmp_path / "b"))
+    check_multilayer_tree(tmp_path / "b")
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+
+
+def test_multiarch_index_resolves_to_amd64(pushed: Pushed, tmp_path: Path) -> None:
+    idx = im.multiarch_index()
+    with resolve(pushed.reg.ref("test/index"), credentials={pushed.reg.host: CREDS}) as img:
+        assert img.index_digest == idx.digest
+        amd64 = next(m for m in idx.doc()["manifests"] if m["platform"]["architecture"] == "amd64")
+        assert img.manifest_digest == amd64["digest"]
+        assert img.config["architecture"] == "amd64"
+        extract_image(img, tmp_path)
+    assert (tmp_path / "etc/arch").read_text() == "amd64\n"
+
+
+def test_http_app_image(pushed: Pushed, tmp_path: Path) -> None:
+    with resolve(pushed.reg.ref("test/app", "v1"), credentials={pushed.reg.host: CREDS}) as img:
+        assert img.entrypoint == ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/app/www"]
+        assert img.working_dir == "/app" and img.exposed_ports == ["8080/tcp"]
+        assert "GREETING=hello" in img.env
+        extract_image(img, tmp_path)
+    assert (tmp_path / "app/www/index.html").read_bytes() == im.INDEX_HTML
+    assert (tmp_path / "bin/busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+    assert os.access(tmp_path / "bin/busybox", os.X_OK)
+    assert os.readlink(tmp_path / "bin/httpd") == "busybox"
+
+
+def test_pull_by_digest_and_tag_mismatch(pushed: Pushed) -> None:
+    creds = {pushed.reg.host: CREDS}
+    ref = f"{pushed.reg.host}/test/multi@{pushed.multi.digest}"
+    with resolve(ref, credentials=creds) as img:
+        assert img.manifest_digest == pushed.multi.digest
+    with pytest.raises(ImageError, match="not found in registry"):
+        resolve(pushed.reg.ref("test/multi", "nope"), credentials=creds)
+
+
+def test_huge_manifest_from_registry_is_refused(pushed: Pushed) -> None:
+    big = im.image(
+        [im.Layer.of([im.E("a", data=b"a")])],
+        entrypoint=["/x"],
+        manifest_extra={"annotations": {f"k{i}": "v" * 100 for i in range(300)}},
+    )
+    im.push(pushed.reg.host, "test/huge", "latest", big, CREDS)
+    cfg = BuilderConfig(max_manifest_bytes=16_384)
+    with pytest.raises(ImageError, match=r"(over|exceeds) the 16384-byte limit"):
+        resolve(pushed.reg.ref("test/huge"), config=cfg, credentials={pushed.reg.host: CREDS})
+
+
+# -- a proxy in front of the registry: faults and blob redirects ------------------------------
+
+
+@dataclass
+class ProxyState:
+    upstream: str
+    blobs: dict[str, bytes]
+    blob_host: str = ""
+    redirect_blobs: bool = False
+    tamper: str = ""  # "", "flip", "extra", "short"
+    faults: list[tuple[str, int]] = field(default_factory=list)  # (path part, status) answered once
+    front_seen: list[tuple[str, str | None]] = field(default_factory=list)
+    blob_seen: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+class _Front(http.server.BaseHTTPRequestHandler):
+    state: ProxyState
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        st = self.state
+        st.front_seen.append((self.path, self.headers.get("Authorization")))
+        for i, (part, status) in enumerate(st.faults):
+            if part in self.path:
+                del st.faults[i]
+                self._send(status, {"Retry-After": "2"} if status == 429 else {}, b"busy")
+                return
+        if st.redirect_blobs and "/blobs/sha256:" in self.path:
+            digest = self.path.rsplit("/", 1)[1]
+            self._send(307, {"Location": f"http://{st.blob_host}/storage/{digest}?sig=abc"}, b"")
+            return
+        h = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "authorization")}
+        r = httpx.get(st.upstream + self.path, headers=h)
+        keep = ("content-type", "www-authenticate", "docker-content-digest")
+        self._send(
+            r.status_code, {k: v for k, v in r.headers.items() if k.lower() in keep}, r.content
+        )
+
+
+class _Storage(_Front):
+    def do_GET(self) -> None:
+        st = self.state
+        st.blob_seen.append((self.path, self.headers.get("Authorization")))
+        digest = self.path.split("/storage/", 1)[1].split("?")[0]
+        data = st.blobs.get(digest)
+        if data is None:
+            self._send(404, {}, b"")
+            return
+        if st.tamper == "flip":
+            data = data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:]
+        elif st.tamper == "extra":
+            data = data + b"\0" * 64
+        elif st.tamper == "short":
+            data = data[: len(data) // 2]
+        self._send(200, {"Content-Type": "application/octet-stream"}, data)
+
+
+@pytest.fixture
+def proxy(pushed: Pushed) -> Iterator[ProxyState]:
+    blobs = {**pushed.multi.blobs}
+    state = ProxyState(upstream=pushed.reg.url, blobs=blobs)
+    servers = []
+    for handler in (_Front, _Storage):
+        cls = type(handler.__name__, (handler,), {"state": state})
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), cls)
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    state.blob_host = f"127.0.0.1:{servers[1].server_address[1]}"
+    state.front = f"127.0.0.1:{servers[0].server_address[1]}"  # type: ignore[attr-defined]
+    try:
+        yield state
+    finally:
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
+
+
+def test_blob_redirect_to_another_host_does_not_leak_the_token(
+    proxy: ProxyState, tmp_path: Path
+) -> None:
+    proxy.redirect_blobs = True
+    front = proxy.front  # type: ignore[attr-defined]
+    with resolve(f"{front}/test/multi:latest", credentials={front: CREDS}) as img:
+        extract_image(img, tmp_path)
+    check_multilayer_tree(tmp_path)
+    # The registry host got the bearer token for manifests; the storage host never saw it.
+    assert any(
+        p.startswith("/v2/test/multi/manifests/") and a and a.startswith("Bearer ")
+        for p, a in proxy.front_seen
+    )
+    assert len(proxy.blob_seen) == 4  # config + 3 layers
+    assert all(a is None for _, a in proxy.blob_seen), proxy.blob_seen
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        ("flip", "digest mismatch"),
+        ("extra", "larger than its descriptor|announces"),
+        ("short", "truncated"),
+    ],
+)
+def test_tampered_blob_from_storage_is_refused(
+    proxy: ProxyState, tmp_path: Path, tamper: str, message: str
+) -> None:
+    proxy.redirect_blobs = True
+    front = proxy.front  # type: ignore[attr-defined]
+    with resolve(f"{front}/test/multi:latest", credentials={front: CREDS}) as img:
+        proxy.tamper = tamper
+        with pytest.raises(ImageError, match=message):
+            extract_image(img, tmp_path)
+
+
+def test_retries_5xx_and_429_with_backoff_and_retry_after(proxy: ProxyState) -> None:
+    front = proxy.front  # type: ignore[attr-defined]
+    proxy.faults = [("/manifests/", 503), ("/manifests/", 429), ("/blobs/", 502)]
+    sleeps: list[float] = []
+    client = RegistryClient(credentials={front: CREDS}, sleep=sleeps.append)
+    with client, resolve(f"{front}/test/multi:latest", client=client) as img:
+        assert img.manifest_digest
+    assert sleeps == [0.25, 2.0, 0.25]  # backoff, Retry-After, backoff (per request)
+    assert client.stats["retries"] == 3
+
+
+def test_gives_up_after_retries(proxy: ProxyState) -> None:
+    front = proxy.front  # type: ignore[attr-defined]
+    proxy.faults = [("/manifests/", 503)] * 10
+    sleeps: list[float] = []
+    client = RegistryClient(credentials={front: CREDS}, sleep=sleeps.append, retries=3)
+    with client, pytest.raises(ImageError, match="HTTP 503 after 4 attempts") as info:
+        resolve(f"{front}/test/multi:latest", client=client)
+    assert info.value.retryable
+    assert sleeps == [0.25, 0.5, 1.0]
+
+
+def test_connect_errors_are_retried_then_reported() -> None:
+    host = f"127.0.0.1:{free_port()}"  # nothing listens here
+    sleeps: list[float] = []
+    client = RegistryClient(sleep=sleeps.append, retries=2)
+    with client, pytest.raises(ImageError, match="registry unreachable"):
+        resolve(f"{host}/test/x:latest", client=client)
+    assert sleeps == [0.25, 0.5]
+
+
+# -- references, schemes and the other sources --------------------------------------------------
+
+
+def test_reference_parsing() -> None:
+    r = Reference.parse("alpine")
+    assert (r.registry, r.repository, r.tag) == ("registry-1.docker.io", "library/alpine", "latest")
+    d = "sha256:" + "a" * 64
+    r = Reference.parse(f"127.0.0.1:5000/team/app:v1@{d}")
+    assert (r.registry, r.repository, r.tag, r.digest, r.ref) == (
+        "127.0.0.1:5000",
+        "team/app",
+        "v1",
+        d,
+        d,
+    )
+    for bad in ("", "UPPER/case", "a b", "x@sha256:123", "reg.io/app:bad tag"):
+        with pytest.raises(ImageError):
+            Reference.parse(bad)
+
+
+def test_https_unless_loopback_or_insecure() -> None:
+    client = RegistryClient(BuilderConfig(insecure_registries=("reg.internal:5000",)))
+    with client:
+        assert client._url(Reference.parse("ghcr.io/a/b"), "manifests", "x").startswith("https://")
+        assert client._url(Reference.parse("reg.internal:5000/a"), "blobs", "x").startswith(
+            "http://"
+        )
+        assert client._url(Reference.parse("localhost:5000/a"), "blobs", "x").startswith("http://")
+        assert client._url(Reference.parse("127.0.0.1:5000/a"), "blobs", "x").startswith("http://")
+
+
+def test_oci_layout_and_docker_archive_sources(tmp_path: Path) -> None:
+    multi = im.multilayer_image()
+    im.write_layout(tmp_path / "layout", {"v1": multi, "app": im.http_app_image()})
+    with resolve(f"oci:{tmp_path / 'layout'}:v1") as img:
+        assert img.manifest_digest == multi.digest
+        extract_image(img, mk(tmp_path / "a"))
+    check_multilayer_tree(tmp_path / "a")
+    with pytest.raises(ImageError, match="no image tagged 'nope'"):
+        resolve(f"oci:{tmp_path / 'layout'}:nope")
+    with pytest.raises(ImageError, match="not an OCI image layout"):
+        resolve(f"oci:{tmp_path}")
+    im.write_docker_archive(tmp_path / "img.tar", multi)
+    with resolve(f"docker-archive:{tmp_path / 'img.tar'}") as img:
+        assert img.entrypoint == ["/app/main.sh"]
+        assert img.manifest_digest == multi.doc()["config"]["digest"]
+        extract_image(img, mk(tmp_path / "b"))
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+    (tmp_path / "broken.tar").write_bytes(b"garbage" * 100)
+    with pytest.raises(ImageError, match="docker-archive"):
+        resolve(f"docker-archive:{tmp_path / 'broken.tar'}")
