@@ -42,6 +42,10 @@ from .oci import LAYER_TYPES, short_digest
 # Fixed epoch every mtime is clamped to (2023-11-14T22:13:20Z): same image -> same tree.
 EPOCH = 1_700_000_000
 MAX_SYMLINK_HOPS = 40
+# Deepest directory nesting accepted. Real images stay far below; without a cap a tiny layer can
+# nest thousands of 1-char dirs, which breaks recursive tools (shutil.rmtree, mkfs) on cleanup.
+MAX_DEPTH = 256
+MAX_ID = 2**32 - 2  # uid/gid 2**32-1 is chown's "leave unchanged"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _WH = ".wh."
@@ -66,9 +70,11 @@ class Limits:
 
     def minus(self, stats: LayerStats) -> Limits:
         """What is left for the next layers after ``stats``."""
+        # Files can be larger than the tar that carries them (sparse entries): count the larger.
+        used = max(stats.tar_bytes, stats.file_bytes)
         return replace(
             self,
-            max_image_bytes=max(0, self.max_image_bytes - stats.tar_bytes),
+            max_image_bytes=max(0, self.max_image_bytes - used),
             max_files=max(0, self.max_files - stats.entries),
         )
 
@@ -180,6 +186,7 @@ class _Applier:
                 if cur:
                     cur.pop()
                 continue
+            self.check_depth(name, [*cur, c])
             p = self.abs([*cur, c])
             try:
                 st = os.lstat(p)
@@ -211,6 +218,10 @@ class _Applier:
                 raise self.err(name, f"parent /{'/'.join([*cur, c])} is not a directory")
             cur.append(c)
         return cur
+
+    def check_depth(self, name: str, rel: list[str]) -> None:
+        if len(rel) > MAX_DEPTH:
+            raise self.err(name, f"path nests deeper than {MAX_DEPTH} directories")
 
     def remove(self, rel: list[str]) -> bool:
         p = self.abs(rel)
@@ -250,8 +261,11 @@ class _Applier:
         if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
             self.stats.skipped_other.append("/" + "/".join(parts))
             return
+        if not (0 <= m.uid <= MAX_ID and 0 <= m.gid <= MAX_ID):
+            raise self.err(name, f"uid/gid {m.uid}:{m.gid} out of range")
         parent = self.resolve_dir(name, parts[:-1], create=True)
         rel = [*parent, base]
+        self.check_depth(name, rel)
         key = "/".join(rel)
         dest = self.abs(rel)
         self.touch(parent)
@@ -304,6 +318,14 @@ class _Applier:
             raise self.err(
                 name, f"file is {m.size} bytes, over the {self.limits.max_layer_bytes}-byte limit"
             )
+        if self.stats.file_bytes + m.size > self.limits.max_image_bytes:
+            # Sparse entries expand to more bytes than the tar holds; the tar byte count alone
+            # would let a few KiB of headers write gigabytes of zeros.
+            raise self.err(
+                name,
+                f"files add up to more than the {self.limits.max_image_bytes}-byte image limit "
+                f"(this file: {m.size} bytes)",
+            )
         fd = os.open(
             dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
@@ -340,13 +362,7 @@ class _Applier:
         if parent is None:
             return  # whiteout below a directory that does not exist: nothing to remove
         if base == _OPQ:
-            self.touch(parent)
-            d = self.abs(parent)
-            prefix = "/".join(parent)
-            for child in sorted(c.name for c in d.iterdir()):
-                key = f"{prefix}/{child}" if prefix else child
-                if key not in self.created:
-                    self.remove([*parent, child])
+            self.make_opaque(parent)
             self.stats.opaque_dirs += 1
             return
         target = base[len(_WH) :]
@@ -355,6 +371,17 @@ class _Applier:
         self.touch(parent)
         if self.remove([*parent, target]):
             self.stats.whiteouts += 1
+
+    def make_opaque(self, rel: list[str]) -> None:
+        """Remove lower-layer entries below ``rel``; keep (and descend into) this layer's own."""
+        self.touch(rel)
+        prefix = "/".join(rel)
+        for child in sorted(c.name for c in self.abs(rel).iterdir()):
+            key = f"{prefix}/{child}" if prefix else child
+            if key not in self.created:
+                self.remove([*rel, child])
+            elif stat.S_ISDIR(os.lstat(self.abs([*rel, child])).st_mode):
+                self.make_opaque([*rel, child])
 
     def meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
         if self.is_root:

@@ -1,0 +1,192 @@
+"""Layer applier semantics: replacements, whiteouts, opaque dirs, links, limits, reproducibility,
+and umoci (the reference unpacker installed here) as an oracle for the resulting tree."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from unkey_deploy.builder.layers import EPOCH, Limits, apply_layer, extract_image
+from unkey_deploy.builder.source import resolve
+from unkey_deploy.core.errors import LayerError
+from unkey_deploy.testing import images as im
+from unkey_deploy.testing.images import E, Layer
+
+
+def apply(root: Path, entries: list[E], how: str = "gzip", **kw: object) -> object:
+    la = Layer.of(entries, how)
+    return apply_layer(
+        io.BytesIO(la.data),
+        root,
+        media_type=la.media_type,
+        layer_digest=im.sha(la.data),
+        diff_id=la.diff_id,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def listing(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
+    out: dict[str, tuple[str, int, bytes | str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath, n)
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", 0, os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode), "")
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = ("f", stat.S_IMODE(st.st_mode), p.read_bytes())
+            else:
+                out[rel] = ("special", st.st_mode, "")
+    return out
+
+
+def test_replacements_between_layers(tmp_path: Path) -> None:
+    apply(
+        tmp_path,
+        [
+            E("f-to-dir", data=b"f"),
+            E("dir-to-f/", "dir"),
+            E("dir-to-f/child", data=b"c"),
+            E("dir-to-link/", "dir"),
+            E("dir-to-link/child", data=b"c"),
+            E("link-to-f", "symlink", link="/etc/passwd"),
+            E("keep/", "dir"),
+            E("keep/a", data=b"a"),
+        ],
+    )
+    apply(
+        tmp_path,
+        [
+            E("f-to-dir/", "dir"),
+            E("f-to-dir/x", data=b"x"),
+            E("dir-to-f", data=b"now a file"),
+            E("dir-to-link", "symlink", link="keep"),
+            E("link-to-f", data=b"regular"),
+            E("keep/", "dir", mode=0o700),  # re-declaring a dir keeps its children
+        ],
+    )
+    assert (tmp_path / "f-to-dir/x").read_bytes() == b"x"
+    assert (tmp_path / "dir-to-f").read_bytes() == b"now a file"
+    assert os.readlink(tmp_path / "dir-to-link") == "keep"
+    assert not (tmp_path / "link-to-f").is_symlink()
+    assert (tmp_path / "link-to-f").read_bytes() == b"regular"
+    assert (tmp_path / "keep/a").read_bytes() == b"a"
+    assert stat.S_IMODE((tmp_path / "keep").stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("marker_first", [True, False])
+def test_opaque_dir_keeps_entries_of_its_own_layer(tmp_path: Path, marker_first: bool) -> None:
+    apply(
+        tmp_path,
+        [E("d/", "dir"), E("d/old", data=b"o"), E("d/sub/", "dir"), E("d/sub/x", data=b"x")],
+    )
+    new = [E("d/new", data=b"n"), E("d/sub/", "dir"), E("d/sub/y", data=b"y")]
+    marker = [E("d/.wh..wh..opq")]
+    st = apply(tmp_path, [E("d/", "dir"), *(marker + new if marker_first else new + marker)])
+    assert sorted(os.listdir(tmp_path / "d")) == ["new", "sub"]
+    assert sorted(os.listdir(tmp_path / "d/sub")) == ["y"]
+    assert st.opaque_dirs == 1  # type: ignore[attr-defined]
+
+
+def test_whiteouts(tmp_path: Path) -> None:
+    apply(tmp_path, [E("a/", "dir"), E("a/b/", "dir"), E("a/b/c", data=b"c"), E("x", data=b"x")])
+    st = apply(tmp_path, [E("a/.wh.b"), E(".wh.x"), E(".wh.never-existed"), E("nodir/.wh.y")])
+    assert os.listdir(tmp_path / "a") == []
+    assert not (tmp_path / "x").exists()
+    assert st.whiteouts == 2  # type: ignore[attr-defined]
+
+
+def test_absolute_symlinks_in_parents_resolve_inside_the_image(tmp_path: Path) -> None:
+    # The common real-image case: /var/run -> /run, later layers write var/run/x.
+    apply(tmp_path, [E("run/", "dir"), E("var/", "dir"), E("var/run", "symlink", link="/run")])
+    apply(tmp_path, [E("var/run/app.pid", data=b"1\n")])
+    assert (tmp_path / "run/app.pid").read_bytes() == b"1\n"
+    assert os.readlink(tmp_path / "var/run") == "/run"
+
+
+def test_hardlinks_share_inode_and_follow_parent_symlinks(tmp_path: Path) -> None:
+    apply(
+        tmp_path,
+        [
+            E("usr/", "dir"),
+            E("usr/lib/", "dir"),
+            E("usr/lib/libx.so", data=b"elf"),
+            E("lib", "symlink", link="usr/lib"),
+            E("lib/alias.so", "hardlink", link="usr/lib/libx.so"),
+            E("again", "hardlink", link="lib/libx.so"),
+        ],
+    )
+    ino = (tmp_path / "usr/lib/libx.so").stat().st_ino
+    assert (tmp_path / "usr/lib/alias.so").stat().st_ino == ino
+    assert (tmp_path / "again").stat().st_ino == ino
+
+
+def test_mtimes_are_clamped_and_reproducible(tmp_path: Path) -> None:
+    future = 4_000_000_000
+    entries = [
+        E("d/", "dir", mtime=1_500_000_000),
+        E("d/f", data=b"f", mtime=future),
+        E("implicit/deep/file", data=b"x", mtime=1_000),
+        E("l", "symlink", link="d/f", mtime=future),
+    ]
+    for r in ("a", "b"):
+        (tmp_path / r).mkdir()
+        apply(tmp_path / r, entries)
+        apply(tmp_path / r, [E("d/g", data=b"g", mtime=1_234)])
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert int((a / "d").stat().st_mtime) == 1_500_000_000  # fixed after children were added
+    assert int((a / "d/f").stat().st_mtime) == EPOCH  # clamped
+    assert int((a / "l").lstat().st_mtime) == EPOCH
+    assert int((a / "implicit").stat().st_mtime) == EPOCH  # directories the tar never declared
+    assert int((a / "implicit/deep/file").stat().st_mtime) == 1_000
+    for p in a.rglob("*"):
+        q = b / p.relative_to(a)
+        assert p.lstat().st_mtime_ns == q.lstat().st_mtime_ns, p
+        assert p.lstat().st_mode == q.lstat().st_mode, p
+
+
+def test_limits_apply_to_the_whole_image(tmp_path: Path) -> None:
+    l1 = Layer.of([E(f"a{i}", data=b"x") for i in range(15)])
+    l2 = Layer.of([E(f"b{i}", data=b"x") for i in range(15)])
+    im.write_layout(tmp_path / "layout", {"t": im.image([l1, l2], entrypoint=["/x"])})
+    (tmp_path / "root").mkdir()
+    # Each layer alone fits in 20 entries; together they do not.
+    with (
+        resolve(f"oci:{tmp_path / 'layout'}:t") as img,
+        pytest.raises(LayerError, match="too many entries") as info,
+    ):
+        extract_image(img, tmp_path / "root", Limits(max_files=20))
+    assert info.value.details["layer"] == im.sha(l2.data)
+
+
+def test_apply_as_plain_tar_and_no_diff_id(tmp_path: Path) -> None:
+    la = Layer.of([E("a", data=b"a")], "")
+    st = apply_layer(
+        io.BytesIO(la.data), tmp_path, media_type=la.media_type, layer_digest=im.sha(la.data)
+    )
+    assert st.files == 1 and st.tar_bytes == len(la.data)
+    with pytest.raises(LayerError, match="unsupported layer media type"):
+        apply_layer(io.BytesIO(la.data), tmp_path, media_type="text/plain", layer_digest="sha256:x")
+
+
+def test_same_tree_as_umoci(tmp_path: Path) -> None:
+    """umoci is the reference unpacker: our tree must match it (minus device nodes we skip)."""
+    im.write_layout(tmp_path / "layout", {"t": im.multilayer_image()})
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{tmp_path / 'layout'}:t", str(tmp_path / "bundle")],
+        check=True,
+        capture_output=True,
+    )
+    (tmp_path / "ours").mkdir()
+    with resolve(f"oci:{tmp_path / 'layout'}:t") as img:
+        extract_image(img, tmp_path / "ours")
+    theirs = {k: v for k, v in listing(tmp_path / "bundle/rootfs").items() if v[0] != "special"}
+    assert listing(tmp_path / "ours") == theirs
