@@ -1,0 +1,228 @@
+"""The billing service: the aggregator's JetStream consumer loop, and the query side.
+
+Who owns the usage store
+------------------------
+chDB (the default, embedded) lets ONE process open its path. So the billing service owns it and
+serves queries for everyone: in the local stack (``unkey dev up``) the billing service runs
+inside the gatewayd process (:func:`start_in_process` on gatewayd's event loop), and gatewayd's
+billing routes (:mod:`.http`) call :class:`~.queries.BillingQueries` directly. With a ClickHouse
+server (``billing.clickhouse_url``) any number of processes may open the store, so the
+aggregator can run on its own (``python -m unkey_deploy.billing.service``) and gatewayd queries
+the server directly.
+
+Loop: fetch up to ``max_msgs`` messages, lingering up to ``linger_s`` until ``min_samples``
+samples are in hand (inserts of 10k+ rows), apply them (:meth:`Aggregator.process`, in a worker
+thread), then ack what was committed. Held messages (waiting for an earlier batch of their
+series) are kept alive with ``in_progress`` so JetStream does not redeliver them meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..bus.interface import Bus, Delivery
+from ..bus.jetstream import connect
+from ..clickhouse.api import Storage
+from ..clickhouse.factory import storage_from_settings
+from ..core import config as core_config
+from ..core.clock import SYSTEM_CLOCK, Clock
+from ..core.errors import UnkeyError
+from ..metering import stream as mstream
+from ..store import db
+from .aggregator import Aggregator, Incoming
+from .customers import CustomerDirectory, SqlDirectory
+from .queries import BillingQueries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopStats:
+    flushes: int = 0
+    samples: int = 0
+    acked: int = 0
+    termed: int = 0
+
+
+async def run_consumer(
+    bus: Bus,
+    agg: Aggregator,
+    stop: asyncio.Event,
+    *,
+    bus_config: core_config.BusConfig | None = None,
+    durable: str = "billing-aggregator",
+    ack_wait_s: float = 30.0,
+    max_msgs: int = 2000,
+    min_samples: int = 10_000,
+    linger_s: float = 0.25,
+    stats: LoopStats | None = None,
+) -> LoopStats:
+    """Consume until ``stop`` is set. Errors from the store (retryable) leave the messages
+    unacked: they come back after ``ack_wait_s``."""
+    stats = stats or LoopStats()
+    await bus.ensure_stream(mstream.stream_spec(bus_config or core_config.BusConfig()))
+    consumer = await bus.consumer(
+        mstream.STREAM_NAME, mstream.consumer_spec(durable=durable, ack_wait_s=ack_wait_s)
+    )
+    loop = asyncio.get_running_loop()
+    last_touch = loop.time()
+    try:
+        while not stop.is_set():
+            msgs: list[Delivery] = []
+            samples = 0
+            deadline = loop.time() + linger_s
+            while len(msgs) < max_msgs and samples < min_samples and not stop.is_set():
+                wait = max(0.01, deadline - loop.time()) if msgs else 0.5
+                try:
+                    got = await consumer.fetch(max_msgs - len(msgs), timeout_s=wait)
+                except UnkeyError as exc:
+                    log.warning("billing: fetch failed: %s", exc)
+                    await asyncio.sleep(0.5)
+                    got = []
+                msgs += got
+                samples += sum(_samples_hint(m) for m in got)
+                if not got or loop.time() >= deadline:
+                    break
+            held_before = agg.held_handles()
+            if not msgs and not held_before:
+                continue
+            items = [Incoming(m, m.data, m.num_delivered > 1) for m in msgs]
+            try:
+                out = await asyncio.to_thread(agg.process, items)
+            except UnkeyError as exc:
+                # nothing acked: everything of this flush is redelivered and re-applied
+                log.warning("billing: flush failed (%s); messages will be redelivered", exc)
+                agg.forget()
+                await asyncio.sleep(1.0)
+                continue
+            await asyncio.gather(*(d.ack() for d in out.ack), return_exceptions=True)
+            await asyncio.gather(*(d.term() for d in out.term), return_exceptions=True)
+            stats.flushes += 1
+            stats.samples += out.samples
+            stats.acked += len(out.ack)
+            stats.termed += len(out.term)
+            if loop.time() - last_touch > ack_wait_s / 3:
+                last_touch = loop.time()
+                await asyncio.gather(
+                    *(d.in_progress() for d in agg.held_handles()), return_exceptions=True
+                )
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.close()
+    return stats
+
+
+def _samples_hint(m: Delivery) -> int:
+    try:
+        return int(m.headers.get(mstream.SAMPLES_HEADER, "600"))
+    except ValueError:
+        return 600
+
+
+@dataclass
+class BillingRuntime:
+    """A running billing service: ``queries`` for the gateway, ``stop()`` to shut it down."""
+
+    storage: Storage
+    queries: BillingQueries
+    aggregator: Aggregator
+    task: asyncio.Task[Any] | None
+    stop_event: asyncio.Event
+    bus: Bus | None = None
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.task, 30)
+        if self.bus is not None:
+            with contextlib.suppress(Exception):
+                await self.bus.close()
+        await asyncio.to_thread(self.storage.close)
+
+
+BusFactory = Callable[[], Awaitable[Bus]]
+
+
+async def start_in_process(
+    settings: core_config.Settings,
+    *,
+    nats_url: str | None = None,
+    directory: CustomerDirectory | None = None,
+    storage: Storage | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    consume: bool = True,
+    ack_wait_s: float = 30.0,
+) -> BillingRuntime:
+    """Open the usage store (migrated), and start the aggregator's consumer on the running event
+    loop when a NATS URL is known. For gatewayd: put ``runtime.queries`` on
+    ``app.state.billing`` and ``await runtime.stop()`` at shutdown."""
+    if storage is None:
+        storage = storage_from_settings(settings)
+    await asyncio.to_thread(storage.migrate)
+    if directory is None:
+        directory = SqlDirectory(db.session_factory(db.make_engine(settings.resolved_database_url)))
+    agg = await asyncio.to_thread(
+        Aggregator, storage, directory, pricing_version=settings.billing.pricing_version
+    )
+    queries = BillingQueries(storage, directory, clock)
+    stop = asyncio.Event()
+    url = nats_url or settings.bus.nats_url
+    task = None
+    bus = None
+    if consume and url:
+        bus = await connect(url, name="billing-aggregator")
+        task = asyncio.create_task(
+            run_consumer(bus, agg, stop, bus_config=settings.bus, ack_wait_s=ack_wait_s)
+        )
+    return BillingRuntime(storage, queries, agg, task, stop, bus)
+
+
+def run_billing_service(
+    settings: core_config.Settings, *, nats_url: str | None = None, ack_wait_s: float = 30.0
+) -> None:
+    """Run the aggregator in this process until SIGTERM/SIGINT (a process of its own)."""
+
+    async def main() -> None:
+        rt = await start_in_process(settings, nats_url=nats_url, ack_wait_s=ack_wait_s)
+        stop = rt.stop_event
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if rt.task is None:
+            raise SystemExit("billing: no NATS URL (set bus.nats_url or pass --nats-url)")
+        log.info("billing aggregator running")
+        await stop.wait()
+        await rt.stop()
+
+    asyncio.run(main())
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(description="unkey billing aggregator")
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--nats-url", required=True)
+    ap.add_argument("--database-url", default=None)
+    ap.add_argument("--ack-wait-s", type=float, default=30.0)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.database_url:
+        overrides["database_url"] = args.database_url
+    settings = core_config.load(**overrides)
+    t0 = time.monotonic()
+    run_billing_service(settings, nats_url=args.nats_url, ack_wait_s=args.ack_wait_s)
+    log.info("billing aggregator stopped after %.1f s", time.monotonic() - t0)
+
+
+if __name__ == "__main__":
+    _main()
