@@ -12,9 +12,14 @@ from unkey_deploy.core.clock import FakeClock
 from unkey_deploy.store.db import make_engine, session_factory, upgrade
 
 
-@pytest.fixture
-def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """The index on SQLite (default) and on PostgreSQL (shared database: tests use unique keys)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'control.db'}"
+    engine = make_engine(url)
     upgrade(engine)
     yield session_factory(engine)
     engine.dispose()

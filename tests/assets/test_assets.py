@@ -35,7 +35,7 @@ def _image(tmp_path: Path, name: str, fill: bytes) -> tuple[Path, str, int]:
     return zst, sha256_of(raw), raw.stat().st_size
 
 
-def _meta(customer: CustomerId, sha: str, size: int, key: str = "k1") -> AssetMeta:
+def _meta(customer: CustomerId, sha: str, size: int, key: str) -> AssetMeta:
     return AssetMeta(
         customer_id=customer, source_image="127.0.0.1:5000/app:1",
         manifest_digest="sha256:" + "a" * 64,
@@ -46,14 +46,15 @@ def _meta(customer: CustomerId, sha: str, size: int, key: str = "k1") -> AssetMe
 
 def _exercise(mgr: AssetManager, blobs: BlobStore, clock: FakeClock, tmp_path: Path) -> None:
     cust, other = new_customer_id(), new_customer_id()
+    k1, k2 = f"k1-{cust}", f"k2-{cust}"
     zst, sha, size = _image(tmp_path, "a", b"A")
-    a1 = mgr.register(zst, _meta(cust, sha, size))
-    a2 = mgr.register(zst, _meta(other, sha, size, key="k2"))
+    a1 = mgr.register(zst, _meta(cust, sha, size, key=k1))
+    a2 = mgr.register(zst, _meta(other, sha, size, key=k2))
     assert a1.asset_id.startswith("ast_") and a1.asset_id != a2.asset_id
     assert a1.blob_sha256 == a2.blob_sha256 == sha256_of(zst)  # stored once
     assert [b[0] for b in blobs.list()] == [a1.blob_sha256]
     assert a1.compressed_bytes == zst.stat().st_size and a1.ext4_bytes == size
-    assert mgr.get(a1.asset_id) == a1 and mgr.find("k1") == a1 and mgr.find("nope") is None
+    assert mgr.get(a1.asset_id) == a1 and mgr.find(k1) == a1 and mgr.find("nope") is None
     assert [a.asset_id for a in mgr.list(cust)] == [a1.asset_id]
 
     out = mgr.fetch(a1.asset_id, tmp_path / "vm" / "rootfs.ext4")
@@ -70,7 +71,7 @@ def _exercise(mgr: AssetManager, blobs: BlobStore, clock: FakeClock, tmp_path: P
     assert mgr.gc().blobs_deleted == []  # a1 still live and leased
     mgr.release(a1.asset_id, "vm_1")
     mgr.delete(a1.asset_id)
-    assert mgr.find("k1") is None
+    assert mgr.find(k1) is None
     assert mgr.gc().blobs_deleted == []  # inside the grace period
     clock.advance(mgr.grace_s + 1)
     report = mgr.gc()
