@@ -39,7 +39,7 @@ def _du(root: Path) -> int:
 
 
 def test_sparse_entries_count_their_full_size(tmp_path: Path) -> None:
-    members = []
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
     for i in range(30):
         ti = tarfile.TarInfo(f"sparse{i}")
         ti.pax_headers = {"GNU.sparse.size": str(10_000_000), "GNU.sparse.map": "0,0"}
