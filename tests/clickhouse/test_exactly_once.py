@@ -18,9 +18,14 @@ from unkey_deploy.core.errors import ValidationFailed
 
 
 def _counts(store: ChdbStorage) -> tuple[int, int]:
+    """Rows in raw, and samples in every rollup (which must all agree)."""
     raw = store.query("SELECT count() AS n FROM metrics_raw")[0]["n"]
-    five = store.query("SELECT sum(sample_count) AS n FROM metrics_5min")[0]["n"]
-    return int(raw), int(five)
+    rollups = {
+        int(store.query("SELECT sum(sample_count) AS n FROM " + t)[0]["n"])  # noqa: S608
+        for t in ("metrics_5min", "metrics_hourly", "metrics_daily", "capacity_hourly")
+    }
+    assert len(rollups) == 1, rollups
+    return int(raw), rollups.pop()
 
 
 def test_is_a_storage(store: ChdbStorage) -> None:

@@ -48,6 +48,8 @@ def test_migrations_apply_once_and_are_recorded(tmp_path: Path) -> None:
             "billing_hourly",
             "metrics_quarantine",
             "processed_batches",
+            "capacity_hourly",
+            "capacity_hourly_mv",
         } <= tables
     finally:
         s.close()
@@ -88,7 +90,7 @@ def test_rollup_and_billing_tables(store: ChdbStorage) -> None:
     assert "ENGINE = AggregatingMergeTree" in five
     assert "TTL bucket + toIntervalDay(30)" in five
     # every non-key column is an aggregate state, so merges combine instead of picking a row
-    for table in ("metrics_5min", "metrics_hourly", "metrics_daily"):
+    for table in ("metrics_5min", "metrics_hourly", "metrics_daily", "capacity_hourly"):
         cols = store.query(
             "SELECT name, type FROM system.columns WHERE database = currentDatabase() "
             "AND table = {t:String} AND is_in_sorting_key = 0",

@@ -8,8 +8,8 @@ in by the caller (from its injected clock), never ``now()`` inside SQL, so resul
 
 Corrections to the seed design: the dashboard sums per-interval DELTAS (``metrics_raw`` stores
 deltas); the monthly bill reads ``billing_hourly FINAL`` (without it a recomputed hour counts
-twice); capacity planning reads the hourly rollup's states (``quantileTDigestMerge``), not a scan
-of raw rows.
+twice); capacity planning reads the per-customer hourly rollup's states (``quantileTDigestMerge``),
+not a scan of raw rows.
 """
 
 from __future__ import annotations
@@ -252,9 +252,9 @@ SELECT
     quantileTDigestMerge(0.95)(cpu_p95) AS p95_cpu,
     max(cpu_max) AS max_cpu,
     max(mem_max) AS peak_vm_memory_bytes,
-    uniqExact(vm_id) AS active_vms,
+    uniqExactMerge(active_vms) AS active_vms,
     sum(sample_count) AS samples
-FROM metrics_hourly
+FROM capacity_hourly
 WHERE hour >= {start:DateTime('UTC')}
   AND hour < {end:DateTime('UTC')}
   AND ({all_customers:UInt8} = 1 OR customer_id = {customer_id:String})
@@ -281,7 +281,8 @@ def capacity_planning(
     storage: Storage, /, *, customer_id: str | None, start: datetime, end: datetime
 ) -> list[CapacityHour]:
     """Per UTC hour in [start, end), newest first, from the hourly rollup. ``customer_id=None``
-    is platform-wide (operators only); otherwise scoped to that customer."""
+    is platform-wide (operators only); otherwise scoped to that customer. Reads
+    ``capacity_hourly`` (one t-digest per customer-hour, fed from the 5-minute rollup)."""
     s, e = _utc(start, "start"), _utc(end, "end")
     if customer_id is not None:
         _need_customer(customer_id)
