@@ -8,12 +8,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..core.errors import UnkeyError, ValidationFailed
 
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)
+# emoji=False: digests like "sha256:ab:" must never turn into pictures
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200, emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 
 def print_json(data: Any) -> None:
@@ -32,7 +34,8 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
 
 def print_error(exc: UnkeyError, *, source: str | None = None) -> None:
     """Render an error for a person: the message, every problem, then what to do next."""
-    err.print(f"[bold red]error[/]: {exc.message}", highlight=False, markup=True)
+    # messages carry outside text (layer entry names, field values): never read it as markup
+    err.print(f"[bold red]error[/]: {escape(exc.message)}", highlight=False, markup=True)
     if isinstance(exc, ValidationFailed):
         for p in exc.problems:
             err.print(f"  {p.render(source)}", highlight=False, markup=False)
@@ -40,4 +43,4 @@ def print_error(exc: UnkeyError, *, source: str | None = None) -> None:
     if rid:
         err.print(f"  request_id: {rid}", highlight=False, markup=False)
     if exc.suggestion:
-        err.print(f"[yellow]hint[/]: {exc.suggestion}", highlight=False)
+        err.print(f"[yellow]hint[/]: {escape(exc.suggestion)}", highlight=False)

@@ -24,7 +24,8 @@ class DeployRequest:
     memory_bytes: int
     port: int | None
     env: Mapping[str, str] = field(default_factory=dict)
-    command: tuple[str, ...] | None = None
+    command: tuple[str, ...] | None = None  # replaces the image's ENTRYPOINT (and its CMD)
+    args: tuple[str, ...] | None = None  # replaces the image's CMD
     keep_shell: bool = False
     replicas: int = 1
     healthcheck_path: str = "/"

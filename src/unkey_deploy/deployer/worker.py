@@ -25,9 +25,6 @@ log = get("deployer")
 def request_from(dep: Deployment) -> DeployRequest:
     """The workflow's request from the recorded (already validated) deployment."""
     spec = AppSpec.model_validate(dep.spec)
-    command: tuple[str, ...] | None = None
-    if spec.command is not None or spec.args is not None:
-        command = tuple(spec.command or ()) + tuple(spec.args or ())
     return DeployRequest(
         deployment_id=dep.id,
         customer_id=dep.customer_id,
@@ -39,7 +36,8 @@ def request_from(dep: Deployment) -> DeployRequest:
         memory_bytes=parse_size(spec.resources.memory, what="memory"),
         port=spec.port,
         env=dict(spec.env),
-        command=command,
+        command=tuple(spec.command) if spec.command is not None else None,
+        args=tuple(spec.args) if spec.args is not None else None,
         keep_shell=spec.keep_shell,
         replicas=spec.replicas,
         healthcheck_path=spec.healthcheck.path if spec.healthcheck else "/",
