@@ -126,3 +126,13 @@ def test_render_single_node_is_identity() -> None:
 def test_render_rejects_hostile_cluster_name() -> None:
     with pytest.raises(InvalidInput, match="cluster name"):
         render("CREATE TABLE IF NOT EXISTS x (a UInt8) ENGINE = MergeTree ORDER BY a", "c'; DROP")
+
+
+@pytest.mark.parametrize(
+    "value", ["plain", "it's", "back\\slash", "tab\there", "new\nline", "a\\tb", "quote'\\'"]
+)
+def test_string_parameters_round_trip_exactly(store: ChdbStorage, value: str) -> None:
+    (row,) = store.query("SELECT {v:String} AS v", {"v": value})
+    assert row["v"] == value
+    (row,) = store.query("SELECT {v:Array(String)} AS v", {"v": [value, "x"]})
+    assert row["v"] == [value, "x"]

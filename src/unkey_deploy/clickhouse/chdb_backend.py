@@ -32,6 +32,9 @@ _OPEN: dict[str, int] = {}
 _OPEN_LOCK = threading.Lock()
 
 
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})
+
+
 def _literal(value: Any) -> str:
     """A value as ClickHouse text for chDB's query parameters (it passes them through as text:
     top-level strings raw, values inside arrays quoted)."""
@@ -44,7 +47,8 @@ def _literal(value: Any) -> str:
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, str):
-        return value
+        # parameter values are parsed in ClickHouse's escaped (TSV) format
+        return value.translate(_TSV_ESCAPES)
     if isinstance(value, list | tuple | set | frozenset):
         return "[" + ",".join(_quoted(v) for v in value) + "]"
     raise InvalidInput(f"unsupported query parameter type {type(value).__name__}")
@@ -52,8 +56,8 @@ def _literal(value: Any) -> str:
 
 def _quoted(value: Any) -> str:
     if isinstance(value, str | datetime | date):
-        text = _literal(value)
-        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        # _literal already escaped backslashes and control characters; add the quote escape
+        return "'" + _literal(value).replace("'", "\\'") + "'"
     return _literal(value)
 
 
