@@ -200,7 +200,9 @@ class VerifiedStream:
         self._size = size
         self._what = what
         self._hash = hashlib.sha256()
+        # Unread data is self._buf[self._pos:] (an offset avoids re-copying the tail per read).
         self._buf = b""
+        self._pos = 0
         self._seen = 0
         self._eof = False
         self._verified = False
@@ -236,7 +238,8 @@ class VerifiedStream:
         self._hash.update(chunk)
         if self._progress is not None and chunk:
             self._progress(len(chunk))
-        self._buf += chunk
+        self._buf = self._buf[self._pos :] + chunk if self._pos < len(self._buf) else chunk
+        self._pos = 0
         return True
 
     def _finish(self) -> None:
@@ -255,13 +258,16 @@ class VerifiedStream:
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
+            parts = [self._buf[self._pos :]]
+            self._buf, self._pos = b"", 0
             while self._pull():
-                pass
-            out, self._buf = self._buf, b""
-            return out
-        while len(self._buf) < n and self._pull():
+                parts.append(self._buf)
+                self._buf = b""
+            return b"".join(parts)
+        while len(self._buf) - self._pos < n and self._pull():
             pass
-        out, self._buf = self._buf[:n], self._buf[n:]
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += len(out)
         return out
 
     def readinto(self, b: Any) -> int:
@@ -271,9 +277,9 @@ class VerifiedStream:
 
     def drain(self) -> None:
         """Read (and verify) whatever is left; raises if the blob is wrong."""
+        self._buf, self._pos = b"", 0
         while self._pull():
             self._buf = b""
-        self._buf = b""
 
     @property
     def verified(self) -> bool:
