@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -59,6 +60,7 @@ from .rootfs import compress, make_rootfs
 from .vminit import ImageConfig, inject, launch_spec
 
 JOB_KIND = "build"
+_log = logging.getLogger(__name__)
 
 
 class Cancelled(Exception):
@@ -353,19 +355,28 @@ class BuildService:
     def run_worker(self, name: str, *, once: bool = False) -> None:
         """Claim and run builds until :meth:`stop` (or one pass with ``once``)."""
         while not self._stop.is_set():
-            with transaction(self.factory) as s:
-                jobs.requeue_expired(s, now=self._now(), kinds=[JOB_KIND])
-            job = jobs.claim(self.factory, [JOB_KIND], name, now=self._now(),
-                             lease_s=self.lease_s)  # fmt: skip
-            if job is None:
+            try:
+                with transaction(self.factory) as s:
+                    jobs.requeue_expired(s, now=self._now(), kinds=[JOB_KIND])
+                job = jobs.claim(self.factory, [JOB_KIND], name, now=self._now(),
+                                 lease_s=self.lease_s)  # fmt: skip
+                if job is not None:
+                    self._run_job(job, name)
+            except Exception:
+                # A worker thread must outlive a database hiccup (SQLite "database is locked",
+                # a PostgreSQL failover) or a bug in one build: dying here would silently stop
+                # builderd. The job in hand, if any, keeps its lease until it expires and is then
+                # retried by requeue_expired.
+                _log.exception("builder worker %s: error in the worker loop; continuing", name)
                 if once:
-                    return
-                self._wake.wait(self.poll_s)
-                self._wake.clear()
+                    raise
+                self._stop.wait(max(self.poll_s, 0.5))
                 continue
-            self._run_job(job, name)
             if once:
                 return
+            if job is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
 
     @contextlib.contextmanager
     def _heartbeat(self, job: jobs.Job, worker: str, cancel: threading.Event) -> Iterator[None]:
