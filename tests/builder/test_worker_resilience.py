@@ -14,10 +14,10 @@ from sqlalchemy.exc import OperationalError
 
 from unkey_deploy.assets.blobs import FsBlobStore
 from unkey_deploy.assets.service import AssetManager
-from unkey_deploy.builder import service as service_mod
 from unkey_deploy.builder.api import BuildRequest, BuildState
 from unkey_deploy.builder.service import BuildService, OciImageSource
 from unkey_deploy.core.ids import new_customer_id
+from unkey_deploy.store import jobs
 from unkey_deploy.store.db import make_engine, session_factory, upgrade
 
 pytestmark = pytest.mark.root
@@ -32,7 +32,7 @@ def test_worker_outlives_database_errors_while_claiming(
     assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
     svc = BuildService(factory, assets, OciImageSource(), work_dir=tmp_path / "work",
                        init_binary=init_binary, poll_s=0.05)  # fmt: skip
-    real_claim = service_mod.jobs.claim
+    real_claim = jobs.claim
     failures = {"left": 3}
 
     def flaky_claim(*a: Any, **kw: Any) -> Any:
@@ -41,7 +41,7 @@ def test_worker_outlives_database_errors_while_claiming(
             raise OperationalError("UPDATE jobs ...", {}, Exception("database is locked"))
         return real_claim(*a, **kw)
 
-    monkeypatch.setattr(service_mod.jobs, "claim", flaky_claim)
+    monkeypatch.setattr(jobs, "claim", flaky_claim)  # the module builderd calls through
     try:
         bid = svc.submit(BuildRequest(app_image, new_customer_id()))
         svc.start(1)
