@@ -74,6 +74,7 @@ class Billaged:
         journal: bool = True,
         rotate_ticks: int = 600,
         publish_chunk: int = 2000,
+        capacity: int = 16,
     ) -> None:
         if batch_samples < 1:
             raise InvalidInput("billaged: batch_samples must be >= 1")
@@ -103,6 +104,7 @@ class Billaged:
         self._mem_total = np.zeros(0, dtype=np.int64)
         self._seq = np.zeros(0, dtype=np.int64)
         self._first_seg = np.zeros(0, dtype=np.int64)
+        self._grow(capacity)  # growing copies the 600-sample buffers: size it up front
         self._recover()
 
     # -- slots ------------------------------------------------------------------------------
@@ -110,10 +112,13 @@ class Billaged:
         if need <= self._cap:
             return
         cap = max(need, self._cap * 2, 16)
-        extra = cap - self._cap
+        old = self._cap
 
         def ext(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-            return np.concatenate([a, np.zeros((extra, *shape), dtype=np.int64)])
+            # np.zeros is calloc: untouched pages cost nothing until a series uses its slot
+            out = np.zeros((cap, *shape), dtype=np.int64)
+            out[:old] = a
+            return out
 
         self._buf = ext(self._buf, (self.batch_samples, NCOLS))
         self._fill = ext(self._fill, ())
@@ -121,8 +126,8 @@ class Billaged:
         self._mem_total = ext(self._mem_total, ())
         self._seq = ext(self._seq, ())
         self._first_seg = ext(self._first_seg, ())
-        self._keys.extend([None] * extra)
-        self._free.extend(range(cap - 1, self._cap - 1, -1))
+        self._keys.extend([None] * (cap - old))
+        self._free.extend(range(cap - 1, old - 1, -1))
         self._cap = cap
 
     def slot(self, key: SeriesKey) -> int:
@@ -175,8 +180,10 @@ class Billaged:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.shape != (len(slots), NCOLS):
             raise InvalidInput(f"billaged: rows must be ({len(slots)}, {NCOLS}), got {rows.shape}")
-        if len(np.unique(slots)) != len(slots):
-            raise InvalidInput("billaged: a series appears twice in one tick")
+        if len(slots) and (
+            slots.min() < 0 or slots.max() >= self._cap or np.bincount(slots, minlength=1).max() > 1
+        ):
+            raise InvalidInput("billaged: unknown slot, or a series twice in one tick")
         last = self._last[slots]
         ok = rows[:, 0] > last[:, 0]
         ok &= (rows[:, _COUNTERS] >= last[:, _COUNTERS]).all(axis=1)
@@ -272,8 +279,7 @@ class Billaged:
             return
         self._journal.start_segment()
         self._ticks_in_segment = 0
-        for s in self._slot_of.values():
-            self._journal.series(s, self._key(s))
+        self._journal.series_many([(s, self._key(s)) for s in self._slot_of.values()])
         self._trim_journal()
 
     def _trim_journal(self) -> None:
