@@ -405,7 +405,9 @@ class RegistryClient:
 
     def _request(self, ref: Reference, url: str, accept: str | None = None) -> httpx.Response:
         """GET with auth (challenges) and manual redirects; returns a 2xx streaming response."""
-        origin = urlsplit(url).netloc
+        # Scheme and host: a redirect from https://reg to http://reg (same netloc) must not
+        # get the token either, or it would cross the network in clear text.
+        origin = _origin(url)
         scope = (ref.registry, ref.repository)
         challenged = False
         redirects = 0
@@ -414,7 +416,7 @@ class RegistryClient:
             if accept:
                 headers["Accept"] = accept
             # Credentials only ever go to the registry's own host.
-            if urlsplit(url).netloc == origin and scope in self._auth:
+            if _origin(url) == origin and scope in self._auth:
                 headers["Authorization"] = self._auth[scope]
             resp = self._send("GET", url, headers)
             if resp.status_code in (301, 302, 303, 307, 308):
@@ -428,7 +430,7 @@ class RegistryClient:
                     raise ImageError(f"registry redirected to an unsupported URL {new!r}")
                 url = new
                 continue
-            if resp.status_code == 401 and not challenged and urlsplit(url).netloc == origin:
+            if resp.status_code == 401 and not challenged and _origin(url) == origin:
                 challenged = True
                 self.stats["challenges"] += 1
                 www = resp.headers.get("www-authenticate", "")
@@ -589,6 +591,11 @@ class RegistryClient:
         """A small blob (image config) fully read and verified."""
         with self.open_blob(ref, desc, max_bytes=max_bytes) as s:
             return s.read()
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def _basic(creds: tuple[str, str]) -> str:

@@ -1,0 +1,59 @@
+"""Where the registry client sends credentials when a blob request is redirected.
+
+The registry here is an https host (not loopback), which needs TLS; instead of a certificate
+chain the client gets an ``httpx.MockTransport`` that answers like a registry and records every
+request exactly as the client sent it (the header policy under test is the client's own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+
+from unkey_deploy.builder.oci import Descriptor, Reference, RegistryClient
+
+BLOB = b"layer bytes" * 100
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+CREDS = ("user", "secret")
+
+
+def _client(location: str, seen: list[tuple[str, str | None]]) -> RegistryClient:
+    def handler(req: httpx.Request) -> httpx.Response:
+        url = str(req.url)
+        seen.append((url, req.headers.get("authorization")))
+        if req.url.path.startswith("/v2/") and "authorization" not in req.headers:
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="reg"'})
+        if req.url.path == f"/v2/app/blobs/{DIGEST}":
+            return httpx.Response(307, headers={"Location": location})
+        if req.url.path.startswith("/storage/"):
+            return httpx.Response(200, stream=httpx.ByteStream(BLOB))
+        return httpx.Response(404)
+
+    return RegistryClient(
+        credentials={"reg.example": CREDS}, transport=httpx.MockTransport(handler)
+    )
+
+
+def _pull(location: str) -> list[tuple[str, str | None]]:
+    seen: list[tuple[str, str | None]] = []
+    with _client(location, seen) as c:
+        ref = Reference.parse("reg.example/app:latest")
+        desc = Descriptor("application/vnd.oci.image.layer.v1.tar", DIGEST, len(BLOB))
+        assert c.read_blob(ref, desc, max_bytes=1 << 20) == BLOB
+    return seen
+
+
+def test_downgrade_redirect_to_plain_http_on_the_same_host_gets_no_credentials() -> None:
+    seen = _pull("http://reg.example/storage/blob?sig=1")
+    assert seen[0] == (f"https://reg.example/v2/app/blobs/{DIGEST}", None)  # challenge
+    assert seen[1][0].startswith("https://") and seen[1][1] and seen[1][1].startswith("Basic ")
+    assert seen[2] == ("http://reg.example/storage/blob?sig=1", None)
+
+
+def test_same_origin_redirect_keeps_credentials_other_hosts_get_none() -> None:
+    same = _pull("/storage/blob")
+    assert same[-1][0] == "https://reg.example/storage/blob"
+    assert same[-1][1] is not None and same[-1][1].startswith("Basic ")
+    other = _pull("https://cdn.example/storage/blob")
+    assert other[-1] == ("https://cdn.example/storage/blob", None)
