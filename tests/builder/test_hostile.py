@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -516,3 +517,16 @@ def test_zstd_bomb_stops_at_limit(env: Env) -> None:
     # Stopped early: far less than the 4 MB the bomb expands to was written.
     written = sum(p.stat().st_size for p in env.root.rglob("*") if p.is_file())
     assert written <= 500_000
+
+
+@pytest.mark.parametrize("name", sorted(im.hostile_images()))
+def test_shared_hostile_images_fail(env: Env, name: str) -> None:
+    """The set other areas (CLI, service) reuse stays hostile, through the same checks."""
+    built, fragment = im.hostile_images()[name]
+    before = snapshot(env.tmp)
+    with (
+        pytest.raises(BuildFailed, match=re.escape(fragment)),
+        resolve(layout_of(env, built)) as img,
+    ):
+        extract_image(img, env.root)
+    assert snapshot(env.tmp) == before

@@ -448,3 +448,67 @@ def multiarch_index() -> Built:
 
 def clean_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# -- hostile / broken images (for CLI and service tests; test_hostile.py has the full set) -----
+
+
+def _base() -> Layer:
+    return Layer.of([E("etc/", "dir"), E("etc/passwd", data=b"root:x:0:0::/:/bin/sh\n")])
+
+
+def _on_base(entries: list[E]) -> Built:
+    return image([_base(), Layer.of(entries)], entrypoint=["/bin/true"])
+
+
+def _raw(data: bytes, media_type: str, diff_id: str | None = None) -> Built:
+    return image([Layer(data, media_type, diff_id or sha(data))], entrypoint=["/bin/true"])
+
+
+def hostile_images() -> dict[str, tuple[Built, str]]:
+    """Name -> (image, a fragment the build error must contain). Every one must fail to build.
+
+    All are storable in a layout and pushable to a real registry (their blobs match their
+    digests); the attacks are in the layer contents, media types or config.
+    """
+    wrong_diff = Layer.of([E("a", data=b"a")])
+    wrong_diff.diff_id = "sha256:" + "0" * 64
+    plain = tar_bytes([E("a", data=b"a")])
+    return {
+        "dotdot": (_on_base([E("../../escape.txt", data=b"x")]), 'entry "../../escape.txt"'),
+        "hardlink-outside": (_on_base([E("h", "hardlink", link="../../etc/shadow")]), "escapes"),
+        "hardlink-host-abs": (_on_base([E("h", "hardlink", link="/etc/shadow")]), "does not exist"),
+        "hardlink-symlink": (
+            _on_base([E("s", "symlink", link="/etc/passwd"), E("h", "hardlink", link="s")]),
+            "is a symlink",
+        ),
+        "symlink-loop": (
+            _on_base(
+                [E("a", "symlink", link="b"), E("b", "symlink", link="a"), E("a/x", data=b"")]
+            ),
+            "too many levels of symbolic links",
+        ),
+        "whiteout-dotdot": (_on_base([E("etc/.wh...")]), "invalid whiteout target"),
+        "opaque-escape": (_on_base([E("../.wh..wh..opq")]), "escapes the root"),
+        "parent-is-file": (_on_base([E("etc/passwd/x", data=b"x")]), "is not a directory"),
+        "wrong-diff-id": (image([wrong_diff], entrypoint=["/x"]), "diff_id mismatch"),
+        "unknown-layer-type": (
+            _raw(plain, "application/vnd.example.squashfs"),
+            "unsupported media type",
+        ),
+        "corrupt-gzip": (
+            _raw(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 8, LAYER_MT["gzip"]),
+            "corrupt",
+        ),
+        "zstd-garbage": (
+            _raw(b"\x28\xb5\x2f\xfd" + bytes(range(256)) * 8, LAYER_MT["zstd"]),
+            "corrupt zstd",
+        ),
+        "not-tar": (
+            _raw(b"definitely not a tarball " * 80, LAYER_MT[""]),
+            "not a valid tar stream",
+        ),
+        "gzip-type-plain-data": (_raw(plain, LAYER_MT["gzip"]), "layer data is not gzip"),
+        "config-arm64": (arch_image("arm64"), "not linux/amd64"),
+        "index-without-amd64": (index({"linux/arm64/v8": arch_image("arm64")}), "no linux/amd64"),
+    }
