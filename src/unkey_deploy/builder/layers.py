@@ -31,13 +31,16 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zstandard
 
 from ..core.config import BuilderConfig
 from ..core.errors import ImageError, LayerError
 from .oci import LAYER_TYPES, short_digest
+
+if TYPE_CHECKING:
+    from .source import ResolvedImage
 
 # Fixed epoch every mtime is clamped to (2023-11-14T22:13:20Z): same image -> same tree.
 EPOCH = 1_700_000_000
@@ -559,7 +562,7 @@ Progress = Callable[[int, int, int], None]
 
 
 def extract_image(
-    image: Any,
+    image: ResolvedImage,
     root: Path,
     limits: Limits | BuilderConfig | None = None,
     log: Callable[[str], None] | logging.Logger | None = None,

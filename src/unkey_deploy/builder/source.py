@@ -392,7 +392,8 @@ def _resolve_layout(image_ref: str, cfg: BuilderConfig) -> ResolvedImage:
         with _file_stream(blob_path(d), d, None, what) as s:
             return s.read()
 
-    top_raw = (path / "index.json").read_bytes()[: cfg.max_manifest_bytes + 1]
+    with (path / "index.json").open("rb") as f:
+        top_raw = f.read(cfg.max_manifest_bytes + 1)
     if len(top_raw) > cfg.max_manifest_bytes:
         raise ImageError(f"{image_ref}: index.json exceeds the {cfg.max_manifest_bytes}-byte limit")
     top = _json(top_raw, f"{image_ref}: index.json")
