@@ -14,7 +14,8 @@ Queries (``unkey_deploy.clickhouse.queries``, tenant-scoped where the design's a
   dashboard   one customer's VMs, last 5 min, from metrics_raw deltas       goal < 50 ms
   bill        one customer's month from billing_hourly FINAL                 goal < 20 ms
   capacity    platform-wide per hour, last 24 h, from metrics_hourly states  goal < 100 ms
-Each runs ``--runs`` times (after one warm-up, rotating customers) after OPTIMIZE-free settling;
+Each runs ``--runs`` times (after one warm-up, rotating customers) once background merges have
+finished (up to ``--settle-s``);
 baseline in the same run: the seed design's capacity query (quantile over metrics_raw).
 Last line: ``RESULT dashboard_p50_ms=... bill_p50_ms=... capacity_p50_ms=... ...``.
 """
@@ -22,6 +23,7 @@ Last line: ``RESULT dashboard_p50_ms=... bill_p50_ms=... capacity_p50_ms=... ...
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--hot-hz", type=float, default=10.0)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--settle-s", type=float, default=300.0)
     args = ap.parse_args()
 
     fleet = Fleet(vms=args.vms, customers=args.customers)
@@ -126,6 +129,18 @@ def main() -> None:
                 f"  {s['table']:<20} {s['rows']:>12,} rows "
                 f"{s['c'] / 2**20:8.1f} MiB ({ratio:.1f}:1)"
             )
+
+        # query in steady state: wait for the background merges the inserts started
+        w0 = time.perf_counter()
+        while time.perf_counter() - w0 < args.settle_s:
+            if store.query("SELECT count() AS n FROM system.merges")[0]["n"] == 0:
+                break
+            time.sleep(1)
+        print(
+            f"waited {time.perf_counter() - w0:.0f} s for merges; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+            flush=True,
+        )
 
         month = now.strftime("%Y-%m")
         custs = [fleet.customer_of(i) for i in range(fleet.customers)]

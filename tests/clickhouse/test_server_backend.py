@@ -262,3 +262,51 @@ def test_factory_uses_the_server_url(tmp_path: Path) -> None:
     bad = config.load(data_dir=tmp_path, billing={"clickhouse_url": "ftp://x"})
     with pytest.raises(InvalidInput, match="clickhouse_url"):
         storage_from_settings(bad)
+
+
+def test_billing_and_quarantine_inserts(store: ChdbStorage) -> None:
+    from decimal import Decimal
+
+    from unkey_deploy.clickhouse.api import BillingHourlyRow
+
+    row = BillingHourlyRow(
+        customer_id="cust_a",
+        vm_id="vm_1",
+        instance_id="inst_1",
+        hour=T0,
+        cpu_time_ns=1,
+        mem_byte_ns=2**70,
+        net_rx_bytes=2,
+        net_tx_bytes=3,
+        disk_read_bytes=4,
+        disk_write_bytes=5,
+        gap_ns=6,
+        sample_count=7,
+        storage_byte_ns=8,
+        cost=Decimal("0.000000000007"),
+        pricing_version="v1",
+        version=9,
+    )
+    q = pa.table(
+        {
+            "customer_id": ["cust_a"],
+            "vm_id": ["vm_1"],
+            "instance_id": ["inst_1"],
+            "timestamp": pa.array([T0_NS], pa.timestamp("ns", tz="UTC")),
+            "reason": ["cpu_over_100"],
+        }
+    )
+    rec = RecordingClient()
+    server = ServerStorage(client=rec)
+    server.upsert_billing_hourly([row])
+    server.insert_quarantine(q, "q-tok")
+    bill, quar = rec.calls
+    assert (bill.method, bill.sql) == ("insert_arrow", "billing_hourly")
+    assert bill.settings is not None and bill.settings["async_insert"] == 0
+    assert (quar.sql, quar.settings and quar.settings["insert_deduplication_token"]) == (
+        "metrics_quarantine",
+        "q-tok",
+    )
+    _replay([bill, quar], store)
+    assert queries.billing_rows(store, customer_id="cust_a", month=T0.strftime("%Y-%m")) == [row]
+    assert store.query("SELECT reason FROM metrics_quarantine") == [{"reason": "cpu_over_100"}]
