@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import os
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -400,3 +401,34 @@ def test_oci_layout_and_docker_archive_sources(tmp_path: Path) -> None:
     (tmp_path / "broken.tar").write_bytes(b"garbage" * 100)
     with pytest.raises(ImageError, match="docker-archive"):
         resolve(f"docker-archive:{tmp_path / 'broken.tar'}")
+
+
+def test_token_cached_per_repository_scope(pushed: Pushed) -> None:
+    reg = pushed.reg
+    client = RegistryClient(credentials={reg.host: CREDS})
+    with client:
+        for repo, tag in (("test/multi", "latest"), ("test/app", "v1"), ("test/multi", "latest")):
+            with resolve(reg.ref(repo, tag), client=client):
+                pass
+        assert client.stats["tokens"] == 2  # one per repository, reused on the second pull
+
+
+@pytest.mark.parametrize("dest", ["oci", "docker-archive"])
+def test_layouts_and_archives_written_by_skopeo(pushed: Pushed, tmp_path: Path, dest: str) -> None:
+    """Interop: what a real tool writes (skopeo copy from the registry) is read by our sources."""
+    target = (
+        f"oci:{tmp_path / 'layout'}:v1"
+        if dest == "oci"
+        else f"docker-archive:{tmp_path / 'img.tar'}"
+    )
+    subprocess.run(
+        ["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--src-creds", ":".join(CREDS),
+         f"docker://{pushed.reg.ref('test/multi')}", target],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )  # fmt: skip
+    with resolve(target) as img:
+        assert img.entrypoint == ["/app/main.sh"]
+        extract_image(img, mk(tmp_path / "root"))
+    check_multilayer_tree(tmp_path / "root")
