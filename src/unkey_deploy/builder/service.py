@@ -533,8 +533,13 @@ class DeployBuilds:
     def build(self, req: Any, progress: Callable[..., None], /) -> Any:
         from ..deployer.api import BuiltAsset  # noqa: PLC0415 (deployer depends on us, not back)
 
-        options = BuildOptions(keep_shell=bool(req.keep_shell),
-                               command=tuple(req.command) if req.command else None)  # fmt: skip
+        # app.yaml's command/args are baked into /.vminit/argv (env is applied by metald at
+        # launch, so one asset serves deployments that differ only in env).
+        options = BuildOptions(
+            keep_shell=bool(req.keep_shell),
+            command=tuple(req.command) if req.command else None,
+            args=tuple(req.args) if getattr(req, "args", None) is not None else None,
+        )
         build_id = self.builder.submit(BuildRequest(
             image=req.image, customer_id=CustomerId(req.customer_id), options=options,
             priority=10, deployment_id=req.deployment_id,
