@@ -283,7 +283,7 @@ class Aggregator:
                 del self._held[sid]
         out.held = sum(len(h) for h in self._held.values())
 
-        raw_parts: list[pa.Table] = []
+        raw = _RawBuilder()
         billing: list[BillingHourlyRow] = []
         new_states: list[SeriesState] = []
         raw_ids: list[str] = []
@@ -332,9 +332,7 @@ class Aggregator:
                 )
             vmask = c.valid
             if vmask.any():
-                raw_parts.append(
-                    _raw_table(key, c, seq_of_row[c.src[vmask]], [h.batch.batch_id for h in run])
-                )
+                raw.add(key, c, seq_of_row[c.src[vmask]], [h.batch.batch_id for h in run])
                 raw_ids += [h.batch.batch_id for h in run]
             sheet = pricing.price_sheet(self.pricing_version, cust.pricing_tier)
             hours = dict(c.hours)
@@ -354,8 +352,8 @@ class Aggregator:
             new_states.append(st)
 
         # Commit: raw + quarantine, billing rows, then states (the commit point), then markers.
-        if raw_parts:
-            raw = pa.concat_tables(raw_parts)
+        if raw.parts:
+            table = raw.table()
             present = (
                 self.storage.raw_batches_present([i for i in raw_ids if i in redelivered])
                 if redelivered
@@ -363,13 +361,13 @@ class Aggregator:
             )
             if present:
                 keep = pa.compute.invert(
-                    pa.compute.is_in(raw.column("batch_id"), pa.array(sorted(present)))
+                    pa.compute.is_in(table.column("batch_id"), pa.array(sorted(present)))
                 )
-                raw = raw.filter(keep)
-            if raw.num_rows:
+                table = table.filter(keep)
+            if table.num_rows:
                 token = hashlib.sha256("\n".join(sorted(raw_ids)).encode()).hexdigest()
-                self.storage.insert_raw(raw, token)
-            out.raw_rows = raw.num_rows
+                self.storage.insert_raw(table, token)
+            out.raw_rows = table.num_rows
         self._write_quarantine(quarantine)
         if billing:
             self.storage.upsert_billing_hourly(billing)
@@ -440,46 +438,74 @@ def _q_batch(b: DecodedBatch, reason: str) -> list[dict[str, Any]]:
     ]
 
 
-def _const(value: str, n: int) -> pa.Array:
-    return pa.DictionaryArray.from_arrays(
-        pa.array(np.zeros(n, dtype=np.int32)), pa.array([value])
-    ).cast(pa.string())
+class _RawBuilder:
+    """Raw interval rows of a flush as numpy parts, turned into ONE Arrow table (one chunk per
+    column: chDB inserts a many-chunk table much slower)."""
 
-
-def _raw_table(key: SeriesKey, c: Any, batch_idx: np.ndarray, batch_ids: list[str]) -> pa.Table:
-    v = c.valid
-    rows = c.rows[v]
-    d = c.deltas[v]
-    n = len(rows)
-    dt = d[:, 0]
-    before_mem = np.empty(n, dtype=np.int64)
-    # memory gauge of the previous valid sample (a): reconstruct from b's gauge minus delta
-    before_mem[:] = rows[:, 2] - d[:, 2]
-    counted = (dt > 0) & (dt <= pricing.NS_PER_S)
-    mem_byte_ns = np.where(counted, before_mem.astype(np.uint64) * dt.astype(np.uint64), 0)
-    return pa.table(
-        {
-            "customer_id": _const(key.customer_id, n),
-            "vm_id": _const(key.vm_id, n),
-            "instance_id": _const(key.instance_id, n),
-            "timestamp": pa.array(rows[:, 0], pa.timestamp("ns", tz="UTC")),
-            "interval_ns": pa.array(dt.astype(np.uint64)),
-            "cpu_time_ns": pa.array(d[:, 1].astype(np.uint64)),
-            "cpu_usage_percent": pa.array(c.cpu_percent[v]),
-            "memory_used_bytes": pa.array(rows[:, 2].astype(np.uint64)),
-            "memory_total_bytes": pa.array(np.full(n, key.memory_total_bytes, dtype=np.uint64)),
-            "vcpus": pa.array(np.full(n, key.vcpus, dtype=np.uint16)),
-            "network_rx_bytes": pa.array(d[:, 3].astype(np.uint64)),
-            "network_tx_bytes": pa.array(d[:, 4].astype(np.uint64)),
-            "disk_read_bytes": pa.array(d[:, 5].astype(np.uint64)),
-            "disk_write_bytes": pa.array(d[:, 6].astype(np.uint64)),
-            "mem_byte_ns": pa.array(mem_byte_ns.astype(np.uint64)),
-            "gap_ns": pa.array(np.where(dt > pricing.NS_PER_S, dt, 0).astype(np.uint64)),
-            "batch_id": pa.DictionaryArray.from_arrays(
-                pa.array(batch_idx.astype(np.int32)), pa.array(batch_ids)
-            ).cast(pa.string()),
+    def __init__(self) -> None:
+        self.parts: list[dict[str, np.ndarray]] = []
+        self._dicts: dict[str, dict[str, int]] = {
+            "customer_id": {},
+            "vm_id": {},
+            "instance_id": {},
+            "batch_id": {},
         }
-    )
+
+    def _code(self, col: str, value: str) -> int:
+        d = self._dicts[col]
+        return d.setdefault(value, len(d))
+
+    def add(self, key: SeriesKey, c: Any, batch_idx: np.ndarray, batch_ids: list[str]) -> None:
+        v = c.valid
+        rows = c.rows[v]
+        d = c.deltas[v]
+        n = len(rows)
+        dt = d[:, 0]
+        before_mem = rows[:, 2] - d[:, 2]  # gauge of the previous valid sample (a)
+        counted = (dt > 0) & (dt <= pricing.NS_PER_S)
+        codes = np.array([self._code("batch_id", b) for b in batch_ids], dtype=np.int32)
+        self.parts.append(
+            {
+                "customer_id": np.full(n, self._code("customer_id", key.customer_id), np.int32),
+                "vm_id": np.full(n, self._code("vm_id", key.vm_id), np.int32),
+                "instance_id": np.full(n, self._code("instance_id", key.instance_id), np.int32),
+                "timestamp": rows[:, 0],
+                "interval_ns": dt,
+                "cpu_time_ns": d[:, 1],
+                "cpu_usage_percent": c.cpu_percent[v],
+                "memory_used_bytes": rows[:, 2],
+                "memory_total_bytes": np.full(n, key.memory_total_bytes, np.int64),
+                "vcpus": np.full(n, key.vcpus, np.uint16),
+                "network_rx_bytes": d[:, 3],
+                "network_tx_bytes": d[:, 4],
+                "disk_read_bytes": d[:, 5],
+                "disk_write_bytes": d[:, 6],
+                "mem_byte_ns": np.where(
+                    counted, before_mem.astype(np.uint64) * dt.astype(np.uint64), 0
+                ),
+                "gap_ns": np.where(dt > pricing.NS_PER_S, dt, 0),
+                "batch_id": codes[batch_idx],
+            }
+        )
+
+    def table(self) -> pa.Table:
+        cols: dict[str, pa.Array] = {}
+        for name in self.parts[0]:
+            arr = np.concatenate([p[name] for p in self.parts])
+            if name in self._dicts:
+                words = list(self._dicts[name])
+                cols[name] = pa.DictionaryArray.from_arrays(pa.array(arr), pa.array(words)).cast(
+                    pa.string()
+                )
+            elif name == "timestamp":
+                cols[name] = pa.array(arr, pa.timestamp("ns", tz="UTC"))
+            elif name == "cpu_usage_percent":
+                cols[name] = pa.array(arr.astype(np.float32))
+            elif name == "vcpus":
+                cols[name] = pa.array(arr.astype(np.uint16))
+            else:
+                cols[name] = pa.array(arr.astype(np.uint64))
+        return pa.table(cols)
 
 
 def _billing_row(  # noqa: PLR0917
