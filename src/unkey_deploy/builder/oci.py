@@ -227,7 +227,9 @@ class VerifiedStream:
             self._finish()
             return False
         except httpx.HTTPError as e:
-            raise ImageError(f"{self._what}: transfer failed after {self._seen} bytes: {e}") from e
+            raise ImageError(
+                f"{self._what}: transfer failed after {self._seen} bytes: {e}", retryable=True
+            ) from e
         self._seen += len(chunk)
         if self._seen > self._size:
             raise ImageError(
@@ -456,9 +458,18 @@ class RegistryClient:
                 raise ImageError(f"registry error: GET {url} -> HTTP {resp.status_code}")
             return resp
 
+    def _creds_for(self, registry: str) -> tuple[str, str] | None:
+        if registry in self._creds:
+            return self._creds[registry]
+        if registry == "registry-1.docker.io":  # people write Docker Hub credentials as docker.io
+            for alias in ("docker.io", "index.docker.io"):
+                if alias in self._creds:
+                    return self._creds[alias]
+        return None
+
     def _authenticate(self, ref: Reference, www: str) -> None:
         ch = parse_www_authenticate(www)
-        creds = self._creds.get(ref.registry)
+        creds = self._creds_for(ref.registry)
         if ch.scheme == "basic":
             if creds is None:
                 raise Unauthenticated(f"registry {ref.registry} needs credentials (Basic auth)")
