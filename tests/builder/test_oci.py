@@ -7,6 +7,8 @@ redirect blob downloads to a second "storage" host that records the headers it r
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import http.server
 import os
 import stat
@@ -208,6 +210,8 @@ class ProxyState:
     faults: list[tuple[str, int]] = field(default_factory=list)  # (path part, status) answered once
     front_seen: list[tuple[str, str | None]] = field(default_factory=list)
     blob_seen: list[tuple[str, str | None]] = field(default_factory=list)
+    front: str = ""
+    basic: str | None = None  # when set, the front itself demands this Basic Authorization
 
 
 class _Front(http.server.BaseHTTPRequestHandler):
@@ -227,6 +231,9 @@ class _Front(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         st = self.state
         st.front_seen.append((self.path, self.headers.get("Authorization")))
+        if st.basic is not None and self.headers.get("Authorization") != st.basic:
+            self._send(401, {"WWW-Authenticate": 'Basic realm="test"'}, b"")
+            return
         for i, (part, status) in enumerate(st.faults):
             if part in self.path:
                 del st.faults[i]
@@ -264,8 +271,12 @@ class _Storage(_Front):
 
 @pytest.fixture
 def proxy(pushed: Pushed) -> Iterator[ProxyState]:
-    blobs = {**pushed.multi.blobs}
-    state = ProxyState(upstream=pushed.reg.url, blobs=blobs)
+    with _serve(ProxyState(upstream=pushed.reg.url, blobs={**pushed.multi.blobs})) as state:
+        yield state
+
+
+@contextlib.contextmanager
+def _serve(state: ProxyState) -> Iterator[ProxyState]:
     servers = []
     for handler in (_Front, _Storage):
         cls = type(handler.__name__, (handler,), {"state": state})
@@ -274,7 +285,7 @@ def proxy(pushed: Pushed) -> Iterator[ProxyState]:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
     state.blob_host = f"127.0.0.1:{servers[1].server_address[1]}"
-    state.front = f"127.0.0.1:{servers[0].server_address[1]}"  # type: ignore[attr-defined]
+    state.front = f"127.0.0.1:{servers[0].server_address[1]}"
     try:
         yield state
     finally:
@@ -287,7 +298,7 @@ def test_blob_redirect_to_another_host_does_not_leak_the_token(
     proxy: ProxyState, tmp_path: Path
 ) -> None:
     proxy.redirect_blobs = True
-    front = proxy.front  # type: ignore[attr-defined]
+    front = proxy.front
     with resolve(f"{front}/test/multi:latest", credentials={front: CREDS}) as img:
         extract_image(img, tmp_path)
     check_multilayer_tree(tmp_path)
@@ -312,7 +323,7 @@ def test_tampered_blob_from_storage_is_refused(
     proxy: ProxyState, tmp_path: Path, tamper: str, message: str
 ) -> None:
     proxy.redirect_blobs = True
-    front = proxy.front  # type: ignore[attr-defined]
+    front = proxy.front
     with resolve(f"{front}/test/multi:latest", credentials={front: CREDS}) as img:
         proxy.tamper = tamper
         with pytest.raises(ImageError, match=message):
@@ -320,7 +331,7 @@ def test_tampered_blob_from_storage_is_refused(
 
 
 def test_retries_5xx_and_429_with_backoff_and_retry_after(proxy: ProxyState) -> None:
-    front = proxy.front  # type: ignore[attr-defined]
+    front = proxy.front
     proxy.faults = [("/manifests/", 503), ("/manifests/", 429), ("/blobs/", 502)]
     sleeps: list[float] = []
     client = RegistryClient(credentials={front: CREDS}, sleep=sleeps.append)
@@ -331,7 +342,7 @@ def test_retries_5xx_and_429_with_backoff_and_retry_after(proxy: ProxyState) -> 
 
 
 def test_gives_up_after_retries(proxy: ProxyState) -> None:
-    front = proxy.front  # type: ignore[attr-defined]
+    front = proxy.front
     proxy.faults = [("/manifests/", 503)] * 10
     sleeps: list[float] = []
     client = RegistryClient(credentials={front: CREDS}, sleep=sleeps.append, retries=3)
@@ -432,3 +443,20 @@ def test_layouts_and_archives_written_by_skopeo(pushed: Pushed, tmp_path: Path, 
         assert img.entrypoint == ["/app/main.sh"]
         extract_image(img, mk(tmp_path / "root"))
     check_multilayer_tree(tmp_path / "root")
+
+
+def test_basic_auth_registry(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A registry behind Basic auth (no token server): the client answers the Basic challenge."""
+    with start_registry(tmp_path_factory.mktemp("anon")) as anon:
+        multi = im.multilayer_image()
+        im.push(anon.host, "test/multi", "latest", multi)
+        basic = "Basic " + base64.b64encode(":".join(CREDS).encode()).decode()
+        with _serve(ProxyState(upstream=anon.url, blobs={}, basic=basic)) as state:
+            with pytest.raises(Unauthenticated, match="needs credentials"):
+                resolve(f"{state.front}/test/multi:latest")
+            client = RegistryClient(credentials={state.front: CREDS})
+            with client, resolve(f"{state.front}/test/multi:latest", client=client) as img:
+                extract_image(img, tmp_path)
+            assert client.stats["challenges"] == 1 and client.stats["tokens"] == 0
+            assert all(a == basic for p, a in state.front_seen[2:]), state.front_seen
+    check_multilayer_tree(tmp_path)
