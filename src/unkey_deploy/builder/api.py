@@ -62,9 +62,13 @@ class BuildOptions:
     def overrides(self) -> Overrides:
         return Overrides(self.command, self.args, dict(self.env), self.keep_shell)
 
-    def cache_key(self, manifest_digest: str) -> str:
-        """Manifest digest + options + pipeline version: equal keys build equal bytes."""
-        blob = json.dumps({"v": PIPELINE_VERSION, "o": self.as_dict()}, sort_keys=True)
+    def cache_key(self, manifest_digest: str, init_digest: str = "") -> str:
+        """Manifest digest + options + pipeline version + the injected init's digest: equal
+        keys build equal bytes. (Without the init's digest, a changed ``vminit.c`` would keep
+        serving cached assets with the old init until someone bumped PIPELINE_VERSION.)"""
+        blob = json.dumps(
+            {"v": PIPELINE_VERSION, "o": self.as_dict(), "init": init_digest}, sort_keys=True
+        )
         return f"{manifest_digest}|{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 

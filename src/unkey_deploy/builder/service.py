@@ -20,6 +20,8 @@ once with ``cached=True``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -122,7 +124,7 @@ def build_rootfs(
     start = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = image if isinstance(image, SourceImage) else source.resolve(image, log)
-    key = options.cache_key(resolved.manifest_digest)
+    key = options.cache_key(resolved.manifest_digest, init_digest(init_binary))
     root = workdir / "root"
     if root.exists():
         shutil.rmtree(root)
@@ -164,6 +166,17 @@ def build_rootfs(
         launch=spec.as_dict(),
         seconds=time.monotonic() - start,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _init_digest(path: Path, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def init_digest(init_binary: Path) -> str:
+    """sha256 of the init binary (part of the cache key); cached per path + mtime + size."""
+    st = init_binary.stat()
+    return _init_digest(init_binary, st.st_mtime_ns, st.st_size)
 
 
 def _discard_tree(root: Path) -> None:
@@ -448,7 +461,7 @@ class BuildService:
                 log(f"attempt {job.attempts}/{job.max_attempts} on {worker}")
                 options = BuildOptions.from_dict(json.loads(opts_raw))
                 resolved = self.source.resolve(image, log)
-                key = options.cache_key(resolved.manifest_digest)
+                key = options.cache_key(resolved.manifest_digest, init_digest(self.init_binary))
                 self._set(build_id, manifest_digest=resolved.manifest_digest)
                 hit = self.assets.find(key)
                 if hit is not None:
