@@ -112,6 +112,20 @@ class Settled:
 
 
 @dataclass
+class Prepared:
+    """A computed flush, not yet written (see :meth:`Aggregator.commit`)."""
+
+    out: Settled
+    raw: pa.Table | None = None
+    raw_ids: list[str] = field(default_factory=list)
+    redelivered: set[str] = field(default_factory=set)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    billing: list[BillingHourlyRow] = field(default_factory=list)
+    state_sql: str | None = None
+    done_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SeriesState:
     key: SeriesKey
     last_seq: int = -1
@@ -225,6 +239,13 @@ class Aggregator:
     # -- processing -----------------------------------------------------------------------------
 
     def process(self, items: Sequence[Incoming]) -> Settled:
+        """Apply a flush and commit it (``commit(prepare(items))``)."""
+        return self.commit(self.prepare(items))
+
+    def prepare(self, items: Sequence[Incoming]) -> Prepared:
+        """Compute a flush (advancing the in-memory series states) without writing anything.
+        Commit flushes in the order they were prepared; if a commit fails, call
+        :meth:`forget` and let the bus redeliver everything not acked."""
         out = Settled()
         quarantine: list[dict[str, Any]] = []
         redelivered: set[str] = set()
@@ -242,8 +263,7 @@ class Aggregator:
             old = self._held[sid].get(b.seq)
             self._held[sid][b.seq] = _Held(it, b, old.since if old else now)
         if not self._held:
-            self._write_quarantine(quarantine)
-            return out
+            return Prepared(out, quarantine=quarantine)
         self._load_states(h.batch.key for hs in self._held.values() for h in hs.values())
 
         # Pick, per series, the batches that can be applied now (in seq order).
@@ -351,35 +371,49 @@ class Aggregator:
             st.last_seq = run[-1].batch.seq
             new_states.append(st)
 
-        # Commit: raw + quarantine, billing rows, then states (the commit point), then markers.
-        if raw.parts:
-            table = raw.table()
-            present = (
-                self.storage.raw_batches_present([i for i in raw_ids if i in redelivered])
-                if redelivered
-                else set()
+        state_sql = None
+        if new_states:
+            v = self._versions.next()
+            state_sql = (
+                f"INSERT INTO {STATE_TABLE} VALUES "  # noqa: S608 (numbers, or escaped by _esc)
+                + ",".join(self._state_values(st, v) for st in new_states)
             )
+        return Prepared(
+            out,
+            raw=raw.table() if raw.parts else None,
+            raw_ids=raw_ids,
+            redelivered=redelivered,
+            quarantine=quarantine,
+            billing=billing,
+            state_sql=state_sql,
+            done_ids=done_ids,
+        )
+
+    def commit(self, p: Prepared) -> Settled:
+        """Write a prepared flush: raw + quarantine, billing rows, then the series states (the
+        commit point), then the processed markers. Returns what to ack/term."""
+        out = p.out
+        if p.raw is not None:
+            table = p.raw
+            wanted = [i for i in p.raw_ids if i in p.redelivered]
+            present = self.storage.raw_batches_present(wanted) if wanted else set()
             if present:
                 keep = pa.compute.invert(
                     pa.compute.is_in(table.column("batch_id"), pa.array(sorted(present)))
                 )
                 table = table.filter(keep)
             if table.num_rows:
-                token = hashlib.sha256("\n".join(sorted(raw_ids)).encode()).hexdigest()
+                token = hashlib.sha256("\n".join(sorted(p.raw_ids)).encode()).hexdigest()
                 self.storage.insert_raw(table, token)
             out.raw_rows = table.num_rows
-        self._write_quarantine(quarantine)
-        if billing:
-            self.storage.upsert_billing_hourly(billing)
-            out.billing_rows = len(billing)
-        if new_states:
-            v = self._versions.next()
-            self.storage.command(  # values are numbers or escaped by _esc
-                f"INSERT INTO {STATE_TABLE} VALUES "  # noqa: S608
-                + ",".join(self._state_values(st, v) for st in new_states)
-            )
-        if done_ids:
-            self.storage.mark_processed(done_ids)
+        self._write_quarantine(p.quarantine)
+        if p.billing:
+            self.storage.upsert_billing_hourly(p.billing)
+            out.billing_rows = len(p.billing)
+        if p.state_sql is not None:
+            self.storage.command(p.state_sql)
+        if p.done_ids:
+            self.storage.mark_processed(p.done_ids)
         return out
 
     def held_handles(self) -> list[Any]:

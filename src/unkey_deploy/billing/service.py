@@ -38,7 +38,7 @@ from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.errors import UnkeyError
 from ..metering import stream as mstream
 from ..store import db
-from .aggregator import Aggregator, Incoming
+from .aggregator import Aggregator, Incoming, Settled
 from .customers import CustomerDirectory, SqlDirectory
 from .queries import BillingQueries
 
@@ -75,6 +75,7 @@ async def run_consumer(
     )
     loop = asyncio.get_running_loop()
     last_touch = loop.time()
+    inflight: asyncio.Task[Settled] | None = None
     try:
         while not stop.is_set():
             msgs: list[Delivery] = []
@@ -92,33 +93,59 @@ async def run_consumer(
                 samples += sum(_samples_hint(m) for m in got)
                 if not got or loop.time() >= deadline:
                     break
-            held_before = agg.held_handles()
-            if not msgs and not held_before:
+            if not msgs and not agg.held_handles() and inflight is None:
                 continue
             items = [Incoming(m, m.data, m.num_delivered > 1) for m in msgs]
+            # Prepare this flush while the previous one is being written (chDB works outside
+            # the GIL), then write flushes strictly in order.
+            prepared = None
+            reset = False
             try:
-                out = await asyncio.to_thread(agg.process, items)
+                if items or agg.held_handles():
+                    prepared = await asyncio.to_thread(agg.prepare, items)
             except UnkeyError as exc:
-                # nothing acked: everything of this flush is redelivered and re-applied
-                log.warning("billing: flush failed (%s); messages will be redelivered", exc)
+                log.warning("billing: prepare failed (%s); messages will be redelivered", exc)
+                reset = True
+            if inflight is not None:
+                ok = await _settle(inflight, stats)
+                inflight = None
+                if not ok:
+                    reset = True
+            if reset:
+                # in-memory states ran ahead of the store: start over from the store
                 agg.forget()
                 await asyncio.sleep(1.0)
                 continue
-            await asyncio.gather(*(d.ack() for d in out.ack), return_exceptions=True)
-            await asyncio.gather(*(d.term() for d in out.term), return_exceptions=True)
-            stats.flushes += 1
-            stats.samples += out.samples
-            stats.acked += len(out.ack)
-            stats.termed += len(out.term)
+            if prepared is not None:
+                inflight = asyncio.create_task(asyncio.to_thread(agg.commit, prepared))
             if loop.time() - last_touch > ack_wait_s / 3:
                 last_touch = loop.time()
                 await asyncio.gather(
                     *(d.in_progress() for d in agg.held_handles()), return_exceptions=True
                 )
+        if inflight is not None:
+            await _settle(inflight, stats)
     finally:
         with contextlib.suppress(Exception):
             await consumer.close()
     return stats
+
+
+async def _settle(task: asyncio.Task[Settled], stats: LoopStats) -> bool:
+    """Wait for a flush's commit, then ack/term its messages. False if the commit failed
+    (nothing acked: the bus redelivers)."""
+    try:
+        out = await task
+    except UnkeyError as exc:
+        log.warning("billing: commit failed (%s); messages will be redelivered", exc)
+        return False
+    await asyncio.gather(*(d.ack() for d in out.ack), return_exceptions=True)
+    await asyncio.gather(*(d.term() for d in out.term), return_exceptions=True)
+    stats.flushes += 1
+    stats.samples += out.samples
+    stats.acked += len(out.ack)
+    stats.termed += len(out.term)
+    return True
 
 
 def _samples_hint(m: Delivery) -> int:
