@@ -284,3 +284,23 @@ def test_nats_down_at_start_then_up(tmp_path: Path) -> None:
             server.stop()
 
     asyncio.run(main())
+
+
+def test_corrupt_spool_segment_is_moved_aside_not_deleted(tmp_path: Path) -> None:
+    fleet = SimFleet(2, seed=6)
+
+    async def main() -> None:
+        b = Billaged(tmp_path, batch_samples=5, journal=False)
+        slots = np.array([b.slot(k) for k in fleet.keys])
+        for k in range(10):
+            b.ingest(slots, fleet.rows(k))
+        await b.close()
+        segs = sorted((tmp_path / "segments").glob("*.spool"))
+        assert len(segs) == 2
+        segs[1].write_bytes(segs[1].read_bytes()[:-3])  # torn by a broken disk
+        b = Billaged(tmp_path, batch_samples=5, journal=False)
+        assert b.spool.pending_count == 2  # the intact segment's batches
+        assert segs[1].with_suffix(".corrupt").exists()
+        await b.close()
+
+    asyncio.run(main())

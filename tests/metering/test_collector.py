@@ -125,6 +125,9 @@ def test_cpu_near_limit_when_burning_and_near_zero_when_idle(cgroups: Cgroups) -
     # that the cap, not the other jobs on this shared 2-core box, is what limits the burner.
     (cgroups.cpu / "cpu.cfs_period_us").write_text("100000")
     (cgroups.cpu / "cpu.cfs_quota_us").write_text("50000")
+    # ... and weighted 10x the default, so a busy box (other jobs in the root cgroup) cannot
+    # starve it below its cap: what is measured is the cap.
+    (cgroups.cpu / "cpu.shares").write_text("10240")
     burner = cgroups.spawn(BURN)
     idle_cg = Cgroups()
     try:

@@ -75,6 +75,18 @@ class SeriesState:
     closed_at_ns: int = 0  # wall time when it was closed (for forgetting it later)
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """Where a spooled batch sits in its segment file: batches are not kept in memory, so a
+    long NATS outage grows the disk, not billaged's RSS."""
+
+    customer_id: str
+    batch_id: str
+    samples: int
+    offset: int
+    length: int
+
+
 def series_name(vm_id: str, instance_id: str) -> str:
     return f"{vm_id}:{instance_id}"
 
@@ -88,7 +100,7 @@ class Spool:
         self.seg_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.seg_dir.glob("*.tmp"):
             tmp.unlink()  # a flush that never got renamed: its samples are still in the journal
-        self._segments: dict[int, list[SpooledBatch]] = {}
+        self._segments: dict[int, list[_Entry]] = {}
         self._acked: dict[int, set[int]] = {}
         self.series: dict[str, SeriesState] = {}
         self._seq_log_path = self.root / "seq.log"
@@ -114,15 +126,16 @@ class Spool:
                     continue  # a torn last line from a crash mid-append
         for path in sorted(self.seg_dir.glob("*.spool")):
             n = int(path.stem)
-            items = list(self._read_segment(path))
-            self._segments[n] = items
+            read = list(self._read_segment(path))
+            if not path.exists():
+                continue  # moved aside as <n>.corrupt for a person to inspect
+            self._segments[n] = [e for e, _ in read]
             self._acked[n] = set()
             # A segment renamed but whose seq.log append was lost still fixes the seqs.
-            for item in items:
+            for item, t_last in read:
                 vm, inst, seq = item.batch_id.rsplit(":", 2)
                 name = series_name(vm, inst)
                 st = self.series.get(name)
-                t_last = decode_array(item.data).samples[-1, 0]
                 if st is None or st.next_seq <= int(seq):
                     self.series[name] = SeriesState(int(seq) + 1, int(t_last))
         # Compact: one line per series. Stopped series are kept for FORGET_CLOSED_AFTER_NS
@@ -132,12 +145,13 @@ class Spool:
         atomic_write(self._seq_log_path, b"".join(self._seq_line(n, s) for n, s in keep.items()))
         self.series = keep
 
-    def _read_segment(self, path: Path) -> Iterator[SpooledBatch]:
+    def _read_segment(self, path: Path) -> Iterator[tuple[_Entry, int]]:
         data = path.read_bytes()
         off = 0
         while off < len(data):
             ln, crc = _REC.unpack_from(data, off) if off + _REC.size <= len(data) else (-1, 0)
             off += _REC.size
+            start = off
             body = data[off : off + ln] if ln >= 0 else b""
             off += max(ln, 0)
             if ln < 0 or len(body) != ln or zlib.crc32(body) != crc:
@@ -158,7 +172,8 @@ class Spool:
                     error=str(exc),
                 )
                 continue
-            yield SpooledBatch(d.key.customer_id, d.batch_id, int(d.samples.shape[0]), body)
+            entry = _Entry(d.key.customer_id, d.batch_id, int(d.samples.shape[0]), start, ln)
+            yield entry, int(d.samples[-1, 0])
 
     @staticmethod
     def _seq_line(name: str, st: SeriesState) -> bytes:
@@ -176,11 +191,16 @@ class Spool:
         self._next_segment += 1
         if items:
             parts = []
+            entries = []
+            off = 0
             for it in items:
                 parts.append(_REC.pack(len(it.data), zlib.crc32(it.data)))
                 parts.append(it.data)
+                off += _REC.size
+                entries.append(_Entry(it.customer_id, it.batch_id, it.samples, off, len(it.data)))
+                off += len(it.data)
             atomic_write(self.seg_dir / f"{n:012d}.spool", b"".join(parts))
-            self._segments[n] = list(items)
+            self._segments[n] = entries
             self._acked[n] = set()
         self.update_series(states)
         return n
@@ -206,11 +226,18 @@ class Spool:
         out: list[tuple[int, int, SpooledBatch]] = []
         for n in sorted(self._segments):
             acked = self._acked[n]
-            for i, it in enumerate(self._segments[n]):
-                if i not in acked:
-                    out.append((n, i, it))
+            todo = [(i, e) for i, e in enumerate(self._segments[n]) if i not in acked]
+            if not todo:
+                continue
+            fd = os.open(self.seg_dir / f"{n:012d}.spool", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for i, e in todo:
+                    data = os.pread(fd, e.length, e.offset)
+                    out.append((n, i, SpooledBatch(e.customer_id, e.batch_id, e.samples, data)))
                     if len(out) >= limit:
                         return out
+            finally:
+                os.close(fd)
         return out
 
     def ack(self, segment: int, index: int) -> None:
