@@ -115,3 +115,11 @@ def test_cpu_over_100_is_quarantined_and_not_billed(storage: ChdbStorage) -> Non
     assert [r["reason"] for r in rows] == ["cpu_over_100_percent"]
     assert int(rows[0]["n"]) >= 3  # one jump at samples 300, 600 and 900
     assert_bills_match(storage, raw_of([s]), TERMS)
+
+
+def test_undecodable_batch_is_termed_and_quarantined(storage: ChdbStorage) -> None:
+    agg = Aggregator(storage, directory(TERMS))
+    out = agg.process([Incoming("bad", b"UKMB\x01garbage")])
+    assert out.term == ["bad"] and out.ack == []
+    rows = storage.query("SELECT reason FROM metrics_quarantine")
+    assert len(rows) == 1 and rows[0]["reason"].startswith("invalid_batch: invalid metering batch")

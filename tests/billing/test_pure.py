@@ -230,3 +230,19 @@ def test_hour_cost_keeps_twelve_decimals() -> None:
     # 400 KB of network: $0.0000372529..., which Decimal(10,4) would store as 0
     cost = pricing.hour_cost(sheet, 0, 0, 400_000)
     assert cost == Decimal("0.000037252903")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cpu=st.integers(0, 10**14),
+    mem=st.integers(0, 2**90),
+    net=st.integers(0, 10**13),
+)
+def test_hour_cost_equals_exact_rational_rounded_half_even(cpu: int, mem: int, net: int) -> None:
+    sheet = pricing.price_sheet("v1", "pro")
+    exact = (
+        Fraction(cpu, HOUR) * Fraction("0.05")
+        + Fraction(mem, HOUR * 2**30) * Fraction("0.01")
+        + Fraction(net, 2**30) * Fraction("0.10")
+    )
+    assert Fraction(pricing.hour_cost(sheet, cpu, mem, net)) == round(exact, 12)

@@ -254,7 +254,19 @@ class Aggregator:
             try:
                 b = decode_array(it.data)
             except InvalidInput as exc:
-                quarantine.append(_q_row("", "", "", "", 0, f"{REASON_INVALID_BATCH}: {exc}", ""))
+                # no trustworthy key or time in it: file it under "now" (a row at t=0 would be
+                # dropped by the quarantine TTL), with the bytes' size for the operator
+                quarantine.append(
+                    _q_row(
+                        "",
+                        "",
+                        "",
+                        "",
+                        time.time_ns(),
+                        f"{REASON_INVALID_BATCH}: {exc}",
+                        json.dumps({"bytes": len(it.data)}),
+                    )
+                )
                 out.term.append(it.handle)
                 continue
             sid = _sid(b.key.vm_id, b.key.instance_id)
