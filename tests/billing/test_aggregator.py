@@ -123,3 +123,18 @@ def test_undecodable_batch_is_termed_and_quarantined(storage: ChdbStorage) -> No
     assert out.term == ["bad"] and out.ack == []
     rows = storage.query("SELECT reason FROM metrics_quarantine")
     assert len(rows) == 1 and rows[0]["reason"].startswith("invalid_batch: invalid metering batch")
+
+
+def test_allocation_change_within_an_instance_is_quarantined(storage: ChdbStorage) -> None:
+    rng = random.Random(8)
+    s = make_series(rng, "cust_a", "vm_7", "i1", MONTH_EDGE_NS, 1200)
+    first, second = to_batches(s)
+    changed = dataclasses.replace(
+        second, key=dataclasses.replace(second.key, memory_total_bytes=8 * 2**30)
+    )
+    Aggregator(storage, directory(TERMS)).process([Incoming(0, encode(first))])
+    # after a restart the allocation comes from the stored state
+    Aggregator(storage, directory(TERMS)).process([Incoming(1, encode(changed))])
+    rows = storage.query("SELECT reason, count() AS n FROM metrics_quarantine GROUP BY reason")
+    assert [(r["reason"], int(r["n"])) for r in rows] == [("allocation_changed", 600)]
+    assert_bills_match(storage, raw_of([dataclasses.replace(s, samples=s.samples[:600])]), TERMS)

@@ -195,7 +195,18 @@ class Aggregator:
         if not missing:
             return
         cols = ", ".join(
-            ["vm_id", "instance_id", "last_seq", "has_last", *_SAMPLE_COLS, "hour", *_ACC]
+            [
+                "vm_id",
+                "instance_id",
+                "customer_id",
+                "vcpus",
+                "memory_total_bytes",
+                "last_seq",
+                "has_last",
+                *_SAMPLE_COLS,
+                "hour",
+                *_ACC,
+            ]
         )
         rows = self.storage.query(  # constant column/table names; ids are bound
             f"SELECT {cols} FROM {STATE_TABLE} FINAL "  # noqa: S608
@@ -205,7 +216,14 @@ class Aggregator:
         found = {}
         for r in rows:
             sid = _sid(r["vm_id"], r["instance_id"])
-            st = SeriesState(key=want[sid], last_seq=int(r["last_seq"]), hour=int(r["hour"]))
+            key = SeriesKey(
+                str(r["customer_id"]),
+                str(r["vm_id"]),
+                str(r["instance_id"]),
+                int(r["vcpus"]),
+                int(r["memory_total_bytes"]),
+            )  # the allocation the series started with
+            st = SeriesState(key=key, last_seq=int(r["last_seq"]), hour=int(r["hour"]))
             if int(r["has_last"]):
                 st.last = np.array([int(r[c]) for c in _SAMPLE_COLS], dtype=np.int64)
             st.acc = HourUsage(**{f: int(r[f"acc_{f}"]) for f in FIELDS})
@@ -328,13 +346,19 @@ class Aggregator:
             out.ack += [h.item.handle for h in run]
             nsamples = sum(len(h.batch.samples) for h in run)
             out.samples += nsamples
+            if st.last_seq < 0 and st.last is None:
+                st.key = key  # a new series: its first batch fixes the allocation
             cust = self.directory.customer(key.customer_id)
             reason = None
             if cust is None:
                 reason = REASON_UNKNOWN_CUSTOMER
             elif not self.directory.known_vm(key.customer_id, key.vm_id):
                 reason = REASON_UNKNOWN_VM
-            elif (st.key.vcpus, st.key.memory_total_bytes) != (key.vcpus, key.memory_total_bytes):
+            elif (st.key.customer_id, st.key.vcpus, st.key.memory_total_bytes) != (
+                key.customer_id,
+                key.vcpus,
+                key.memory_total_bytes,
+            ):
                 reason = REASON_ALLOCATION
             if reason is not None or cust is None:
                 for h in run:
