@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, default=600)
     args = ap.parse_args()
     batches = make_batches(args.batches, args.batch_rows)
-    print(f"{args.batches} batches x {args.batch_rows} rows, full schema (raw + 3 rollup MVs)")
+    print(f"{args.batches} batches x {args.batch_rows} rows, full schema (raw + 4 MVs)")
     per10k = max(1, 10_000 // args.batch_rows + 1)
     per100k = max(1, 100_000 // args.batch_rows + 1)
     r600 = variant("plain_600", batches, plain, 1)
