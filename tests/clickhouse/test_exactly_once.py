@@ -167,3 +167,26 @@ def test_billing_rows_are_validated(store: ChdbStorage) -> None:
 
 def _as_dict(r: BillingHourlyRow) -> dict[str, object]:
     return {name: getattr(r, name) for name in r.__slots__}
+
+
+def test_concurrent_callers_are_serialized_safely(store: ChdbStorage) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(k: int) -> None:
+        for j in range(5):
+            tbl = batch(start_ns=T0_NS + (k * 5 + j) * 10**9, n=10, cpu=1.0)
+            store.insert_raw(tbl, f"thread-{k}-{j}")
+            store.mark_processed([f"b{k}-{j}"])
+            store.processed_batches([f"b{k}-{j}"])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+    assert _counts(store) == (200, 200)
+    assert len(store.processed_batches([f"b{k}-{j}" for k in range(4) for j in range(5)])) == 20
+
+
+def test_one_chdb_path_per_process(store: ChdbStorage, tmp_path: Path) -> None:
+    from unkey_deploy.core.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="one process can hold one chDB path"):
+        ChdbStorage(tmp_path / "other")
