@@ -632,7 +632,7 @@ def open_builder(settings: Settings, *, source: ImageSource | None = None,
     return BuildService(
         session_factory(engine), open_assets(settings, clock=clock),
         source or oci_source(settings), work_dir=settings.data_dir / "builds",
-        init_binary=build_init(settings.data_dir / "native"), config=settings.builder,
+        init_binary=build_init(settings.native_dir), config=settings.builder,
         clock=clock, lease_s=lease_s,
     )  # fmt: skip
 

@@ -97,10 +97,14 @@ class BillingConfig(_Section):
     clickhouse_url: str | None = None
     cluster: str | None = None
     pricing_version: str = "v1"
+    # Run the billing service inside gatewayd (required for embedded chDB: one process owns it).
+    embedded_in_gateway: bool = True
 
 
 class Settings(_Section):
     data_dir: Path = Path(".unkey")
+    # native pieces built by `make native`: the static guest init, the guest kernel + initramfs
+    native_dir: Path = Path(".native")
     # None: SQLite (WAL) at <data_dir>/control.db; otherwise any SQLAlchemy URL (postgresql+psycopg://)
     database_url: str | None = None
     log_level: str = "INFO"

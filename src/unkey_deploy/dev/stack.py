@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from ..bus.server import free_port, nats_server_binary
 from ..core.config import Settings
 from ..core.errors import Unavailable
 from ..gateway.server import admin_token_file, ensure_admin_token, tls_files
@@ -55,6 +57,8 @@ class ServiceSpec:
     url: Callable[[Settings], str | None] = lambda _s: None
     env: dict[str, str] = field(default_factory=dict)
     stop_timeout_s: float = 15.0
+    # only run when the stack owns it (nats-server: not when bus.nats_url names a cluster)
+    local_only: bool = False
 
 
 def _unkey(*args: str) -> list[str]:
@@ -98,8 +102,93 @@ def _gateway_health(settings: Settings) -> bool:
     return r.status_code == 200
 
 
+def nats_port(settings: Settings) -> int:
+    """The local nats-server's port, chosen once per data dir and kept (clients reconnect)."""
+    path = settings.data_dir.resolve() / "nats" / "port"
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        path.write_text(f"{port}\n")
+        return port
+
+
+def nats_url(settings: Settings) -> str:
+    return settings.bus.nats_url or f"nats://127.0.0.1:{nats_port(settings)}"
+
+
+def _nats_argv(settings: Settings) -> list[str]:
+    store = settings.data_dir.resolve() / "nats"
+    return [
+        str(nats_server_binary()), "-js", "-a", "127.0.0.1", "-p", str(nats_port(settings)),
+        "-sd", str(store / "jetstream"), "--http_port", "0",
+    ]  # fmt: skip
+
+
+def _nats_health(settings: Settings) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", nats_port(settings)), timeout=1) as s:
+            return s.recv(4).startswith(b"INFO")
+    except OSError:
+        return False
+
+
+REGISTRY_PORT = 5055
+
+
+def registry_host(_settings: Settings) -> str:
+    return f"127.0.0.1:{REGISTRY_PORT}"
+
+
+def _registry_argv(settings: Settings) -> list[str]:
+    """Debian's docker-registry for images built on this machine (examples/, CI pipelines)."""
+    root = settings.data_dir.resolve() / "registry"
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = root / "config.json"  # YAML is a superset of JSON
+    if not cfg.exists():
+        cfg.write_text(
+            json.dumps(
+                {
+                    "version": 0.1,
+                    "log": {"level": "warn", "accesslog": {"disabled": True}},
+                    "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+                    "http": {"addr": registry_host(settings), "secret": os.urandom(16).hex()},
+                }
+            )
+        )
+    return ["/usr/bin/docker-registry", "serve", str(cfg)]
+
+
+def _registry_health(settings: Settings) -> bool:
+    try:
+        return httpx.get(f"http://{registry_host(settings)}/v2/", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _module(name: str) -> Argv:
+    return lambda _s: [sys.executable, "-m", name]
+
+
+def _pid_alive(name: str) -> Health:
+    """Health of a worker service without a port: its pid file names a live process."""
+
+    def check(settings: Settings) -> bool:
+        return Stack(settings).pid(name) is not None
+
+    return check
+
+
 SERVICES: list[ServiceSpec] = [
+    ServiceSpec("nats-server", _nats_argv, _nats_health, url=nats_url, local_only=True),
+    ServiceSpec("registry", _registry_argv, _registry_health, url=registry_host),
     ServiceSpec("gatewayd", _gateway_argv, _gateway_health, url=gateway_url),
+    ServiceSpec("builderd", _module("unkey_deploy.builder.service"), _pid_alive("builderd")),
+    ServiceSpec(
+        "metald", _module("unkey_deploy.metald.hostd"), _pid_alive("metald"), stop_timeout_s=30
+    ),
+    ServiceSpec("deployer", _module("unkey_deploy.deployer.service"), _pid_alive("deployer")),
 ]
 
 
@@ -181,10 +270,24 @@ class Stack:
         }
         (self.data_dir / "stack.json").write_text(json.dumps(state, indent=2) + "\n")
 
+    def env(self) -> dict[str, str]:
+        """What every service of the stack is told: where the data, database and bus are."""
+        env = {
+            "UNKEY_DATA_DIR": str(self.data_dir),
+            "UNKEY_NATIVE_DIR": str(self.settings.native_dir.resolve()),
+            "UNKEY_BUS__NATS_URL": nats_url(self.settings),
+        }
+        if self.settings.database_url:
+            env["UNKEY_DATABASE_URL"] = self.settings.database_url
+        return env
+
+    def _wanted(self, spec: ServiceSpec) -> bool:
+        return not (spec.local_only and self.settings.bus.nats_url)
+
     def up(self, *, timeout_s: float = 60.0) -> list[ServiceStatus]:
         self.prepare()
         for spec in self.services:
-            if self.pid(spec.name) is not None:
+            if not self._wanted(spec) or self.pid(spec.name) is not None:
                 continue
             log_path = self._log_file(spec.name)
             with open(log_path, "ab") as log_fh:
@@ -194,7 +297,7 @@ class Stack:
                     stdout=log_fh,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    env={**os.environ, **spec.env},
+                    env={**os.environ, **self.env(), **spec.env},
                 )
             self._pid_file(spec.name).write_text(f"{proc.pid}\n")
             deadline = time.monotonic() + timeout_s

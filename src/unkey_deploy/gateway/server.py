@@ -6,14 +6,17 @@ Files under the data dir (created by ``unkey dev up``, or here on first start):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI
 
 from ..core import log
 from ..core.config import Settings
@@ -71,6 +74,30 @@ def ensure_admin_token(settings: Settings) -> str:
     return token
 
 
+def _host_billing(app: FastAPI, settings: Settings) -> None:
+    """Run the billing service (aggregator + usage queries) inside this process.
+
+    chDB, the embedded default, can be opened by one process only, so on one machine the
+    gateway hosts the billing service and answers usage queries from it directly. With a
+    ClickHouse server (``billing.clickhouse_url``) the aggregator can run on its own instead.
+    """
+    from ..billing.service import start_in_process  # noqa: PLC0415 (optional area)
+
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        runtime = await start_in_process(settings)
+        app.state.billing = runtime.queries
+        try:
+            async with inner(a) as state:
+                yield state
+        finally:
+            await runtime.stop()
+
+    app.router.lifespan_context = lifespan
+
+
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT (uvicorn finishes in-flight requests first)."""
     log.configure("gatewayd", settings.log_level)
@@ -83,6 +110,8 @@ def serve(settings: Settings) -> None:
         factory=db.session_factory(engine),
         admin_token=admin,
     )
+    if settings.billing.embedded_in_gateway:
+        _host_billing(app, settings)
     cfg = settings.gateway
     ssl: dict[str, str] = {}
     if cfg.tls:

@@ -22,6 +22,15 @@ _CHUNK = 1 << 20
 _ZERO = bytes(_CHUNK)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def is_zstd(path: Path) -> bool:
+    """By content, not name: content-addressed asset blobs carry no suffix."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == ZSTD_MAGIC
+
+
 def decompress_zstd_sparse(src: Path, dst: Path) -> None:
     """Decompress a zstd file into ``dst``, leaving holes where the data is zeros."""
     import zstandard  # noqa: PLC0415 (only needed for compressed assets)
@@ -91,7 +100,7 @@ class Jails:
             shutil.rmtree(jail)
         jail.mkdir(parents=True, mode=0o755)
         try:
-            if src.suffix == ".zst":
+            if is_zstd(src):
                 disk = jail / "rootfs.ext4"
                 decompress_zstd_sparse(src, disk)
             elif copy_rootfs:
