@@ -246,3 +246,48 @@ def test_hour_cost_equals_exact_rational_rounded_half_even(cpu: int, mem: int, n
         + Fraction(net, 2**30) * Fraction("0.10")
     )
     assert Fraction(pricing.hour_cost(sheet, cpu, mem, net)) == round(exact, 12)
+
+
+def test_clean_many_equals_clean_per_series() -> None:
+    from unkey_deploy.billing.usage import clean_many
+
+    rng = random.Random(99)
+    prevs, arrs, vcpus, mems, expect = [], [], [], [], []
+    for i in range(40):
+        s = make_series(
+            rng,
+            "c",
+            f"vm_{i}",
+            "i",
+            MONTH_EDGE_NS - 3 * 10**9 * i,
+            rng.randint(0, 900),
+            vcpus=rng.choice([1, 2]),
+            gap_every=rng.choice([0, 7, 300]),
+            invalid_every=rng.choice([0, 0, 0, 40]),
+        )
+        arr = samples_to_array(s.samples) if s.samples else np.zeros((0, 7), dtype=np.int64)
+        cut = rng.randint(0, len(arr))
+        first = clean(None, arr[:cut], s.key.vcpus, s.key.memory_total_bytes)
+        prev = first.last if rng.random() < 0.8 else None
+        rest = arr[cut:] if prev is not None or cut == 0 else arr
+        prevs.append(prev)
+        arrs.append(rest)
+        vcpus.append(s.key.vcpus)
+        mems.append(s.key.memory_total_bytes)
+        expect.append(clean(prev, rest, s.key.vcpus, s.key.memory_total_bytes))
+    many = clean_many(prevs, arrs, vcpus, mems)
+    assert many.fast.sum() > 20 and (~many.fast).sum() > 0  # both paths exercised
+    for j, e in enumerate(expect):
+        if many.fast[j]:
+            got_hours, got_last = many.hours[j], many.last[j]
+            rows = many.rows[many.job == j]
+            assert np.array_equal(rows, e.rows[e.valid])
+            assert np.array_equal(many.deltas[many.job == j], e.deltas[e.valid])
+            assert np.array_equal(many.cpu_percent[many.job == j], e.cpu_percent[e.valid])
+        else:
+            got_hours, got_last = many.slow[j].hours, many.slow[j].last
+        assert got_hours == e.hours, j
+        if e.last is None:
+            assert got_last is None or (prevs[j] is not None and np.array_equal(got_last, prevs[j]))
+        else:
+            assert got_last is not None and np.array_equal(got_last, e.last), j

@@ -231,3 +231,119 @@ def clean(prev: Arr | None, samples: Arr, vcpus: int, mem_total: int) -> Cleaned
         )
     out.last = v[-1].copy()
     return out
+
+
+@dataclass
+class Many:
+    """:func:`clean_many` for the series that took the vectorised path (``fast``): their rows
+    concatenated in input order (all valid), with ``job`` = the series' index per row."""
+
+    fast: npt.NDArray[np.bool_]  # per series
+    job: npt.NDArray[np.intp]
+    rows: Arr
+    deltas: Arr
+    cpu_percent: npt.NDArray[np.float32]
+    before_mem: Arr
+    hours: list[dict[int, HourUsage]]  # per series (empty for slow ones)
+    last: list[Arr | None]  # per series: last valid sample (slow ones: see ``slow``)
+    slow: dict[int, Cleaned]
+
+
+def clean_many(
+    prevs: list[Arr | None], arrs: list[Arr], vcpus: list[int], mem_total: list[int]
+) -> Many:
+    """:func:`clean` for many series at once, vectorised across them. A series whose samples
+    are in strict time order after ``prev`` and all valid (the usual case) is computed in one
+    pass over the concatenation; any other goes through :func:`clean` (same result)."""
+    nj = len(arrs)
+    lens = np.array([len(a) for a in arrs], dtype=np.intp)
+    empty = Many(
+        fast=np.zeros(nj, dtype=bool),
+        job=np.zeros(0, dtype=np.intp),
+        rows=np.zeros((0, 7), dtype=np.int64),
+        deltas=np.zeros((0, 7), dtype=np.int64),
+        cpu_percent=np.zeros(0, dtype=np.float32),
+        before_mem=np.zeros(0, dtype=np.int64),
+        hours=[{} for _ in range(nj)],
+        last=list(prevs),  # unchanged when a series brings no valid sample
+        slow={},
+    )
+    if nj == 0:
+        return empty
+    x = np.concatenate(arrs) if nj > 1 else arrs[0]
+    job = np.repeat(np.arange(nj), lens)
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    nonempty = lens > 0
+    has_prev = np.array([p is not None for p in prevs], dtype=bool)
+    prev_rows = np.stack([p if p is not None else np.zeros(7, np.int64) for p in prevs])
+    before = np.empty_like(x)
+    before[1:] = x[:-1]
+    fs = starts[nonempty]
+    before[fs] = prev_rows[nonempty]
+    pred = np.ones(len(x), dtype=bool)  # the row has a predecessor
+    pred[fs] = has_prev[nonempty]
+    d = x - before
+    vc = np.repeat(np.asarray(vcpus, dtype=np.int64), lens)
+    mt = np.repeat(np.asarray(mem_total, dtype=np.int64), lens)
+    ok = (d[:, T] > 0) | ~pred
+    ok &= np.all(d[:, COUNTERS] >= 0, axis=1) | ~pred
+    ok &= (d[:, CPU] <= vc * d[:, T]) | ~pred
+    ok &= x[:, MEM] <= mt
+    job_ok = np.ones(nj, dtype=bool)
+    if len(x):
+        job_ok[nonempty] = np.logical_and.reduceat(ok, fs)
+    out = empty
+    out.fast = job_ok
+    for j in np.flatnonzero(~job_ok).tolist():
+        out.slow[j] = clean(prevs[j], arrs[j], vcpus[j], mem_total[j])
+    keep = job_ok[job]
+    if not keep.all():
+        x, d, before, pred, job, vc = (
+            x[keep],
+            d[keep],
+            before[keep],
+            pred[keep],
+            job[keep],
+            vc[keep],
+        )
+    # a series' first sample with no predecessor: whole counter values, no interval
+    d[~pred, T] = 0
+    before[~pred] = 0
+    dt = d[:, T]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = np.where(dt > 0, 100.0 * d[:, CPU] / (vc * np.maximum(dt, 1)), 0.0)
+    out.job, out.rows, out.deltas = job, x, d
+    out.cpu_percent = pct.astype(np.float32)
+    out.before_mem = before[:, MEM]
+    if not len(x):
+        return out
+    counted = (dt > 0) & (dt <= NS_PER_S)
+    gap = dt > NS_PER_S
+    hour = x[:, T] // NS_PER_HOUR
+    brk = np.ones(len(x), dtype=bool)
+    brk[1:] = (hour[1:] != hour[:-1]) | (job[1:] != job[:-1])
+    gstarts = np.flatnonzero(brk)
+    sums = np.add.reduceat(d[:, 1:], gstarts, axis=0).tolist()
+    gap_ns = np.add.reduceat(np.where(gap, dt, 0), gstarts).tolist()
+    gaps = np.add.reduceat(gap.astype(np.int64), gstarts).tolist()
+    counts = np.diff(np.append(gstarts, len(x))).tolist()
+    mem = _limb_sums(before[:, MEM], np.where(counted, dt, 0), gstarts)
+    gjob = job[gstarts].tolist()
+    ghour = hour[gstarts].tolist()
+    for g in range(len(gstarts)):
+        row = sums[g]
+        out.hours[gjob[g]][int(ghour[g])] = HourUsage(
+            cpu_ns=int(row[0]),
+            mem_byte_ns=mem[g],
+            net_rx_bytes=int(row[2]),
+            net_tx_bytes=int(row[3]),
+            disk_read_bytes=int(row[4]),
+            disk_write_bytes=int(row[5]),
+            gap_ns=int(gap_ns[g]),
+            gaps=int(gaps[g]),
+            samples=int(counts[g]),
+        )
+    ends = np.flatnonzero(np.append(job[1:] != job[:-1], True))
+    for e in ends.tolist():
+        out.last[int(job[e])] = x[e].copy()
+    return out
