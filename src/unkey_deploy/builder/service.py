@@ -485,6 +485,8 @@ class BuildService:
                     f"compressed, {out.seconds:.1f} s)")  # fmt: skip
                 self._finish(job, worker, build_id, asset, cached=False)
         except Cancelled:
+            # clean up before the state says cancelled: whoever waits may look right away
+            shutil.rmtree(self.work_dir / build_id, ignore_errors=True)
             with transaction(self.factory) as s:
                 self._log(s, build_id, "cancelled")
                 jobs.acknowledge_cancel(s, job.id, worker, now=self._now())

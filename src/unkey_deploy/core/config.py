@@ -97,7 +97,8 @@ class BillingConfig(_Section):
     clickhouse_url: str | None = None
     cluster: str | None = None
     pricing_version: str = "v1"
-    # Run the billing service inside gatewayd (required for embedded chDB: one process owns it).
+    # Run the aggregator inside gatewayd (required with embedded chDB: one process owns it).
+    # gatewayd always serves usage queries; turn this off only with a ClickHouse server URL.
     embedded_in_gateway: bool = True
 
 

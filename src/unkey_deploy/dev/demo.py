@@ -44,16 +44,27 @@ def run(*args: str, env: dict[str, str] | None = None, capture: bool = False) ->
 
 def main() -> int:
     os.chdir(REPO)
+    from ..core.config import load  # noqa: PLC0415
     from .example import push_hello  # noqa: PLC0415 (keeps `--help` fast)
-    from .stack import REGISTRY_PORT  # noqa: PLC0415
+    from .stack import REGISTRY_PORT, registry_host  # noqa: PLC0415
 
     say("starting the local stack (unkey dev up)")
     run("dev", "up")
     run("dev", "status")
 
     say("assembling the example image from examples/hello and pushing it to the local registry")
-    ref = push_hello(f"127.0.0.1:{REGISTRY_PORT}", REPO / "examples" / "hello" / "www")
+    registry = registry_host(load(environ=os.environ))
+    ref = push_hello(registry, REPO / "examples" / "hello" / "www")
     print(f"pushed {ref}")
+    app_yaml = "examples/app.yaml"
+    if registry != f"127.0.0.1:{REGISTRY_PORT}":
+        # port 5055 was taken when the stack first started: point a copy of the example at ours
+        copy = Path(".unkey") / "demo" / "app.yaml"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        text = (REPO / app_yaml).read_text()
+        copy.write_text(text.replace(f"127.0.0.1:{REGISTRY_PORT}", registry))
+        app_yaml = str(copy)
+        print(f"the registry listens on {registry}: deploying {app_yaml}")
 
     say("creating a customer and its first API key (shown once)")
     out = json.loads(run("customers", "create", f"demo-{int(time.time())}", "--json", capture=True))
@@ -63,9 +74,9 @@ def main() -> int:
     env = {"UNKEY_API_KEY": key}
     print(f"customer {out.get('customer', out).get('id', '?')}")
 
-    say("validating and deploying examples/app.yaml (progress streams from gatewayd)")
-    run("validate", "examples/app.yaml")
-    dep = json.loads(run("deploy", "examples/app.yaml", "--wait", "--json", env=env, capture=True))
+    say(f"validating and deploying {app_yaml} (progress streams from gatewayd)")
+    run("validate", app_yaml)
+    dep = json.loads(run("deploy", app_yaml, "--wait", "--json", env=env, capture=True))
     url = dep.get("url") or dep.get("deployment", {}).get("url")
     print(f"deployment {dep.get('id', dep.get('deployment', {}).get('id'))} running at {url}")
 

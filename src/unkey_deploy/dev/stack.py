@@ -134,11 +134,32 @@ def _nats_health(settings: Settings) -> bool:
         return False
 
 
-REGISTRY_PORT = 5055
+REGISTRY_PORT = 5055  # examples/app.yaml names this port; another is used when it is taken
 
 
-def registry_host(_settings: Settings) -> str:
-    return f"127.0.0.1:{REGISTRY_PORT}"
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def registry_port(settings: Settings) -> int:
+    """The local registry's port, chosen once per data dir: 5055 when free, else any free one."""
+    path = settings.data_dir.resolve() / "registry" / "port"
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        port = REGISTRY_PORT if _port_free(REGISTRY_PORT) else free_port()
+        path.write_text(f"{port}\n")
+        return port
+
+
+def registry_host(settings: Settings) -> str:
+    return f"127.0.0.1:{registry_port(settings)}"
 
 
 def _registry_argv(settings: Settings) -> list[str]:

@@ -75,11 +75,13 @@ def ensure_admin_token(settings: Settings) -> str:
 
 
 def _host_billing(app: FastAPI, settings: Settings) -> None:
-    """Run the billing service (aggregator + usage queries) inside this process.
+    """Serve usage queries from this process, and run the aggregator here too unless
+    ``billing.embedded_in_gateway`` is off.
 
     chDB, the embedded default, can be opened by one process only, so on one machine the
-    gateway hosts the billing service and answers usage queries from it directly. With a
-    ClickHouse server (``billing.clickhouse_url``) the aggregator can run on its own instead.
+    gateway hosts the whole billing service. With a ClickHouse server
+    (``billing.clickhouse_url``) the aggregator can run on its own
+    (``python -m unkey_deploy.billing.service``) and the gateway only queries.
     """
     from ..billing.service import start_in_process  # noqa: PLC0415 (optional area)
 
@@ -87,7 +89,9 @@ def _host_billing(app: FastAPI, settings: Settings) -> None:
 
     @contextlib.asynccontextmanager
     async def lifespan(a: Any) -> AsyncIterator[Any]:
-        runtime = await start_in_process(settings)
+        runtime = await start_in_process(
+            settings, consume=settings.billing.embedded_in_gateway
+        )
         app.state.billing = runtime.queries
         try:
             async with inner(a) as state:
@@ -110,8 +114,7 @@ def serve(settings: Settings) -> None:
         factory=db.session_factory(engine),
         admin_token=admin,
     )
-    if settings.billing.embedded_in_gateway:
-        _host_billing(app, settings)
+    _host_billing(app, settings)
     cfg = settings.gateway
     ssl: dict[str, str] = {}
     if cfg.tls:
