@@ -9,7 +9,7 @@ PKGS=(
   iproute2 iptables nftables                # taps, bridges, netns, NAT, isolation
   docker-registry skopeo umoci wrk          # local OCI registry for tests/demo, bench baseline + load
   postgresql                                # control-plane store tests against PostgreSQL
-  chromium chromium-driver                  # dashboard tests
+  chromium chromium-driver libjs-chart.js   # dashboard (Chart.js) and its browser tests
 )
 missing=()
 for p in "${PKGS[@]}"; do
