@@ -485,11 +485,17 @@ def dev_up(data_dir: Path, port: int | None, plain_http: bool) -> None:
 
 @dev.command("down")
 @_data_dir_option
-def dev_down(data_dir: Path) -> None:
+@click.option(
+    "--purge-vms",
+    is_flag=True,
+    help="also stop and delete this host's VMs (by default they keep running and are "
+    "recovered by the next `dev up`)",
+)
+def dev_down(data_dir: Path, purge_vms: bool) -> None:
     """Stop the local stack gracefully (state stays in the data dir)."""
     from ..dev.stack import Stack  # noqa: PLC0415
 
-    stopped = Stack(_stack_settings(data_dir, None, False)).down()
+    stopped = Stack(_stack_settings(data_dir, None, False)).down(purge_vms=purge_vms)
     err.print(f"stopped: {', '.join(stopped) or 'nothing was running'}", highlight=False)
 
 

@@ -337,15 +337,20 @@ class Stack:
                 time.sleep(0.1)
         return self.status()
 
-    def down(self) -> list[str]:
-        """Stop every running service, last started first; returns the names stopped."""
+    def down(self, *, purge_vms: bool = False) -> list[str]:
+        """Stop every running service, last started first; returns the names stopped.
+
+        VMs keep running (the next metald recovers them) unless ``purge_vms``: then metald is
+        told (SIGUSR1) to stop and delete its VMs before it exits.
+        """
         stopped = []
         for spec in reversed(self.services):
             pid = self.pid(spec.name)
             if pid is None:
                 continue
+            sig = signal.SIGUSR1 if purge_vms and spec.name == "metald" else signal.SIGTERM
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, sig)
             deadline = time.monotonic() + spec.stop_timeout_s
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
