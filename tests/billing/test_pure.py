@@ -291,3 +291,14 @@ def test_clean_many_equals_clean_per_series() -> None:
             assert got_last is None or (prevs[j] is not None and np.array_equal(got_last, prevs[j]))
         else:
             assert got_last is not None and np.array_equal(got_last, e.last), j
+
+
+def test_invoice_amounts_are_cents_when_the_balance_has_six_places() -> None:
+    from decimal import Decimal
+
+    from unkey_deploy.billing.invoice import build_invoice
+
+    inv = build_invoice(
+        "cust_x", "2026-11", [], discount_pct=Decimal("0"), credit_balance=Decimal("0.000000")
+    )
+    assert str(inv.credits_applied) == "0.00" and str(inv.total) == "0.00"

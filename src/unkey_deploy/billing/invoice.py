@@ -133,6 +133,8 @@ def build_invoice(
     discount = p.round_cents(subtotal * discount_pct / 100)
     credits = min(credit_balance, subtotal - discount)
     credits = max(credits, Decimal(0))
+    if credits == credits.quantize(p.CENT):  # the usual case: show cents, not the 6-place balance
+        credits = credits.quantize(p.CENT)
     return Invoice(
         customer_id=customer_id,
         month=month,
