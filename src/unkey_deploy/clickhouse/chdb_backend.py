@@ -88,7 +88,9 @@ class ChdbStorage(SqlStorage):
                 )
             self.path.mkdir(parents=True, exist_ok=True)
             try:
-                self._conn = chdb.connect(key)
+                # chdb and chdb-core both ship chdb/__init__.py: which one wins depends on the
+                # install order, and only one of them declares connect() untyped
+                self._conn = chdb.connect(key)  # type: ignore[no-untyped-call,unused-ignore]
             except Exception as exc:
                 raise Unavailable(
                     f"cannot open chDB at {key}: {exc}",
