@@ -25,7 +25,10 @@ from .app import create_app
 from .tls import ensure_self_signed
 
 # Routers of other areas mounted into the gateway when their module exists: "module:attribute".
-EXTRA_ROUTERS = ("unkey_deploy.billing.http:router",)
+EXTRA_ROUTERS = (
+    "unkey_deploy.billing.http:router",
+    "unkey_deploy.gateway.dashboard:router",
+)
 
 _log = log.get("unkey.gatewayd")
 
