@@ -111,6 +111,21 @@ def _wait_for_usage(gw: RunningGateway, key: str, month: str) -> tuple[Any, Any]
         time.sleep(0.5)
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _vm_row(v: dict[str, Any]) -> list[str]:
+    return [
+        v["vm_id"],
+        f"{v['avg_cpu']:.1f} %",
+        f"{v['max_cpu']:.1f} %",
+        f"{_mib(v['max_memory_bytes'])} of {_mib(v['memory_total_bytes'])}",
+        _mib(v["network_rx_bytes"] + v["network_tx_bytes"]),
+        _mib(v["disk_read_bytes"] + v["disk_write_bytes"]),
+    ]
+
+
 def _chart_points(page: Page, selector: str) -> list[int]:
     counts: list[int] = page.eval_on_selector_all(
         selector,
@@ -228,6 +243,19 @@ def test_dashboard_shows_what_the_api_says(
                 "#vms tbody tr[data-vm]", "rs => rs.map(r => r.dataset.vm)"
             )
             assert sorted(vms_shown) == sorted(VMS)
+            # the table shows exactly what the page's last GET /v1/usage answered
+            with page.expect_response(lambda r: "/v1/usage?" in r.url, timeout=15_000) as info:
+                pass
+            answer = info.value.json()
+            page.wait_for_function(
+                "u => document.querySelector('#usage-updated').dataset.until === u",
+                arg=answer["until"],
+            )
+            rows = page.eval_on_selector_all(
+                "#vms tbody tr[data-vm]",
+                "rs => rs.map(r => [...r.cells].slice(0, 6).map(c => c.textContent))",
+            )
+            assert rows == [_vm_row(v) for v in answer["vms"]]
             page.wait_for_function(
                 "() => [...document.querySelectorAll('canvas.live')].length === 2 &&"
                 " [...document.querySelectorAll('canvas.live')].every(c =>"

@@ -289,6 +289,7 @@ async function pollUsage() {
     h.update("none");
   }
   $("#usage-updated").textContent = `updated ${label}`;
+  $("#usage-updated").dataset.until = u.until; // which answer the table shows
 }
 
 // ---- bill ------------------------------------------------------------------------------------
