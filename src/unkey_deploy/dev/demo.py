@@ -96,6 +96,8 @@ def main() -> int:
     run("bill", env=env)
 
     say("done. Where to look:")
+    print("  https://127.0.0.1:8443/dashboard   # web dashboard: log in with the API key above")
+    print(f"    (API key: {key})")
     print("  unkey dev status              # every service, its pid and log file")
     print("  .unkey/logs/                  # JSON logs (grep a request_id to follow a deploy)")
     print(f"  {url}/                        # the app")
