@@ -335,10 +335,11 @@ def _check_money(pricing_tier: str | None, discount_pct: Decimal | None) -> None
 def _check_credits(value: Decimal | None, what: str) -> None:
     if value is None:
         return
+    # Range first: quantize() of a huge value raises decimal.InvalidOperation.
+    if value.is_finite() and abs(value) >= Decimal(10) ** 12:
+        raise InvalidInput(f"{what} {value} is out of range")
     if not value.is_finite() or value != value.quantize(_MICRO):
         raise InvalidInput(f"{what} {value} must be a finite amount with at most 6 decimal places")
-    if abs(value) >= Decimal(10) ** 12:
-        raise InvalidInput(f"{what} {value} is out of range")
 
 
 def create_customer(
@@ -418,7 +419,9 @@ def update_customer(
     if credit_balance is not None:
         row.credit_balance = credit_balance
     if add_credits is not None:
-        row.credit_balance = Decimal(row.credit_balance) + add_credits
+        total = Decimal(row.credit_balance) + add_credits
+        _check_credits(total, "credit_balance after add_credits")  # Numeric(18, 6) must hold it
+        row.credit_balance = total
     row.updated_at = now
     session.flush()
     return Customer.of(row)
