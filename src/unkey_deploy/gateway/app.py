@@ -185,6 +185,9 @@ def _install_error_handlers(app: FastAPI) -> None:
             err = NotFound(f"no route {request.method} {request.url.path}")
         elif exc.status_code == 405:
             err = InvalidInput(f"method {request.method} is not allowed on {request.url.path}")
+        elif 400 <= exc.status_code < 500:
+            # e.g. a body that is not JSON: the caller's mistake, not an internal error.
+            err = InvalidInput(str(exc.detail))
         else:
             err = UnkeyError(str(exc.detail))
         resp = error_response(err, _request_id(request))
