@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -34,11 +35,13 @@ from ..bus.jetstream import connect
 from ..clickhouse.api import Storage
 from ..clickhouse.factory import storage_from_settings
 from ..core import config as core_config
+from ..core import log as corelog
+from ..core import metrics
 from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.errors import UnkeyError
 from ..metering import stream as mstream
 from ..store import db
-from .aggregator import Aggregator, Incoming, Settled
+from .aggregator import Aggregator, Incoming, Prepared, Settled
 from .customers import CustomerDirectory, SqlDirectory
 from .queries import BillingQueries
 
@@ -117,7 +120,7 @@ async def run_consumer(
                 await asyncio.sleep(1.0)
                 continue
             if prepared is not None:
-                inflight = asyncio.create_task(asyncio.to_thread(agg.commit, prepared))
+                inflight = asyncio.create_task(asyncio.to_thread(_commit, agg, prepared))
             if loop.time() - last_touch > ack_wait_s / 3:
                 last_touch = loop.time()
                 await asyncio.gather(
@@ -129,6 +132,13 @@ async def run_consumer(
         with contextlib.suppress(Exception):
             await consumer.close()
     return stats
+
+
+def _commit(agg: Aggregator, prepared: Prepared) -> Settled:
+    t0 = time.monotonic()
+    out = agg.commit(prepared)
+    metrics.FLUSH_SECONDS.observe(time.monotonic() - t0)
+    return out
 
 
 async def _settle(task: asyncio.Task[Settled], stats: LoopStats) -> bool:
@@ -145,6 +155,8 @@ async def _settle(task: asyncio.Task[Settled], stats: LoopStats) -> bool:
     stats.samples += out.samples
     stats.acked += len(out.ack)
     stats.termed += len(out.term)
+    metrics.BATCHES_PROCESSED.inc(len(out.ack))
+    metrics.BATCHES_QUARANTINED.inc(len(out.term))
     return True
 
 
@@ -241,11 +253,12 @@ def _main() -> None:
     ap.add_argument("--database-url", default=None)
     ap.add_argument("--ack-wait-s", type=float, default=30.0)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
     overrides: dict[str, Any] = {"data_dir": args.data_dir}
     if args.database_url:
         overrides["database_url"] = args.database_url
-    settings = core_config.load(**overrides)
+    settings = core_config.load(environ=os.environ, **overrides)
+    corelog.configure("billing", settings.log_level)
+    metrics.serve(settings.metrics.billing, metrics.BILLING)
     t0 = time.monotonic()
     run_billing_service(settings, nats_url=args.nats_url, ack_wait_s=args.ack_wait_s)
     log.info("billing aggregator stopped after %.1f s", time.monotonic() - t0)

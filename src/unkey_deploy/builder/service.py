@@ -40,7 +40,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from ..assets.api import Asset, AssetMeta, Assets
-from ..core import errors
+from ..core import errors, metrics
+from ..core import log as corelog
 from ..core.clock import Clock, SystemClock
 from ..core.config import BuilderConfig, Settings
 from ..core.errors import BuildFailed, DeadlineExceeded, IllegalTransition, NotFound, UnkeyError
@@ -276,7 +277,8 @@ class BuildService:
         build_id = new_build_id()
         now = self._now()
         with transaction(self.factory) as s:
-            job = jobs.enqueue(s, JOB_KIND, {"build_id": build_id}, now=now,
+            payload = {"build_id": build_id, "log": _log_context()}
+            job = jobs.enqueue(s, JOB_KIND, payload, now=now,
                                priority=req.priority, max_attempts=self.max_attempts)  # fmt: skip
             s.add(BuildRow(
                 build_id=build_id, job_id=job.id, image=req.image, customer_id=req.customer_id,
@@ -444,6 +446,31 @@ class BuildService:
                               now=self._now(), retryable=False)  # fmt: skip
                 return
             image, customer, opts_raw = row.image, row.customer_id, row.options
+            deployment_id = row.deployment_id
+        # the submitter's log context (request_id, deployment_id) travels in the job payload, so
+        # one deploy can be followed from gatewayd through the deployer into builderd
+        submitted = job.payload.get("log")
+        fields = dict(submitted) if isinstance(submitted, dict) else {}
+        fields.update(build_id=build_id, customer_id=customer)
+        if deployment_id:
+            fields["deployment_id"] = deployment_id
+        with corelog.bound(**fields):
+            corelog.event(_log, "build started", attempt=job.attempts, image=image, worker=worker)
+            metrics.BUILDS_STARTED.inc()
+            t0 = time.monotonic()
+            outcome = self._attempt(
+                job, worker, build_id, image=image, customer=customer, opts_raw=opts_raw
+            )
+            seconds = time.monotonic() - t0
+            metrics.BUILDS_FINISHED.labels(outcome).inc()
+            if outcome in ("succeeded", "cached"):
+                metrics.BUILD_SECONDS.observe(seconds)
+            corelog.event(_log, f"build {outcome}", seconds=round(seconds, 3))
+
+    def _attempt(
+        self, job: jobs.Job, worker: str, build_id: str, *, image: str, customer: str, opts_raw: str
+    ) -> str:
+        """Run one attempt of a build; returns its outcome (succeeded, cached, cancelled, ...)."""
         cancel = threading.Event()
         scratch = self.work_dir / build_id / f"attempt-{job.attempts}"
 
@@ -468,7 +495,7 @@ class BuildService:
                     self.source.release(resolved)
                     log(f"cache hit: {hit.asset_id} (built by {hit.build_id})")
                     self._finish(job, worker, build_id, hit, cached=True)
-                    return
+                    return "cached"
                 out = build_rootfs(self.source, resolved, options, scratch,
                                    init_binary=self.init_binary, config=self.config, log=log,
                                    check_cancel=check_cancel)  # fmt: skip
@@ -484,17 +511,19 @@ class BuildService:
                 log(f"asset ready: {asset.asset_id} ({asset.compressed_bytes / 1e6:.1f} MB "
                     f"compressed, {out.seconds:.1f} s)")  # fmt: skip
                 self._finish(job, worker, build_id, asset, cached=False)
+                return "succeeded"
         except Cancelled:
             # clean up before the state says cancelled: whoever waits may look right away
             shutil.rmtree(self.work_dir / build_id, ignore_errors=True)
             with transaction(self.factory) as s:
                 self._log(s, build_id, "cancelled")
                 jobs.acknowledge_cancel(s, job.id, worker, now=self._now())
+            return "cancelled"
         except UnkeyError as exc:
-            self._failed(job, worker, build_id, exc)
+            return self._failed(job, worker, build_id, exc)
         except Exception as exc:
-            self._failed(job, worker, build_id, UnkeyError(f"internal error: {exc!r}",
-                                                          retryable=True))  # fmt: skip
+            return self._failed(job, worker, build_id, UnkeyError(f"internal error: {exc!r}",
+                                                                 retryable=True))  # fmt: skip
         finally:
             shutil.rmtree(self.work_dir / build_id, ignore_errors=True)
 
@@ -521,7 +550,7 @@ class BuildService:
             jobs.complete(s, job.id, worker, now=self._now(),
                           result={"asset_id": asset.asset_id, "cached": cached})  # fmt: skip
 
-    def _failed(self, job: jobs.Job, worker: str, build_id: str, exc: UnkeyError) -> None:
+    def _failed(self, job: jobs.Job, worker: str, build_id: str, exc: UnkeyError) -> str:
         with transaction(self.factory) as s:
             after = jobs.fail(s, job.id, worker, exc.message, now=self._now(),
                               retryable=exc.retryable, backoff_s=1.0)  # fmt: skip
@@ -532,6 +561,15 @@ class BuildService:
             if row is not None and not retrying:
                 row.error = json.dumps(exc.to_dict())
                 row.updated_at = self._now()
+        corelog.event(_log, "build attempt failed", logging.WARNING, error=exc.code,
+                      message=exc.message, retrying=retrying)  # fmt: skip
+        return "retrying" if retrying else "failed"
+
+
+def _log_context() -> dict[str, str]:
+    """The ids of the submitter's log context worth carrying to the worker (JSON-safe)."""
+    keep = ("request_id", "customer_id", "deployment_id")
+    return {k: str(v) for k, v in corelog.current().items() if k in keep and v is not None}
 
 
 # -- deploy workflow adapter ----------------------------------------------------------------------
@@ -559,6 +597,7 @@ class DeployBuilds:
             image=req.image, customer_id=CustomerId(req.customer_id), options=options,
             priority=10, deployment_id=req.deployment_id,
         ))  # fmt: skip
+        corelog.event(_log, "build queued", build_id=build_id, image=req.image)
         progress("build", f"build {build_id} queued", build_id=build_id)
 
         def on_log(line: str) -> None:
@@ -647,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..store.db import make_engine, upgrade  # noqa: PLC0415
 
     settings = load(environ=os.environ)
+    corelog.configure("builderd", settings.log_level)
+    metrics.serve(settings.metrics.builderd, metrics.BUILDER)
     upgrade(make_engine(settings.resolved_database_url))
     svc = open_builder(settings)
     stop = threading.Event()

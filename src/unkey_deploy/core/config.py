@@ -104,6 +104,19 @@ class BillingConfig(_Section):
     embedded_in_gateway: bool = True
 
 
+class MetricsConfig(_Section):
+    """Port of each worker service's Prometheus ``/metrics`` endpoint on 127.0.0.1 (None: off).
+
+    gatewayd serves ``/metrics`` on its API port; a billing aggregator inside gatewayd shows
+    there too. ``unkey dev up`` picks a free port per service and data dir.
+    """
+
+    builderd: int | None = Field(None, ge=0, le=65535)
+    metald: int | None = Field(None, ge=0, le=65535)
+    deployer: int | None = Field(None, ge=0, le=65535)
+    billing: int | None = Field(None, ge=0, le=65535)
+
+
 class Settings(_Section):
     data_dir: Path = Path(".unkey")
     # native pieces built by `make native`: the static guest init, the guest kernel + initramfs
@@ -118,6 +131,7 @@ class Settings(_Section):
     metering: MeteringConfig = MeteringConfig()
     bus: BusConfig = BusConfig()
     billing: BillingConfig = BillingConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def resolved_database_url(self) -> str:
@@ -134,6 +148,7 @@ _SECTIONS = {
     "metering",
     "bus",
     "billing",
+    "metrics",
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..assets.service import open_assets
 from ..builder.service import DeployBuilds, open_builder
+from ..core import metrics
 from ..core.config import Settings, load
 from ..core.log import configure
 from ..metald.api import Scheduler
@@ -46,6 +47,7 @@ def build_workers(settings: Settings, *, count: int = 2) -> list[DeployWorker]:
 def main(argv: list[str] | None = None) -> int:
     settings = load(environ=os.environ)
     configure("deployer", settings.log_level)
+    metrics.serve(settings.metrics.deployer, metrics.DEPLOYER)
     workers = build_workers(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..appspec import AppSpec, parse_size
+from ..core import metrics
 from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.errors import IllegalTransition, UnkeyError
 from ..core.log import bound, event, get
@@ -95,11 +97,12 @@ class DeployWorker:
 
         hb = threading.Thread(target=heartbeat, name=f"hb-{job.id}", daemon=True)
         hb.start()
+        t0 = time.monotonic()
+        ids: dict[str, Any] = {"deployment_id": dep_id}
         try:
             dep = self.records.get(dep_id)
-            with bound(
-                request_id=dep.request_id, customer_id=dep.customer_id, deployment_id=dep_id
-            ):
+            ids.update(request_id=dep.request_id, customer_id=dep.customer_id)
+            with bound(**ids):
                 event(log, "deploy started", attempt=job.attempts, state=dep.state)
                 result: dict[str, Any]
                 if dep.state in ("running", "stopped", "cancelled"):
@@ -113,12 +116,18 @@ class DeployWorker:
                         current_state=dep.state,
                     )
                     result = {"vms": [v.vm_id for v in launched]}
+                    seconds = time.monotonic() - t0
+                    metrics.DEPLOYS.labels("ready").inc()
+                    metrics.DEPLOY_SECONDS.observe(seconds)
+                    event(log, "deploy ready", vms=result["vms"], seconds=round(seconds, 3))
             done.set()
             with self.factory() as s, s.begin():
                 jobs.complete(s, job.id, self.worker_id, now=self._now(), result=result)
         except UnkeyError as exc:
             done.set()
-            event(log, "deploy failed", level=logging.WARNING, error=exc.to_dict())
+            metrics.DEPLOYS.labels("failed").inc()
+            with bound(**ids):
+                event(log, "deploy failed", level=logging.WARNING, error=exc.to_dict())
             with contextlib.suppress(IllegalTransition), self.factory() as s, s.begin():
                 jobs.fail(
                     s, job.id, self.worker_id, exc.message, now=self._now(), retryable=exc.retryable

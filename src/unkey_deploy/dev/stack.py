@@ -188,6 +188,44 @@ def _registry_health(settings: Settings) -> bool:
         return False
 
 
+def metrics_port(settings: Settings, name: str) -> int:
+    """The port of a worker service's ``/metrics``: ``metrics.<name>`` when set, else one chosen
+    once per data dir and kept (a dashboard's scrape config stays valid across restarts)."""
+    configured = getattr(settings.metrics, name)
+    if configured:
+        return int(configured)
+    path = settings.data_dir.resolve() / "metrics" / f"{name}.port"
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        path.write_text(f"{port}\n")
+        return port
+
+
+def metrics_url(name: str) -> Callable[[Settings], str]:
+    return lambda settings: f"http://127.0.0.1:{metrics_port(settings, name)}/metrics"
+
+
+def _metrics_health(name: str) -> Health:
+    """Health of a worker service without an API port: it is running and serves ``/metrics``."""
+
+    def check(settings: Settings) -> bool:
+        if Stack(settings).pid(name) is None:
+            return False
+        try:
+            return httpx.get(metrics_url(name)(settings), timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+# services serving /metrics on a port of their own (gatewayd serves it on its API port)
+METRICS_SERVICES = ("builderd", "metald", "deployer")
+
+
 def _module(name: str) -> Argv:
     return lambda _s: [sys.executable, "-m", name]
 
@@ -205,11 +243,25 @@ SERVICES: list[ServiceSpec] = [
     ServiceSpec("nats-server", _nats_argv, _nats_health, url=nats_url, local_only=True),
     ServiceSpec("registry", _registry_argv, _registry_health, url=registry_host),
     ServiceSpec("gatewayd", _gateway_argv, _gateway_health, url=gateway_url),
-    ServiceSpec("builderd", _module("unkey_deploy.builder.service"), _pid_alive("builderd")),
     ServiceSpec(
-        "metald", _module("unkey_deploy.metald.hostd"), _pid_alive("metald"), stop_timeout_s=30
+        "builderd",
+        _module("unkey_deploy.builder.service"),
+        _metrics_health("builderd"),
+        url=metrics_url("builderd"),
     ),
-    ServiceSpec("deployer", _module("unkey_deploy.deployer.service"), _pid_alive("deployer")),
+    ServiceSpec(
+        "metald",
+        _module("unkey_deploy.metald.hostd"),
+        _metrics_health("metald"),
+        url=metrics_url("metald"),
+        stop_timeout_s=30,
+    ),
+    ServiceSpec(
+        "deployer",
+        _module("unkey_deploy.deployer.service"),
+        _metrics_health("deployer"),
+        url=metrics_url("deployer"),
+    ),
 ]
 
 
@@ -300,6 +352,8 @@ class Stack:
         }
         if self.settings.database_url:
             env["UNKEY_DATABASE_URL"] = self.settings.database_url
+        for name in METRICS_SERVICES:
+            env[f"UNKEY_METRICS__{name.upper()}"] = str(metrics_port(self.settings, name))
         return env
 
     def _wanted(self, spec: ServiceSpec) -> bool:

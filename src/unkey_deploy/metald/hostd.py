@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from ..core import metrics
 from ..core.config import load
 from ..core.log import configure
 from ..metering.service import build as build_metering
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     settings = load(environ=os.environ)
     configure("metald", settings.log_level)
+    metrics.serve(settings.metrics.metald, metrics.METALD, metrics.METERING)
     engine = make_engine(settings.resolved_database_url)
     upgrade(engine)
     native = settings.metald.kernel_dir or settings.native_dir

@@ -32,6 +32,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
+from ..core import metrics
 from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.config import MetaldConfig
 from ..core.errors import (
@@ -68,6 +69,9 @@ from .select import select_driver
 from .states import ACTIVE, VmState, check_action, transition
 
 log = get_logger("metald")
+
+# monotonic time each VM's boot began in this process (for the boot-seconds histogram)
+_boot_started: dict[str, float] = {}
 
 MIN_MEMORY = 32 * 1024 * 1024
 HEARTBEAT_TTL_S = 30.0
@@ -270,7 +274,17 @@ class Scheduler:
                 raise IllegalTransition(
                     f"VM {vm_id} changed state concurrently; {r.state} -> {target} not applied"
                 )
-        event(log, "vm state", vm_id=vm_id, state=str(target))
+        event(log, "vm state", vm_id=vm_id, state=str(target), customer_id=r.customer_id,
+              deployment_id=r.deployment_id)  # fmt: skip
+        if target == VmState.PREPARING:
+            _boot_started[vm_id] = time.monotonic()
+        elif target == VmState.RUNNING:
+            t0 = _boot_started.pop(vm_id, None)
+            if t0 is not None:
+                metrics.VM_BOOT_SECONDS.observe(time.monotonic() - t0)
+                metrics.VM_BOOTS.labels("ok").inc()
+        elif target == VmState.FAILED and _boot_started.pop(vm_id, None) is not None:
+            metrics.VM_BOOTS.labels("failed").inc()
         return self.get(vm_id)
 
     def _update(self, vm_id: str, **values: Any) -> None:
@@ -703,7 +717,10 @@ class Metald(Scheduler):
         if now - self._last_heartbeat >= HEARTBEAT_TTL_S / 10:
             self.heartbeat()
             self._last_heartbeat = now
-        for vm in self.list(host_id=self.host_id):
+        vms = self.list(host_id=self.host_id)
+        for state in VmState:
+            metrics.VMS.labels(str(state)).set(sum(1 for vm in vms if vm.state == state))
+        for vm in vms:
             try:
                 self._reconcile_one(vm)
             except UnkeyError as exc:

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..bus.interface import Bus
 from ..core import log as ulog
+from ..core import metrics
 from ..core.config import BusConfig
 from ..core.errors import InvalidInput, UnkeyError
 from . import stream as mstream
@@ -214,6 +215,7 @@ class Billaged:
         self._last[slots] = rows
         self._fill[slots] = fill + 1
         self.stats.accepted += len(slots)
+        metrics.SAMPLES_COLLECTED.inc(len(slots))
         full = slots[fill + 1 >= self.batch_samples]
         if len(full):
             self._flush(full)
@@ -260,6 +262,7 @@ class Billaged:
         self._fill[slots] = 0
         self._first_seg[slots] = -1
         self.stats.batches_spooled += len(items)
+        metrics.SPOOL_DEPTH.set(self.spool.pending_count)
         self._wake.set()
         self._trim_journal()
 
@@ -393,6 +396,8 @@ class Billaged:
             self.stats.samples_published += it.samples
             if res.duplicate:
                 self.stats.duplicates += 1
+        metrics.BATCHES_PUBLISHED.inc(done)
+        metrics.SPOOL_DEPTH.set(self.spool.pending_count)
         return done
 
     async def run_publisher(self, idle_s: float = 0.5) -> None:

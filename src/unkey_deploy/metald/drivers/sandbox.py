@@ -59,6 +59,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _mount_points(tree: Path) -> None:
+    """Create the directories bwrap mounts over (/proc, /dev, /tmp) when the image has none:
+    bwrap runs unprivileged and could not create them in a root-owned tree."""
+    for d in ("proc", "dev", "tmp"):
+        (tree / d).mkdir(exist_ok=True)
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (from /proc/<pid>/task/*/children)."""
     tree, todo = [], [pid]
@@ -139,6 +146,7 @@ class SandboxDriver:
             if not (merged / ".vminit").exists():
                 _run(["debugfs", "-R", f"rdump / {merged}", str(spec.rootfs)])
             merge_env_tree(merged, dict(spec.env))
+            _mount_points(merged)
             return merged, []
         lower, upper, work = (base / d for d in ("lower", "upper", "work"))
         for d in (lower, upper, work):
@@ -154,6 +162,7 @@ class SandboxDriver:
                 _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)])
             mounts.append(str(merged))
             merge_env_tree(merged, dict(spec.env))  # lands in the per-VM upper layer
+            _mount_points(merged)
         except (VmError, OSError):
             self._unmount(mounts)
             raise
