@@ -17,6 +17,7 @@ import click
 from .. import appspec
 from ..core.errors import UnkeyError, ValidationFailed
 from . import build as build_commands
+from . import logs as logs_commands
 from . import usage as usage_commands
 from .output import err, print_error, print_json
 
@@ -64,6 +65,7 @@ def _register_all() -> None:
     commands.register(cli)
     build_commands.register(cli)
     usage_commands.register(cli)
+    logs_commands.register(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

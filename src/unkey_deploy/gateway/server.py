@@ -28,6 +28,7 @@ from .tls import ensure_self_signed
 EXTRA_ROUTERS = (
     "unkey_deploy.billing.http:router",
     "unkey_deploy.gateway.dashboard:router",
+    "unkey_deploy.gateway.logs:router",
 )
 
 _log = log.get("unkey.gatewayd")

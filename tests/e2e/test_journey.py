@@ -1,0 +1,427 @@
+"""The whole journey, as a user runs it (issue 7): ``unkey dev up`` -> push an image -> create a
+customer -> ``unkey deploy --wait`` -> the app answers from its VM -> samples -> JetStream ->
+aggregator -> chDB -> ``unkey bill`` shows a non-zero cost that equals an independent reference
+computed from every raw batch in the stream (tests/billing/reference.py, BILLING.md).
+
+Each test starts its own stack in a tmp data dir on free ports, with 5 s metering batches, and
+stops it (VMs purged, leftover processes of that data dir killed) whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from billing.reference import RawSample, reference_invoices, series_usage  # tests/ is on sys.path
+from unkey_deploy.bus import connect
+from unkey_deploy.dev.example import push_hello
+from unkey_deploy.metering.codec import decode
+from unkey_deploy.metering.stream import STREAM_NAME, consumer_spec
+
+REPO = Path(__file__).resolve().parents[2]
+UNKEY = [sys.executable, "-m", "unkey_deploy.cli.main"]
+BIG_MIB = 64  # served by the app and fetched twice: ~0.125 GB of network, $0.01 at $0.10/GB
+T = TypeVar("T")
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _poll(what: str, fn: Callable[[], T | None], timeout_s: float, every_s: float = 1.0) -> T:
+    """``fn()`` until it returns something other than None; fails naming ``what`` and the last
+    value seen after ``timeout_s`` (generous: CI shares 2 cores between many processes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = fn()
+        if got is not None:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)
+
+
+class Stack:
+    """One local stack driven only through the real ``unkey`` CLI, like a user would."""
+
+    def __init__(self, tmp: Path, driver: str) -> None:
+        # "unkey" in the path: `dev status`/`dev down` only trust pids whose command line says
+        # unkey (dev/stack.py _is_ours), and nats-server/registry only name the data dir.
+        # Not under pytest's tmp (0700): metald runs the VMs as `nobody`, which must reach the
+        # files metald prepares for them under the data dir.
+        self.root = Path(tempfile.mkdtemp(prefix="unkey-e2e-"))
+        self.root.chmod(0o755)
+        self.data_dir = self.root / "unkey-stack"
+        self.data_dir.mkdir(mode=0o755)
+        self.port = _free_port()
+        third = random.randrange(0, 256)  # keep parallel stacks apart
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("UNKEY_") and k not in ("XDG_CONFIG_HOME",)
+        }
+        self.env.update(
+            UNKEY_DATA_DIR=str(self.data_dir),
+            UNKEY_CONFIG_HOME=str(tmp / "config"),
+            UNKEY_METERING__BATCH_SAMPLES="50",
+            UNKEY_METALD__DRIVER=driver,
+            UNKEY_METALD__SUBNET=f"10.{random.randrange(64, 250)}.{third}.0/24",
+        )
+        self.api_key: str | None = None
+
+    def unkey(self, *args: str, timeout_s: float = 120, key: bool = True) -> str:
+        env = dict(self.env)
+        if key and self.api_key:
+            env["UNKEY_API_KEY"] = self.api_key
+        proc = subprocess.run(
+            [*UNKEY, *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        assert proc.returncode == 0, (
+            f"`unkey {' '.join(args)}` exited {proc.returncode}\n"
+            f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}"
+        )
+        return proc.stdout
+
+    def unkey_fails(self, *args: str, api_key: str) -> subprocess.CompletedProcess[str]:
+        """Run ``unkey`` with another key, expecting it to fail."""
+        proc = subprocess.run(
+            [*UNKEY, *args],
+            cwd=REPO,
+            env={**self.env, "UNKEY_API_KEY": api_key},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode != 0, proc.stdout
+        return proc
+
+    def unkey_json(self, *args: str, timeout_s: float = 120) -> Any:
+        return json.loads(self.unkey(*args, "--json", timeout_s=timeout_s))
+
+    def up(self) -> str:
+        out = self.unkey(
+            "dev", "up", "--data-dir", str(self.data_dir), "--port", str(self.port), timeout_s=180
+        )
+        return out.strip().splitlines()[-1]
+
+    def pid(self, name: str) -> int | None:
+        try:
+            return int((self.data_dir / "run" / f"{name}.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def down(self) -> None:
+        """Purge the VMs (SIGUSR1 to metald), stop the stack, then kill whatever of this data
+        dir is still running (a VMM, a service that ignored SIGTERM)."""
+        pid = self.pid("metald")
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 60
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(
+                [*UNKEY, "dev", "down", "--data-dir", str(self.data_dir)],
+                cwd=REPO,
+                env=self.env,
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+        for pid in self.leftovers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def leftovers(self) -> list[int]:
+        """Processes whose command line or environment names this stack's data dir."""
+        needle = str(self.data_dir.resolve()).encode()
+        out = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit() or int(p.name) == os.getpid():
+                continue
+            try:
+                if needle in (p / "cmdline").read_bytes() or needle in (p / "environ").read_bytes():
+                    out.append(int(p.name))
+            except OSError:
+                continue
+        return [pid for pid in out if _alive(pid)]
+
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{int((self.data_dir / 'nats' / 'port').read_text())}"
+
+    def registry(self) -> str:
+        return f"127.0.0.1:{int((self.data_dir / 'registry' / 'port').read_text())}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[Callable[[str], Stack]]:
+    started: list[Stack] = []
+
+    def make(driver: str) -> Stack:
+        st = Stack(tmp_path, driver)
+        started.append(st)
+        return st
+
+    yield make
+    for st in started:
+        st.down()
+        assert st.leftovers() == [], "processes of the stack survived `dev down` and SIGKILL"
+        shutil.rmtree(st.root, ignore_errors=True)
+
+
+# -- the independent reference ----------------------------------------------------------------
+
+
+async def _stream_samples(nats_url: str, customer_id: str) -> tuple[list[RawSample], int]:
+    """Every sample of ``customer_id`` in the JetStream stream, read with a consumer of our own
+    (limits retention: the aggregator's acks remove nothing); and how many batches held them."""
+    bus = await connect(nats_url, name="e2e-reference")
+    samples: list[RawSample] = []
+    batches = 0
+    try:
+        durable = f"e2e-ref-{uuid.uuid4().hex[:12]}"
+        consumer = await bus.consumer(STREAM_NAME, consumer_spec(durable=durable))
+        try:
+            total = await bus.stream_message_count(STREAM_NAME)
+            seen = 0
+            while seen < total:
+                msgs = await consumer.fetch(256, timeout_s=5.0)
+                if not msgs:
+                    break
+                for m in msgs:
+                    seen += 1
+                    batch = decode(m.data)
+                    await m.ack()
+                    k = batch.key
+                    if k.customer_id != customer_id:
+                        continue
+                    batches += 1
+                    samples += [
+                        RawSample(
+                            k.customer_id,
+                            k.vm_id,
+                            k.instance_id,
+                            k.vcpus,
+                            k.memory_total_bytes,
+                            s.t,
+                            s.cpu_time_ns,
+                            s.memory_used_bytes,
+                            s.net_rx_bytes,
+                            s.net_tx_bytes,
+                            s.disk_read_bytes,
+                            s.disk_write_bytes,
+                        )
+                        for s in batch.samples
+                    ]
+            assert seen >= total, f"read {seen} of the stream's {total} messages"
+        finally:
+            await consumer.close()
+    finally:
+        await bus.close()
+    return samples, batches
+
+
+def _q6(x: Fraction) -> Decimal:
+    return Decimal(round(x * 10**6)) / 10**6  # half-even, like the invoice's display
+
+
+def _dec(x: Fraction) -> Decimal:
+    return Decimal(x.numerator) / x.denominator
+
+
+def _reference_view(
+    samples: list[RawSample], customer_id: str, month: str, customer: tuple[Fraction, Fraction]
+) -> dict[str, Any]:
+    """The invoice the reference computes: {item: (quantity to 6 decimals, amount)}, total."""
+    ref = reference_invoices(samples, {customer_id: customer})
+    inv = ref[(customer_id, month)]
+    cpu = mem = net = 0
+    by_series: dict[tuple[str, str], list[RawSample]] = {}
+    for s in samples:
+        by_series.setdefault((s.vm_id, s.instance_id), []).append(s)
+    for ss in by_series.values():
+        months, _valid, _invalid = series_usage(ss)
+        u = months.get(month, {"cpu": 0, "mem": 0, "net": 0})
+        cpu, mem, net = cpu + u["cpu"], mem + u["mem"], net + u["net"]
+    qty = {
+        "vcpu": Fraction(cpu, 3_600_000_000_000),
+        "memory": Fraction(mem, 3_600_000_000_000 * 2**30),
+        "network": Fraction(net, 2**30),
+    }
+    return {
+        "lines": {item: (_q6(qty[item]), _dec(inv["lines"][item])) for item in qty},
+        "total": _dec(inv["total"]),
+    }
+
+
+def _bill_view(inv: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "lines": {
+            ln["item"]: (Decimal(ln["quantity"]), Decimal(ln["amount"]))
+            for ln in inv["lines"]
+            if ln["item"] in ("vcpu", "memory", "network")
+        },
+        "total": Decimal(inv["total"]),
+    }
+
+
+# -- the journey ------------------------------------------------------------------------------
+
+
+def _journey(st: Stack, tmp: Path, *, deploy_timeout_s: float) -> None:
+    api_url = st.up()
+    assert api_url == f"https://127.0.0.1:{st.port}"
+    status = json.loads(st.unkey("dev", "status", "--data-dir", str(st.data_dir), "--json"))
+    assert {s["name"] for s in status} >= {"nats-server", "registry", "gatewayd", "builderd",
+                                           "metald", "deployer"}  # fmt: skip
+    assert all(s["running"] and s["healthy"] for s in status), status
+
+    # the example app, with a large (but highly compressible) file so the bill is not $0.00
+    www = tmp / "www"
+    www.mkdir()
+    index = (REPO / "examples" / "hello" / "www" / "index.html").read_bytes()
+    (www / "index.html").write_bytes(index)
+    (www / "big.bin").write_bytes(b"\0" * (BIG_MIB << 20))
+    ref = push_hello(st.registry(), www)
+    assert ref == f"{st.registry()}/examples/hello:1"
+
+    created = st.unkey_json("customers", "create", f"e2e-{uuid.uuid4().hex[:8]}")
+    customer_id = created["customer"]["id"]
+    st.api_key = created["secret"]
+    assert st.api_key and st.api_key.startswith("uk_")
+    assert st.unkey_json("whoami")["customer_id"] == customer_id
+
+    app = tmp / "app.yaml"
+    app.write_text(
+        "name: e2e-web\n"
+        f"image: {ref}\n"
+        "resources: {cpu: 1, memory: 256MiB, disk: 512MiB}\n"
+        "port: 8080\n"
+        "healthcheck: {path: /, interval_s: 5, timeout_s: 2}\n"
+    )
+    st.unkey("validate", str(app))
+    dep = st.unkey_json("deploy", str(app), "--wait", timeout_s=deploy_timeout_s)
+    assert dep["state"] == "running", dep
+    url = dep["url"]
+    assert url and url.startswith("http://"), dep
+
+    page = httpx.get(f"{url}/", timeout=30)
+    assert page.status_code == 200
+    assert page.content == index
+    for _ in range(2):
+        big = httpx.get(f"{url}/big.bin", timeout=120)
+        assert big.status_code == 200
+        assert len(big.content) == BIG_MIB << 20
+
+    shown = st.unkey_json("deployments", "show", dep["id"])
+    assert shown["id"] == dep["id"] and shown["state"] == "running"
+    events = st.unkey("deployments", "events", dep["id"])
+    assert "running" in events
+
+    # usage reaches ClickHouse (5 s batches -> JetStream -> aggregator in gatewayd -> chDB)
+    def vm_with_samples() -> dict[str, Any] | None:
+        body = st.unkey_json("usage", "--since", "1h")
+        vms = [v for v in body.get("vms", []) if int(v.get("samples", 0)) > 0]
+        return vms[0] if vms else None
+
+    vm = _poll("`unkey usage` to show samples of the VM", vm_with_samples, timeout_s=120)
+    vm_id = vm["vm_id"]
+    assert int(vm["network_rx_bytes"]) + int(vm["network_tx_bytes"]) >= 2 * (BIG_MIB << 20)
+
+    # the bill equals the reference over every raw batch in the stream; new batches keep
+    # arriving while the VM runs, so poll until a bill and a stream snapshot agree
+    last: dict[str, Any] = {}
+
+    def agreeing_bill() -> tuple[dict[str, Any], int, dict[str, Any]] | None:
+        samples, batches = asyncio.run(_stream_samples(st.nats_url(), customer_id))
+        inv = st.unkey_json("bill")
+        assert inv["customer_id"] == customer_id
+        assert {s.vm_id for s in samples} == {vm_id}
+        terms = (Fraction(inv["discount_pct"]), Fraction(inv["credit_balance"]))
+        want = _reference_view(samples, customer_id, inv["month"], terms)
+        got = _bill_view(inv)
+        last.update(want=want, got=got, batches=batches)
+        # two batches or more: the bill follows the stream, not only its first batch
+        return (inv, batches, want) if got == want and batches >= 2 else None
+
+    try:
+        inv, batches, want = _poll("the bill to equal the reference", agreeing_bill, 120, 2.0)
+    except pytest.fail.Exception:
+        pytest.fail(f"bill never matched the reference; last: {last}")
+    assert batches >= 2
+    assert Decimal(inv["total"]) > 0, inv
+    assert want["lines"]["vcpu"][0] > 0 and want["lines"]["memory"][0] > 0
+    assert want["lines"]["network"][1] >= Decimal("0.01")
+
+    # `unkey logs`: every build line of the event stream, then the VM's console
+    build_lines = [
+        json.loads(line)["message"]
+        for line in st.unkey("deployments", "events", dep["id"], "--json").splitlines()
+        if json.loads(line)["phase"] == "build"
+    ]
+    assert any(m.startswith("asset ready") for m in build_lines), build_lines
+    logs = st.unkey("logs", dep["id"])
+    build_part, sep, console_part = logs.partition(f"==> console of VM {vm_id}")
+    assert sep, logs
+    assert build_part.startswith(f"==> build log of deployment {dep['id']}")
+    for m in build_lines:
+        assert m in build_part, f"build line {m!r} missing from `unkey logs`"
+    assert console_part.strip(), f"the VM's console is empty: {logs[-2000:]}"
+    # another customer cannot read them (404, exit code 4)
+    other = st.unkey_json("customers", "create", f"e2e-other-{uuid.uuid4().hex[:8]}")
+    denied = st.unkey_fails("logs", dep["id"], api_key=other["secret"])
+    assert denied.returncode == 4, denied.stderr
+    assert "not found" in denied.stderr
+
+
+@pytest.mark.timeout(300)
+def test_journey_sandbox(stack_factory: Callable[[str], Stack], tmp_path: Path) -> None:
+    _journey(stack_factory("sandbox"), tmp_path, deploy_timeout_s=180)
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(300)
+def test_journey_qemu(stack_factory: Callable[[str], Stack], tmp_path: Path) -> None:
+    _journey(stack_factory("qemu"), tmp_path, deploy_timeout_s=240)
