@@ -102,6 +102,18 @@ def _gateway_health(settings: Settings) -> bool:
     return r.status_code == 200
 
 
+def native_dir(settings: Settings) -> Path:
+    """The native pieces (`make native`): as configured, or the checkout's ``.native`` when the
+    configured relative directory does not exist here (``unkey dev up`` run from elsewhere), so
+    services never rebuild the init or miss the guest kernel because of the working directory."""
+    native = settings.native_dir
+    if not native.is_absolute() and not native.exists():
+        checkout = Path(__file__).resolve().parents[3] / ".native"
+        if checkout.exists():
+            return checkout
+    return native.resolve()
+
+
 def nats_port(settings: Settings) -> int:
     """The local nats-server's port, chosen once per data dir and kept (clients reconnect)."""
     path = settings.data_dir.resolve() / "nats" / "port"
@@ -347,7 +359,7 @@ class Stack:
         """What every service of the stack is told: where the data, database and bus are."""
         env = {
             "UNKEY_DATA_DIR": str(self.data_dir),
-            "UNKEY_NATIVE_DIR": str(self.settings.native_dir.resolve()),
+            "UNKEY_NATIVE_DIR": str(native_dir(self.settings)),
             "UNKEY_BUS__NATS_URL": nats_url(self.settings),
         }
         if self.settings.database_url:
