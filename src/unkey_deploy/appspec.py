@@ -37,6 +37,7 @@ MAX_ENV_TOTAL_BYTES = 128 * 1024
 MAX_LABELS = 64
 MAX_ARGV = 256
 MAX_REPLICAS = 20
+MAX_DEPTH = 32  # nesting levels of mappings/lists in a file
 MIN_MEMORY = 64 * 1024**2
 MAX_MEMORY = 64 * 1024**3
 MIN_DISK = 64 * 1024**2
@@ -396,8 +397,19 @@ def _to_python(node: yaml.Node, loc: Loc, marks: Marks, seen: set[int]) -> Any:
 
 
 def _reject_aliases(text: str) -> None:
-    """Refuse anchors/aliases before composing, so a bomb never gets expanded anywhere."""
+    """Refuse anchors/aliases before composing, so a bomb never gets expanded anywhere.
+
+    Also refuses nesting deeper than ``MAX_DEPTH``: PyYAML's composer recurses per level, so a
+    deep document would otherwise end in RecursionError (and the scanner slows down badly).
+    """
+    depth = 0
     for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_DEPTH} levels", ev.start_mark)
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            depth -= 1
         if isinstance(ev, yaml.AliasEvent):
             raise _Refused("anchors and aliases are not allowed", ev.start_mark)
         anchor = getattr(ev, "anchor", None)
