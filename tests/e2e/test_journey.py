@@ -130,10 +130,24 @@ class Stack:
         return json.loads(self.unkey(*args, "--json", timeout_s=timeout_s))
 
     def up(self) -> str:
-        out = self.unkey(
-            "dev", "up", "--data-dir", str(self.data_dir), "--port", str(self.port), timeout_s=180
+        """``unkey dev up``. Each service gets 60 s to become healthy; on a machine shared with
+        other test runs one may miss that, and `dev up` is idempotent (it starts only what is
+        not running), so a second `dev up` is what a user would do. Logs go into the failure."""
+        argv = [*UNKEY, "dev", "up", "--data-dir", str(self.data_dir), "--port", str(self.port)]
+        errors = ""
+        for _attempt in range(2):
+            proc = subprocess.run(
+                argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300,
+                check=False,
+            )  # fmt: skip
+            if proc.returncode == 0:
+                return proc.stdout.strip().splitlines()[-1]
+            errors += f"exit {proc.returncode}: {proc.stderr}"
+        logs = "".join(
+            f"\n--- {f.name}:\n{f.read_text(errors='replace')[-1500:]}"
+            for f in sorted((self.data_dir / "logs").glob("*.log"))
         )
-        return out.strip().splitlines()[-1]
+        pytest.fail(f"`unkey dev up` failed twice: {errors}{logs}")
 
     def pid(self, name: str) -> int | None:
         try:
