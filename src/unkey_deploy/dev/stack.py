@@ -242,15 +242,6 @@ def _module(name: str) -> Argv:
     return lambda _s: [sys.executable, "-m", name]
 
 
-def _pid_alive(name: str) -> Health:
-    """Health of a worker service without a port: its pid file names a live process."""
-
-    def check(settings: Settings) -> bool:
-        return Stack(settings).pid(name) is not None
-
-    return check
-
-
 SERVICES: list[ServiceSpec] = [
     ServiceSpec("nats-server", _nats_argv, _nats_health, url=nats_url, local_only=True),
     ServiceSpec("registry", _registry_argv, _registry_health, url=registry_host),

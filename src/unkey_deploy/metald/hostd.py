@@ -5,8 +5,8 @@ metering loop samples every running VM instance every 100 ms (``meter_targets``)
 samples to billaged, which spools and publishes 60 s batches to JetStream.
 
 SIGTERM stops metering (partial batches are flushed and spooled) and closes the agent; VMs keep
-running and are recovered by the next start, as after a crash. ``--purge`` (or SIGUSR1) stops and
-deletes this host's VMs first.
+running and are recovered by the next start, as after a crash. SIGUSR1 (``unkey dev down
+--purge-vms``) stops and deletes this host's VMs first.
 """
 
 from __future__ import annotations
