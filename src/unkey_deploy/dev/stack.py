@@ -318,7 +318,7 @@ class Stack:
             pid = int(path.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        if not _alive(pid) or not _is_ours(pid):
+        if not _alive(pid) or not _is_ours(pid, self.data_dir):
             path.unlink(missing_ok=True)
             return None
         return pid
@@ -450,13 +450,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _is_ours(pid: int) -> bool:
-    """Guard against a recycled pid: the process must be one of our Python service commands."""
+def _is_ours(pid: int, data_dir: Path) -> bool:
+    """Guard against a recycled pid: the process must be one of our Python service commands, or
+    a helper (nats-server, docker-registry) whose command line names this stack's data dir."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"unkey" in cmdline
+    return b"unkey_deploy" in cmdline or str(data_dir).encode() in cmdline
 
 
 def _tail(path: Path, lines: int = 15) -> str:
