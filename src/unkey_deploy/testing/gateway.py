@@ -78,7 +78,10 @@ def running_gateway(
     jwt_secret: str | None = None,
     database_url: str | None = None,
     timeout_s: float = 30.0,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[RunningGateway]:
+    """A real gatewayd over HTTPS on a free 127.0.0.1 port, stopped on exit. ``extra_env`` adds
+    ``UNKEY_*`` settings (e.g. ``UNKEY_BUS__NATS_URL`` so its billing service consumes)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     cert, key = data_dir / "tls" / "gateway.crt", data_dir / "tls" / "gateway.key"
     ensure_self_signed(cert, key)
@@ -94,6 +97,7 @@ def running_gateway(
     )
     if jwt_secret:
         env["UNKEY_GATEWAY__JWT_SECRET"] = jwt_secret
+    env.update(extra_env or {})
     log_file = data_dir / "gatewayd.log"
     argv = [
         sys.executable,
