@@ -26,10 +26,11 @@ from unkey_deploy.billing.http import router
 from unkey_deploy.billing.queries import BillingQueries
 from unkey_deploy.billing.service import LoopStats, run_consumer
 from unkey_deploy.bus.jetstream import connect
-from unkey_deploy.bus.server import NatsServer, free_port
+from unkey_deploy.bus.server import NatsServer
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.core import config
 from unkey_deploy.core.clock import FakeClock
+from unkey_deploy.core.net import free_port
 from unkey_deploy.gateway.app import create_app
 from unkey_deploy.store import controlplane as cp
 from unkey_deploy.store import db

@@ -27,8 +27,9 @@ from unkey_deploy.builder.oci import Reference, RegistryClient
 from unkey_deploy.builder.source import resolve
 from unkey_deploy.core.config import BuilderConfig
 from unkey_deploy.core.errors import ImageError, Unauthenticated
+from unkey_deploy.core.net import free_port
 from unkey_deploy.testing import images as im
-from unkey_deploy.testing.registry import Registry, free_port, start_registry
+from unkey_deploy.testing.registry import Registry, start_registry
 
 CREDS = ("builder", "s3cret-pass")
 

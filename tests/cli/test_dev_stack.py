@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from unkey_deploy.testing.gateway import free_port
+from unkey_deploy.core.net import free_port
 
 UNKEY = Path(sys.executable).parent / "unkey"
 ROOT = Path(__file__).resolve().parents[2]

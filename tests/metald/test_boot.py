@@ -224,9 +224,9 @@ def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) ->
 
 def test_sandbox_without_root_paths(tmp_path: Path) -> None:
     """The non-root code path: tree extracted with debugfs (no mount), host network."""
+    from unkey_deploy.core.net import free_port as free_tcp_port
     from unkey_deploy.metald.drivers.base import NetAttachment, VmSpec
     from unkey_deploy.metald.drivers.sandbox import SandboxDriver, process_tree
-    from unkey_deploy.metald.network import free_tcp_port
     from unkey_deploy.testing.rootfs import build_test_rootfs
 
     port = free_tcp_port()
@@ -280,9 +280,9 @@ def test_burn_mode_uses_the_cpu_quota(make_metald: MetaldFactory, tmp_path: Path
 def test_qemu_user_mode_networking(tmp_path: Path, kernel) -> None:  # type: ignore[no-untyped-def]
     """What metald uses without root: QEMU user-mode networking, the app's port forwarded from
     127.0.0.1 only; no cgroup, no tap."""
+    from unkey_deploy.core.net import free_port as free_tcp_port
     from unkey_deploy.metald.drivers.base import NetAttachment, VmSpec
     from unkey_deploy.metald.drivers.qemu import QemuDriver
-    from unkey_deploy.metald.network import free_tcp_port
     from unkey_deploy.testing.rootfs import build_test_rootfs
 
     jail = tmp_path / "jail"

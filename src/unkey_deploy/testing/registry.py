@@ -15,7 +15,6 @@ import http.server
 import json
 import os
 import secrets
-import socket
 import subprocess
 import threading
 import time
@@ -31,16 +30,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from ..core.net import free_port
+
 REGISTRY_BIN = "/usr/bin/docker-registry"
 SERVICE = "unkey-test-registry"
 ISSUER = "unkey-test-issuer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _self_signed() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
