@@ -86,10 +86,10 @@ def test_build_then_cached_rebuild(svc: BuildService, app_image: str, tmp_path: 
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "Mode:  0755" in stat  # setuid dropped
 
-    t0 = time.monotonic()
+    # the same image again is a cache hit (its speed is measured in bench/build.py, not here)
     again = svc.wait(svc.submit(BuildRequest(app_image, new_customer_id())), 60)
     assert again.state == BuildState.SUCCEEDED and again.cached
-    assert again.asset_id == b.asset_id and time.monotonic() - t0 < 5
+    assert again.asset_id == b.asset_id
     other = svc.wait(svc.submit(BuildRequest(app_image, cust, BuildOptions(keep_shell=True))), 120)
     assert other.state == BuildState.SUCCEEDED and not other.cached  # options are in the key
     assert other.asset_id != b.asset_id
