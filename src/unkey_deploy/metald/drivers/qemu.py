@@ -259,10 +259,18 @@ class QemuDriver:
             return
         if runtime.qmp_socket is None:
             raise VmError(f"qemu VM {runtime.workdir} has no QMP socket recorded")
-        with contextlib.suppress(OSError, VmError), Qmp(runtime.qmp_socket, timeout=2) as q:
-            q.execute("system_powerdown")
         deadline = time.monotonic() + timeout
+        next_press = 0.0
         while time.monotonic() < deadline and process_alive(runtime.pid, runtime.pid_start):
+            # Press the power button again every 2 s: a press that lands before the guest's
+            # button driver and watcher are up (early in boot, or on a slow TCG guest) is lost.
+            if time.monotonic() >= next_press:
+                next_press = time.monotonic() + 2.0
+                with (
+                    contextlib.suppress(OSError, VmError),
+                    Qmp(runtime.qmp_socket, timeout=2) as q,
+                ):
+                    q.execute("system_powerdown")
             reap(runtime.pid)
             time.sleep(0.02)
         if process_alive(runtime.pid, runtime.pid_start):
