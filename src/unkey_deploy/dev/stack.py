@@ -160,13 +160,16 @@ def _port_free(port: int) -> bool:
 
 
 def registry_port(settings: Settings) -> int:
-    """The local registry's port, chosen once per data dir: 5055 when free, else any free one."""
+    """The local registry's port, chosen once per data dir: 5055 (the port examples/app.yaml
+    names) for the default data dir when it is free, any free port otherwise, so stacks in
+    other data dirs (tests, a second stack) never race for 5055."""
     path = settings.data_dir.resolve() / "registry" / "port"
     try:
         return int(path.read_text())
     except (OSError, ValueError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        port = REGISTRY_PORT if _port_free(REGISTRY_PORT) else free_port()
+        default_dir = settings.data_dir.resolve() == Path(".unkey").resolve()
+        port = REGISTRY_PORT if default_dir and _port_free(REGISTRY_PORT) else free_port()
         path.write_text(f"{port}\n")
         return port
 
@@ -195,6 +198,8 @@ def _registry_argv(settings: Settings) -> list[str]:
 
 
 def _registry_health(settings: Settings) -> bool:
+    if Stack(settings).pid("registry") is None:  # another registry may answer on the port
+        return False
     try:
         return httpx.get(f"http://{registry_host(settings)}/v2/", timeout=1).status_code == 200
     except httpx.HTTPError:
