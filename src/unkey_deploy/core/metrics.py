@@ -15,6 +15,7 @@ process/GC metrics of the default registry. Names follow Prometheus conventions:
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
@@ -149,6 +150,11 @@ def render(*registries: CollectorRegistry) -> bytes:
     return b"".join(generate_latest(r) for r in registries)
 
 
+# Which process answers on a port: the local stack's health check compares it with the pid it
+# started, so another stack's service that happens to hold the same port is not taken for ours.
+_PID = Gauge("unkey_process_pid", "pid of the process serving these metrics", registry=REGISTRY)
+
+
 def serve(port: int | None, *registries: CollectorRegistry, host: str = "127.0.0.1") -> int | None:
     """Serve ``registries`` and the process metrics at ``http://host:port/metrics`` from a
     daemon thread.
@@ -158,6 +164,7 @@ def serve(port: int | None, *registries: CollectorRegistry, host: str = "127.0.0
     """
     if port is None:
         return None
+    _PID.set(os.getpid())
     try:
         served = union(*registries, REGISTRY)
         server, _thread = start_http_server(port, addr=host, registry=served)

@@ -230,12 +230,15 @@ def _metrics_health(name: str) -> Health:
     """Health of a worker service without an API port: it is running and serves ``/metrics``."""
 
     def check(settings: Settings) -> bool:
-        if Stack(settings).pid(name) is None:
+        pid = Stack(settings).pid(name)
+        if pid is None:
             return False
         try:
-            return httpx.get(metrics_url(name)(settings), timeout=1).status_code == 200
+            r = httpx.get(metrics_url(name)(settings), timeout=1)
         except httpx.HTTPError:
             return False
+        # the answer must come from our process, not another stack's holding the same port
+        return r.status_code == 200 and f"\nunkey_process_pid {float(pid)}\n" in r.text
 
     return check
 
