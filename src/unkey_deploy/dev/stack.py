@@ -391,6 +391,8 @@ class Stack:
             while not spec.health(self.settings):
                 if proc.poll() is not None:
                     self._pid_file(spec.name).unlink(missing_ok=True)
+                    # a port drawn for it may have been taken meanwhile: draw again next time
+                    (self.data_dir / "metrics" / f"{spec.name}.port").unlink(missing_ok=True)
                     raise Unavailable(
                         f"{spec.name} exited with status {proc.returncode} while starting",
                         suggestion=f"see {log_path}:\n{_tail(log_path)}",
