@@ -101,14 +101,19 @@ def _events(gw: RunningGateway, key: str, dep_id: str) -> list[dict[str, Any]]:
 
 
 def _wait_for_usage(gw: RunningGateway, key: str, month: str) -> tuple[Any, Any]:
+    # wait until every imported batch has landed: the bill no longer changes between two reads
+    # (the aggregator consumes the import in several flushes)
     deadline = time.monotonic() + 90
+    previous = None
     while True:
         usage = _api(gw, key, "/v1/usage?since=6h")
         inv = _api(gw, key, f"/v1/bill?month={month}")["invoice"]
-        if {v["vm_id"] for v in usage["vms"]} == set(VMS) and inv["lines"] and usage["points"]:
+        ready = {v["vm_id"] for v in usage["vms"]} == set(VMS) and inv["lines"] and usage["points"]
+        if ready and inv == previous:
             return usage, inv
-        assert time.monotonic() < deadline, f"usage never arrived: {usage} {inv}"
-        time.sleep(0.5)
+        previous = inv if ready else None
+        assert time.monotonic() < deadline, f"usage never settled: {usage} {inv}"
+        time.sleep(2.0)
 
 
 def _mib(n: int) -> str:
