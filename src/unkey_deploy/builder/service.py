@@ -294,6 +294,10 @@ class BuildService:
         if row is None:
             raise NotFound(f"build {build_id} not found")
         job = jobs.get(s, row.job_id)
+        if job.state in jobs.FINISHED:
+            # Statements outside one snapshot (SQLite's driver, PostgreSQL read committed): the
+            # row was read before the job; the commit that finished the job also wrote the row.
+            s.refresh(row)
         lines = s.scalars(
             select(BuildLogRow.line)
             .where(BuildLogRow.build_id == build_id, BuildLogRow.seq > after_seq)
