@@ -10,7 +10,6 @@ The token server records every request (``token_requests``) so tests can see the
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import http.server
 import json
 import os
@@ -26,11 +25,11 @@ from typing import Any
 import httpx
 import jwt
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from ..core.net import free_port
+from ..gateway.tls import self_signed_cert
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 SERVICE = "unkey-test-registry"
@@ -39,20 +38,7 @@ ISSUER = "unkey-test-issuer"
 
 def _self_signed() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unkey test token signer")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    return key, self_signed_cert(key, "unkey test token signer", days=1)
 
 
 class _TokenHandler(http.server.BaseHTTPRequestHandler):
