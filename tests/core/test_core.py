@@ -42,3 +42,15 @@ def test_config_rejects_unknown_keys_and_reads_env(tmp_path: Path) -> None:
     assert s.gateway.port == 9443 and s.data_dir == tmp_path
     with pytest.raises(pydantic.ValidationError):
         s.gateway.port = 1  # type: ignore[misc]
+
+
+def test_every_service_reads_the_config_file_named_in_the_environment(tmp_path: Path) -> None:
+    f = tmp_path / "unkey.toml"
+    f.write_text('[gateway]\nport = 9000\n[metald]\ndriver = "sandbox"\n')
+    env = {"UNKEY_CONFIG_FILE": str(f), "UNKEY_GATEWAY__PORT": "9443"}
+    s = config.load(environ=env)
+    assert s.metald.driver == "sandbox"  # from the file
+    assert s.gateway.port == 9443  # the environment overrides the file
+    with pytest.raises(errors.ValidationFailed) as exc:
+        config.load(environ={"UNKEY_CONFIG_FILE": str(tmp_path / "missing.toml")})
+    assert "missing.toml" in exc.value.message

@@ -177,13 +177,22 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+CONFIG_FILE_ENV = "UNKEY_CONFIG_FILE"
+
+
 def load(
     file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Build the settings from an optional TOML file, the environment and explicit overrides."""
+    """Build the settings from an optional TOML file, the environment and explicit overrides.
+
+    Without ``file``, ``UNKEY_CONFIG_FILE`` in ``environ`` names it, so every service of a stack
+    reads the same file; the environment's ``UNKEY_<SECTION>__<KEY>`` values override the file.
+    """
     data: dict[str, Any] = {}
+    if file is None and environ is not None and environ.get(CONFIG_FILE_ENV):
+        file = Path(environ[CONFIG_FILE_ENV])
     if file is not None:
         try:
             data = tomllib.loads(Path(file).read_text())
