@@ -29,12 +29,14 @@ def test_changed_init_is_not_served_from_the_cache(
     with newer.open("ab") as f:  # a different init binary (still a runnable ELF)
         f.write(b"\0v2")
 
+    customer = new_customer_id()  # one customer: a cache hit then returns their own asset
+
     def build(init: Path) -> tuple[str | None, bool]:
         svc = BuildService(factory, assets, OciImageSource(), work_dir=tmp_path / "work",
                            init_binary=init, poll_s=0.05)  # fmt: skip
         svc.start(1)
         try:
-            b = svc.wait(svc.submit(BuildRequest(app_image, new_customer_id())), 120)
+            b = svc.wait(svc.submit(BuildRequest(app_image, customer)), 120)
         finally:
             svc.stop()
         assert b.state == BuildState.SUCCEEDED, b.error

@@ -87,12 +87,40 @@ def test_build_then_cached_rebuild(svc: BuildService, app_image: str, tmp_path: 
     assert "Mode:  0755" in stat  # setuid dropped
 
     # the same image again is a cache hit (its speed is measured in bench/build.py, not here)
-    again = svc.wait(svc.submit(BuildRequest(app_image, new_customer_id())), 60)
+    again = svc.wait(svc.submit(BuildRequest(app_image, cust)), 60)
     assert again.state == BuildState.SUCCEEDED and again.cached
-    assert again.asset_id == b.asset_id
+    assert again.asset_id == b.asset_id  # the customer's own asset, reused
     other = svc.wait(svc.submit(BuildRequest(app_image, cust, BuildOptions(keep_shell=True))), 120)
     assert other.state == BuildState.SUCCEEDED and not other.cached  # options are in the key
     assert other.asset_id != b.asset_id
+
+
+def test_cache_hit_across_customers_gives_an_own_asset_and_shows_no_foreign_ids(
+    svc: BuildService, app_image: str
+) -> None:
+    alice, bob = new_customer_id(), new_customer_id()
+    svc.start(1)
+    first = svc.wait(svc.submit(BuildRequest(app_image, alice)), 120)
+    assert first.state == BuildState.SUCCEEDED and not first.cached and first.asset_id
+    bob_log: list[str] = []
+    hit = svc.wait(svc.submit(BuildRequest(app_image, bob)), 60, on_log=bob_log.append)
+    assert hit.state == BuildState.SUCCEEDED and hit.cached and hit.asset_id
+    theirs, mine = svc.assets.get(first.asset_id), svc.assets.get(hit.asset_id)
+    # bob has an asset record of his own, over the very same stored blob
+    assert mine.asset_id != theirs.asset_id
+    assert (mine.customer_id, mine.build_id) == (bob, hit.build_id)
+    assert mine.blob_sha256 == theirs.blob_sha256 and mine.ext4_sha256 == theirs.ext4_sha256
+    assert [a.asset_id for a in svc.assets.list(bob)] == [mine.asset_id]
+    # nothing of alice's reaches bob: not in his log, his build record or his asset record
+    seen = repr((bob_log, hit.as_dict(), mine.as_dict()))
+    for foreign in (theirs.asset_id, first.build_id, alice):
+        assert foreign not in seen
+    assert any(line.startswith(f"cache hit: {mine.asset_id}") for line in bob_log)
+    # bob's next build reuses his own record instead of minting another one
+    again = svc.wait(svc.submit(BuildRequest(app_image, bob)), 60)
+    assert again.cached and again.asset_id == mine.asset_id
+    # and alice still gets hers (bob's newer record does not become hers)
+    assert svc.wait(svc.submit(BuildRequest(app_image, alice)), 60).asset_id == theirs.asset_id
 
 
 def test_broken_image_fails_without_retry(svc: BuildService, tmp_path: Path) -> None:
@@ -126,11 +154,11 @@ class _BlockingSource(OciImageSource):
         self.entered = threading.Event()
         self.release_extract = threading.Event()
 
-    def extract(self, image: SourceImage, root: Path, log: Any) -> None:
+    def extract(self, image: SourceImage, root: Path, log: Any, /, progress: Any = None) -> None:
         self.entered.set()
         while not self.release_extract.wait(0.05):
             log("extract: waiting")  # a log line is a cancellation point
-        super().extract(image, root, log)
+        super().extract(image, root, log, progress=progress)
 
 
 def test_cancel_running_build(
@@ -184,7 +212,7 @@ WORKER = textwrap.dedent("""
     from unkey_deploy.store.db import make_engine, session_factory
 
     class Slow(OciImageSource):
-        def extract(self, image, root, log):
+        def extract(self, image, root, log, progress=None):
             log("extract: slow worker started")
             time.sleep(120)
 

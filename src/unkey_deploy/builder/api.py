@@ -18,6 +18,66 @@ from .vminit import ImageConfig, Overrides
 Log = Callable[[str], None]
 """One human-readable build log line."""
 
+PROGRESS_UNITS = frozenset({"bytes", "steps"})
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """How far one item of a build is: a layer's blob (``bytes``: pulled, verified and applied;
+    the two happen in one stream) or the rootfs (``steps``: harden, ext4 image, zstd).
+
+    A build emits each item's progress with ``done`` never going back, at a bounded rate, and
+    always its final ``done == total``. ``detail`` names the current step (``steps`` items).
+    """
+
+    item: str
+    done: int
+    total: int
+    unit: str = "bytes"
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.item or len(self.item) > 200:
+            raise InvalidInput("progress item must be 1-200 characters")
+        if self.unit not in PROGRESS_UNITS:
+            raise InvalidInput(f"progress unit must be one of {sorted(PROGRESS_UNITS)}")
+        if not 0 <= self.done <= self.total:
+            raise InvalidInput(f"progress of {self.item}: need 0 <= done <= total, "
+                               f"got {self.done}/{self.total}")  # fmt: skip
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"item": self.item, "done": self.done, "total": self.total,
+                             "unit": self.unit}  # fmt: skip
+        if self.detail:
+            d["detail"] = self.detail
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BuildProgress:
+        try:
+            return cls(str(d["item"]), int(d["done"]), int(d["total"]), str(d.get("unit", "bytes")),
+                       str(d.get("detail", "")))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"malformed build progress {dict(d)!r:.200}") from exc
+
+    def render(self) -> str:
+        """One log line, e.g. ``layer 1/2 sha256:0123456789ab…: 1.2/3.4 MB (35%)``."""
+        pct = 100 * self.done // self.total if self.total else 100
+        if self.unit == "bytes":
+            amount = f"{self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB"
+        else:
+            amount = f"step {self.done}/{self.total}"
+        tail = f" {self.detail}" if self.detail else ""
+        return f"{self.item}: {amount} ({pct}%){tail}"
+
+
+OnProgress = Callable[[BuildProgress], None]
+"""Receives structured build progress (see :class:`BuildProgress`)."""
+
 PIPELINE_VERSION = 1
 """Bumped whenever the pipeline's output for the same input changes (part of the cache key)."""
 
@@ -123,8 +183,16 @@ class Builder(Protocol):
         """The build with its log so far; raises NotFound."""
         ...
 
-    def wait(self, build_id: BuildId, /, timeout: float, on_log: Log | None = None) -> Build:
-        """Block until the build finishes, passing each new log line to ``on_log``; raises
+    def wait(
+        self,
+        build_id: BuildId,
+        /,
+        timeout: float,
+        on_log: Log | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> Build:
+        """Block until the build finishes, passing each new log line to ``on_log`` and each
+        progress record to ``on_progress``, in the order the build wrote them; raises
         DeadlineExceeded after ``timeout`` seconds."""
         ...
 
@@ -148,8 +216,11 @@ class SourceImage:
 class ImageSource(Protocol):
     def resolve(self, image: str, log: Log, /) -> SourceImage: ...
 
-    def extract(self, image: SourceImage, root: Path, log: Log, /) -> None:
-        """Apply every layer into ``root`` (empty dir); raises LayerError/ImageError."""
+    def extract(
+        self, image: SourceImage, root: Path, log: Log, /, progress: OnProgress | None = None
+    ) -> None:
+        """Apply every layer into ``root`` (empty dir); raises LayerError/ImageError.
+        ``progress`` gets each layer's bytes (unthrottled: the caller bounds the rate)."""
         ...
 
     def release(self, image: SourceImage, /) -> None:

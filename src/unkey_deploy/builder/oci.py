@@ -182,7 +182,9 @@ class VerifiedStream:
 
     ``read()`` raises :class:`ImageError` as soon as the data exceeds ``size``; at end of data it
     raises if fewer bytes arrived or the digest differs. ``progress(n)`` is called with the
-    number of bytes of each chunk read (for progress bars).
+    number of bytes of each chunk read (for progress bars); the chunk that completes the blob is
+    reported only once its digest has been verified, so the reported total reaches ``size`` only
+    for a verified blob.
     """
 
     def __init__(
@@ -207,6 +209,7 @@ class VerifiedStream:
         self._eof = False
         self._verified = False
         self._progress = progress
+        self._held = 0  # bytes of the completing chunk, reported after verification
         self._on_close = on_close
         self.closed = False
 
@@ -239,7 +242,10 @@ class VerifiedStream:
             )
         self._hash.update(chunk)
         if self._progress is not None and chunk:
-            self._progress(len(chunk))
+            if self._seen == self._size:
+                self._held = len(chunk)
+            else:
+                self._progress(len(chunk))
         self._buf = self._buf[self._pos :] + chunk if self._pos < len(self._buf) else chunk
         self._pos = 0
         return True
@@ -257,6 +263,9 @@ class VerifiedStream:
                 details={"digest": self._digest, "actual": got},
             )
         self._verified = True
+        if self._progress is not None and (self._held or not self._size):
+            self._progress(self._held)  # an empty blob reports 0 of 0 once, when verified
+            self._held = 0
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:

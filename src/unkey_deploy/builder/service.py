@@ -5,6 +5,12 @@ launch spec from the image config + app.yaml overrides -> harden -> inject ``/.v
 reproducible ``rootfs.ext4`` -> zstd. Each step logs a line (the deploy turns them into progress
 events) and checks for cancellation.
 
+Progress: besides its log lines a build reports structured :class:`~.api.BuildProgress` (bytes of
+each layer as it is pulled, verified and applied; the rootfs steps), at most one record per item
+every :data:`PROGRESS_INTERVAL_S` plus each item's final 100 % (:class:`ProgressThrottle`). The
+records go in ``build_logs`` next to the lines (``progress`` column), so ``wait`` hands both to
+the deploy in the order they were written.
+
 Queue: the generic job queue (:mod:`unkey_deploy.store.jobs`, kind ``build``) gives priorities,
 leases, retries and crash recovery; the ``builds`` table holds the build record and
 ``build_logs`` its log lines. A build's state is its job's state. A worker that dies mid-build
@@ -12,9 +18,12 @@ stops heart-beating, :func:`jobs.requeue_expired` (run by every worker's loop) p
 and another worker starts it again from scratch (its scratch directory is per attempt).
 
 Cache: key = manifest digest + build options + pipeline version
-(:meth:`BuildOptions.cache_key`). After resolving the image (one manifest request), a worker
-asks assetmanagerd for a live asset built under that key; if there is one, the build succeeds at
-once with ``cached=True``.
+(:meth:`BuildOptions.cache_key`). After resolving the image (one manifest request, with the
+requester's own registry credentials: access is proven), a worker asks assetmanagerd for a live
+asset built under that key; if there is one, the build succeeds at once with ``cached=True``.
+A hit on another customer's asset never hands out that asset: the requester gets an asset record
+of their own over the same content-addressed blob, and nothing of the other customer's (asset,
+build, image reference) appears in the log, the events or the build record.
 """
 
 from __future__ import annotations
@@ -52,10 +61,12 @@ from .api import (
     FINISHED,
     Build,
     BuildOptions,
+    BuildProgress,
     BuildRequest,
     BuildState,
     ImageSource,
     Log,
+    OnProgress,
     SourceImage,
 )
 from .harden import harden
@@ -64,6 +75,45 @@ from .vminit import ImageConfig, inject, launch_spec
 
 JOB_KIND = "build"
 _log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25
+"""At most one progress record per item this often (plus the final one): a 100 MB layer on a
+fast network is ~100 chunks a second, which must not become 100 rows and events a second."""
+
+ROOTFS_ITEM = "rootfs"
+ROOTFS_STEPS = ("hardening", "mkfs.ext4 + e2fsck", "zstd", "done")
+
+
+class ProgressThrottle:
+    """Pass on an item's progress at most every ``interval_s`` (its first and final records
+    always), never a ``done`` below one already passed on, nothing after the final one."""
+
+    def __init__(
+        self,
+        emit: OnProgress,
+        interval_s: float = PROGRESS_INTERVAL_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._emit = emit
+        self._interval = interval_s
+        self._now = monotonic
+        self._last: dict[str, tuple[float, int]] = {}
+        self._finished: set[str] = set()
+
+    def __call__(self, p: BuildProgress) -> None:
+        if p.item in self._finished:
+            return
+        now = self._now()
+        last = self._last.get(p.item)
+        if last is not None:
+            went_back = p.done < last[1]
+            too_soon = not p.finished and now - last[0] < self._interval
+            if went_back or too_soon:
+                return
+        self._last[p.item] = (now, p.done)
+        if p.finished:
+            self._finished.add(p.item)
+        self._emit(p)
 
 
 class Cancelled(Exception):
@@ -120,8 +170,18 @@ def build_rootfs(
     log: Log,
     check_cancel: Callable[[], None] = lambda: None,
     keep_tree: bool = False,
+    progress: OnProgress | None = None,
 ) -> LocalBuild:
-    """Run the pipeline in ``workdir`` (created): ``rootfs.ext4`` and ``rootfs.ext4.zst``."""
+    """Run the pipeline in ``workdir`` (created): ``rootfs.ext4`` and ``rootfs.ext4.zst``.
+
+    ``progress`` gets every layer's bytes and the rootfs steps (:data:`ROOTFS_STEPS`: the step
+    functions report no finer progress, so the rootfs counts whole steps), unthrottled."""
+    report_progress = progress or (lambda _p: None)
+
+    def step(done: int) -> None:
+        total = len(ROOTFS_STEPS) - 1
+        report_progress(BuildProgress(ROOTFS_ITEM, done, total, "steps", ROOTFS_STEPS[done]))
+
     start = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = image if isinstance(image, SourceImage) else source.resolve(image, log)
@@ -133,15 +193,18 @@ def build_rootfs(
     try:
         check_cancel()
         log(f"extract: applying layers of {resolved.ref} ({resolved.manifest_digest})")
-        source.extract(resolved, root, log)
+        source.extract(resolved, root, log, progress=progress)
         check_cancel()
+        step(0)
         spec = launch_spec(root, resolved.config, options.overrides())
         log(f"launch: argv={list(spec.argv)} cwd={spec.cwd} user={spec.uid}:{spec.gid}")
         report = harden(root, spec, keep_shell=options.keep_shell, log=log)
         inject(root, spec, init_binary)
         check_cancel()
+        step(1)
         log("rootfs: mkfs.ext4 -d (reproducible), e2fsck -fn")
         info = make_rootfs(root, workdir / "rootfs.ext4", seed=key)
+        step(2)
         if not keep_tree:
             _discard_tree(root)  # unlinking ~1k files takes ~1 s: overlap it with zstd
         check_cancel()
@@ -150,6 +213,7 @@ def build_rootfs(
                      threads=threads)  # fmt: skip
         log(f"compress: zstd -{config.zstd_level}: {info.bytes / 1e6:.1f} MB -> "
             f"{z.bytes / 1e6:.1f} MB")  # fmt: skip
+        step(3)
     finally:
         if not keep_tree:
             shutil.rmtree(root, ignore_errors=True)
@@ -225,6 +289,8 @@ class BuildLogRow(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     ts: Mapped[float] = mapped_column(Float)
     line: Mapped[str] = mapped_column(Text)
+    # BuildProgress.as_dict() as JSON for a progress record (``line`` is its rendering)
+    progress: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 _JOB_TO_BUILD = {
@@ -289,7 +355,7 @@ class BuildService:
         self._wake.set()
         return build_id
 
-    def _build(self, s: Session, build_id: str, after_seq: int = -1) -> Build:
+    def _build(self, s: Session, build_id: str, *, with_log: bool = True) -> Build:
         row = s.get(BuildRow, build_id)
         if row is None:
             raise NotFound(f"build {build_id} not found")
@@ -298,11 +364,15 @@ class BuildService:
             # Statements outside one snapshot (SQLite's driver, PostgreSQL read committed): the
             # row was read before the job; the commit that finished the job also wrote the row.
             s.refresh(row)
-        lines = s.scalars(
-            select(BuildLogRow.line)
-            .where(BuildLogRow.build_id == build_id, BuildLogRow.seq > after_seq)
-            .order_by(BuildLogRow.seq)
-        ).all()
+        lines = (
+            s.scalars(
+                select(BuildLogRow.line)
+                .where(BuildLogRow.build_id == build_id, BuildLogRow.progress.is_(None))
+                .order_by(BuildLogRow.seq)
+            ).all()
+            if with_log
+            else ()
+        )
         error = json.loads(row.error) if row.error else None
         if error is None and job.state in (jobs.JobState.FAILED,) and job.error:
             error = {"code": "build_failed", "message": job.error}
@@ -326,17 +396,33 @@ class BuildService:
         with self.factory() as s:
             return self._build(s, build_id)
 
-    def wait(self, build_id: BuildId, timeout: float, on_log: Log | None = None) -> Build:
+    def wait(
+        self,
+        build_id: BuildId,
+        timeout: float,
+        on_log: Log | None = None,
+        on_progress: OnProgress | None = None,
+    ) -> Build:
         deadline = time.monotonic() + timeout
-        seen = 0
+        seq = -1
         while True:
-            b = self.get(build_id)
-            if on_log is not None:
-                for line in b.log[seen:]:
-                    on_log(line)
-            seen = len(b.log)
+            with self.factory() as s:
+                # state first: every record written before the build finished is then visible
+                b = self._build(s, build_id, with_log=False)
+                rows = s.execute(
+                    select(BuildLogRow.seq, BuildLogRow.line, BuildLogRow.progress)
+                    .where(BuildLogRow.build_id == build_id, BuildLogRow.seq > seq)
+                    .order_by(BuildLogRow.seq)
+                ).all()
+            for row_seq, line, prog in rows:
+                seq = row_seq
+                if prog is None:
+                    if on_log is not None:
+                        on_log(line)
+                elif on_progress is not None:
+                    on_progress(BuildProgress.from_dict(json.loads(prog)))
             if b.state in FINISHED:
-                return b
+                return self.get(build_id)
             if time.monotonic() >= deadline:
                 raise DeadlineExceeded(f"build {build_id} not finished after {timeout:.0f} s "
                                        f"(state {b.state})")  # fmt: skip
@@ -357,19 +443,23 @@ class BuildService:
         return self.get(build_id)
 
     # -- workers ----------------------------------------------------------------------------------
-    def _log(self, s: Session, build_id: str, line: str) -> None:
+    def _log(
+        self, s: Session, build_id: str, line: str, progress: BuildProgress | None = None
+    ) -> None:
         last = s.scalars(
             select(BuildLogRow.seq).where(BuildLogRow.build_id == build_id)
             .order_by(BuildLogRow.seq.desc()).limit(1)
         ).first()  # fmt: skip
+        data = json.dumps(progress.as_dict()) if progress is not None else None
         s.add(BuildLogRow(build_id=build_id, seq=(last if last is not None else -1) + 1,
-                          ts=self._now(), line=line[:4000]))  # fmt: skip
+                          ts=self._now(), line=line[:4000], progress=data))  # fmt: skip
 
-    def log_line(self, build_id: str, line: str) -> None:
+    def log_line(self, build_id: str, line: str, progress: BuildProgress | None = None) -> None:
+        """Append a log line, or with ``progress`` a progress record (``line`` renders it)."""
         for attempt in range(5):
             try:
                 with transaction(self.factory) as s:
-                    self._log(s, build_id, line)
+                    self._log(s, build_id, line, progress)
                 return
             except IntegrityError:  # another writer took that seq (e.g. cancel vs worker)
                 if attempt == 4:
@@ -487,6 +577,15 @@ class BuildService:
             if cancel.is_set():
                 raise Cancelled
 
+        def record_progress(p: BuildProgress) -> None:
+            self.log_line(build_id, p.render(), p)
+
+        def progress(p: BuildProgress) -> None:
+            throttle(p)
+            check_cancel()  # a layer streaming for minutes must still notice a cancel
+
+        throttle = ProgressThrottle(record_progress)
+
         try:
             with self._heartbeat(job, worker, cancel):
                 log(f"attempt {job.attempts}/{job.max_attempts} on {worker}")
@@ -494,15 +593,16 @@ class BuildService:
                 resolved = self.source.resolve(image, log)
                 key = options.cache_key(resolved.manifest_digest, init_digest(self.init_binary))
                 self._set(build_id, manifest_digest=resolved.manifest_digest)
-                hit = self.assets.find(key)
+                hit = self._cached(key, customer, build_id, image)
                 if hit is not None:
                     self.source.release(resolved)
-                    log(f"cache hit: {hit.asset_id} (built by {hit.build_id})")
+                    log(f"cache hit: {hit.asset_id}, a rootfs built before from "
+                        f"{resolved.manifest_digest} with the same options")  # fmt: skip
                     self._finish(job, worker, build_id, hit, cached=True)
                     return "cached"
                 out = build_rootfs(self.source, resolved, options, scratch,
                                    init_binary=self.init_binary, config=self.config, log=log,
-                                   check_cancel=check_cancel)  # fmt: skip
+                                   check_cancel=check_cancel, progress=progress)  # fmt: skip
                 check_cancel()
                 asset = self.assets.register(out.compressed, AssetMeta(
                     customer_id=CustomerId(customer), source_image=image,
@@ -530,6 +630,29 @@ class BuildService:
                                                                  retryable=True))  # fmt: skip
         finally:
             shutil.rmtree(self.work_dir / build_id, ignore_errors=True)
+
+    def _cached(self, key: str, customer: str, build_id: str, image: str) -> Asset | None:
+        """The requester's own live asset built under ``key``, if any; else, when another
+        customer's exists, a new asset record of the requester's over the same blob (the bytes
+        are equal by the key's construction; the blob is stored once, content-addressed).
+
+        The requester resolved the manifest with their own credentials before we get here, so
+        they are entitled to the image's content; they are not entitled to know who else built it:
+        the new record carries the requester's build id and image reference only.
+        """
+        own = [a for a in self.assets.list(CustomerId(customer)) if a.build_key == key]
+        if own:
+            return max(own, key=lambda a: a.created_at)
+        other = self.assets.find(key)
+        if other is None:
+            return None
+        path = self.assets.local_path(other.asset_id)
+        return self.assets.register(path, AssetMeta(
+            customer_id=CustomerId(customer), source_image=image,
+            manifest_digest=other.manifest_digest, build_id=BuildId(build_id), build_key=key,
+            tree_bytes=other.tree_bytes, ext4_bytes=other.ext4_bytes,
+            ext4_sha256=other.ext4_sha256, image_config=other.image_config,
+        ))  # fmt: skip
 
     def _set(self, build_id: str, **fields: Any) -> None:
         with transaction(self.factory) as s:
@@ -607,7 +730,10 @@ class DeployBuilds:
         def on_log(line: str) -> None:
             progress("build", line, build_id=build_id)
 
-        b = self.builder.wait(build_id, self.timeout_s, on_log=on_log)
+        def on_progress(p: BuildProgress) -> None:
+            progress("build", p.render(), build_id=build_id, progress=p.as_dict())
+
+        b = self.builder.wait(build_id, self.timeout_s, on_log=on_log, on_progress=on_progress)
         if b.state != BuildState.SUCCEEDED or b.asset_id is None:
             if b.error:
                 raise errors.from_dict(b.error)
@@ -646,11 +772,22 @@ class OciImageSource:
             f"{img.compressed_size / 1e6:.1f} MB")  # fmt: skip
         return SourceImage(image, img.manifest_digest, cfg, img.image_config, handle=img)
 
-    def extract(self, image: SourceImage, root: Path, log: Log) -> None:
+    def extract(
+        self, image: SourceImage, root: Path, log: Log, /, progress: OnProgress | None = None
+    ) -> None:
         from .layers import extract_image  # noqa: PLC0415
+        from .oci import short_digest  # noqa: PLC0415
+
+        layers = image.handle.layers
+        n = len(layers)
+
+        def layer_progress(i: int, done: int, total: int) -> None:
+            if progress is not None:
+                item = f"layer {i + 1}/{n} {short_digest(layers[i].digest)}"
+                progress(BuildProgress(item, done, total, "bytes"))
 
         try:
-            stats = extract_image(image.handle, root, self.config, log)
+            stats = extract_image(image.handle, root, self.config, log, progress=layer_progress)
             log(f"extract: {len(stats.layers)} layers, {stats.entries} entries, "
                 f"{stats.tar_bytes / 1e6:.1f} MB uncompressed")  # fmt: skip
         finally:
