@@ -307,8 +307,9 @@ def test_deploy_wait_follows_the_event_stream(gateway: RunningGateway, tmp_path:
 
     code, out, err = _deploy_and_drive(gateway, c, _write_app(tmp_path, name="waiter"), drive)
     assert code == 0, err
-    assert "pulling ghcr.io/acme/waiter:1.0" in err and "running at http://10.1.0.2:8080" in err
-    assert json.loads(out)["state"] == "running"
+    assert "pulling ghcr.io/acme/waiter:1.0" in err and " is running" in err
+    dep = json.loads(out)
+    assert dep["state"] == "running" and dep["url"] == "http://10.1.0.2:8080"
 
 
 def test_deploy_wait_reports_failure_with_its_exit_code(

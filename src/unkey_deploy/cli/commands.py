@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from ..core.errors import (
     from_dict,
 )
 from . import config as cli_config
-from .output import err, print_json, table
+from .output import EventRenderer, err, print_json, table
 
 Json = dict[str, Any]
 
@@ -48,42 +49,50 @@ def _decimal(value: str | None, what: str) -> Decimal | None:
 
 
 def _follow(client: Any, deployment_id: str, timeout_s: float) -> Json:
-    """Print the deployment's progress to stderr until it ends; return the final state."""
+    """Show the deployment's progress on stderr until it ends; return the final state.
+
+    On a terminal, build progress (layer downloads, rootfs creation) are live bars and the other
+    steps (scheduling, boot, health check) lines above them; otherwise plain, throttled lines.
+    """
     deadline = time.monotonic() + timeout_s
     last: int | None = None
-    for _attempt in range(30):
-        try:
-            for ev in client.events(deployment_id, last_event_id=last):
-                if ev.event == "end":
-                    return dict(ev.data)
-                last = ev.id
-                at = str(ev.data.get("at", ""))[11:19]
-                err.print(
-                    f"[dim]{at}[/] {ev.event:>9}  {ev.data.get('message', '')}",
-                    highlight=False,
+    with EventRenderer(sys.stderr) as view:
+        for _attempt in range(30):
+            try:
+                for ev in client.events(deployment_id, last_event_id=last):
+                    if ev.event == "end":
+                        return dict(ev.data)
+                    last = ev.id
+                    view.event(ev.event, ev.data)
+                    if time.monotonic() > deadline:
+                        break
+            except Unavailable:
+                time.sleep(1)  # the gateway restarted: resume from the last event seen
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"deployment {deployment_id} did not finish within {timeout_s:.0f} s",
+                    suggestion=f"follow it with `unkey deployments show {deployment_id}`",
                 )
-                if time.monotonic() > deadline:
-                    break
-        except Unavailable:
-            time.sleep(1)  # the gateway restarted: resume from the last event seen
-        if time.monotonic() > deadline:
-            raise DeadlineExceeded(
-                f"deployment {deployment_id} did not finish within {timeout_s:.0f} s",
-                suggestion=f"follow it with `unkey deployments show {deployment_id}`",
-            )
     raise Unavailable("lost the event stream too many times")
 
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--wait", is_flag=True, help="follow progress (stderr) until running or failed")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="follow progress (stderr) until running or failed, then print the app's URL",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the deployment as JSON")
 @click.option("--idempotency-key", help="default: a fresh one (retries reuse it)")
 @click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="for --wait (s)")
 def deploy(
     file: Path, wait: bool, as_json: bool, idempotency_key: str | None, timeout_s: float
 ) -> None:
-    """Validate FILE (app.yaml) and deploy it."""
+    """Validate FILE (app.yaml) and deploy it.
+
+    Prints the deployment's id (with --wait: the app's URL once it runs; --json: the deployment).
+    """
     try:
         spec = appspec.load_file(file)
     except ValidationFailed as exc:
@@ -116,12 +125,12 @@ def deploy(
             dep = client.get_deployment(dep["id"])["deployment"]
             if end.get("state") == "failed" or dep["state"] == "failed":
                 raise from_dict(dep.get("error") or {"message": "deployment failed"})
-            if dep.get("url"):
-                err.print(f"running at {dep['url']}", highlight=False)
+            err.print(f"deployment {dep['id']} is {dep['state']}", highlight=False, markup=False)
     if as_json:
         print_json(dep)
     else:
-        click.echo(dep["id"])
+        # what a person (or a script) wants next: where the app answers, once it does
+        click.echo(dep["url"] if wait and dep.get("url") else dep["id"])
 
 
 # --- deployments ----------------------------------------------------------------------------------
@@ -186,19 +195,24 @@ def deployments_show(deployment_id: str, as_json: bool) -> None:
 @deployments.command("events")
 @click.argument("deployment_id")
 @click.option("--follow/--no-follow", default=False, help="keep streaming until it ends")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line (every event)")
 def deployments_events(deployment_id: str, follow: bool, as_json: bool) -> None:
-    """A deployment's progress events."""
-    with _settings().client() as client:
+    """A deployment's progress events.
+
+    Build progress is summarised (each item's first and final record, and at most one every
+    few seconds between); with --follow on a terminal it is shown as live bars.
+    """
+    with (
+        _settings().client() as client,
+        EventRenderer(sys.stdout, live=None if follow else False, full_time=True) as view,
+    ):
         for ev in client.events(deployment_id, follow=follow):
             if ev.event == "end":
                 break
             if as_json:
-                import json  # noqa: PLC0415
-
                 click.echo(json.dumps(ev.data, sort_keys=True))
             else:
-                click.echo(f"{ev.data.get('at', '')}  {ev.event:>9}  {ev.data.get('message', '')}")
+                view.event(ev.event, ev.data)
 
 
 # --- keys -----------------------------------------------------------------------------------------
