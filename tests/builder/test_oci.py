@@ -461,3 +461,26 @@ def test_basic_auth_registry(tmp_path_factory: pytest.TempPathFactory, tmp_path:
             assert client.stats["challenges"] == 1 and client.stats["tokens"] == 0
             assert all(a == basic for p, a in state.front_seen[2:]), state.front_seen
     check_multilayer_tree(tmp_path)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_progress_reaches_the_blob_size_only_once_its_digest_is_verified(flip: bool) -> None:
+    import hashlib
+
+    from unkey_deploy.builder.oci import VerifiedStream
+
+    data = os.urandom(3 << 20)
+    sent = bytearray(data)
+    if flip:
+        sent[-1] ^= 1  # the last byte differs: the digest check at the end fails
+    chunks = [bytes(sent[i : i + (1 << 20)]) for i in range(0, len(sent), 1 << 20)]
+    seen: list[int] = []
+    stream = VerifiedStream(iter(chunks), digest="sha256:" + hashlib.sha256(data).hexdigest(),
+                            size=len(data), what="blob", progress=seen.append)  # fmt: skip
+    if flip:
+        with pytest.raises(ImageError, match="digest mismatch"):
+            stream.drain()
+        assert sum(seen) == 2 << 20  # the completing chunk was never reported
+    else:
+        stream.drain()
+        assert seen == [1 << 20] * 3 and stream.verified

@@ -276,3 +276,25 @@ def test_built_rootfs_starts_under_bwrap_without_a_shell(
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 5, proc.stderr
     assert proc.stdout.strip() == "1000 /app 1 two"
+
+
+def test_progress_throttle_bounds_the_rate_and_keeps_every_final_and_step() -> None:
+    from unkey_deploy.builder.api import BuildProgress
+    from unkey_deploy.builder.service import ProgressThrottle
+
+    now = [0.0]
+    out: list[tuple[str, int]] = []
+    throttle = ProgressThrottle(lambda p: out.append((p.item, p.done)), 0.25, lambda: now[0])
+    total = 100 << 20
+    for mib in range(1, 101):  # 100 chunks of 1 MiB, 1/64 s apart (exact in binary)
+        now[0] += 1 / 64
+        throttle(BuildProgress("layer 1/1 sha256:ab", mib << 20, total))
+        if mib == 50:
+            throttle(BuildProgress("layer 1/1 sha256:ab", 10 << 20, total))  # never backwards
+    throttle(BuildProgress("layer 1/1 sha256:ab", total, total))  # nothing after the final
+    for step in (0, 1, 1, 2, 3):  # steps all pass, each once, however fast
+        throttle(BuildProgress("rootfs", step, 3, "steps"))
+    layer = [d >> 20 for item, d in out if item.startswith("layer")]
+    # the first, then one per 250 ms (every 16th chunk), then the final (once)
+    assert layer == [1, 17, 33, 49, 65, 81, 97, 100]
+    assert [d for item, d in out if item == "rootfs"] == [0, 1, 2, 3]

@@ -85,8 +85,9 @@ ROOTFS_STEPS = ("hardening", "mkfs.ext4 + e2fsck", "zstd", "done")
 
 
 class ProgressThrottle:
-    """Pass on an item's progress at most every ``interval_s`` (its first and final records
-    always), never a ``done`` below one already passed on, nothing after the final one."""
+    """Pass on a ``bytes`` item's progress at most every ``interval_s`` (its first and final
+    records always), never a ``done`` below one already passed on, nothing after the final one.
+    ``steps`` items pass every new step: there are a handful, and each one is news."""
 
     def __init__(
         self,
@@ -106,9 +107,9 @@ class ProgressThrottle:
         now = self._now()
         last = self._last.get(p.item)
         if last is not None:
-            went_back = p.done < last[1]
-            too_soon = not p.finished and now - last[0] < self._interval
-            if went_back or too_soon:
+            if p.done < last[1] or (p.done == last[1] and p.unit != "bytes"):
+                return  # back, or a step already reported
+            if p.unit == "bytes" and not p.finished and now - last[0] < self._interval:
                 return
         self._last[p.item] = (now, p.done)
         if p.finished:

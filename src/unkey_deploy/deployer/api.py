@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 Progress = Callable[..., None]
-"""``progress(phase, message, **data)``: append one event to the deployment's stream."""
+"""``progress(phase, message, **data)``: append one event to the deployment's stream.
+
+Build progress travels as ``data["progress"]`` (builderd's ``BuildProgress.as_dict()``: item,
+done, total, unit, detail) with the record's readable form as the message; clients draw bars
+from it and show every other event as a line."""
 
 
 @dataclass(frozen=True)
