@@ -647,7 +647,10 @@ class BuildService:
         other = self.assets.find(key)
         if other is None:
             return None
-        path = self.assets.local_path(other.asset_id)
+        try:
+            path = self.assets.local_path(other.asset_id)
+        except NotFound:  # retired since find(): build it instead
+            return None
         return self.assets.register(path, AssetMeta(
             customer_id=CustomerId(customer), source_image=image,
             manifest_digest=other.manifest_digest, build_id=BuildId(build_id), build_key=key,
