@@ -431,12 +431,14 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> N
     assert want["lines"]["network"][1] >= Decimal("0.01")
 
     # `unkey logs`: every build line of the event stream, then the VM's console
-    build_lines = [
-        json.loads(line)["message"]
-        for line in st.unkey("deployments", "events", dep["id"], "--json").splitlines()
-        if json.loads(line)["phase"] == "build"
-    ]
+    listed = [json.loads(line) for line in
+              st.unkey("deployments", "events", dep["id"], "--json").splitlines()]  # fmt: skip
+    build_lines = [e["message"] for e in listed if e["phase"] == "build"]
     assert any(m.startswith("asset ready") for m in build_lines), build_lines
+    # live progress: each layer's bytes and the rootfs steps, each item's last record at 100 %
+    last = {p["item"]: p for e in listed if (p := e["data"].get("progress"))}
+    assert any(i.startswith("layer ") for i in last) and "rootfs" in last, build_lines
+    assert all(p["done"] == p["total"] for p in last.values()), last
     logs = st.unkey("logs", dep["id"])
     build_part, sep, console_part = logs.partition(f"==> console of VM {vm_id}")
     assert sep, logs

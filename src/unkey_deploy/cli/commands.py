@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from .. import appspec
 from ..core import config as core_config
@@ -117,7 +118,8 @@ def deploy(
         assert result is not None  # noqa: S101 (loop either sets it or raises)
         dep = result["deployment"]
         err.print(
-            f"deployment [bold]{dep['id']}[/] accepted ({dep['name']}, {dep['image']})",
+            f"deployment [bold]{dep['id']}[/] accepted ({escape(dep['name'])}, "
+            f"{escape(dep['image'])})",
             highlight=False,
         )
         if wait:
