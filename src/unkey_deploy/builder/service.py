@@ -176,7 +176,8 @@ def build_rootfs(
     """Run the pipeline in ``workdir`` (created): ``rootfs.ext4`` and ``rootfs.ext4.zst``.
 
     ``progress`` gets every layer's bytes and the rootfs steps (:data:`ROOTFS_STEPS`: the step
-    functions report no finer progress, so the rootfs counts whole steps), unthrottled."""
+    functions report no finer progress, so the rootfs counts whole steps), unthrottled. Each run
+    (a retried attempt is a new run) reports every item from its start again."""
     report_progress = progress or (lambda _p: None)
 
     def step(done: int) -> None:
@@ -782,12 +783,10 @@ class OciImageSource:
         from .layers import extract_image  # noqa: PLC0415
         from .oci import short_digest  # noqa: PLC0415
 
-        layers = image.handle.layers
-        n = len(layers)
-
         def layer_progress(i: int, done: int, total: int) -> None:
             if progress is not None:
-                item = f"layer {i + 1}/{n} {short_digest(layers[i].digest)}"
+                layers = image.handle.layers
+                item = f"layer {i + 1}/{len(layers)} {short_digest(layers[i].digest)}"
                 progress(BuildProgress(item, done, total, "bytes"))
 
         try:
