@@ -205,3 +205,12 @@ def test_renderer_shows_an_events_message_when_its_progress_is_malformed() -> No
         view.event("build", {"at": "2026-01-01T10:00:00Z", "message": "odd [b]x[/b]",
                              "data": {"progress": bad}})  # fmt: skip
     assert buf.getvalue() == "10:00:00     build  odd [b]x[/b]\n"
+
+
+def test_renderer_never_passes_control_characters_from_outside_text() -> None:
+    """A layer entry named with an escape sequence must not drive the terminal or a CI log."""
+    buf = io.StringIO()
+    with EventRenderer(buf) as view:
+        view.event("build", {"at": "2026-01-01T10:00:00Z",
+                             "message": "skipped device \x1b[2J\x1b]0;pwned\x07 x\ty"})  # fmt: skip
+    assert buf.getvalue() == "10:00:00     build  skipped device \\x1b[2J\\x1b]0;pwned\\x07 x\ty\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +60,15 @@ def print_error(exc: UnkeyError, *, source: str | None = None) -> None:
 PLAIN_PROGRESS_INTERVAL_S = 2.0
 """Without a terminal, at most one line per layer this often (by the events' own time), plus its
 first and its final line: CI logs get a few lines per layer, not one per event."""
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _clean(text: str) -> str:
+    """Outside text (layer entry names, a registry's messages) without control characters: an
+    escape sequence in a file name must not drive the terminal or land in a CI log."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _event_time(data: Mapping[str, Any]) -> float | None:
@@ -145,7 +155,7 @@ class EventRenderer:
         if p is not None:
             self._progress(name, data, p)
             return
-        line = f"{self._when(data)} {name:>9}  {data.get('message', '')}"
+        line = _clean(f"{self._when(data)} {name:>9}  {data.get('message', '')}")
         if self._bars is not None and name != "build" and not self._running:
             # the build is over: leave its bars where they are and continue below them
             self.close()
@@ -177,7 +187,7 @@ class EventRenderer:
         self._plain_last[p.item] = now
         if p.finished:
             self._plain_done.add(p.item)
-        self._write(f"{self._when(data)} {name:>9}  {p.render()}")
+        self._write(_clean(f"{self._when(data)} {name:>9}  {p.render()}"))
 
     def _bar(self, p: BuildProgress) -> None:
         if self._bars is None:
@@ -202,10 +212,10 @@ class EventRenderer:
         task = self._tasks.get(p.item)
         if task is None:
             self._tasks[p.item] = self._bars.add_task(
-                p.item, total=total, completed=done, amount=_amount(p)
+                _clean(p.item), total=total, completed=done, amount=_clean(_amount(p))
             )
         else:
-            self._bars.update(task, total=total, completed=done, amount=_amount(p))
+            self._bars.update(task, total=total, completed=done, amount=_clean(_amount(p)))
         if p.finished:
             self._running.discard(p.item)
             self._bars.refresh()
