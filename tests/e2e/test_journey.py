@@ -33,6 +33,7 @@ import httpx
 import pytest
 
 from billing.reference import RawSample, reference_invoices, series_usage  # tests/ is on sys.path
+from unkey_deploy.builder.api import BuildProgress
 from unkey_deploy.bus import connect
 from unkey_deploy.dev.example import push_hello
 from unkey_deploy.metering.codec import decode
@@ -443,8 +444,12 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> N
     build_part, sep, console_part = logs.partition(f"==> console of VM {vm_id}")
     assert sep, logs
     assert build_part.startswith(f"==> build log of deployment {dep['id']}")
-    for m in build_lines:
-        assert m in build_part, f"build line {m!r} missing from `unkey logs`"
+    for e in listed:  # every build step; layer progress summarised (first and last at least)
+        if e["phase"] == "build" and not e["data"].get("progress"):
+            assert e["message"] in build_part, f"build line {e['message']!r} missing from logs"
+    for p in last.values():  # each item's final record, as BuildProgress renders it
+        final = BuildProgress.from_dict(p).render()
+        assert final in build_part, (final, build_part)
     # the sandbox's console is the output of the project's guest init; under qemu it is the
     # guest kernel's boot lines (uptime stamps) and the project's initramfs switching root
     marker = "vminit" if driver == "sandbox" else "UNKEY_INITRAMFS"

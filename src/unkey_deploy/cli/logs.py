@@ -8,21 +8,18 @@ deployment settles, then keeps printing new console output until the VMs stop (o
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import click
 
 from . import config as cli_config
-from .output import err
+from .output import EventRenderer, err
 
 Json = dict[str, Any]
 # VM states after which its console cannot grow (metald's VmState values)
 _FINAL_VM_STATES = frozenset({"stopped", "failed", "deleted"})
-
-
-def _event_line(data: Json, phase: str) -> str:
-    return f"{data.get('at', '')}  {phase:>9}  {data.get('message', '')}"
 
 
 def _console_header(vm: Json) -> str:
@@ -46,10 +43,12 @@ def logs(
     with cli_config.resolve().client() as client:
         if build:
             click.echo(f"==> build log of deployment {deployment_id}")
-            for ev in client.events(deployment_id, follow=follow):
-                if ev.event == "end":
-                    break
-                click.echo(_event_line(ev.data, ev.event))
+            # the same rendering as `deployments events`: build progress summarised per item
+            with EventRenderer(sys.stdout, live=False, full_time=True) as view:
+                for ev in client.events(deployment_id, follow=follow):
+                    if ev.event == "end":
+                        break
+                    view.event(ev.event, ev.data)
         if not console:
             return
         path = f"/v1/deployments/{deployment_id}/logs"
