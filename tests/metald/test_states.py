@@ -21,7 +21,8 @@ def test_happy_path_and_reboot() -> None:
 @pytest.mark.parametrize(
     ("src", "dst"),
     [(S.PENDING, S.RUNNING), (S.STOPPED, S.RUNNING), (S.RUNNING, S.BOOTING),
-     (S.STOPPED, S.STOPPING), (S.FAILED, S.RUNNING), (S.RUNNING, S.PENDING)],
+     (S.STOPPED, S.STOPPING), (S.FAILED, S.RUNNING), (S.RUNNING, S.PENDING),
+     (S.LOST, S.PREPARING), (S.LOST, S.RUNNING), (S.LOST, S.FAILED)],
 )  # fmt: skip
 def test_illegal_transitions_raise(src: VmState, dst: VmState) -> None:
     with pytest.raises(IllegalTransition) as ei:
@@ -34,6 +35,16 @@ def test_every_active_state_can_fail() -> None:
     for s in (S.PENDING, S.PREPARING, S.BOOTING, S.RUNNING, S.STOPPING):
         assert S.FAILED in TRANSITIONS[s]
     assert set(TRANSITIONS) == set(VmState)
+
+
+def test_any_state_but_lost_can_be_lost_and_lost_is_final() -> None:
+    for s in VmState:
+        assert (S.LOST in TRANSITIONS[s]) == (s != S.LOST)
+    assert TRANSITIONS[S.LOST] == frozenset()
+    check_action("vm_x", S.LOST, "delete")
+    for action in ("boot", "stop"):
+        with pytest.raises(IllegalTransition, match=f"cannot {action} VM vm_x: it is lost"):
+            check_action("vm_x", S.LOST, action)
 
 
 def test_actions() -> None:

@@ -77,6 +77,9 @@ class MetaldConfig(_Section):
     stop_timeout_s: float = Field(5.0, ge=0)
     # Unprivileged user the VMMs run as when metald is root.
     runas_user: str = "nobody"
+    # A host whose heartbeat is older than this is declared lost: its VMs become ``lost`` and
+    # are replaced on live hosts. Hosts heartbeat every tenth of it.
+    host_lost_after_s: float = Field(30.0, gt=0)
 
 
 class MeteringConfig(_Section):

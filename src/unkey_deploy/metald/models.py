@@ -18,6 +18,8 @@ hosts = sa.Table(
     sa.Column("schedulable", sa.Boolean, nullable=False),
     sa.Column("registered_at", sa.Float, nullable=False),
     sa.Column("heartbeat_at", sa.Float, nullable=False),
+    # set when another host found this one's heartbeat stale and declared its VMs lost
+    sa.Column("lost_at", sa.Float, nullable=True),
 )
 
 vms = sa.Table(
@@ -40,6 +42,8 @@ vms = sa.Table(
     sa.Column("net", sa.JSON, nullable=True),
     sa.Column("runtime", sa.JSON, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    # for a lost VM: the VM placed in its stead
+    sa.Column("replaced_by", sa.String(40), nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )

@@ -9,7 +9,15 @@ out. The lifecycle is the state machine in :mod:`.states`.
 
 Public API (used by the orchestration):
 ``create_vm``, ``boot``, ``stop``, ``delete``, ``get``, ``list``, ``wait_ready``, ``wait_state``,
-``endpoint``, ``meter_target``/``meter_targets``, ``status``, ``reconcile``, ``recover``.
+``endpoint``, ``console``, ``meter_target``/``meter_targets``, ``status``, ``reconcile``,
+``recover``, ``sweep_lost_hosts``.
+
+Host loss: every host heartbeats (``metald_hosts.heartbeat_at``); any host's reconciler runs
+:meth:`Scheduler.sweep_lost_hosts`, which declares a host whose heartbeat is older than
+``lost_after_s`` lost, moves its VMs to ``lost`` and places a replacement for each one its owner
+wanted running. Placement and the sweep hold the hosts lock (:meth:`Scheduler._lock_hosts`) for
+the transaction that reads capacity and records the VM, so two schedulers never overcommit a
+host, on SQLite and on PostgreSQL alike.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from ..core.errors import (
     InvalidInput,
     NotFound,
     Problem,
+    ResourceExhausted,
     UnkeyError,
     ValidationFailed,
     VmError,
@@ -75,7 +84,9 @@ log = get_logger("metald")
 _boot_started: dict[str, float] = {}
 
 MIN_MEMORY = 32 * 1024 * 1024
-HEARTBEAT_TTL_S = 30.0
+HOST_LOST_AFTER_S = 30.0
+# what a VM's row carries over to its replacement
+_VM_FIELDS = ("deployment_id", "customer_id", "vcpus", "memory_bytes", "port", "rootfs", "env")
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,7 @@ class Vm:
     error: str | None
     created_at: float
     updated_at: float
+    replaced_by: VmId | None = None
 
     @property
     def url(self) -> str | None:
@@ -156,6 +168,7 @@ def _to_vm(r: Any) -> Vm:
         error=r.error,
         created_at=r.created_at,
         updated_at=r.updated_at,
+        replaced_by=VmId(r.replaced_by) if r.replaced_by else None,
     )
 
 
@@ -173,24 +186,38 @@ class Scheduler:
 
     host_id: str | None = None
 
-    def __init__(self, engine: Engine, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        lost_after_s: float = HOST_LOST_AFTER_S,
+    ) -> None:
         self.engine = engine
         self.clock = clock
+        self.lost_after_s = lost_after_s
         self._lock = threading.RLock()
         # one client: building one per probe costs milliseconds (TLS context), more than a
         # sandbox needs to boot
         self._http = httpx.Client(trust_env=False, headers={"Connection": "close"})
 
     def host_views(self) -> list[HostView]:
-        now = self.clock.now().timestamp()
         with self.engine.connect() as c:
-            hosts = c.execute(sa.select(models.hosts)).all()
-            vms = c.execute(
-                sa.select(
-                    models.vms.c.host_id, models.vms.c.deployment_id,
-                    models.vms.c.vcpus, models.vms.c.memory_bytes,
-                ).where(models.vms.c.desired != "deleted")
-            ).all()  # fmt: skip
+            return self._host_views(c)
+
+    def _live(self, h: Any, now: float) -> bool:
+        fresh = now - h.heartbeat_at < self.lost_after_s
+        return bool(h.schedulable) and h.lost_at is None and fresh
+
+    def _host_views(self, c: sa.Connection) -> list[HostView]:
+        now = self.clock.now().timestamp()
+        hosts = c.execute(sa.select(models.hosts)).all()
+        vms = c.execute(
+            sa.select(
+                models.vms.c.host_id, models.vms.c.deployment_id,
+                models.vms.c.vcpus, models.vms.c.memory_bytes,
+            ).where(models.vms.c.desired != "deleted")
+        ).all()  # fmt: skip
         used: dict[str, list[int]] = {}
         reps: dict[str, dict[str, int]] = {}
         for v in vms:
@@ -207,10 +234,21 @@ class Scheduler:
                 used_cpus=used.get(h.host_id, [0, 0])[0],
                 used_memory_bytes=used.get(h.host_id, [0, 0])[1],
                 replicas=reps.get(h.host_id, {}),
-                schedulable=bool(h.schedulable) and now - h.heartbeat_at < HEARTBEAT_TTL_S,
+                schedulable=self._live(h, now),
             )
             for h in hosts
         ]
+
+    def _lock_hosts(self, c: sa.Connection) -> None:
+        """Serialise placements: call first in the transaction that reads capacity and records
+        VMs. PostgreSQL: row locks on every host (in host id order, so two lockers cannot
+        deadlock). SQLite: a write statement takes the database's write lock at once (a read
+        would not, and pysqlite only opens the transaction at the first write)."""
+        t = models.hosts
+        if c.dialect.name == "postgresql":
+            c.execute(sa.select(t.c.host_id).order_by(t.c.host_id).with_for_update())
+        else:
+            c.execute(t.update().where(sa.false()).values(schedulable=t.c.schedulable))
 
     def hosts(self) -> list[dict[str, Any]]:
         """Every registered host with its driver, capacity, use and driver trial results (what
@@ -229,6 +267,7 @@ class Scheduler:
                 "used_memory_bytes": views[r.host_id].used_memory_bytes,
                 "schedulable": views[r.host_id].schedulable,
                 "heartbeat_at": r.heartbeat_at,
+                "lost_at": r.lost_at,
                 "drivers": r.capabilities,
             }
             for r in rows
@@ -300,23 +339,116 @@ class Scheduler:
     def create_vm(self, req: CreateVm) -> Vm:
         """Validate, place on a host, and record the VM as ``pending`` (not booted yet)."""
         req.validate()
-        host = place(
-            PlacementRequest(req.deployment_id, req.vcpus, req.memory_bytes), self.host_views()
-        )
-        vm_id = new_vm_id()
-        now = self.clock.now().timestamp()
         with self.engine.begin() as c:
-            c.execute(
-                models.vms.insert().values(
-                    vm_id=vm_id, host_id=host, deployment_id=req.deployment_id,
-                    customer_id=req.customer_id, state=str(VmState.PENDING), desired="stopped",
-                    vcpus=req.vcpus, memory_bytes=req.memory_bytes, port=req.port,
-                    rootfs=str(Path(req.rootfs).resolve()), env=dict(req.env),
-                    created_at=now, updated_at=now,
-                )
-            )  # fmt: skip
+            self._lock_hosts(c)
+            fields = {
+                "deployment_id": req.deployment_id, "customer_id": req.customer_id,
+                "vcpus": req.vcpus, "memory_bytes": req.memory_bytes, "port": req.port,
+                "rootfs": str(Path(req.rootfs).resolve()), "env": dict(req.env),
+            }  # fmt: skip
+            vm_id, host = self._place_and_insert(c, fields, desired="stopped")
         event(log, "vm created", vm_id=vm_id, host_id=host, deployment_id=req.deployment_id)
         return self.get(vm_id)
+
+    def _place_and_insert(
+        self, c: sa.Connection, vm: Mapping[str, Any], *, desired: str
+    ) -> tuple[VmId, str]:
+        """Place and record one VM (``vm``: deployment_id, customer_id, vcpus, memory_bytes,
+        port, rootfs, env) inside the caller's transaction, which holds the hosts lock, so the
+        capacity read here is still true when the row lands."""
+        req = PlacementRequest(vm["deployment_id"], vm["vcpus"], vm["memory_bytes"])
+        host = place(req, self._host_views(c))
+        vm_id = new_vm_id()
+        now = self.clock.now().timestamp()
+        c.execute(
+            models.vms.insert().values(
+                vm_id=vm_id, host_id=host, state=str(VmState.PENDING), desired=desired,
+                created_at=now, updated_at=now, **{k: vm[k] for k in _VM_FIELDS},
+            )
+        )  # fmt: skip
+        return vm_id, host
+
+    # -- host loss ----------------------------------------------------------------------------
+    def sweep_lost_hosts(self) -> builtins.list[tuple[VmId, VmId | None]]:
+        """Declare every host whose heartbeat is older than ``lost_after_s`` lost: its VMs
+        become ``lost`` and each one whose owner wants it running gets a replacement VM placed
+        on a live host (booted by that host's reconciler: a new instance, a new metering
+        series). A lost VM whose replacement did not fit yet is retried on the next sweep.
+        Returns ``(lost vm, replacement or None)`` for what this sweep did."""
+        now = self.clock.now().timestamp()
+        t, v = models.hosts, models.vms
+        with self.engine.connect() as c:  # cheap check first: most sweeps find nothing
+            stale = c.execute(
+                sa.select(t.c.host_id).where(
+                    t.c.lost_at.is_(None), t.c.heartbeat_at < now - self.lost_after_s
+                )
+            ).first()
+            orphans = c.execute(
+                sa.select(v.c.vm_id).where(
+                    v.c.state == str(VmState.LOST), v.c.desired == "running",
+                    v.c.replaced_by.is_(None),
+                )
+            ).first()  # fmt: skip
+        if stale is None and orphans is None:
+            return []
+        done: builtins.list[tuple[VmId, VmId | None]] = []
+        lost_hosts: builtins.list[str] = []
+        with self.engine.begin() as c:
+            self._lock_hosts(c)
+            for h in c.execute(
+                sa.select(t).where(
+                    t.c.lost_at.is_(None), t.c.heartbeat_at < now - self.lost_after_s
+                )
+            ).all():
+                c.execute(t.update().where(t.c.host_id == h.host_id).values(lost_at=now))
+                lost_hosts.append(h.host_id)
+                for r in c.execute(sa.select(v).where(v.c.host_id == h.host_id)).all():
+                    if r.state == str(VmState.LOST):
+                        continue
+                    c.execute(
+                        v.update().where(v.c.vm_id == r.vm_id).values(
+                            state=str(VmState.LOST), updated_at=now,
+                            error=f"host {h.name} ({h.host_id}) stopped heartbeating "
+                            f"{now - h.heartbeat_at:.1f} s ago",
+                        )
+                    )  # fmt: skip
+                    event(log, "vm lost", logging.WARNING, vm_id=r.vm_id, host_id=h.host_id,
+                          customer_id=r.customer_id, deployment_id=r.deployment_id,
+                          was=r.state)  # fmt: skip
+            for r in c.execute(
+                sa.select(v).where(
+                    v.c.state == str(VmState.LOST), v.c.desired == "running",
+                    v.c.replaced_by.is_(None),
+                ).order_by(v.c.created_at)
+            ).all():  # fmt: skip
+                try:
+                    new_id, host = self._place_and_insert(c, dict(r._mapping), desired="running")
+                except ResourceExhausted as exc:
+                    event(log, "vm not rescheduled", logging.WARNING, vm_id=r.vm_id,
+                          error=str(exc))  # fmt: skip
+                    done.append((VmId(r.vm_id), None))
+                    continue
+                # the lost VM no longer counts against its host; that host, if it comes back,
+                # frees what the VM held there and deletes the row
+                c.execute(
+                    v.update().where(v.c.vm_id == r.vm_id)
+                    .values(replaced_by=new_id, desired="deleted", updated_at=now)
+                )  # fmt: skip
+                event(log, "vm rescheduled", vm_id=r.vm_id, replacement=new_id, host_id=host,
+                      customer_id=r.customer_id, deployment_id=r.deployment_id)  # fmt: skip
+                done.append((VmId(r.vm_id), new_id))
+        for hid in lost_hosts:
+            event(log, "host lost", logging.WARNING, host_id=hid)
+        return done
+
+    def current(self, vm_id: str) -> Vm:
+        """The VM, or the live replacement of a lost one (following replacements)."""
+        vm = self.get(vm_id)
+        seen = {vm.vm_id}
+        while vm.state == VmState.LOST and vm.replaced_by and vm.replaced_by not in seen:
+            vm = self.get(vm.replaced_by)
+            seen.add(vm.vm_id)
+        return vm
 
     def boot(self, vm_id: str) -> Vm:
         """Ask for the VM to run (its host boots it)."""
@@ -363,6 +495,8 @@ class Scheduler:
                 return vm
             if vm.state == VmState.FAILED:
                 raise VmError(f"VM {vm_id} failed: {vm.error}")
+            if vm.state == VmState.LOST:
+                raise VmError(f"VM {vm_id} was lost with its host: {vm.error}")
             if vm.state == VmState.BOOTING and local:
                 if not self._alive(vm_id):
                     self._on_dead(vm_id)
@@ -409,7 +543,7 @@ class Metald(Scheduler):
         clock: Clock = SYSTEM_CLOCK,
         driver: VmDriver | None = None,
     ) -> None:
-        super().__init__(engine, clock=clock)
+        super().__init__(engine, clock=clock, lost_after_s=config.host_lost_after_s)
         self.config = config
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -433,6 +567,7 @@ class Metald(Scheduler):
         )
         self._stop_evt = threading.Event()
         self._last_heartbeat = self.clock.monotonic()
+        self._last_sweep = self.clock.monotonic()
         self._thread: threading.Thread | None = None
         if self.network is not None:
             self.network.setup()
@@ -468,6 +603,7 @@ class Metald(Scheduler):
         values = {
             "name": self.host_name, "driver": self.driver.name, "cpus": cpus,
             "memory_bytes": mem, "capabilities": caps, "schedulable": True, "heartbeat_at": now,
+            "lost_at": None,
         }  # fmt: skip
         with self.engine.begin() as c:
             exists = c.execute(sa.select(t.c.host_id).where(t.c.host_id == self.host_id)).first()
@@ -477,12 +613,14 @@ class Metald(Scheduler):
                 c.execute(t.insert().values(host_id=self.host_id, registered_at=now, **values))
 
     def heartbeat(self) -> None:
+        """Say this host is alive. A host that was declared lost is schedulable again from
+        here; its lost VMs are freed and forgotten by the same reconcile pass."""
         t = models.hosts
         with self.engine.begin() as c:
             c.execute(
                 t.update()
                 .where(t.c.host_id == self.host_id)
-                .values(heartbeat_at=self.clock.now().timestamp())
+                .values(heartbeat_at=self.clock.now().timestamp(), lost_at=None)
             )
 
     def status(self) -> dict[str, Any]:
@@ -711,13 +849,34 @@ class Metald(Scheduler):
                     self._fail(vm.vm_id, "the VM process was gone when metald restarted")
             elif vm.state in (VmState.PREPARING, VmState.STOPPING):
                 self._fail(vm.vm_id, f"metald stopped while the VM was {vm.state}")
+            elif vm.state == VmState.LOST:
+                self._forget_lost(vm.vm_id)
+
+    def _forget_lost(self, vm_id: str) -> None:
+        """This host was declared lost while it had ``vm_id`` (now replaced elsewhere or
+        deleted): stop whatever still runs of it here, free its resources, delete the row."""
+        with contextlib.suppress(UnkeyError):
+            self._release(vm_id)
+        with self.engine.begin() as c:
+            c.execute(
+                models.vms.delete().where(
+                    models.vms.c.vm_id == vm_id, models.vms.c.state == str(VmState.LOST)
+                )
+            )
+        event(log, "lost vm forgotten", logging.WARNING, vm_id=vm_id, host_id=self.host_id)
 
     def reconcile(self) -> None:
         """One pass: converge this host's VMs to their desired state; detect dead VMs."""
         now = self.clock.monotonic()
-        if now - self._last_heartbeat >= HEARTBEAT_TTL_S / 10:
+        if now - self._last_heartbeat >= self.lost_after_s / 10:
             self.heartbeat()
             self._last_heartbeat = now
+        if now - self._last_sweep >= self.lost_after_s / 10:
+            self._last_sweep = now
+            try:
+                self.sweep_lost_hosts()
+            except UnkeyError as exc:
+                event(log, "sweep lost hosts", logging.WARNING, error=str(exc))
         vms = self.list(host_id=self.host_id)
         for state in VmState:
             metrics.VMS.labels(str(state)).set(sum(1 for vm in vms if vm.state == state))
@@ -728,6 +887,9 @@ class Metald(Scheduler):
                 event(log, "reconcile", logging.WARNING, vm_id=vm.vm_id, error=str(exc))
 
     def _reconcile_one(self, vm: Vm) -> None:
+        if vm.state == VmState.LOST:
+            self._forget_lost(vm.vm_id)
+            return
         if vm.state in (VmState.BOOTING, VmState.RUNNING) and not self._alive(vm.vm_id):
             self._fail(vm.vm_id, "the VM process exited" + self._log_tail(vm.vm_id))
             return

@@ -3,11 +3,16 @@
     pending ──boot──▶ preparing ──▶ booting ──▶ running ──stop──▶ stopping ──▶ stopped
        │                  │            │           │                  │            │
        └──────────────────┴────────────┴───────────┴──── failed ◀─────┘            │
-    stopped / failed ──boot──▶ preparing (a new instance)        delete: pending, stopped, failed
+    stopped / failed ──boot──▶ preparing (a new instance)
+    any state ──(its host's heartbeat stopped)──▶ lost (final: replaced elsewhere, or deleted)
+    delete: pending, stopped, failed, lost
 
 A VM whose process dies while ``booting``/``running`` is marked ``failed`` by the reconciler and
-its resources are freed. Every illegal action raises :class:`IllegalTransition` naming the VM,
-its state and the action.
+its resources are freed. A VM whose *host* stops heartbeating is ``lost``: nobody can tell
+whether it still runs, so it is never booted again; the scheduler places a replacement VM (a
+new VM and instance, so a new metering series) when the owner wanted it running, and the lost
+host, should it come back, frees whatever the lost VM still holds there and forgets it.
+Every illegal action raises :class:`IllegalTransition` naming the VM, its state and the action.
 """
 
 from __future__ import annotations
@@ -25,24 +30,26 @@ class VmState(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    LOST = "lost"
 
 
 S = VmState
 TRANSITIONS: dict[VmState, frozenset[VmState]] = {
-    S.PENDING: frozenset({S.PREPARING, S.FAILED}),
-    S.PREPARING: frozenset({S.BOOTING, S.FAILED, S.STOPPING}),
-    S.BOOTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING}),
-    S.RUNNING: frozenset({S.STOPPING, S.FAILED}),
-    S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
-    S.STOPPED: frozenset({S.PREPARING}),
-    S.FAILED: frozenset({S.PREPARING}),
+    S.PENDING: frozenset({S.PREPARING, S.FAILED, S.LOST}),
+    S.PREPARING: frozenset({S.BOOTING, S.FAILED, S.STOPPING, S.LOST}),
+    S.BOOTING: frozenset({S.RUNNING, S.FAILED, S.STOPPING, S.LOST}),
+    S.RUNNING: frozenset({S.STOPPING, S.FAILED, S.LOST}),
+    S.STOPPING: frozenset({S.STOPPED, S.FAILED, S.LOST}),
+    S.STOPPED: frozenset({S.PREPARING, S.LOST}),
+    S.FAILED: frozenset({S.PREPARING, S.LOST}),
+    S.LOST: frozenset(),
 }
 
 # Actions a caller may ask for, and the states in which each is legal.
 ACTIONS: dict[str, frozenset[VmState]] = {
     "boot": frozenset({S.PENDING, S.STOPPED, S.FAILED}),
     "stop": frozenset({S.PREPARING, S.BOOTING, S.RUNNING}),
-    "delete": frozenset({S.PENDING, S.STOPPED, S.FAILED}),
+    "delete": frozenset({S.PENDING, S.STOPPED, S.FAILED, S.LOST}),
 }
 
 # States in which the VM holds host resources (process, jail, network, cgroup).

@@ -1,0 +1,187 @@
+"""Cluster scheduling without booting anything: concurrent placement never overcommits a host
+(SQLite and PostgreSQL), and a host whose heartbeat stops is declared lost, its VMs ``lost``
+and replaced on live hosts within their capacity."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from unkey_deploy.core.clock import FakeClock
+from unkey_deploy.core.errors import IllegalTransition, ResourceExhausted, VmError
+from unkey_deploy.metald import models, service
+from unkey_deploy.metald.api import CreateVm, Scheduler, VmState
+from unkey_deploy.store.db import make_engine, upgrade
+
+MIB = 1 << 20
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def cluster_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A control-plane database of our own (on PostgreSQL: a fresh database, since placement
+    reads every host of the table and other tests share the server's default one)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'cluster.db'}"
+        return
+    server = request.getfixturevalue("postgres_url")
+    name = f"metald_{secrets.token_hex(4)}"
+    admin = make_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield server.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def add_host(engine: Engine, name: str, *, cpus: int, memory_mib: int, at: float) -> str:
+    host_id = f"host_{name}{secrets.token_hex(4)}"
+    with engine.begin() as c:
+        c.execute(
+            models.hosts.insert().values(
+                host_id=host_id, name=name, driver="sandbox", cpus=cpus,
+                memory_bytes=memory_mib * MIB, capabilities={}, schedulable=True,
+                registered_at=at, heartbeat_at=at,
+            )
+        )  # fmt: skip
+    return host_id
+
+
+def beat(engine: Engine, host_id: str, at: float) -> None:
+    with engine.begin() as c:
+        c.execute(
+            models.hosts.update().where(models.hosts.c.host_id == host_id).values(heartbeat_at=at)
+        )
+
+
+def test_concurrent_schedulers_never_overcommit_a_host(
+    cluster_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(cluster_url)
+    upgrade(engine)
+    now = time.time()
+    hosts = [add_host(engine, n, cpus=2, memory_mib=1024, at=now) for n in ("a", "b")]
+    rootfs = tmp_path / "rootfs.ext4"
+    rootfs.write_bytes(b"\0" * 4096)
+    # A slow scheduler widens the window between reading capacity and recording the VM: without
+    # the hosts lock every thread reads the same free capacity and several pick the same host.
+    real_place = service.place
+
+    def slow_place(*a: Any, **kw: Any) -> str:
+        time.sleep(0.05)
+        return real_place(*a, **kw)
+
+    monkeypatch.setattr(service, "place", slow_place)
+    n = 8
+    barrier = threading.Barrier(n)
+    placed: list[str] = []
+    refused: list[Exception] = []
+    others: list[BaseException] = []
+
+    def one(i: int) -> None:
+        # each thread is its own scheduler process, with its own engine (connections)
+        eng = make_engine(cluster_url)
+        try:
+            sched = Scheduler(eng)
+            barrier.wait()
+            vm = sched.create_vm(CreateVm(f"dep_{i}", "cust_a", rootfs, memory_bytes=64 * MIB))
+            placed.append(vm.host_id)
+        except ResourceExhausted as exc:
+            refused.append(exc)
+        except BaseException as exc:
+            others.append(exc)
+        finally:
+            eng.dispose()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert others == []
+    # 2 hosts x 2 vCPUs: exactly four one-vCPU VMs fit, the other four are refused
+    assert sorted(placed) == sorted(hosts * 2), placed
+    assert len(refused) == 4
+    assert "no host can fit 1 vCPU" in str(refused[0])
+    with engine.connect() as c:
+        per_host = dict(
+            c.execute(
+                sa.select(models.vms.c.host_id, sa.func.sum(models.vms.c.vcpus)).group_by(
+                    models.vms.c.host_id
+                )
+            ).all()
+        )
+    assert per_host == dict.fromkeys(hosts, 2)
+    engine.dispose()
+
+
+def test_stale_host_is_lost_its_vms_replaced_within_capacity(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'cluster.db'}")
+    upgrade(engine)
+    clock = FakeClock()
+    sched = Scheduler(engine, clock=clock, lost_after_s=5.0)
+    t0 = clock.now().timestamp()
+    a = add_host(engine, "a", cpus=2, memory_mib=1024, at=t0)
+    b = add_host(engine, "b", cpus=1, memory_mib=1024, at=t0)
+    c_ = add_host(engine, "c", cpus=1, memory_mib=1024, at=t0)
+    rootfs = tmp_path / "rootfs.ext4"
+    rootfs.write_bytes(b"\0" * 4096)
+    web = [sched.create_vm(CreateVm("dep_web", "cust_a", rootfs, memory_bytes=64 * MIB,
+                                    env={"K": "v"})) for _ in range(3)]  # fmt: skip
+    assert sorted(v.host_id for v in web) == sorted([a, b, c_]), "spread"
+    on_a = next(v for v in web if v.host_id == a)
+    sched.boot(on_a.vm_id)  # wanted running
+    extra = sched.create_vm(CreateVm("dep_batch", "cust_b", rootfs, memory_bytes=64 * MIB))
+    assert extra.host_id == a  # a is full now (2 vCPUs); extra is wanted stopped
+    assert sched.sweep_lost_hosts() == []
+
+    # b and c keep heartbeating, a stops
+    clock.advance(4.0)
+    beat(engine, b, clock.now().timestamp())
+    beat(engine, c_, clock.now().timestamp())
+    assert sched.sweep_lost_hosts() == [], "4 s < lost_after_s"
+    clock.advance(2.0)
+    beat(engine, b, clock.now().timestamp())
+    beat(engine, c_, clock.now().timestamp())
+    # b and c are full (1 vCPU each): the lost VM cannot be placed yet
+    done = sched.sweep_lost_hosts()
+    assert done == [(on_a.vm_id, None)]
+    lost = sched.get(on_a.vm_id)
+    assert lost.state == VmState.LOST and lost.replaced_by is None
+    assert "stopped heartbeating 6.0 s ago" in (lost.error or "")
+    assert sched.get(extra.vm_id).state == VmState.LOST
+    report = {h["host_id"]: h for h in sched.hosts()}
+    assert report[a]["lost_at"] is not None and not report[a]["schedulable"]
+    with pytest.raises(VmError, match="lost with its host"):
+        sched.wait_ready(on_a.vm_id, timeout=1)
+    with pytest.raises(IllegalTransition, match="it is lost"):
+        sched.boot(on_a.vm_id)
+
+    # room appears on b: the next sweep places the replacement there (wanted running, a new VM)
+    neighbour = next(v for v in web if v.host_id == b)
+    with engine.begin() as c:
+        c.execute(models.vms.delete().where(models.vms.c.vm_id == neighbour.vm_id))
+    done = sched.sweep_lost_hosts()
+    assert len(done) == 1 and done[0][0] == on_a.vm_id and done[0][1] is not None
+    new = sched.get(done[0][1])
+    assert new.host_id == b and new.state == VmState.PENDING and new.desired == "running"
+    assert (new.deployment_id, new.customer_id, new.vcpus, new.memory_bytes, new.port) == (
+        on_a.deployment_id, on_a.customer_id, on_a.vcpus, on_a.memory_bytes, on_a.port
+    )  # fmt: skip
+    assert new.vm_id != on_a.vm_id and new.instance_id is None
+    assert sched.current(on_a.vm_id).vm_id == new.vm_id
+    assert sched.get(on_a.vm_id).desired == "deleted", "no longer counts against host a"
+    # the stopped VM is lost but not replaced (nobody wanted it running)
+    assert sched.get(extra.vm_id).replaced_by is None
+    assert sched.sweep_lost_hosts() == [], "nothing twice"
+    engine.dispose()
