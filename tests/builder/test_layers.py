@@ -190,3 +190,20 @@ def test_same_tree_as_umoci(tmp_path: Path) -> None:
         extract_image(img, tmp_path / "ours")
     theirs = {k: v for k, v in listing(tmp_path / "bundle/rootfs").items() if v[0] != "special"}
     assert listing(tmp_path / "ours") == theirs
+
+
+def test_apply_layer_reports_progress_up_to_the_blob_size(tmp_path: Path) -> None:
+    la = Layer.of([E(f"f{i}", data=b"x" * 1000) for i in range(20)], "gzip")
+    calls: list[tuple[int, int]] = []
+    apply_layer(
+        io.BytesIO(la.data),
+        tmp_path,
+        media_type=la.media_type,
+        layer_digest=im.sha(la.data),
+        size=len(la.data),
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    # BytesIO has no bytes_read: done counts uncompressed tar bytes, monotonic, ends at the total
+    assert len(calls) >= 20 and all(t == len(la.data) for _, t in calls)
+    dones = [d for d, _ in calls]
+    assert dones == sorted(dones) and dones[-1] > 20 * 1000

@@ -45,3 +45,22 @@ def test_same_tree_twice_gives_identical_bytes(
     assert decompress_sparse(tmp_path / "a.zst", tmp_path / "back.ext4") == a.bytes
     assert sha256_file(tmp_path / "back.ext4") == a.sha256
     assert os.stat(tmp_path / "back.ext4").st_blocks * 512 < a.bytes  # holes kept
+
+
+def test_rootfs_and_compress_report_progress(
+    tmp_path: Path, make_tree: Callable[..., Path]
+) -> None:
+    from unkey_deploy.builder.rootfs import ROOTFS_STEPS
+
+    steps: list[tuple[int, int]] = []
+    info = make_rootfs(make_tree(tmp_path / "t"), tmp_path / "r.ext4", seed="s",
+                       progress=lambda d, t: steps.append((d, t)))  # fmt: skip
+    n = len(ROOTFS_STEPS)
+    assert steps == [(i, n) for i in range(n + 1)]
+    seen: list[tuple[int, int]] = []
+    z = compress(tmp_path / "r.ext4", tmp_path / "r.zst", progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (0, info.bytes) and seen[-1] == (info.bytes, info.bytes)
+    assert (
+        z.sha256 == sha256_file(tmp_path / "r.zst")
+        and z.bytes == (tmp_path / "r.zst").stat().st_size
+    )

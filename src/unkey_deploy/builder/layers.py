@@ -140,6 +140,7 @@ class _Applier:
         self.touched: dict[str, int] = {}
         # Directory rel path -> mtime from this layer's own entry.
         self.dir_mtimes: dict[str, int] = {}
+        self.progress: Callable[[], None] | None = None
 
     def err(self, name: str, msg: str) -> LayerError:
         return LayerError(
@@ -248,6 +249,8 @@ class _Applier:
                     m.name, f"too many entries (limit {self.limits.max_files} files per image)"
                 )
             self.entry(tf, m)
+            if self.progress is not None:
+                self.progress()
 
     def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         name = m.name
@@ -476,6 +479,8 @@ def apply_layer(
     layer_digest: str,
     diff_id: str | None = None,
     limits: Limits | None = None,
+    size: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LayerStats:
     """Apply one layer (compressed blob stream, read once, front to back) onto ``root``.
 
@@ -483,6 +488,10 @@ def apply_layer(
     (a type promising gzip/zstd must carry it). ``diff_id`` (sha256 of the uncompressed tar) is
     checked when given. If ``stream`` has a ``drain()`` (a :class:`~.oci.VerifiedStream`), the
     rest of the blob is read afterwards so its digest is verified.
+
+    ``progress(done, total)`` is called as entries are applied: ``done`` is the compressed bytes
+    read from ``stream`` so far (its ``bytes_read`` when it has one, else uncompressed tar bytes),
+    ``total`` is ``size`` (the blob size; 0 when unknown). It is called once more at the end.
 
     Raises :class:`LayerError` (``layer sha256:abcd…: entry "x": what``) for hostile or broken
     entries and corrupt data, :class:`ImageError` for blob digest/size problems. On error
@@ -504,6 +513,14 @@ def apply_layer(
     decomp, _kind = _open_decompressed(peek, media_type, lerr)
     budget = min(lim.max_layer_bytes, lim.max_image_bytes)
     counter = _CountingReader(decomp, budget, lerr)
+
+    def report() -> None:
+        if progress is not None:
+            done = getattr(stream, "bytes_read", None)
+            progress(done if isinstance(done, int) else counter.count, size)
+
+    if progress is not None:
+        applier.progress = report
     try:
         with tarfile.open(fileobj=counter, mode="r|", bufsize=1 << 16) as tf:  # type: ignore[call-overload]
             applier.apply(tf)
@@ -528,6 +545,7 @@ def apply_layer(
     if callable(drain):
         drain()
     stats.tar_bytes = counter.count
+    report()
     stats.compressed_bytes = int(getattr(stream, "bytes_read", 0))
     if diff_id is not None:
         got = "sha256:" + counter.hash.hexdigest()

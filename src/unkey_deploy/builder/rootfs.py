@@ -19,8 +19,10 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -84,9 +86,30 @@ def _run(cmd: list[str], env: dict[str, str], what: str) -> subprocess.Completed
     return proc
 
 
-def make_rootfs(tree: Path, out: Path, *, seed: str) -> RootfsInfo:
-    """Build ``out`` (ext4) from ``tree``; verified with ``e2fsck -fn``."""
+# make_rootfs's steps, in order (its progress reports how many are done out of these)
+ROOTFS_STEPS = ("clamp times", "mkfs.ext4 -d", "pin ctimes", "e2fsck -fy", "resize2fs -M",
+                "e2fsck -fn", "sha256")  # fmt: skip
+
+
+def make_rootfs(
+    tree: Path,
+    out: Path,
+    *,
+    seed: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> RootfsInfo:
+    """Build ``out`` (ext4) from ``tree``; verified with ``e2fsck -fn``.
+
+    ``progress(done, total)`` gets the number of :data:`ROOTFS_STEPS` finished (0 first)."""
+    total = len(ROOTFS_STEPS)
+
+    def step(done: int) -> None:
+        if progress is not None:
+            progress(done, total)
+
+    step(0)
     tree_bytes, inodes = _clamp_times(tree)
+    step(1)
     size_kib = int(tree_bytes / 1024 * 1.2 + inodes / 4 + 16384)
     size_kib = (size_kib + 3) // 4 * 4
     out.unlink(missing_ok=True)
@@ -105,14 +128,21 @@ def make_rootfs(tree: Path, out: Path, *, seed: str) -> RootfsInfo:
           "-N", str(inodes + 1024), "-b", "4096", "-I", "256", "-T", "default", str(out)],
          env, "mkfs.ext4 -d")
     # fmt: on
+    step(2)
     _pin_ctimes(out, env)
+    step(3)
     _run(["e2fsck", "-fy", str(out)], env, "e2fsck -fy")
+    step(4)
     _run(["resize2fs", "-M", str(out)], env, "resize2fs -M")
+    step(5)
     _run(["e2fsck", "-fn", str(out)], env, "e2fsck -fn (verification)")
+    step(6)
+    digest = sha256_file(out)
+    step(7)
     return RootfsInfo(
         path=str(out),
         bytes=out.stat().st_size,
-        sha256=sha256_file(out),
+        sha256=digest,
         tree_bytes=tree_bytes,
         inodes=inodes,
         uuid=fs_uuid,
@@ -162,17 +192,54 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def compress(src: Path, dst: Path, *, level: int = 3, threads: int = 2) -> Compressed:
-    """zstd ``src`` into ``dst`` (checksum + content size in the frame)."""
+def compress(
+    src: Path,
+    dst: Path,
+    *,
+    level: int = 3,
+    threads: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> Compressed:
+    """zstd ``src`` into ``dst`` (checksum + content size in the frame).
+
+    ``progress(done, total)`` gets the bytes of ``src`` compressed so far and its size."""
     size = src.stat().st_size
     cctx = zstandard.ZstdCompressor(
         level=level, threads=threads, write_checksum=True, write_content_size=True
     )
     tmp = dst.with_name(dst.name + ".part")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        cctx.copy_stream(fin, fout, size=size, read_size=CHUNK, write_size=CHUNK)
+    out = _HashingWriter(open(tmp, "wb"))  # noqa: SIM115 (closed by the stream writer)
+    done = 0
+    if progress is not None:
+        progress(0, size)
+    with open(src, "rb") as fin, cctx.stream_writer(out, size=size, write_size=CHUNK) as zw:  # type: ignore[arg-type]
+        while chunk := fin.read(4 * CHUNK):
+            zw.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, size)
     tmp.replace(dst)
-    return Compressed(str(dst), dst.stat().st_size, sha256_file(dst), level)
+    return Compressed(str(dst), out.count, out.hash.hexdigest(), level)
+
+
+class _HashingWriter:
+    """A file for zstd's stream writer that hashes and counts what is written through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def write(self, b: bytes) -> int:
+        self.hash.update(b)
+        self.count += len(b)
+        return self._f.write(b)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def decompress_sparse(src: Path, dst: Path) -> int:
