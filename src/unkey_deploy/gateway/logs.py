@@ -4,23 +4,19 @@ Tenant-scoped like every deployment route: another tenant's deployment is 404, t
 that does not exist. The build log is not here: it is the deployment's event stream
 (``/v1/deployments/{id}/events``); ``unkey logs`` shows both.
 
-The console file is written by the VMM on the VM's host (metald records its path in the VM's
-runtime). gatewayd reads it directly, which works where gatewayd shares the host's filesystem
-(the local stack); a multi-host cluster needs metald to serve it (see the report of issue 7).
+The consoles come from metald's interface (:func:`unkey_deploy.metald.api.read_consoles`).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Annotated, Any
+from typing import Annotated
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from ..metald import models as metald_models
+from ..metald.api import Console, read_consoles
 from ..store import controlplane as cp
 from .app import ERRORS
 from .auth import Principal, require_principal, state_of
@@ -28,6 +24,7 @@ from .auth import Principal, require_principal, state_of
 router = APIRouter(tags=["deployments"])
 
 DEFAULT_TAIL = 64 * 1024
+
 MAX_TAIL = 1024 * 1024
 
 
@@ -50,25 +47,6 @@ class DeploymentLogs(BaseModel):
     vms: list[VmLog]
 
 
-def _read(path: str | None, offset: int | None, tail: int) -> tuple[bytes, int, int, bool]:
-    """(bytes, start, size, truncated) of the console file: from ``offset`` (default 0), but at
-    most its last ``tail`` bytes (``truncated``: some bytes after ``offset`` were skipped). A
-    missing file is empty (the VM has not booted yet)."""
-    if not path:
-        return b"", 0, 0, False
-    want = offset or 0
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if want > size:  # a new file (the VM restarted): from its beginning
-                want = 0
-            start = max(min(want, size), size - tail)
-            fh.seek(start)
-            return fh.read(size - start), start, size, start > want
-    except FileNotFoundError:
-        return b"", 0, 0, False
-
-
 @router.get(
     "/v1/deployments/{deployment_id}/logs",
     response_model=DeploymentLogs,
@@ -87,39 +65,25 @@ async def deployment_logs(
     vm: Annotated[str | None, Query(description="only this VM of the deployment")] = None,
 ) -> JSONResponse:
     st = state_of(request)
-    vms = metald_models.vms
 
-    def load() -> list[Any]:
+    def load() -> list[Console]:
         with st.factory() as session:
             cp.get_deployment(session, deployment_id, tenant_id=principal.tenant_id)
-            q = (
-                sa.select(vms.c.vm_id, vms.c.state, vms.c.instance_id, vms.c.runtime)
-                .where(vms.c.deployment_id == deployment_id)
-                .order_by(vms.c.created_at)
-            )
-            if vm is not None:
-                q = q.where(vms.c.vm_id == vm)
-            return list(session.execute(q))
+            return read_consoles(session, deployment_id, vm_id=vm, offset=offset, tail=tail)
 
-    rows = await run_in_threadpool(load)
-    out = []
-    for r in rows:
-        runtime = r.runtime if isinstance(r.runtime, dict) else {}
-        path = runtime.get("log_path")
-        data, start, size, truncated = await run_in_threadpool(
-            _read, path if isinstance(path, str) else None, offset, tail
+    consoles = await run_in_threadpool(load)
+    out = [
+        VmLog(
+            vm_id=c.vm_id,
+            state=c.state,
+            instance_id=c.instance_id,
+            console=c.data.decode("utf-8", errors="replace"),
+            offset=c.offset,
+            size=c.size,
+            truncated=c.truncated,
         )
-        out.append(
-            VmLog(
-                vm_id=r.vm_id,
-                state=r.state,
-                instance_id=r.instance_id,
-                console=data.decode("utf-8", errors="replace"),
-                offset=start,
-                size=size,
-                truncated=truncated,
-            )
-        )
+        for c in consoles
+    ]
     body = DeploymentLogs(
         request_id=str(getattr(request.state, "request_id", "")),
         deployment_id=deployment_id,

@@ -4,6 +4,7 @@
   wait for them. Needs only the control-plane database.
 * :class:`Metald` — one host's agent (a Scheduler that also boots, stops and watches the VMs of
   its own host, reports ``status()`` and ``meter_targets()``).
+* :func:`read_consoles` — the consoles of a deployment's VMs (for ``unkey logs``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ..metering.model import MeterTarget
+from .console import Console, read_consoles
 from .service import CreateVm, Metald, Scheduler, Vm
 from .states import VmState
 
-__all__ = ["CreateVm", "Metald", "MetaldApi", "Scheduler", "Vm", "VmState"]
+__all__ = [
+    "Console", "CreateVm", "Metald", "MetaldApi", "Scheduler", "Vm", "VmState", "read_consoles",
+]  # fmt: skip
 
 
 class MetaldApi(Protocol):
