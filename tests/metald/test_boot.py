@@ -347,7 +347,13 @@ def test_launch_replica_for_the_orchestration(make_metald: MetaldFactory, rootfs
                         progress=lambda ph, msg, **_: events.append(f"{ph}: {msg}"))  # fmt: skip
     assert vm.state == VmState.RUNNING and vm.url
     assert httpx.get(vm.url + "/", timeout=5).status_code == 200
-    assert [e.split(" ")[1] for e in events] == ["scheduled", "booting", vm.vm_id]
+    assert [e.split(" ")[:2] for e in events] == [
+        ["vm:", "scheduled"], ["vm:", "booting"], ["health:", "health"], ["vm:", vm.vm_id]
+    ]  # fmt: skip
+    assert events[2] == (
+        f"health: health check: GET / on port 8080 of {vm.vm_id} until it answers with a"
+        " status below 500 (up to 120 s)"
+    )
     # an app that never answers on its port: the VM is deleted and the deadline reported
     with pytest.raises(DeadlineExceeded):
         launch_replica(md, deployment_id="dep_l", customer_id="cust_a", rootfs=rootfs, vcpus=1,

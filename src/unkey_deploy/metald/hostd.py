@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from ..assets.service import open_assets
 from ..core import metrics
 from ..core.config import load
 from ..core.log import configure
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     upgrade(engine)
     native = settings.metald.kernel_dir or settings.native_dir
     kernel = find_kernel(native) if native.exists() else None
-    md = Metald(settings.metald, engine, settings.data_dir / "metald", kernel=kernel)
+    # VMs launched from an asset hold a lease on it; deleting the VM (here) releases it
+    md = Metald(settings.metald, engine, settings.data_dir / "metald", kernel=kernel,
+                leases=open_assets(settings))  # fmt: skip
     md.recover()
     md.start()
     print(f"metald: host {md.host_id} driver {md.driver.name}", file=sys.stderr, flush=True)

@@ -23,15 +23,19 @@ def launch_replica(
     memory_bytes: int,
     port: int,
     env: Mapping[str, str] | None = None,
+    asset_id: str | None = None,
     health_path: str = "/",
     timeout: float = 120.0,
     progress: Progress | None = None,
 ) -> Vm:
     """Create, boot and wait until the app answers HTTP on ``health_path``; returns the running
-    VM (``vm.url`` is its endpoint). On failure the VM is deleted (its capacity freed) and the
-    error — VmError, DeadlineExceeded, ResourceExhausted... — is raised with the VM's log tail.
+    VM (``vm.url`` is its endpoint). With ``asset_id`` (the asset ``rootfs`` comes from) the
+    VM holds a lease on the asset until it is deleted (the scheduler needs ``leases``). On
+    failure the VM is deleted (its capacity freed) and the error — VmError, DeadlineExceeded,
+    ResourceExhausted... — is raised with the VM's log tail.
 
-    ``progress(phase, message, **data)`` gets one event per step (scheduled, booting, running).
+    ``progress(phase, message, **data)`` gets one event per step: phase ``vm`` for scheduled,
+    booting and running, phase ``health`` when the health check starts (what it checks).
     """
 
     def say(message: str, **data: Any) -> None:
@@ -40,12 +44,19 @@ def launch_replica(
 
     vm = api.create_vm(
         CreateVm(deployment_id, customer_id, Path(rootfs), vcpus=vcpus,
-                 memory_bytes=memory_bytes, port=port, env=dict(env or {}))
+                 memory_bytes=memory_bytes, port=port, env=dict(env or {}), asset_id=asset_id)
     )  # fmt: skip
     say(f"scheduled {vm.vm_id} on host {vm.host_id}", vm_id=vm.vm_id, host_id=vm.host_id)
     try:
         vm = api.boot(vm.vm_id)
         say(f"booting {vm.vm_id} ({vm.driver or 'remote host'})", vm_id=vm.vm_id)
+        if progress is not None:
+            progress(
+                "health",
+                f"health check: GET {health_path} on port {port} of {vm.vm_id} until it answers"
+                f" with a status below 500 (up to {timeout:.0f} s)",
+                vm_id=vm.vm_id, path=health_path, port=port, timeout_s=timeout,
+            )  # fmt: skip
         vm = api.wait_ready(vm.vm_id, timeout=timeout, path=health_path)
     except UnkeyError:
         with contextlib.suppress(UnkeyError):

@@ -42,6 +42,8 @@ vms = sa.Table(
     sa.Column("net", sa.JSON, nullable=True),
     sa.Column("runtime", sa.JSON, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    # the asset the rootfs came from; metald leases it (holder: the VM id) while the row exists
+    sa.Column("asset_id", sa.String(40), nullable=True),
     # for a lost VM: the VM placed in its stead
     sa.Column("replaced_by", sa.String(40), nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),

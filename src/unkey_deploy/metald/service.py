@@ -12,6 +12,12 @@ Public API (used by the orchestration):
 ``endpoint``, ``console``, ``meter_target``/``meter_targets``, ``status``, ``reconcile``,
 ``recover``, ``sweep_lost_hosts``.
 
+Assets: a VM created with an ``asset_id`` holds a lease on that asset (holder: the VM id) from
+before its row exists until the row is deleted (also by a returning host that forgets a lost
+VM; a replacement takes its own lease), so the asset manager never deletes the rootfs of a VM
+that exists. Metald takes and releases them through the small :class:`AssetLeases` seam
+(``assets.api.Assets`` satisfies it).
+
 Host loss: every host heartbeats (``metald_hosts.heartbeat_at``); any host's reconciler runs
 :meth:`Scheduler.sweep_lost_hosts`, which declares a host whose heartbeat is older than
 ``lost_after_s`` lost, moves its VMs to ``lost`` and places a replacement for each one its owner
@@ -34,7 +40,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import sqlalchemy as sa
@@ -86,12 +92,22 @@ _boot_started: dict[str, float] = {}
 MIN_MEMORY = 32 * 1024 * 1024
 HOST_LOST_AFTER_S = 30.0
 # what a VM's row carries over to its replacement
-_VM_FIELDS = ("deployment_id", "customer_id", "vcpus", "memory_bytes", "port", "rootfs", "env")
+_VM_FIELDS = (
+    "deployment_id", "customer_id", "vcpus", "memory_bytes", "port", "rootfs", "env", "asset_id",
+)  # fmt: skip
+
+
+class AssetLeases(Protocol):
+    """The part of the asset manager metald uses (``assets.api.Assets`` has it)."""
+
+    def lease(self, asset_id: Any, holder: str, /) -> Any: ...
+    def release(self, asset_id: Any, holder: str, /) -> None: ...
 
 
 @dataclass(frozen=True)
 class CreateVm:
-    """A request for one VM of a deployment. ``rootfs`` is an ext4 image (``.zst`` accepted)."""
+    """A request for one VM of a deployment. ``rootfs`` is an ext4 image (``.zst`` accepted);
+    ``asset_id`` the asset it is (leased while the VM exists)."""
 
     deployment_id: str
     customer_id: str
@@ -100,6 +116,7 @@ class CreateVm:
     memory_bytes: int = 256 * 1024 * 1024
     port: int = 8080
     env: Mapping[str, str] = field(default_factory=dict)
+    asset_id: str | None = None
 
     def validate(self) -> None:
         problems = []
@@ -142,6 +159,7 @@ class Vm:
     created_at: float
     updated_at: float
     replaced_by: VmId | None = None
+    asset_id: str | None = None
 
     @property
     def url(self) -> str | None:
@@ -169,6 +187,7 @@ def _to_vm(r: Any) -> Vm:
         created_at=r.created_at,
         updated_at=r.updated_at,
         replaced_by=VmId(r.replaced_by) if r.replaced_by else None,
+        asset_id=r.asset_id,
     )
 
 
@@ -192,10 +211,12 @@ class Scheduler:
         *,
         clock: Clock = SYSTEM_CLOCK,
         lost_after_s: float = HOST_LOST_AFTER_S,
+        leases: AssetLeases | None = None,
     ) -> None:
         self.engine = engine
         self.clock = clock
         self.lost_after_s = lost_after_s
+        self.leases = leases
         self._lock = threading.RLock()
         # one client: building one per probe costs milliseconds (TLS context), more than a
         # sandbox needs to boot
@@ -339,26 +360,53 @@ class Scheduler:
     def create_vm(self, req: CreateVm) -> Vm:
         """Validate, place on a host, and record the VM as ``pending`` (not booted yet)."""
         req.validate()
-        with self.engine.begin() as c:
-            self._lock_hosts(c)
-            fields = {
-                "deployment_id": req.deployment_id, "customer_id": req.customer_id,
-                "vcpus": req.vcpus, "memory_bytes": req.memory_bytes, "port": req.port,
-                "rootfs": str(Path(req.rootfs).resolve()), "env": dict(req.env),
-            }  # fmt: skip
-            vm_id, host = self._place_and_insert(c, fields, desired="stopped")
+        vm_id = new_vm_id()
+        # the lease first (outside the placement transaction: on SQLite the asset manager's
+        # write would wait for our lock), so no VM row ever names an unleased asset
+        self._lease(req.asset_id, vm_id)
+        try:
+            with self.engine.begin() as c:
+                self._lock_hosts(c)
+                fields = {
+                    "deployment_id": req.deployment_id, "customer_id": req.customer_id,
+                    "vcpus": req.vcpus, "memory_bytes": req.memory_bytes, "port": req.port,
+                    "rootfs": str(Path(req.rootfs).resolve()), "env": dict(req.env),
+                    "asset_id": req.asset_id,
+                }  # fmt: skip
+                host = self._place_and_insert(c, fields, desired="stopped", vm_id=vm_id)
+        except BaseException:
+            self._release_lease(req.asset_id, vm_id)
+            raise
         event(log, "vm created", vm_id=vm_id, host_id=host, deployment_id=req.deployment_id)
         return self.get(vm_id)
 
+    def _lease(self, asset_id: str | None, vm_id: str) -> None:
+        if asset_id is None:
+            return
+        if self.leases is None:
+            raise VmError(
+                f"VM {vm_id} names asset {asset_id} but this metald has no asset manager to"
+                " lease it from"
+            )
+        self.leases.lease(asset_id, vm_id)
+
+    def _release_lease(self, asset_id: str | None, vm_id: str) -> None:
+        if asset_id is None:
+            return
+        if self.leases is None:
+            event(log, "asset lease not released", logging.ERROR, vm_id=vm_id,
+                  asset_id=asset_id, error="this metald has no asset manager")  # fmt: skip
+            return
+        self.leases.release(asset_id, vm_id)
+
     def _place_and_insert(
-        self, c: sa.Connection, vm: Mapping[str, Any], *, desired: str
-    ) -> tuple[VmId, str]:
+        self, c: sa.Connection, vm: Mapping[str, Any], *, desired: str, vm_id: VmId
+    ) -> str:
         """Place and record one VM (``vm``: deployment_id, customer_id, vcpus, memory_bytes,
         port, rootfs, env) inside the caller's transaction, which holds the hosts lock, so the
         capacity read here is still true when the row lands."""
         req = PlacementRequest(vm["deployment_id"], vm["vcpus"], vm["memory_bytes"])
         host = place(req, self._host_views(c))
-        vm_id = new_vm_id()
         now = self.clock.now().timestamp()
         c.execute(
             models.vms.insert().values(
@@ -366,7 +414,7 @@ class Scheduler:
                 created_at=now, updated_at=now, **{k: vm[k] for k in _VM_FIELDS},
             )
         )  # fmt: skip
-        return vm_id, host
+        return host
 
     # -- host loss ----------------------------------------------------------------------------
     def sweep_lost_hosts(self) -> builtins.list[tuple[VmId, VmId | None]]:
@@ -393,6 +441,7 @@ class Scheduler:
             return []
         done: builtins.list[tuple[VmId, VmId | None]] = []
         lost_hosts: builtins.list[str] = []
+        leases: builtins.list[tuple[str, VmId]] = []
         with self.engine.begin() as c:
             self._lock_hosts(c)
             for h in c.execute(
@@ -421,8 +470,11 @@ class Scheduler:
                     v.c.replaced_by.is_(None),
                 ).order_by(v.c.created_at)
             ).all():  # fmt: skip
+                new_id = new_vm_id()
                 try:
-                    new_id, host = self._place_and_insert(c, dict(r._mapping), desired="running")
+                    host = self._place_and_insert(
+                        c, dict(r._mapping), desired="running", vm_id=new_id
+                    )
                 except ResourceExhausted as exc:
                     event(log, "vm not rescheduled", logging.WARNING, vm_id=r.vm_id,
                           error=str(exc))  # fmt: skip
@@ -437,8 +489,17 @@ class Scheduler:
                 event(log, "vm rescheduled", vm_id=r.vm_id, replacement=new_id, host_id=host,
                       customer_id=r.customer_id, deployment_id=r.deployment_id)  # fmt: skip
                 done.append((VmId(r.vm_id), new_id))
+                if r.asset_id:
+                    leases.append((r.asset_id, new_id))
         for hid in lost_hosts:
             event(log, "host lost", logging.WARNING, host_id=hid)
+        # after the commit (see create_vm); until then the lost VM's lease keeps the asset
+        for asset_id, new_id in leases:
+            try:
+                self._lease(asset_id, new_id)
+            except UnkeyError as exc:
+                event(log, "asset lease", logging.ERROR, vm_id=new_id, asset_id=asset_id,
+                      error=str(exc))  # fmt: skip
         return done
 
     def current(self, vm_id: str) -> Vm:
@@ -542,8 +603,9 @@ class Metald(Scheduler):
         kernel: KernelPaths | None = None,
         clock: Clock = SYSTEM_CLOCK,
         driver: VmDriver | None = None,
+        leases: AssetLeases | None = None,
     ) -> None:
-        super().__init__(engine, clock=clock, lost_after_s=config.host_lost_after_s)
+        super().__init__(engine, clock=clock, lost_after_s=config.host_lost_after_s, leases=leases)
         self.config = config
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -783,6 +845,9 @@ class Metald(Scheduler):
 
     def _delete_local(self, vm_id: str) -> None:
         self._release(vm_id)
+        # the process is gone, nothing reads the rootfs any more; a failure keeps the row (and
+        # the lease), so deleting again retries
+        self._release_lease(self._row(vm_id).asset_id, vm_id)
         with self.engine.begin() as c:
             c.execute(models.vms.delete().where(models.vms.c.vm_id == vm_id))
         event(log, "vm deleted", vm_id=vm_id)
@@ -857,6 +922,9 @@ class Metald(Scheduler):
         deleted): stop whatever still runs of it here, free its resources, delete the row."""
         with contextlib.suppress(UnkeyError):
             self._release(vm_id)
+        # nothing of the VM runs any more: its asset may go (a failure keeps the row, so the
+        # next pass retries)
+        self._release_lease(self._row(vm_id).asset_id, vm_id)
         with self.engine.begin() as c:
             c.execute(
                 models.vms.delete().where(
