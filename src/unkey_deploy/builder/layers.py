@@ -517,6 +517,8 @@ class _Applier:
                         raise self.err(name, "unexpected end of layer data inside the file")
                     _write_all(fd, b)
                     left -= len(b)
+                    if self.progress is not None:
+                        self.progress()
                 self.file_meta(fd, m)
             finally:
                 os.close(fd)
@@ -694,9 +696,11 @@ def apply_layer(
     checked when given. If ``stream`` has a ``drain()`` (a :class:`~.oci.VerifiedStream`), the
     rest of the blob is read afterwards so its digest is verified.
 
-    ``progress(done, total)`` is called as entries are applied: ``done`` is the compressed bytes
-    read from ``stream`` so far (its ``bytes_read`` when it has one, else uncompressed tar bytes),
-    ``total`` is ``size`` (the blob size; 0 when unknown). It is called once more at the end.
+    ``progress(done, total)`` is called on the caller's thread as entries are applied (and per
+    MiB of a large file): ``done`` is the compressed bytes read from ``stream`` so far (its
+    ``bytes_read`` when it has one, else uncompressed tar bytes), ``total`` is ``size`` (the
+    blob size; 0 when unknown); once more at the end. ``stream`` itself is read by a read-ahead
+    thread, so any callback ``stream`` makes (e.g. a VerifiedStream's) runs on that thread.
 
     Raises :class:`LayerError` (``layer sha256:abcd…: entry "x": what``) for hostile or broken
     entries and corrupt data, :class:`ImageError` for blob digest/size problems. On error
@@ -785,6 +789,27 @@ class ExtractStats:
 Progress = Callable[[int, int, int], None]
 
 
+class _LayerProgress:
+    """One layer's blob bytes: counted by the read-ahead thread (``add``, the stream's callback),
+    passed on from the caller's thread (``report``, apply_layer's callback) when changed. The
+    stream reports the chunk completing the blob only once its digest is verified, so the layer
+    size is reached only for a verified blob."""
+
+    def __init__(self, index: int, size: int, progress: Progress | None) -> None:
+        self.index, self.size, self.progress = index, size, progress
+        self.done = 0
+        self.shown = -1
+
+    def add(self, k: int) -> None:
+        self.done += k  # one writer (the read-ahead thread); int rebinding is atomic
+
+    def report(self, _done: int, _total: int) -> None:
+        done = self.done
+        if self.progress is not None and done != self.shown:
+            self.shown = done
+            self.progress(self.index, done, self.size)
+
+
 def extract_image(
     image: ResolvedImage,
     root: Path,
@@ -820,19 +845,12 @@ def extract_image(
     out = ExtractStats()
     n = len(image.layers)
     for layer in image.layers:
-        done = 0
-
-        def cb(k: int, _i: int = layer.index, _size: int = layer.size) -> None:
-            nonlocal done
-            done += k
-            if progress is not None:
-                progress(_i, done, _size)
-
+        counter = _LayerProgress(layer.index, layer.size, progress)
         say(
             f"layer {layer.index + 1}/{n} {short_digest(layer.digest)} "
             f"({layer.size} bytes): applying"
         )
-        with image.open_layer(layer, cb) as stream:
+        with image.open_layer(layer, counter.add) as stream:
             st = apply_layer(
                 stream,
                 root,
@@ -840,6 +858,8 @@ def extract_image(
                 layer_digest=layer.digest,
                 diff_id=layer.diff_id,
                 limits=lim,
+                size=layer.size,
+                progress=counter.report,
             )
         lim = lim.minus(st)
         out.layers.append(st)
