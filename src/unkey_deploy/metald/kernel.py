@@ -47,14 +47,15 @@ VIRTIO_MODULES = (
 )
 BUSYBOX = Path("/bin/busybox")
 _LZ4_MAGIC = b"\x02!L\x18"
-_INITRAMFS_VERSION = "7"  # bump when the init script changes, so prepare_kernel rebuilds
+_INITRAMFS_VERSION = "8"  # bump when the init script changes, so prepare_kernel rebuilds
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
+# /dev first: every redirection below (2>/dev/null) needs it (the kernel does not mount it here)
+/bin/busybox mount -t devtmpfs dev /dev
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
 if grep -q unkey.probe /proc/cmdline; then
   echo UNKEY_PROBE_OK > /dev/ttyS0
   poweroff -f
@@ -90,15 +91,27 @@ mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/tmp /newroot/run 2>/de
 # this watcher survives switch_root, sends SIGTERM to the new init (the builder's init forwards
 # it to the app and powers off when the app exits) and powers off itself after a grace period.
 # switch_root empties the initramfs, so the watcher keeps busybox on a small tmpfs of its own.
-for ev in /sys/class/input/event*; do
-  [ -e "$ev" ] || continue
-  if grep -qi "power button" "$ev/device/name" 2>/dev/null; then
-    mkdir -p /keep && mount -t tmpfs -o size=4m keep /keep && cp /bin/busybox /keep/busybox
-    dev=/dev/input/${ev##*/}
-    (exec 3<"$dev"; /keep/busybox head -c 1 <&3 >/dev/null; kill -TERM 1
-     /keep/busybox sleep 3; /keep/busybox sync; /keep/busybox poweroff -f) &
-  fi
+# The watcher must not open anything under /dev itself: /dev moves into the new root just
+# below, and a watcher scheduled after that (a loaded host) found no device and no /dev/null
+# ("/init: can't open /dev/null") and died, so the guest ignored the button. The button is
+# opened here, before the move, and handed over as fd 3.
+btn=""
+i=0
+while [ -z "$btn" ] && [ $i -lt 50 ]; do
+  for ev in /sys/class/input/event*; do
+    grep -qi "power button" "$ev/device/name" 2>/dev/null && btn=/dev/input/${ev##*/}
+  done
+  [ -n "$btn" ] || { usleep 20000; i=$((i+1)); }
 done
+if [ -n "$btn" ] && mkdir -p /keep && mount -t tmpfs -o size=4m keep /keep \
+   && cp /bin/busybox /keep/busybox && command exec 3<"$btn"; then
+  (/keep/busybox head -c 1 <&3 >/keep/event; exec 3<&-; kill -TERM 1
+   /keep/busybox sleep 3; /keep/busybox sync; /keep/busybox poweroff -f) &
+  exec 3<&-
+  echo "UNKEY_INITRAMFS: power button watcher on $btn" > /dev/ttyS0
+else
+  echo "UNKEY_INITRAMFS: no ACPI power button; the VM can only be stopped hard" > /dev/ttyS0
+fi
 echo "UNKEY_INITRAMFS: switching root" > /dev/ttyS0
 mount --move /dev /newroot/dev 2>/dev/null || mount -t devtmpfs dev /newroot/dev
 umount /proc /sys
