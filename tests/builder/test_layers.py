@@ -207,3 +207,26 @@ def test_apply_layer_reports_progress_up_to_the_blob_size(tmp_path: Path) -> Non
     assert len(calls) >= 20 and all(t == len(la.data) for _, t in calls)
     dones = [d for d, _ in calls]
     assert dones == sorted(dones) and dones[-1] > 20 * 1000
+
+
+def test_hardlink_header_metadata_never_changes_the_shared_inode(tmp_path: Path) -> None:
+    """A hardlink is a second name of the target's inode, whose owner/mode/mtime came with the
+    target's entry. The link header's own fields are ignored (POSIX LNKTYPE, GNU tar, umoci: see
+    test_same_tree_as_umoci), whichever layer the target came from, so a link entry cannot make
+    a lower layer's file setuid or re-own it; both names show the target's metadata."""
+    apply(tmp_path, [E("bin/", "dir"), E("bin/tool", data=b"#!x", mode=0o755, uid=7, gid=8,
+                                         mtime=1_500_000_000)])  # fmt: skip
+    apply(
+        tmp_path,
+        [E("bin/alias", "hardlink", link="bin/tool", mode=0o4777, uid=1000, gid=2000,
+           mtime=1_600_000_000),
+         E("also", "hardlink", link="bin/alias", mode=0o600, mtime=4_000_000_000)],
+    )  # fmt: skip
+    names = [tmp_path / "bin/tool", tmp_path / "bin/alias", tmp_path / "also"]
+    sts = [p.lstat() for p in names]
+    assert len({st.st_ino for st in sts}) == 1 and sts[0].st_nlink == 3
+    for st in sts:
+        assert stat.S_IMODE(st.st_mode) == 0o755
+        assert (st.st_uid, st.st_gid) == (7, 8)
+        assert st.st_mtime == 1_500_000_000
+    assert all(p.read_bytes() == b"#!x" for p in names)

@@ -22,12 +22,14 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .vminit import INIT_DIR, LaunchSpec
 
 Log = Callable[[str], None]
+_STRIP_JOBS = max(2, min(4, os.cpu_count() or 1))
 
 SHELL_NAMES = frozenset(
     {
@@ -228,17 +230,22 @@ def _strip(root: Path, files: list[str], log: Log) -> int:
         if files:
             log("harden: `strip` not found; binaries left unstripped")
         return 0
-    done = 0
-    for i in range(0, len(files), 200):
-        chunk = files[i : i + 200]
+    # Several `strip` processes at once: each file is stripped on its own (the result does not
+    # depend on the grouping), and one strip process is single-threaded.
+    size = max(1, min(100, -(-len(files) // (_STRIP_JOBS * 2))))
+    chunks = [files[i : i + size] for i in range(0, len(files), size)]
+
+    def run(chunk: list[str]) -> int:
         # -p keeps times; errors (non-strippable ELF, e.g. other arch) only skip that file
         subprocess.run(
             [strip, "-p", "--strip-unneeded", *[str(root / f) for f in chunk]],
             capture_output=True,
             check=False,
         )
-        done += len(chunk)
-    return done
+        return len(chunk)
+
+    with ThreadPoolExecutor(_STRIP_JOBS) as pool:
+        return sum(pool.map(run, chunks))
 
 
 def harden(root: Path, spec: LaunchSpec, *, keep_shell: bool, log: Log) -> HardenReport:

@@ -8,7 +8,9 @@ which that filter rejects or rewrites. The rules here (see :func:`apply_layer`):
   ``/`` (at most 40 hops) and ``..`` stops at ``root``, so a symlink can never lead outside;
 * the entry itself is never followed: the old entry is removed, regular files are created with
   ``O_CREAT|O_EXCL|O_NOFOLLOW``, symlinks are stored as-is (absolute targets included);
-* hardlink targets must already exist inside ``root`` and not be symlinks or directories;
+* hardlink targets must already exist inside ``root`` and not be symlinks or directories; a
+  link shares the target's inode, so its header's owner/mode/mtime are ignored (as GNU tar and
+  umoci do): the target's entry set them;
 * whiteouts ``.wh.NAME`` delete NAME, ``.wh..wh..opq`` empties the directory of lower-layer entries;
 * character/block devices and FIFOs are skipped and counted, never created;
 * uncompressed bytes, per-file size and entry count are limited (bomb protection);
@@ -478,6 +480,11 @@ class _Applier:
             os.link(target, dest, follow_symlinks=False)
             self.created.add(key)
             self.stats.hardlinks += 1
+            # No metadata from the link's header: a hardlink is one more name of the target's
+            # inode, whose owner/mode/mtime came with the target's own entry. POSIX tar defines
+            # LNKTYPE as "linked to the file named by linkname"; GNU tar and umoci (the OCI
+            # reference unpacker) ignore the rest of the header, and so do we, so a link entry
+            # cannot re-own or chmod (e.g. setuid) a file of a lower layer without rewriting it.
             return
         self.remove(rel)
         self.created.add(key)

@@ -20,6 +20,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -135,9 +136,12 @@ def make_rootfs(
     step(4)
     _run(["resize2fs", "-M", str(out)], env, "resize2fs -M")
     step(5)
-    _run(["e2fsck", "-fn", str(out)], env, "e2fsck -fn (verification)")
-    step(6)
-    digest = sha256_file(out)
+    # The image is final now: hash it while e2fsck -fn (read-only) verifies it.
+    with ThreadPoolExecutor(1) as pool:
+        hashing = pool.submit(sha256_file, out)
+        _run(["e2fsck", "-fn", str(out)], env, "e2fsck -fn (verification)")
+        step(6)
+        digest = hashing.result()
     step(7)
     return RootfsInfo(
         path=str(out),
