@@ -36,15 +36,37 @@ def month_of_hour(t_ns: int) -> str:
 
 def series_usage(samples: list[RawSample]) -> tuple[dict[str, dict[str, int]], int, int]:
     """Per month: cpu_ns, mem_byte_ns, net_bytes of one series; and (#valid, #invalid)."""
+    hours, valid, invalid = series_hours(samples)
+    out: dict[str, dict[str, int]] = defaultdict(lambda: {"cpu": 0, "mem": 0, "net": 0})
+    for hour, u in hours.items():
+        m = out[month_of_hour(hour * 3_600_000_000_000)]
+        for k in ("cpu", "mem", "net"):
+            m[k] += u[k]
+    return dict(out), valid, invalid
+
+
+def series_hours(samples: list[RawSample]) -> tuple[dict[int, dict[str, int]], int, int]:
+    """Per UTC hour (index since the epoch): cpu_ns, mem_byte_ns, net_bytes and the number of
+    valid samples of one series; and (#valid, #invalid)."""
     by_t: dict[int, RawSample] = {}
     for s in samples:  # samples arrive in any order; the first of each t counts... but all
         by_t.setdefault(s.t, s)  # copies of one t are identical in our scenarios
-    out: dict[str, dict[str, int]] = defaultdict(lambda: {"cpu": 0, "mem": 0, "net": 0})
+    out: dict[int, dict[str, int]] = defaultdict(lambda: {"cpu": 0, "mem": 0, "net": 0, "n": 0})
     last: RawSample | None = None
     valid = invalid = 0
     for t in sorted(by_t):
         s = by_t[t]
-        bad = s.memory_used_bytes > s.memory_total_bytes
+        values = (
+            s.t,
+            s.cpu_time_ns,
+            s.memory_used_bytes,
+            s.net_rx_bytes,
+            s.net_tx_bytes,
+            s.disk_read_bytes,
+            s.disk_write_bytes,
+        )
+        # memory over the allocation, or a negative value (counters start at 0 at boot)
+        bad = s.memory_used_bytes > s.memory_total_bytes or min(values) < 0
         if last is not None and not bad:
             for c in (
                 "cpu_time_ns",
@@ -62,7 +84,8 @@ def series_usage(samples: list[RawSample]) -> tuple[dict[str, dict[str, int]], i
             invalid += 1
             continue
         valid += 1
-        m = out[month_of_hour(s.t)]
+        m = out[s.t // 3_600_000_000_000]
+        m["n"] += 1
         if last is None:
             m["cpu"] += s.cpu_time_ns
             m["net"] += s.net_rx_bytes + s.net_tx_bytes

@@ -26,6 +26,23 @@ A crash before 3 leaves the old states: redelivered batches are applied again to
 and give the same rows (billing rows win by version, raw rows are not sent twice). A crash after
 3 makes the redeliveries duplicates, acked and skipped.
 
+Missing and late batches
+------------------------
+A batch held longer than ``hold_timeout_s`` (its predecessor never came) is applied without the
+missing ones: their seqs go into the state's ``skipped`` set, and the state just before the first
+of them is kept as the series' **checkpoint**. From then on every batch applied to the series is
+also stored as received (``billing_replay_batches``, only for such series). When a skipped batch
+arrives after all, the series is **replayed** from the checkpoint with it in its place: every
+hour from the checkpoint on is recomputed and written with a newer version (an hour that no
+longer has usage gets a zero row), exactly the rows in-order delivery would have given; samples
+that the late batch makes invalid are quarantined. The replay without the late batch must give
+the stored state back, else the late batch is quarantined (``replay_incomplete``) and nothing
+changes. After ``late_horizon_s`` (7 days, below the replay table's 8-day TTL) the checkpoint is
+dropped and a skipped batch that still comes is quarantined (``arrived_after_horizon``).
+``metrics_raw`` (dashboards) is append-only and is not rewritten: the interval that closed the
+hole already holds the hole's counters, so the late batch adds no raw rows there.
+The commit order above holds (replay batches are written before the states).
+
 Hot path: one ``clean`` (numpy) per series per flush and Arrow columns built with numpy; no
 per-sample Python.
 """
@@ -37,7 +54,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -47,46 +64,41 @@ import pyarrow as pa
 
 from ..clickhouse.api import BillingHourlyRow, Storage
 from ..core.errors import InvalidInput
-from ..metering.codec import COLUMNS, DecodedBatch, decode_array
+from ..metering.codec import COLUMNS, DecodedBatch, Samples, decode_array
 from ..metering.model import SeriesKey
 from . import pricing
 from .customers import CustomerDirectory, CustomerInfo
 from .pricing import NS_PER_HOUR
-from .usage import FIELDS, HourUsage, Many, clean_many
+from .usage import FIELDS, HourUsage, Many, clean, clean_many
 
 log = logging.getLogger(__name__)
 
+# created by clickhouse/migrations/005_billing_state.sql
 STATE_TABLE = "billing_series_state"
-STATE_DDL = f"""
-CREATE TABLE IF NOT EXISTS {STATE_TABLE}
-(
-    vm_id String,
-    instance_id String,
-    customer_id String,
-    vcpus UInt32,
-    memory_total_bytes UInt64,
-    last_seq Int64,
-    has_last UInt8,
-    t Int64, cpu_time_ns Int64, memory_used_bytes Int64, net_rx_bytes Int64,
-    net_tx_bytes Int64, disk_read_bytes Int64, disk_write_bytes Int64,
-    hour Int64,
-    acc_cpu_ns UInt64,
-    acc_mem_byte_ns Decimal(38, 0),
-    acc_net_rx_bytes UInt64, acc_net_tx_bytes UInt64,
-    acc_disk_read_bytes UInt64, acc_disk_write_bytes UInt64,
-    acc_gap_ns UInt64, acc_gaps UInt64, acc_samples UInt64,
-    version UInt64
-)
-ENGINE = ReplacingMergeTree(version)
-ORDER BY (vm_id, instance_id)
-"""
+REPLAY_TABLE = "billing_replay_batches"
 _SAMPLE_COLS = ("t", *COLUMNS[1:])
 _ACC = tuple(f"acc_{f}" for f in FIELDS)
 
 REASON_UNKNOWN_CUSTOMER = "unknown_customer"
 REASON_UNKNOWN_VM = "unknown_vm"
 REASON_INVALID_BATCH = "invalid_batch"
-REASON_AFTER_SKIP = "arrived_after_skip"
+REASON_TOO_LATE = "arrived_after_horizon"
+REASON_REPLAY = "replay_incomplete"
+LATE_HORIZON_S = 7 * 86_400.0
+_STATE_COLS = (
+    "vm_id",
+    "instance_id",
+    "customer_id",
+    "vcpus",
+    "memory_total_bytes",
+    "last_seq",
+    "has_last",
+    *_SAMPLE_COLS,
+    "hour",
+    *_ACC,
+    "skipped",
+    "checkpoint",
+)
 REASON_ALLOCATION = "allocation_changed"
 
 
@@ -123,6 +135,37 @@ class Prepared:
     billing: list[BillingHourlyRow] = field(default_factory=list)
     state_sql: str | None = None
     done_ids: list[str] = field(default_factory=list)
+    replay: list[tuple[SeriesKey, int, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class Checkpoint:
+    """A series' state just after batch ``last_seq`` (the one before its first skipped batch);
+    ``since_ns``: wall time of the skip (for ``late_horizon_s``)."""
+
+    last_seq: int
+    last: np.ndarray | None
+    hour: int
+    acc: HourUsage
+    since_ns: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "last_seq": self.last_seq,
+                "last": None if self.last is None else [int(x) for x in self.last],
+                "hour": self.hour,
+                "acc": {f: getattr(self.acc, f) for f in FIELDS},
+                "since_ns": self.since_ns,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Checkpoint:
+        d = json.loads(text)
+        last = None if d["last"] is None else np.array(d["last"], dtype=np.int64)
+        acc = HourUsage(**{f: int(d["acc"][f]) for f in FIELDS})
+        return cls(int(d["last_seq"]), last, int(d["hour"]), acc, int(d["since_ns"]))
 
 
 @dataclass
@@ -132,6 +175,18 @@ class SeriesState:
     last: np.ndarray | None = None
     hour: int = -1
     acc: HourUsage = field(default_factory=HourUsage)
+    skipped: set[int] = field(default_factory=set)  # seqs applied around, not yet arrived
+    checkpoint: Checkpoint | None = None
+
+    def snapshot(self, since_ns: int) -> Checkpoint:
+        return Checkpoint(self.last_seq, self.last, self.hour, self.acc.copy(), since_ns)
+
+    def same_usage(self, o: SeriesState) -> bool:
+        if (self.last is None) != (o.last is None):
+            return False
+        if self.last is not None and o.last is not None and not np.array_equal(self.last, o.last):
+            return False
+        return (self.hour, self.acc) == (o.hour, o.acc)
 
 
 @dataclass
@@ -172,7 +227,9 @@ class Aggregator:
         *,
         pricing_version: str = "v1",
         hold_timeout_s: float = 120.0,
+        late_horizon_s: float = LATE_HORIZON_S,
         monotonic: Any = time.monotonic,
+        wall_ns: Callable[[], int] = time.time_ns,
         versioner: Versioner | None = None,
     ) -> None:
         pricing.price_sheet(pricing_version, "standard")  # fail fast on an unknown version
@@ -180,12 +237,14 @@ class Aggregator:
         self.directory = directory
         self.pricing_version = pricing_version
         self.hold_timeout_s = hold_timeout_s
+        self.late_horizon_s = late_horizon_s
         self._mono = monotonic
+        self._wall = wall_ns
         self._versions = versioner or Versioner()
         self._states: dict[str, SeriesState] = {}
         self._held: dict[str, dict[int, _Held]] = defaultdict(dict)
-        self._skipped: dict[str, set[int]] = defaultdict(set)
-        storage.command(STATE_DDL)
+        # replay batches prepared but maybe not committed yet (commit runs beside prepare)
+        self._pending_replay: dict[str, dict[int, bytes]] = defaultdict(dict)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -194,20 +253,7 @@ class Aggregator:
         missing = [s for s in want if s not in self._states]
         if not missing:
             return
-        cols = ", ".join(
-            [
-                "vm_id",
-                "instance_id",
-                "customer_id",
-                "vcpus",
-                "memory_total_bytes",
-                "last_seq",
-                "has_last",
-                *_SAMPLE_COLS,
-                "hour",
-                *_ACC,
-            ]
-        )
+        cols = ", ".join(_STATE_COLS)
         rows = self.storage.query(  # constant column/table names; ids are bound
             f"SELECT {cols} FROM {STATE_TABLE} FINAL "  # noqa: S608
             "WHERE concat(vm_id, ':', instance_id) IN {ids:Array(String)}",
@@ -227,6 +273,9 @@ class Aggregator:
             if int(r["has_last"]):
                 st.last = np.array([int(r[c]) for c in _SAMPLE_COLS], dtype=np.int64)
             st.acc = HourUsage(**{f: int(r[f"acc_{f}"]) for f in FIELDS})
+            st.skipped = {int(x) for x in r["skipped"]}
+            if r["checkpoint"]:
+                st.checkpoint = Checkpoint.from_json(str(r["checkpoint"]))
             found[sid] = st
         for sid in missing:
             self._states[sid] = found.get(sid) or SeriesState(key=want[sid])
@@ -245,6 +294,8 @@ class Aggregator:
             *(str(int(x)) for x in last),
             str(st.hour),
             *(str(getattr(st.acc, f)) for f in FIELDS),
+            "[" + ",".join(str(x) for x in sorted(st.skipped)) + "]",
+            _esc(st.checkpoint.to_json() if st.checkpoint is not None else ""),
             str(version),
         ]
         return "(" + ",".join(vals) + ")"
@@ -253,6 +304,7 @@ class Aggregator:
         """Drop in-memory state (as a restart would)."""
         self._states.clear()
         self._held.clear()
+        self._pending_replay.clear()
 
     # -- processing -----------------------------------------------------------------------------
 
@@ -268,9 +320,10 @@ class Aggregator:
         quarantine: list[dict[str, Any]] = []
         redelivered: set[str] = set()
         now = self._mono()
+        now_ns = self._wall()
         for it in items:
             try:
-                b = decode_array(it.data)
+                b = decode_array(it.data, strict=False)
             except InvalidInput as exc:
                 # no trustworthy key or time in it: file it under "now" (a row at t=0 would be
                 # dropped by the quarantine TTL), with the bytes' size for the operator
@@ -291,6 +344,9 @@ class Aggregator:
             if it.redelivered:
                 redelivered.add(b.batch_id)
             old = self._held[sid].get(b.seq)
+            if old is not None and old.item.handle != it.handle:
+                # the same batch twice: keep one copy (unacked, so it survives a crash)
+                out.ack.append(old.item.handle)
             self._held[sid][b.seq] = _Held(it, b, old.since if old else now)
         if not self._held:
             return Prepared(out, quarantine=quarantine)
@@ -298,14 +354,19 @@ class Aggregator:
 
         # Pick, per series, the batches that can be applied now (in seq order).
         ready: dict[str, list[_Held]] = {}
+        late: dict[str, list[_Held]] = {}
         for sid, held in list(self._held.items()):
             st = self._states[sid]
+            cp = st.checkpoint
+            if cp is not None and now_ns - cp.since_ns > self.late_horizon_s * 1e9:
+                log.warning("series %s: gave up waiting for batches %s", sid, sorted(st.skipped))
+                st.checkpoint = None  # a skipped batch that still comes is quarantined
             for seq in [s for s in held if s <= st.last_seq]:
                 h = held.pop(seq)
-                if seq in self._skipped[sid]:
-                    self._skipped[sid].discard(seq)
-                    quarantine.extend(_q_batch(h.batch, REASON_AFTER_SKIP))
-                out.ack.append(h.item.handle)  # a duplicate: already committed
+                if seq in st.skipped:
+                    late.setdefault(sid, []).append(h)  # applied below, by a replay
+                else:
+                    out.ack.append(h.item.handle)  # a duplicate: already committed
             run: list[_Held] = []
             nxt = st.last_seq + 1
             while nxt in held:
@@ -322,7 +383,9 @@ class Aggregator:
                         first - 1,
                         first,
                     )
-                    self._skipped[sid].update(range(st.last_seq + 1, first))
+                    if st.checkpoint is None:
+                        st.checkpoint = st.snapshot(now_ns)
+                    st.skipped.update(range(st.last_seq + 1, first))
                     nxt = first
                     while nxt in held:
                         run.append(held.pop(nxt))
@@ -335,9 +398,10 @@ class Aggregator:
 
         raw = _RawBuilder()
         billing: list[BillingHourlyRow] = []
-        new_states: list[SeriesState] = []
+        new_states: dict[str, SeriesState] = {}
         raw_ids: list[str] = []
         done_ids: list[str] = []
+        replay: list[tuple[SeriesKey, int, bytes]] = []
         # Pass 1: who may be billed (customer, VM, allocation); the rest is quarantined.
         jobs: list[tuple[SeriesState, list[_Held], CustomerInfo]] = []
         for sid, run in ready.items():
@@ -348,24 +412,17 @@ class Aggregator:
             out.samples += sum(len(h.batch.samples) for h in run)
             if st.last_seq < 0 and st.last is None:
                 st.key = key  # a new series: its first batch fixes the allocation
-            cust = self.directory.customer(key.customer_id)
-            reason = None
-            if cust is None:
-                reason = REASON_UNKNOWN_CUSTOMER
-            elif not self.directory.known_vm(key.customer_id, key.vm_id):
-                reason = REASON_UNKNOWN_VM
-            elif (st.key.customer_id, st.key.vcpus, st.key.memory_total_bytes) != (
-                key.customer_id,
-                key.vcpus,
-                key.memory_total_bytes,
-            ):
-                reason = REASON_ALLOCATION
+            cust, reason = self._admit(st, key)
             if reason is not None or cust is None:
                 for h in run:
                     quarantine.extend(_q_batch(h.batch, reason or REASON_UNKNOWN_CUSTOMER))
                 st.last_seq = run[-1].batch.seq
-                new_states.append(st)
+                new_states[sid] = st
                 continue
+            if st.checkpoint is not None:  # an earlier batch is missing: keep these for a replay
+                for h in run:
+                    replay.append((st.key, h.batch.seq, h.item.data))
+                    self._pending_replay[sid][h.batch.seq] = h.item.data
             jobs.append((st, run, cust))
 
         # Pass 2: clean all series at once (vectorised across them).
@@ -410,30 +467,45 @@ class Aggregator:
                 if c.valid.any():
                     raw.add(key, c, seq_of_row[c.src[c.valid]], [h.batch.batch_id for h in run])
                     raw_ids += [h.batch.batch_id for h in run]
+                for i, why in c.dropped.items():
+                    b = run[int(seq_of_row[i])].batch
+                    row = arrs[j][i]
+                    quarantine.append(_q_sample(key, b.batch_id, row, why))
                 hours_j, last_j = c.hours, c.last
             sheet = pricing.price_sheet(self.pricing_version, cust.pricing_tier)
-            hours = dict(hours_j)
-            if st.hour in hours:
-                merged = st.acc.copy()
-                merged.add(hours[st.hour])
-                hours[st.hour] = merged
+            hours = _advance(st, hours_j, last_j)
             version = self._versions.next()
             for hour, u in sorted(hours.items()):
                 billing.append(_billing_row(key, cust, hour, u, sheet, version))
-            if last_j is not None and (st.last is None or int(last_j[0]) != int(st.last[0])):
-                last_hour = int(last_j[0]) // NS_PER_HOUR
-                st.acc = hours[last_hour].copy() if last_hour in hours else HourUsage()
-                st.hour = last_hour
-            st.last = last_j
             st.last_seq = run[-1].batch.seq
-            new_states.append(st)
+            new_states[_sid(key.vm_id, key.instance_id)] = st
+
+        # Pass 4: batches that come after their seq was skipped: replay their series.
+        for sid, hs in late.items():
+            st = self._states[sid]
+            hs.sort(key=lambda h: h.batch.seq)
+            out.ack += [h.item.handle for h in hs]
+            done_ids += [h.batch.batch_id for h in hs]
+            out.samples += sum(len(h.batch.samples) for h in hs)
+            new_states[sid] = st
+            cust, reason = self._admit(st, hs[0].batch.key)
+            if reason is None and st.checkpoint is None:
+                reason = REASON_TOO_LATE
+            if reason is None and cust is not None:
+                reason = self._replay_late(st, hs, cust, billing, quarantine, replay)
+            if reason is not None:
+                for h in hs:
+                    quarantine.extend(_q_batch(h.batch, reason))
+                st.skipped -= {h.batch.seq for h in hs}
+                if not st.skipped:
+                    st.checkpoint = None
 
         state_sql = None
         if new_states:
             v = self._versions.next()
             state_sql = (
-                f"INSERT INTO {STATE_TABLE} VALUES "  # noqa: S608 (numbers, or escaped by _esc)
-                + ",".join(self._state_values(st, v) for st in new_states)
+                f"INSERT INTO {STATE_TABLE} ({', '.join(_STATE_COLS)}, version) VALUES "  # noqa: S608 (numbers, or escaped by _esc)
+                + ",".join(self._state_values(st, v) for st in new_states.values())
             )
         return Prepared(
             out,
@@ -444,7 +516,102 @@ class Aggregator:
             billing=billing,
             state_sql=state_sql,
             done_ids=done_ids,
+            replay=replay,
         )
+
+    def _admit(self, st: SeriesState, key: SeriesKey) -> tuple[CustomerInfo | None, str | None]:
+        """The customer of a series' batch, or why the batch may not be billed."""
+        cust = self.directory.customer(key.customer_id)
+        if cust is None:
+            return None, REASON_UNKNOWN_CUSTOMER
+        if not self.directory.known_vm(key.customer_id, key.vm_id):
+            return cust, REASON_UNKNOWN_VM
+        if (st.key.customer_id, st.key.vcpus, st.key.memory_total_bytes) != (
+            key.customer_id,
+            key.vcpus,
+            key.memory_total_bytes,
+        ):
+            return cust, REASON_ALLOCATION
+        return cust, None
+
+    def _stored_batches(self, st: SeriesState, cp: Checkpoint) -> dict[int, Samples]:
+        """The batches applied to ``st`` after its checkpoint (and not skipped), by seq."""
+        k = st.key
+        sid = _sid(k.vm_id, k.instance_id)
+        pending = dict(self._pending_replay.get(sid, {}))  # before storage: see commit()
+        rows = self.storage.query(
+            f"SELECT seq, hex(data) AS data FROM {REPLAY_TABLE} FINAL "  # noqa: S608
+            "WHERE vm_id = {vm:String} AND instance_id = {inst:String} "
+            "AND seq > {lo:Int64} AND seq <= {hi:Int64}",
+            {"vm": k.vm_id, "inst": k.instance_id, "lo": cp.last_seq, "hi": st.last_seq},
+        )
+        raw = {int(r["seq"]): bytes.fromhex(str(r["data"])) for r in rows}
+        raw.update((q, d) for q, d in pending.items() if cp.last_seq < q <= st.last_seq)
+        return {
+            q: decode_array(d, strict=False).samples for q, d in raw.items() if q not in st.skipped
+        }
+
+    def _replay_late(  # noqa: PLR0917
+        self,
+        st: SeriesState,
+        hs: list[_Held],
+        cust: CustomerInfo,
+        billing: list[BillingHourlyRow],
+        quarantine: list[dict[str, Any]],
+        replay: list[tuple[SeriesKey, int, bytes]],
+    ) -> str | None:
+        """Apply late batches ``hs`` (skipped seqs of ``st``) by replaying the series from its
+        checkpoint; append the recomputed hours and newly invalid samples. Returns a quarantine
+        reason instead when the stored batches do not give the current state back."""
+        cp = st.checkpoint
+        if cp is None:
+            return REASON_TOO_LATE
+        key = st.key
+        stored = self._stored_batches(st, cp)
+        arrived = {h.batch.seq: h.batch.samples for h in hs}
+        old = _replay(key, cp, stored, None)
+        if not old.st.same_usage(st):
+            log.error(
+                "series %s:%s: replay from the checkpoint does not give the stored state; "
+                "late batches %s quarantined",
+                key.vm_id,
+                key.instance_id,
+                sorted(arrived),
+            )
+            return REASON_REPLAY
+        remaining = st.skipped - arrived.keys()
+        log.info(
+            "series %s:%s: late batches %s applied by a replay of %d batches from seq %d",
+            key.vm_id,
+            key.instance_id,
+            sorted(arrived),
+            len(stored),
+            cp.last_seq + 1,
+        )
+        new = _replay(key, cp, {**stored, **arrived}, min(remaining) if remaining else None)
+        sheet = pricing.price_sheet(self.pricing_version, cust.pricing_tier)
+        version = self._versions.next()
+        for hour in sorted(old.hours.keys() | new.hours.keys()):
+            u = new.hours.get(hour, HourUsage())  # an hour left without usage: a zero row
+            billing.append(_billing_row(key, cust, hour, u, sheet, version))
+        for where, (why, row) in sorted(new.invalid.items()):
+            if where not in old.invalid:
+                quarantine.append(
+                    _q_sample(key, f"{key.vm_id}:{key.instance_id}:{where[0]}", row, why)
+                )
+        st.last, st.hour, st.acc = new.st.last, new.st.hour, new.st.acc
+        st.skipped = set(remaining)
+        if remaining and new.checkpoint is not None:
+            new.checkpoint.since_ns = cp.since_ns
+            st.checkpoint = new.checkpoint
+        else:
+            st.checkpoint = None
+        if st.checkpoint is not None:
+            sid = _sid(key.vm_id, key.instance_id)
+            for h in hs:
+                replay.append((key, h.batch.seq, h.item.data))
+                self._pending_replay[sid][h.batch.seq] = h.item.data
+        return None
 
     def commit(self, p: Prepared) -> Settled:
         """Write a prepared flush: raw + quarantine, billing rows, then the series states (the
@@ -464,6 +631,7 @@ class Aggregator:
                 self.storage.insert_raw(table, token)
             out.raw_rows = table.num_rows
         self._write_quarantine(p.quarantine)
+        self._write_replay(p.replay)
         if p.billing:
             self.storage.upsert_billing_hourly(p.billing)
             out.billing_rows = len(p.billing)
@@ -472,6 +640,25 @@ class Aggregator:
         if p.done_ids:
             self.storage.mark_processed(p.done_ids)
         return out
+
+    def _write_replay(self, rows: list[tuple[SeriesKey, int, bytes]]) -> None:
+        """Store batches for later replays, then forget the in-memory copies (a prepare that
+        runs meanwhile reads the copies first, then the table: it sees each batch once)."""
+        for i in range(0, len(rows), 64):
+            chunk = rows[i : i + 64]
+            values = ",".join(
+                f"({_esc(k.customer_id)},{_esc(k.vm_id)},{_esc(k.instance_id)},{seq},"
+                f"unhex('{data.hex()}'))"
+                for k, seq, data in chunk
+            )
+            self.storage.command(
+                f"INSERT INTO {REPLAY_TABLE} (customer_id, vm_id, instance_id, seq, data) "  # noqa: S608
+                f"VALUES {values}"
+            )
+        for k, seq, data in rows:
+            pending = self._pending_replay.get(_sid(k.vm_id, k.instance_id))
+            if pending is not None and pending.get(seq) is data:
+                del pending[seq]
 
     def held_handles(self) -> list[Any]:
         return [h.item.handle for hs in self._held.values() for h in hs.values()]
@@ -511,6 +698,78 @@ def _q_row(  # noqa: PLR0917 (one quarantine row, all fields)
         "reason": reason,
         "sample_json": js,
     }
+
+
+def _q_sample(key: SeriesKey, batch_id: str, row: Any, reason: str) -> dict[str, Any]:
+    vals = [int(x) for x in row]
+    return _q_row(
+        key.customer_id,
+        key.vm_id,
+        key.instance_id,
+        batch_id,
+        vals[0],
+        reason,
+        json.dumps(dict(zip(COLUMNS, vals, strict=True))),
+    )
+
+
+def _advance(
+    st: SeriesState, hours_j: dict[int, HourUsage], last_j: np.ndarray | None
+) -> dict[int, HourUsage]:
+    """Add the usage of newly cleaned samples (per hour, ``last_j`` their last valid one) to a
+    series' state; returns each touched hour's full usage (the state's running total of its
+    current hour included)."""
+    hours = dict(hours_j)
+    if st.hour in hours:
+        merged = st.acc.copy()
+        merged.add(hours[st.hour])
+        hours[st.hour] = merged
+    if last_j is not None and (st.last is None or int(last_j[0]) != int(st.last[0])):
+        last_hour = int(last_j[0]) // NS_PER_HOUR
+        st.acc = hours[last_hour].copy() if last_hour in hours else HourUsage()
+        st.hour = last_hour
+    st.last = last_j
+    return hours
+
+
+@dataclass
+class _Replayed:
+    st: SeriesState
+    hours: dict[int, HourUsage]  # every hour touched, full usage
+    invalid: dict[tuple[int, int], tuple[str, list[int]]]  # (seq, index) -> (reason, sample)
+    checkpoint: Checkpoint | None  # the state just before seq ``stop``
+
+
+def _replay(
+    key: SeriesKey, cp: Checkpoint, batches: dict[int, Samples], stop: int | None
+) -> _Replayed:
+    """Apply ``batches`` (by seq) in seq order to the checkpoint's state, as in-order delivery
+    would have; with ``stop`` (a seq still missing), also the state just before it."""
+    st = SeriesState(key=key, last_seq=cp.last_seq, last=cp.last, hour=cp.hour, acc=cp.acc.copy())
+    out = _Replayed(st, {}, {}, None)
+    seqs = sorted(batches)
+    parts = [
+        [q for q in seqs if stop is None or q < stop],
+        [q for q in seqs if stop is not None and q > stop],
+    ]
+    for n, part in enumerate(parts):
+        if n == 1 and stop is not None:
+            out.checkpoint = Checkpoint(stop - 1, st.last, st.hour, st.acc.copy(), cp.since_ns)
+        if not part:
+            continue
+        arr = np.concatenate([batches[q] for q in part])
+        lens = [len(batches[q]) for q in part]
+        seq_of = np.repeat(np.array(part, dtype=np.int64), lens)
+        first = np.repeat(np.cumsum([0, *lens[:-1]]), lens)
+        c = clean(st.last, arr, key.vcpus, key.memory_total_bytes)
+        for i, why in c.reasons.items():
+            src = int(c.src[i])
+            out.invalid[(int(seq_of[src]), src - int(first[src]))] = (why, c.rows[i].tolist())
+        for src, why in c.dropped.items():
+            out.invalid[(int(seq_of[src]), src - int(first[src]))] = (why, arr[src].tolist())
+        out.hours.update(_advance(st, c.hours, c.last))
+        st.last_seq = part[-1]
+    return out
 
 
 def _q_batch(b: DecodedBatch, reason: str) -> list[dict[str, Any]]:

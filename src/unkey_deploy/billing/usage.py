@@ -26,6 +26,12 @@ COUNTERS = (CPU, RX, TX, DR, DW)
 REASON_COUNTER = "counter_decreased"
 REASON_CPU = "cpu_over_100_percent"
 REASON_MEMORY = "memory_over_allocation"
+# Counters start at 0 at boot (BILLING.md "Inputs"), so a negative one is lower than the boot
+# value; a negative gauge or timestamp is not a reading at all.
+REASON_NEGATIVE = "negative_value"
+# Samples dropped by ordering (BILLING.md "Cleaning" 2), quarantined so nothing is lost silently.
+REASON_DUPLICATE_T = "duplicate_timestamp"
+REASON_NOT_AFTER = "time_not_after_last_valid"
 
 
 @dataclass
@@ -74,7 +80,9 @@ class Cleaned:
     ``rows`` are the input sorted by t without duplicate t (and without t <= prev.t);
     ``valid`` marks the valid ones; ``deltas`` (n, 7) are, for valid rows, the counter deltas
     against the previous valid sample (t column: dt, 0 for a series' first sample); ``reasons``
-    maps invalid row index -> reason; ``hours`` the usage per hour of the valid intervals.
+    maps invalid row index -> reason; ``hours`` the usage per hour of the valid intervals;
+    ``dropped`` maps the input index of each sample left out of ``rows`` (a repeated t, or t not
+    after ``prev``) -> reason.
     """
 
     rows: Arr
@@ -85,6 +93,7 @@ class Cleaned:
     reasons: dict[int, str]
     hours: dict[int, HourUsage] = field(default_factory=dict)
     last: Arr | None = None  # last valid sample after these rows (prev if none is valid)
+    dropped: dict[int, str] = field(default_factory=dict)
 
 
 def dedupe_sorted(arr: Arr, after_t: int | None = None) -> tuple[Arr, npt.NDArray[np.intp]]:
@@ -111,14 +120,23 @@ def _checks(prev: Arr, rows: Arr, vcpus: int, mem_total: int) -> npt.NDArray[np.
     """Validity of each row against its immediate predecessor (``prev`` then rows[:-1])."""
     before = np.vstack([prev[None, :], rows[:-1]])
     d = rows - before
-    ok = np.all(d[:, COUNTERS] >= 0, axis=1)
+    ok = _sane(rows)
+    ok &= np.all(d[:, COUNTERS] >= 0, axis=1)
     ok &= d[:, CPU] <= vcpus * d[:, T]
     ok &= rows[:, MEM] <= mem_total
     result: npt.NDArray[np.bool_] = ok
     return result
 
 
+def _sane(rows: Arr) -> npt.NDArray[np.bool_]:
+    """No negative value (see REASON_NEGATIVE)."""
+    ok: npt.NDArray[np.bool_] = np.all(rows >= 0, axis=1)
+    return ok
+
+
 def _reason(prev: Arr | None, row: Arr, vcpus: int, mem_total: int) -> str | None:
+    if bool(np.any(row < 0)):
+        return REASON_NEGATIVE
     if row[MEM] > mem_total:
         return REASON_MEMORY
     if prev is None:
@@ -141,7 +159,7 @@ def _valid_mask(
     else:
         fast = np.ones(n, dtype=bool)
         fast[1:] = _checks(rows[0], rows[1:], vcpus, mem_total)
-        fast[0] = rows[0, MEM] <= mem_total
+        fast[0] = rows[0, MEM] <= mem_total and bool(_sane(rows[:1])[0])
     if fast.all():
         return fast, {}
     # Sequential from the first failure: each invalid sample changes the next comparison.
@@ -188,6 +206,13 @@ def clean(prev: Arr | None, samples: Arr, vcpus: int, mem_total: int) -> Cleaned
     out = Cleaned(
         rows=rows, src=src, valid=valid, deltas=deltas, cpu_percent=cpu_pct, reasons=reasons
     )
+    if n < len(samples):
+        kept = np.zeros(len(samples), dtype=bool)
+        kept[src] = True
+        after = None if prev is None else int(prev[T])
+        for i in np.flatnonzero(~kept).tolist():
+            late = after is not None and int(samples[i, T]) <= after
+            out.dropped[i] = REASON_NOT_AFTER if late else REASON_DUPLICATE_T
     vidx = np.flatnonzero(valid)
     if len(vidx) == 0:
         out.last = prev
@@ -289,6 +314,7 @@ def clean_many(
     ok &= np.all(d[:, COUNTERS] >= 0, axis=1) | ~pred
     ok &= (d[:, CPU] <= vc * d[:, T]) | ~pred
     ok &= x[:, MEM] <= mt
+    ok &= _sane(x)
     job_ok = np.ones(nj, dtype=bool)
     if len(x):
         job_ok[nonempty] = np.logical_and.reduceat(ok, fs)
