@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,9 +14,9 @@ from unkey_deploy.metald.kernel import KernelPaths, prepare_kernel
 from unkey_deploy.metald.service import Metald
 from unkey_deploy.store.db import make_engine, upgrade
 from unkey_deploy.testing.rootfs import build_test_rootfs
+from unkey_deploy.testing.subnets import reserved_subnet
 
 REPO = Path(__file__).resolve().parents[2]
-SUBNET_LOCKS = Path("/tmp/unkey-test-subnets")
 
 
 @pytest.fixture(scope="session")
@@ -38,27 +36,8 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
 @pytest.fixture
 def subnet() -> Iterator[str]:
     """A /24 out of 172.31.64.0-172.31.255.0 that no other test worker holds right now."""
-    SUBNET_LOCKS.mkdir(exist_ok=True)
-    choices = list(range(64, 256))
-    random.shuffle(choices)
-    for n in choices:
-        lock = SUBNET_LOCKS / str(n)
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            # stale lock of a dead worker?
-            with contextlib.suppress(OSError, ValueError):
-                if not Path(f"/proc/{int(lock.read_text())}").exists():
-                    lock.unlink()
-            continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        try:
-            yield f"172.31.{n}.0/24"
-        finally:
-            lock.unlink()
-        return
-    pytest.fail("no free test subnet")
+    with reserved_subnet() as net:
+        yield net
 
 
 @pytest.fixture
