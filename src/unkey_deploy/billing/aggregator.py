@@ -49,6 +49,7 @@ per-sample Python.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -64,7 +65,7 @@ import pyarrow as pa
 
 from ..clickhouse.api import BillingHourlyRow, Storage
 from ..core.errors import InvalidInput
-from ..metering.codec import COLUMNS, DecodedBatch, Samples, decode_array
+from ..metering.codec import COLUMNS, DecodedBatch, Samples, decode_array, read_key
 from ..metering.model import SeriesKey
 from . import pricing
 from .customers import CustomerDirectory, CustomerInfo
@@ -325,17 +326,34 @@ class Aggregator:
             try:
                 b = decode_array(it.data, strict=False)
             except InvalidInput as exc:
-                # no trustworthy key or time in it: file it under "now" (a row at t=0 would be
-                # dropped by the quarantine TTL), with the bytes' size for the operator
+                # No trustworthy time in it: file it under "now" (a row at t=0 would be dropped
+                # by the quarantine TTL), under its series when the header can be read, with the
+                # message itself (base64) so that nothing is lost. Termed after the commit.
+                cid = vm = inst = bid = ""
+                try:
+                    k, seq = read_key(it.data)
+                    cid, vm, inst, bid = (
+                        k.customer_id,
+                        k.vm_id,
+                        k.instance_id,
+                        f"{k.vm_id}:{k.instance_id}:{seq}",
+                    )
+                except InvalidInput:
+                    pass
                 quarantine.append(
                     _q_row(
-                        "",
-                        "",
-                        "",
-                        "",
-                        time.time_ns(),
+                        cid,
+                        vm,
+                        inst,
+                        bid,
+                        now_ns,
                         f"{REASON_INVALID_BATCH}: {exc}",
-                        json.dumps({"bytes": len(it.data)}),
+                        json.dumps(
+                            {
+                                "bytes": len(it.data),
+                                "data_base64": base64.b64encode(bytes(it.data)).decode(),
+                            }
+                        ),
                     )
                 )
                 out.term.append(it.handle)

@@ -249,14 +249,18 @@ def encode(batch: Batch) -> bytes:
     return Encoder().encode(batch)
 
 
-def decode_array(data: bytes, *, strict: bool = True) -> DecodedBatch:
-    """Decode and validate a batch into arrays. Raises :class:`InvalidBatch` naming the fault.
+@dataclass(frozen=True, slots=True)
+class _Header:
+    key: SeriesKey
+    seq: int
+    count: int
+    t_first: int
+    t_last: int
+    raw_len: int
+    body_at: int
 
-    ``strict=False`` is for the billing aggregator: a batch that is structurally sound (header,
-    version, ids, lengths, zstd body, time range in the header) is returned even when some of
-    its samples are invalid (time not increasing or repeated, a counter going down, a negative
-    value, memory above the allocation). BILLING.md quarantines such samples one by one and bills
-    the rest, so the caller must clean them (``billing.usage.clean`` does, with a reason each)."""
+
+def _parse_header(data: bytes) -> _Header:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _fail("message", f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -313,6 +317,29 @@ def decode_array(data: bytes, *, strict: bool = True) -> DecodedBatch:
     problems = check_key(key)
     if problems:
         raise InvalidBatch("invalid metering batch: " + problems[0].render(), problems)
+    return _Header(key, seq, count, t_first, t_last, raw_len, off)
+
+
+def read_key(data: bytes) -> tuple[SeriesKey, int]:
+    """The series and seq of a batch from its header alone (the body is not read): to file a
+    batch whose body is broken under its series. Raises :class:`InvalidBatch` like
+    :func:`decode_array` when the header itself is broken."""
+    h = _parse_header(data)
+    return h.key, h.seq
+
+
+def decode_array(data: bytes, *, strict: bool = True) -> DecodedBatch:
+    """Decode and validate a batch into arrays. Raises :class:`InvalidBatch` naming the fault.
+
+    ``strict=False`` is for the billing aggregator: a batch that is structurally sound (header,
+    version, ids, lengths, zstd body, time range in the header) is returned even when some of
+    its samples are invalid (time not increasing or repeated, a counter going down, a negative
+    value, memory above the allocation). BILLING.md quarantines such samples one by one and bills
+    the rest, so the caller must clean them (``billing.usage.clean`` does, with a reason each)."""
+    h = _parse_header(data)
+    data = bytes(data)
+    key, seq, count, t_first, t_last = h.key, h.seq, h.count, h.t_first, h.t_last
+    raw_len, off, mem_total = h.raw_len, h.body_at, h.key.memory_total_bytes
     try:
         params = zstandard.get_frame_parameters(data[off:])
         if params.content_size != raw_len:
