@@ -1,4 +1,8 @@
-"""metald's tables (schema changes go through metald/migrations/versions)."""
+"""metald's tables: the source of truth the code uses.
+
+Every change here also needs a new revision in metald/migrations/versions (revisions are history and
+spell their columns out, so an old revision keeps creating the old schema);
+tests/metald/test_schema.py fails when these models and the migrated schema differ."""
 
 from __future__ import annotations
 
