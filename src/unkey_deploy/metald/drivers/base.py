@@ -9,8 +9,11 @@ restarted metald can :meth:`VmDriver.recover` its VMs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,8 +194,6 @@ def process_alive(pid: int, start: int) -> bool:
 def reap(pid: int, wait: float = 0.0) -> None:
     """Collect our child's exit status if it is ours (no zombie left behind); with ``wait``,
     keep trying that long for a child that is exiting right now."""
-    import time  # noqa: PLC0415
-
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -202,6 +203,29 @@ def reap(pid: int, wait: float = 0.0) -> None:
         if done == pid or time.monotonic() >= deadline:
             return
         time.sleep(0.002)
+
+
+def wait_exit(pid: int, start: int, timeout: float, *, poll: float = 0.01) -> bool:
+    """Wait up to ``timeout`` s for our child ``pid`` (started at ``start``) to exit, reaping
+    it; True when it is gone."""
+    deadline = time.monotonic() + timeout
+    while process_alive(pid, start):
+        reap(pid)
+        if time.monotonic() >= deadline:
+            return not process_alive(pid, start)
+        time.sleep(poll)
+    reap(pid)
+    return True
+
+
+def kill_process(pid: int, start: int) -> None:
+    """SIGKILL ``pid`` if it is still the process started at ``start`` (never a recycled pid),
+    wait for it to die and reap it (no zombie left behind)."""
+    if process_alive(pid, start):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_exit(pid, start, 5.0, poll=0.005)
+    reap(pid, wait=2.0)
 
 
 def spawn(argv: list[str], *, cgroup: VmCgroup | None, log: Path, cwd: Path) -> int:

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +44,12 @@ from .base import (
     VmRuntime,
     VmSpec,
     VmStats,
+    kill_process,
     pid_start_time,
     process_alive,
     reap,
     spawn,
+    wait_exit,
 )
 from .qemu import host_tsc_khz, probe_kvm
 
@@ -263,23 +264,13 @@ class FirecrackerDriver:
         return rt
 
     def _kill(self, rt: VmRuntime) -> None:
-        if process_alive(rt.pid, rt.pid_start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(rt.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while process_alive(rt.pid, rt.pid_start) and time.monotonic() < deadline:
-            reap(rt.pid)
-            time.sleep(0.005)
-        reap(rt.pid, wait=2.0)
+        kill_process(rt.pid, rt.pid_start)
 
     def stop(self, runtime: VmRuntime, timeout: float) -> None:
         if process_alive(runtime.pid, runtime.pid_start) and runtime.api_socket:
             with contextlib.suppress(VmError, httpx.HTTPError):
                 self.call(runtime.api_socket, _action("SendCtrlAltDel"))
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and process_alive(runtime.pid, runtime.pid_start):
-                reap(runtime.pid)
-                time.sleep(0.02)
+            wait_exit(runtime.pid, runtime.pid_start, timeout, poll=0.02)
         self._kill(runtime)
 
     def delete(self, runtime: VmRuntime) -> None:

@@ -22,7 +22,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -35,10 +34,12 @@ from .base import (
     VmRuntime,
     VmSpec,
     VmStats,
+    kill_process,
     pid_start_time,
     process_alive,
     reap,
     spawn,
+    wait_exit,
 )
 from .qmp import Qmp
 
@@ -244,14 +245,7 @@ class QemuDriver:
             time.sleep(0.01)
 
     def _kill(self, rt: VmRuntime) -> None:
-        if process_alive(rt.pid, rt.pid_start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(rt.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while process_alive(rt.pid, rt.pid_start) and time.monotonic() < deadline:
-            reap(rt.pid)
-            time.sleep(0.005)
-        reap(rt.pid, wait=2.0)
+        kill_process(rt.pid, rt.pid_start)
 
     def stop(self, runtime: VmRuntime, timeout: float) -> None:
         if not process_alive(runtime.pid, runtime.pid_start):
@@ -271,16 +265,12 @@ class QemuDriver:
                     Qmp(runtime.qmp_socket, timeout=2) as q,
                 ):
                     q.execute("system_powerdown")
-            reap(runtime.pid)
-            time.sleep(0.02)
+            wait_exit(runtime.pid, runtime.pid_start, 0.02, poll=0.02)
         if process_alive(runtime.pid, runtime.pid_start):
             # The guest ignored the power button: ask QEMU to exit (flushes the disk cache).
             with contextlib.suppress(OSError, VmError), Qmp(runtime.qmp_socket, timeout=2) as q:
                 q.execute("quit")
-            end = time.monotonic() + 2
-            while time.monotonic() < end and process_alive(runtime.pid, runtime.pid_start):
-                reap(runtime.pid)
-                time.sleep(0.01)
+            wait_exit(runtime.pid, runtime.pid_start, 2.0)
         self._kill(runtime)
 
     def delete(self, runtime: VmRuntime) -> None:

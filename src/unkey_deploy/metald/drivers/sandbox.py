@@ -38,6 +38,7 @@ from .base import (
     process_alive,
     reap,
     spawn,
+    wait_exit,
 )
 
 BWRAP = "bwrap"
@@ -250,10 +251,7 @@ class SandboxDriver:
             if pid != runtime.pid:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and process_alive(runtime.pid, runtime.pid_start):
-            reap(runtime.pid)
-            time.sleep(0.01)
+        wait_exit(runtime.pid, runtime.pid_start, timeout)
         self._kill(runtime)
 
     def _kill(self, rt: VmRuntime) -> None:
