@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -10,7 +14,7 @@ import pytest
 import zstandard
 from sqlalchemy.orm import Session, sessionmaker
 
-from unkey_deploy.assets.api import AssetMeta
+from unkey_deploy.assets.api import Asset, AssetMeta
 from unkey_deploy.assets.blobs import BlobStore, FsBlobStore, S3BlobStore, sha256_of
 from unkey_deploy.assets.service import AssetManager
 from unkey_deploy.core.clock import FakeClock
@@ -114,3 +118,66 @@ def test_s3_backend_against_moto_server(
     _exercise(mgr, blobs, clock, tmp_path)
     listed = client.list_objects_v2(Bucket="unkey-assets").get("Contents", [])
     assert listed == []  # GC deleted the object from the bucket
+
+
+class _SlowFsBlobStore(FsBlobStore):
+    """The real local store with jitter before each write and delete: it widens the window
+    between gc's decision and the blob's removal, where a re-register used to slip in."""
+
+    def put(self, path: Path, sha256: str) -> None:
+        time.sleep(random.uniform(0, 0.004))
+        super().put(path, sha256)
+
+    def delete(self, sha256: str) -> None:
+        time.sleep(random.uniform(0, 0.004))
+        super().delete(sha256)
+
+
+def _race_register_and_gcs(mgr: AssetManager, zst: Path, meta: AssetMeta) -> Asset:
+    """register(zst) and two gc() runs, released together from a barrier; returns the asset."""
+    start = threading.Barrier(3)
+    got: list[Asset] = []
+    errors: list[BaseException] = []
+
+    def run(fn: Callable[[], object]) -> None:
+        try:
+            start.wait()
+            time.sleep(random.uniform(0, 0.004))
+            fn()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    jobs: list[Callable[[], object]] = [lambda: got.append(mgr.register(zst, meta)), mgr.gc, mgr.gc]
+    threads = [threading.Thread(target=run, args=(f,)) for f in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    (asset,) = got
+    return asset
+
+
+def test_register_racing_gc_never_loses_a_registered_blob(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FakeClock
+) -> None:
+    """A blob whose only asset was deleted (past the grace, so collectible) is registered again
+    while two gc runs go: whoever wins, every asset register() returned keeps its blob."""
+    blobs = _SlowFsBlobStore(tmp_path / "blobs")
+    mgr = AssetManager(factory, blobs, tmp_path / "cache", clock=clock, grace_s=60)
+    cust = new_customer_id()
+    zst, sha, size = _image(tmp_path, "r", b"R")
+    blob = sha256_of(zst)
+    first = mgr.register(zst, _meta(cust, sha, size, key=f"r-{cust}"))
+    mgr.delete(first.asset_id)
+    for i in range(25):
+        clock.advance(mgr.grace_s + 1)  # the blob is collectible again
+        asset = _race_register_and_gcs(mgr, zst, _meta(cust, sha, size, key=f"r{i}-{cust}"))
+        assert blobs.exists(blob), f"round {i}: asset {asset.asset_id} lost its blob"
+        out = mgr.fetch(asset.asset_id, tmp_path / f"vm{i}.ext4")
+        assert sha256_of(out) == sha
+        out.unlink()
+        mgr.delete(asset.asset_id)
+    # gc is not just refusing to work: with nothing live the blob goes
+    clock.advance(mgr.grace_s + 1)
+    assert mgr.gc().blobs_deleted == [blob] and not blobs.exists(blob)

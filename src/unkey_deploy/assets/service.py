@@ -5,8 +5,15 @@ Invariants:
   of assets;
 * an asset with a lease is never deleted, so its blob is never collected;
 * ``gc`` deletes only blobs that no live asset references and that have been unreferenced for at
-  least the grace period; the grace also covers a register in flight (blob uploaded, index row not
-  yet committed): such a blob is an orphan for a moment, and young orphans are kept.
+  least the grace period (young orphans, e.g. of a crashed register, are kept as well);
+* a blob row is where ``register`` and ``gc`` serialize (on SQLite and PostgreSQL alike, with
+  single conditional ``UPDATE``/``INSERT`` statements, no read-then-write): ``register`` first
+  *claims* the row (``state='live'``, ``claimed_at=now``, ``unreferenced_since=NULL``; or inserts
+  it), only then stores the blob and inserts the asset; ``gc`` deletes a blob only after it
+  moved its row from ``live`` to ``deleting`` with an update whose condition says "not claimed
+  within the grace, not referenced by a live or leased asset", and removes the row after the
+  blob. A register finding the row ``deleting`` waits until it is gone and stores the blob
+  again; a gc finding it claimed leaves it. So no registered asset ever loses its blob.
 """
 
 from __future__ import annotations
@@ -17,11 +24,28 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import zstandard
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, String, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CursorResult,
+    Float,
+    Index,
+    String,
+    and_,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Result
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -34,6 +58,9 @@ from .api import Asset, AssetMeta, GcReport, Lease
 from .blobs import BlobStore, open_blob_store, sha256_of
 
 DEFAULT_GRACE_S = 3600.0
+LIVE, DELETING = "live", "deleting"
+# How long a register waits for a gc that is deleting the same blob (it takes one blob delete).
+CLAIM_WAIT_S = 60.0
 
 
 class AssetRow(Base):
@@ -77,6 +104,15 @@ class AssetBlobRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     # when the last live asset referencing it went away (None while referenced)
     unreferenced_since: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # LIVE, or DELETING from the moment gc decided to delete the blob until the row is removed
+    state: Mapped[str] = mapped_column(String(16), default=LIVE, server_default=LIVE)
+    # LIVE: when a register last claimed it (before storing the blob; None for rows made before
+    # 0002). DELETING: when gc took it (a DELETING row older than the grace is a crashed gc's)
+    claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return int(cast("CursorResult[Any]", result).rowcount)  # UPDATE/DELETE results are cursors
 
 
 def _asset(row: AssetRow) -> Asset:
@@ -126,7 +162,8 @@ class AssetManager:
         sha = sha256_of(path)
         size = path.stat().st_size
         now = self._now()
-        self.blobs.put(path, sha)
+        self._claim(sha, size, now)
+        self.blobs.put(path, sha)  # after the claim: no gc deletes it from here on
         row = AssetRow(
             asset_id=new_asset_id(),
             type=meta.type,
@@ -144,20 +181,63 @@ class AssetManager:
             created_at=now,
             deleted=False,
         )
-        for _ in range(3):
+        with transaction(self.factory) as s:
+            s.add(row)
+            # referenced again (a concurrent delete() of another asset may have set it)
+            done = s.execute(
+                update(AssetBlobRow)
+                .where(AssetBlobRow.sha256 == sha, AssetBlobRow.state == LIVE)
+                .values(unreferenced_since=None)
+            )
+            if _rowcount(done) != 1:  # cannot happen while the claim is younger than the grace
+                raise UnkeyError(
+                    f"blob sha256:{sha} was collected while being registered (register took "
+                    f"longer than the {self.grace_s:.0f} s grace)",
+                    retryable=True,
+                )
+        return _asset(row)
+
+    def _claim(self, sha: str, size: int, now: float) -> None:
+        """Mark the blob row referenced (or create it) before the blob is stored.
+
+        One conditional statement per attempt: it either claims a ``live`` row, or inserts a new
+        one, or takes over a crashed gc's ``deleting`` row; a young ``deleting`` row (a gc is
+        deleting this blob right now) is waited out, then the blob is stored again."""
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while True:
+            with transaction(self.factory) as s:
+                claimed = s.execute(
+                    update(AssetBlobRow)
+                    .where(AssetBlobRow.sha256 == sha, AssetBlobRow.state == LIVE)
+                    .values(unreferenced_since=None, claimed_at=now)
+                )
+                if _rowcount(claimed) == 1:
+                    return
             try:
                 with transaction(self.factory) as s:
-                    blob = s.get(AssetBlobRow, sha)
-                    if blob is None:
-                        s.add(AssetBlobRow(sha256=sha, size=size, created_at=now,
-                                           unreferenced_since=None))  # fmt: skip
-                    else:
-                        blob.unreferenced_since = None
-                    s.add(row)
-                break
-            except IntegrityError:  # a concurrent register inserted the same blob row
-                continue
-        return _asset(row)
+                    s.add(AssetBlobRow(sha256=sha, size=size, created_at=now,
+                                       unreferenced_since=None, state=LIVE,
+                                       claimed_at=now))  # fmt: skip
+                return
+            except IntegrityError:
+                pass  # it exists: live again (claim it) or being deleted (wait for gc)
+            with transaction(self.factory) as s:
+                # a DELETING row older than the grace was left by a crashed gc: take it over
+                # (the blob may be gone or not; put() stores it again when missing)
+                revived = s.execute(
+                    update(AssetBlobRow)
+                    .where(AssetBlobRow.sha256 == sha, AssetBlobRow.state == DELETING,
+                           AssetBlobRow.claimed_at <= now - self.grace_s)
+                    .values(state=LIVE, unreferenced_since=None, claimed_at=now)
+                )  # fmt: skip
+                if _rowcount(revived) == 1:
+                    return
+            if time.monotonic() > deadline:
+                raise UnkeyError(
+                    f"blob sha256:{sha} is still being deleted by gc after {CLAIM_WAIT_S:.0f} s",
+                    retryable=True,
+                )
+            time.sleep(0.02)
 
     def _row(self, s: Session, asset_id: str) -> AssetRow:
         row = s.get(AssetRow, asset_id)
@@ -285,7 +365,10 @@ class AssetManager:
                 blob.unreferenced_since = now
 
     def gc(self) -> GcReport:
+        """Delete blobs no live or leased asset references, unreferenced (or orphaned) for at
+        least the grace period. Safe against concurrent ``register``/``gc`` (module docstring)."""
         now = self._now()
+        cutoff = now - self.grace_s
         deleted: builtins.list[str] = []
         freed = 0
         with self.factory() as s:
@@ -300,33 +383,97 @@ class AssetManager:
                 ).all()
             )
             indexed = {b.sha256: b for b in s.scalars(select(AssetBlobRow)).all()}
-        keep = live | leased
-        for sha, mtime, size in list(self.blobs.list()):
+        # Deletions a crashed gc left half done (row DELETING for longer than the grace; a
+        # younger one belongs to a gc still at work, whose blob delete must not be repeated once
+        # a register stored the blob again).
+        for sha, brow in indexed.items():
+            if brow.state == DELETING and self._retake(sha, cutoff):
+                self._finish_delete(sha)
+        keep = live | leased  # a first filter only: the conditional update below decides
+        stored = list(self.blobs.list())
+        listed = {sha for sha, _, _ in stored}
+        for sha, mtime, size in stored:
             if sha in keep:
                 continue
             row = indexed.get(sha)
-            since = (row.unreferenced_since or row.created_at) if row is not None else mtime
-            if now - since < self.grace_s:
-                continue
-            with transaction(self.factory) as s:
-                # re-check under a transaction: a register may have just referenced it
-                again = s.scalars(
-                    select(AssetRow.asset_id).where(
-                        AssetRow.blob_sha256 == sha, AssetRow.deleted.is_(False)
-                    )
-                ).first()
-                if again is not None:
+            if row is not None and row.state == DELETING:
+                continue  # finished above
+            if row is None:
+                if now - mtime < self.grace_s:
                     continue
-                brow = s.get(AssetBlobRow, sha)
-                if brow is not None:
-                    s.delete(brow)
-            self.blobs.delete(sha)
-            cached = self.cache_dir / "sha256" / f"{sha}.zst"
-            with contextlib.suppress(FileNotFoundError):
-                cached.unlink()
+                if not self._take_orphan(sha, size, now):
+                    continue
+            elif not self._take(sha, cutoff):
+                continue
+            self._finish_delete(sha)
             deleted.append(sha)
             freed += size
+            listed.add(sha)
+        # Rows whose blob was never stored (a register that failed between claim and store).
+        for sha, brow in indexed.items():
+            stale = sha not in listed and brow.state == LIVE and sha not in keep
+            if stale and self._take(sha, cutoff):
+                self._finish_delete(sha)
         return GcReport(deleted, freed, len(leased))
+
+    def _take(self, sha: str, cutoff: float) -> bool:
+        """LIVE -> DELETING, only if unclaimed and unreferenced since before ``cutoff`` and no
+        live or leased asset references it: one statement, so a concurrent claim either came
+        first (no match) or finds the row DELETING and waits."""
+        b = AssetBlobRow
+        referenced = exists().where(AssetRow.blob_sha256 == sha, AssetRow.deleted.is_(False))
+        leased = (
+            exists()
+            .where(AssetLeaseRow.asset_id == AssetRow.asset_id)
+            .where(AssetRow.blob_sha256 == sha)
+        )
+        stale = or_(
+            and_(b.unreferenced_since.is_not(None), b.unreferenced_since <= cutoff),
+            and_(
+                b.unreferenced_since.is_(None), func.coalesce(b.claimed_at, b.created_at) <= cutoff
+            ),
+        )
+        with transaction(self.factory) as s:
+            res = s.execute(
+                update(b)
+                .where(b.sha256 == sha, b.state == LIVE, stale, ~referenced, ~leased)
+                .values(state=DELETING, claimed_at=self._now())
+            )
+            return _rowcount(res) == 1
+
+    def _retake(self, sha: str, cutoff: float) -> bool:
+        """Own a crashed gc's DELETING row (taken before ``cutoff``): one conditional update."""
+        b = AssetBlobRow
+        with transaction(self.factory) as s:
+            res = s.execute(
+                update(b)
+                .where(b.sha256 == sha, b.state == DELETING, b.claimed_at <= cutoff)
+                .values(claimed_at=self._now())
+            )
+            return _rowcount(res) == 1
+
+    def _take_orphan(self, sha: str, size: int, now: float) -> bool:
+        """A stored blob without a row: insert its row as DELETING (fails if a register just
+        claimed it, which then keeps it)."""
+        try:
+            with transaction(self.factory) as s:
+                s.add(AssetBlobRow(sha256=sha, size=size, created_at=now, unreferenced_since=now,
+                                   state=DELETING, claimed_at=now))  # fmt: skip
+        except IntegrityError:
+            return False
+        return True
+
+    def _finish_delete(self, sha: str) -> None:
+        self.blobs.delete(sha)
+        cached = self.cache_dir / "sha256" / f"{sha}.zst"
+        with contextlib.suppress(FileNotFoundError):
+            cached.unlink()
+        with transaction(self.factory) as s:  # last: a waiting register may now store it again
+            s.execute(
+                delete(AssetBlobRow).where(
+                    AssetBlobRow.sha256 == sha, AssetBlobRow.state == DELETING
+                )
+            )
 
 
 def open_assets(settings: Settings, *, clock: Clock | None = None) -> AssetManager:
