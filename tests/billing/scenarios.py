@@ -11,6 +11,7 @@ from unkey_deploy.metering.model import Batch, Sample, SeriesKey
 from .reference import RawSample
 
 GIB = 2**30
+S_NS = 10**9
 # 2026-10-31 23:58:00 UTC: two minutes before a month (and hour) boundary.
 MONTH_EDGE_NS = 1_793_491_080 * 1_000_000_000
 
@@ -69,6 +70,24 @@ def make_series(  # noqa: PLR0917
             else:  # CPU over 100 %: a spike of 3 x vcpus x step (not kept in the counter)
                 s = Sample(t, cpu + 3 * vcpus * step + 1, mem, net_rx, net_tx, dr, dw)
         out.append(s)
+    return Series(key, out)
+
+
+def big_series(rng: random.Random, key: SeriesKey, start_ns: int, minutes: int) -> Series:
+    """A sample every 30 s (gaps: no memory billed) with large CPU and network counters, so
+    each line is dollars, plus a 100 ms stretch every 10 minutes (memory billed)."""
+    t = start_ns
+    cpu = rx = tx = 0
+    out: list[Sample] = []
+    for i in range(minutes * 2):
+        steps = [30 * S_NS] if i % 20 else [30 * S_NS - 5 * S_NS, *[100_000_000] * 50]
+        for step in steps:
+            t += step
+            cpu += rng.randint(0, key.vcpus * step)
+            rx += rng.randint(0, GIB)
+            tx += rng.randint(0, GIB // 4)
+            mem = rng.randint(key.memory_total_bytes // 4, key.memory_total_bytes)
+            out.append(Sample(t, cpu, mem, rx, tx, 0, 0))
     return Series(key, out)
 
 

@@ -16,13 +16,15 @@ from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from sqlalchemy.orm import Session
 
-from unkey_deploy.billing.aggregator import Aggregator
+from unkey_deploy.billing.aggregator import Aggregator, Incoming
 from unkey_deploy.billing.customers import SqlDirectory
 from unkey_deploy.billing.http import router
+from unkey_deploy.billing.ledger import InvoiceLedger
 from unkey_deploy.billing.queries import BillingQueries
 from unkey_deploy.billing.service import LoopStats, run_consumer
 from unkey_deploy.bus.jetstream import connect
@@ -32,11 +34,13 @@ from unkey_deploy.core import config
 from unkey_deploy.core.clock import FakeClock
 from unkey_deploy.core.net import free_port
 from unkey_deploy.gateway.app import create_app
+from unkey_deploy.metering.codec import encode
+from unkey_deploy.metering.model import SeriesKey
 from unkey_deploy.store import controlplane as cp
 from unkey_deploy.store import db
 
 from .reference import reference_invoices
-from .scenarios import make_series, raw_of
+from .scenarios import big_series, make_series, raw_of, to_batches
 
 HOUR = 3_600_000_000_000
 ADMIN = "admin-token-for-tests"
@@ -60,7 +64,10 @@ def served(tmp_path: Path, storage: ChdbStorage) -> Iterator[tuple[str, dict[str
         s.commit()
     app = create_app(settings, routers=[router], factory=factory, admin_token=ADMIN)
     now_ns = (time.time_ns() // HOUR) * HOUR + 30 * 60 * 10**9
-    app.state.billing = BillingQueries(storage, SqlDirectory(factory), FakeClock(now_ns))
+    clock = FakeClock(now_ns)
+    app.state.billing = BillingQueries(
+        storage, SqlDirectory(factory), clock, InvoiceLedger(factory, clock)
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     th = threading.Thread(target=server.run, daemon=True)
@@ -179,3 +186,60 @@ def test_import_then_bill_and_usage_through_api_and_cli(
     # bad input: a clear error
     r = _unkey({**env, "UNKEY_API_KEY": keys[a]}, "bill", "--month", "2026-13")
     assert r.returncode == 2 and "YYYY-MM" in r.stderr
+
+
+def test_finalize_through_api_and_cli_is_operator_only_and_tenant_scoped(
+    served: tuple[str, dict[str, str], Path], storage: ChdbStorage
+) -> None:
+    url, keys, tmp = served
+    a, b = sorted(keys)
+    now_hour = time.time_ns() // HOUR * HOUR
+    this_month = time.strftime("%Y-%m", time.gmtime(now_hour // 10**9))
+    y, m = map(int, this_month.split("-"))
+    last = f"{y - (m == 1):04d}-{(m - 2) % 12 + 1:02d}"
+    start = int(time.mktime(time.strptime(last + "-03", "%Y-%m-%d")) - time.timezone) * 10**9
+    rng = random.Random(23)
+    series = [big_series(rng, SeriesKey(a, "vm_a1", "i1", 16, 64 * 2**30), start, 120)]
+    factory = db.session_factory(db.make_engine(f"sqlite:///{tmp / 'data' / 'control.db'}"))
+    agg = Aggregator(storage, SqlDirectory(factory))
+    batches = [encode(bt) for bt in to_batches(series[0])]
+    out = agg.process([Incoming(i, data) for i, data in enumerate(batches)])
+    assert out.term == [] and len(out.ack) == len(batches)
+    ref = reference_invoices(raw_of(series), {a: (Fraction(20), Fraction(1))})[(a, last)]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNKEY_")}
+    env.update(UNKEY_API_URL=url, UNKEY_CONFIG_HOME=str(tmp / "cfg"), UNKEY_DATA_DIR=str(tmp / "d"))
+    admin = {**env, "UNKEY_ADMIN_TOKEN": ADMIN}
+    # a customer's key cannot issue invoices (its own or anyone's)
+    r = httpx.post(
+        f"{url}/v1/customers/{a}/invoices/{last}/finalize",
+        headers={"Authorization": f"Bearer {keys[a]}"},
+    )
+    assert r.status_code in (401, 403)
+    # the month in progress cannot be issued
+    r = _unkey(admin, "bill", "--customer", a, "--month", this_month, "--finalize", "--json")
+    assert r.returncode == 5 and "before the month is over" in r.stderr
+    r = _unkey(admin, "bill", "--customer", a, "--month", last, "--finalize", "--json")
+    assert r.returncode == 0, r.stderr
+    inv = json.loads(r.stdout)
+    assert inv["status"] == "issued" and inv["number"].startswith("INV-")
+    assert Fraction(inv["total"]) == ref["total"]
+    assert Fraction(inv["credits_applied"]) == ref["credits"] == 1
+    # again: the same invoice (HTTP 200, not 201), credits not taken twice
+    r2 = httpx.post(
+        f"{url}/v1/customers/{a}/invoices/{last}/finalize",
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert r2.status_code == 200 and r2.json()["invoice"] == inv
+    with factory() as s:
+        assert cp.get_customer(s, a).credit_balance == 0
+    # the customer sees it with its own key; B sees none of A's invoices
+    r = _unkey({**env, "UNKEY_API_KEY": keys[a]}, "bill", "--issued", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [(i["number"], i["month"]) for i in json.loads(r.stdout)] == [(inv["number"], last)]
+    r = _unkey({**env, "UNKEY_API_KEY": keys[a]}, "bill", "--month", last, "--json")
+    assert json.loads(r.stdout) == inv
+    r = _unkey({**env, "UNKEY_API_KEY": keys[b]}, "bill", "--issued", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+    r = _unkey({**env, "UNKEY_API_KEY": keys[a]}, "bill", "--month", last)
+    assert inv["number"] in r.stdout

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..core.errors import InvalidInput, Unavailable
 from ..gateway.auth import Principal, require_admin, require_principal
-from .invoice import check_month, to_html
+from .invoice import Invoice, check_month, to_html
 from .queries import BillingQueries
 
 router = APIRouter(tags=["billing"])
@@ -126,3 +126,55 @@ async def customer_bill(
     if html:
         return HTMLResponse(to_html(inv))
     return JSONResponse({"invoice": inv.to_json(), "request_id": _rid(request)})
+
+
+def _summary(inv: Invoice) -> dict[str, Any]:
+    return {
+        "number": inv.number,
+        "month": inv.month,
+        "issued_at": inv.issued_at,
+        "subtotal": str(inv.subtotal),
+        "credits_applied": str(inv.credits_applied),
+        "total": str(inv.total),
+        "currency": inv.currency,
+    }
+
+
+@router.get("/v1/invoices")
+async def invoices(
+    request: Request,
+    principal: Principal = Depends(require_principal),  # noqa: B008
+) -> JSONResponse:
+    """The caller's issued invoices (number, month, totals), oldest first. An issued invoice
+    never changes; ``GET /v1/bill?month=`` returns its whole document."""
+    q = _queries(request)
+    done = await run_in_threadpool(lambda: q.issued_invoices(principal.customer_id))
+    return JSONResponse({"invoices": [_summary(i) for i in done], "request_id": _rid(request)})
+
+
+@router.get("/v1/customers/{customer_id}/invoices", dependencies=[Depends(require_admin)])
+async def customer_invoices(request: Request, customer_id: str) -> JSONResponse:
+    """Operator: a customer's issued invoices."""
+    q = _queries(request)
+    done = await run_in_threadpool(lambda: q.issued_invoices(customer_id))
+    return JSONResponse({"invoices": [_summary(i) for i in done], "request_id": _rid(request)})
+
+
+@router.post(
+    "/v1/customers/{customer_id}/invoices/{month}/finalize",
+    dependencies=[Depends(require_admin)],
+    status_code=201,
+    responses={200: {"description": "the month was already issued: that invoice, unchanged"}},
+)
+async def finalize_invoice(request: Request, customer_id: str, month: str) -> JSONResponse:
+    """Operator: issue a customer-month invoice once the month is over. It gets a number, its
+    lines and totals are frozen and its credits are taken from the balance, exactly once;
+    usage of the month that arrives later is billed as adjustment lines on the next invoice.
+    Idempotent: issuing an issued month returns it with 200."""
+    q = _queries(request)
+    check_month(month)
+    inv, issued_now = await run_in_threadpool(lambda: q.issue(customer_id, month))
+    return JSONResponse(
+        {"invoice": inv.to_json(), "issued_now": issued_now, "request_id": _rid(request)},
+        status_code=201 if issued_now else 200,
+    )

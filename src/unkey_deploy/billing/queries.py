@@ -6,14 +6,29 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from ..clickhouse import queries as chq
 from ..clickhouse.api import Storage
 from ..core.clock import Clock
-from ..core.errors import NotFound
-from .customers import CustomerDirectory
-from .invoice import Invoice, UsageTotals, build_invoice, check_month
+from ..core.errors import NotFound, Unavailable
+from . import pricing
+from .customers import CustomerDirectory, CustomerInfo
+from .invoice import (
+    ITEMS,
+    Invoice,
+    Line,
+    UsageTotals,
+    amount_of,
+    build_invoice,
+    check_month,
+    price_of,
+    quantity_of,
+    unit_of,
+    usage_of,
+)
+from .ledger import Billed, BilledSoFar, InvoiceLedger
 
 SQL_INVOICE_TOTALS = """
 SELECT
@@ -30,6 +45,12 @@ WHERE customer_id = {customer_id:String}
 GROUP BY pricing_version
 ORDER BY pricing_version
 """
+
+_Q6 = Decimal("0.000001")
+
+
+def _sheet(t: UsageTotals) -> pricing.PriceSheet:
+    return pricing.price_sheet(t.pricing_version, t.tier)
 
 
 def _jsonable(value: Any) -> Any:
@@ -49,12 +70,103 @@ class BillingQueries:
     storage: Storage
     directory: CustomerDirectory
     clock: Clock
+    # issued invoices (control-plane database); without it every invoice is a draft
+    ledger: InvoiceLedger | None = None
 
-    def invoice(self, customer_id: str, month: str) -> Invoice:
-        check_month(month)
+    def _customer(self, customer_id: str) -> CustomerInfo:
         cust = self.directory.customer(customer_id)
         if cust is None:
             raise NotFound(f"customer {customer_id} not found")
+        return cust
+
+    def invoice(self, customer_id: str, month: str) -> Invoice:
+        """The issued invoice of the month (frozen), else its draft as it would be issued now
+        (the month's usage, plus adjustments of earlier issued months)."""
+        check_month(month)
+        cust = self._customer(customer_id)
+        if self.ledger is None:
+            inv, _billed = self._draft(cust, month, cust.credit_balance, {})
+            return inv
+        issued = self.ledger.issued(customer_id, month)
+        if issued is not None:
+            return issued
+        balance = self.ledger.balance(customer_id)
+        inv, _billed = self._draft(cust, month, balance, self.ledger.billed(customer_id))
+        return inv
+
+    def issue(self, customer_id: str, month: str) -> tuple[Invoice, bool]:
+        """Issue (finalise) a customer-month invoice; see :mod:`.ledger`. Returns the invoice
+        and whether this call issued it."""
+        check_month(month)
+        cust = self._customer(customer_id)
+        if self.ledger is None:
+            raise Unavailable("invoices cannot be issued: no control-plane database configured")
+        return self.ledger.issue(
+            customer_id, month, lambda bal, billed: self._draft(cust, month, bal, billed)
+        )
+
+    def issued_invoices(self, customer_id: str) -> list[Invoice]:
+        self._customer(customer_id)
+        return [] if self.ledger is None else self.ledger.list_issued(customer_id)
+
+    def _draft(
+        self, cust: CustomerInfo, month: str, balance: Decimal, billed: BilledSoFar
+    ) -> tuple[Invoice, list[Billed]]:
+        totals = self._totals(cust.customer_id, month, cust.pricing_tier)
+        rows = [
+            Billed(
+                month,
+                t.pricing_version,
+                t.tier,
+                item,
+                usage_of(t, item),
+                amount_of(item, usage_of(t, item), _sheet(t)),
+            )
+            for t in totals
+            for item in ITEMS
+        ]
+        adjustments: list[Line] = []
+        for period in sorted(p for p in billed if p < month):
+            before = billed[period]
+            tier_of = {v: tier for v, tier, _item in before}  # as priced when issued
+            now = {
+                t.pricing_version: t
+                for t in self._totals(cust.customer_id, period, cust.pricing_tier)
+            }
+            keys = set(before) | {
+                (v, tier_of.get(v, cust.pricing_tier), item) for v in now for item in ITEMS
+            }
+            for v, tier, item in sorted(keys, key=lambda k: (k[0], k[1], ITEMS.index(k[2]))):
+                cur = usage_of(now[v], item) if v in now else 0
+                was_usage, was_amount = before.get((v, tier, item), (0, Decimal("0.00")))
+                if cur == was_usage:
+                    continue
+                sheet = pricing.price_sheet(v, tier)
+                amount = amount_of(item, cur, sheet) - was_amount
+                adjustments.append(
+                    Line(
+                        item=item,
+                        unit=unit_of(item),
+                        quantity=pricing.to_decimal(quantity_of(item, cur - was_usage), _Q6),
+                        unit_price=price_of(item, sheet),
+                        amount=amount,
+                        pricing_version=v,
+                        tier=tier,
+                        adjustment_for=period,
+                    )
+                )
+                rows.append(Billed(period, v, tier, item, cur - was_usage, amount))
+        inv = build_invoice(
+            cust.customer_id,
+            month,
+            totals,
+            discount_pct=cust.discount_pct,
+            credit_balance=balance,
+            adjustments=adjustments,
+        )
+        return inv, rows
+
+    def _totals(self, customer_id: str, month: str, tier: str) -> list[UsageTotals]:
         start, end = chq.month_bounds(month)
         rows = self.storage.query(
             SQL_INVOICE_TOTALS,
@@ -64,10 +176,10 @@ class BillingQueries:
                 "end": end.strftime("%Y-%m-%d %H:%M:%S"),
             },
         )
-        totals = [
+        return [
             UsageTotals(
                 pricing_version=str(r["pricing_version"]),
-                tier=cust.pricing_tier,
+                tier=tier,
                 cpu_ns=int(r["cpu_time_ns"]),
                 mem_byte_ns=int(r["mem_byte_ns"]),
                 net_bytes=int(r["net_bytes"]),
@@ -76,13 +188,6 @@ class BillingQueries:
             )
             for r in rows
         ]
-        return build_invoice(
-            customer_id,
-            month,
-            totals,
-            discount_pct=cust.discount_pct,
-            credit_balance=cust.credit_balance,
-        )
 
     def current_month(self) -> str:
         return self.clock.now().astimezone(UTC).strftime("%Y-%m")

@@ -43,6 +43,7 @@ from ..metering import stream as mstream
 from ..store import db
 from .aggregator import Aggregator, Incoming, Prepared, Settled
 from .customers import CustomerDirectory, SqlDirectory
+from .ledger import InvoiceLedger
 from .queries import BillingQueries
 
 log = logging.getLogger(__name__)
@@ -208,12 +209,13 @@ async def start_in_process(
     if storage is None:
         storage = storage_from_settings(settings)
     await asyncio.to_thread(storage.migrate)
+    factory = db.session_factory(db.make_engine(settings.resolved_database_url))
     if directory is None:
-        directory = SqlDirectory(db.session_factory(db.make_engine(settings.resolved_database_url)))
+        directory = SqlDirectory(factory)
     agg = await asyncio.to_thread(
         Aggregator, storage, directory, pricing_version=settings.billing.pricing_version
     )
-    queries = BillingQueries(storage, directory, clock)
+    queries = BillingQueries(storage, directory, clock, InvoiceLedger(factory, clock))
     stop = asyncio.Event()
     url = nats_url or settings.bus.nats_url
     task = None

@@ -110,6 +110,13 @@ def usage_import(file: Path, nats_url: str | None, spool_dir: Path | None, as_js
 @click.command("bill")
 @click.option("--month", default=None, help="YYYY-MM (UTC); default: this month")
 @click.option("--customer", "customer_id", default=None, help="operator: any customer's bill")
+@click.option(
+    "--finalize",
+    is_flag=True,
+    help="operator (with --customer and --month): issue the month's invoice (numbered, frozen, "
+    "credits taken once); idempotent",
+)
+@click.option("--issued", "list_issued", is_flag=True, help="list the issued invoices instead")
 @click.option("--json", "as_json", is_flag=True)
 @click.option(
     "--html",
@@ -118,12 +125,40 @@ def usage_import(file: Path, nats_url: str | None, spool_dir: Path | None, as_js
     default=None,
     help="also write the invoice as an HTML document",
 )
-def bill(month: str | None, customer_id: str | None, as_json: bool, html_file: Path | None) -> None:
-    """Your invoice for a month: line items, subtotal, discount, credits and total."""
+def bill(  # noqa: PLR0917 (one option each)
+    month: str | None,
+    customer_id: str | None,
+    finalize: bool,
+    list_issued: bool,
+    as_json: bool,
+    html_file: Path | None,
+) -> None:
+    """Your invoice for a month: line items, subtotal, discount, credits and total.
+
+    A month's invoice is a draft until an operator issues it (--finalize); after that it never
+    changes, and usage of that month that arrives later shows as adjustment lines on the next
+    month's invoice."""
     params: Json = {}
     if month:
         params["month"] = month
     settings = _settings()
+    if list_issued:
+        _list_issued(settings, customer_id, as_json)
+        return
+    if finalize:
+        if not customer_id or not month:
+            raise InvalidInput(
+                "--finalize needs --customer and --month",
+                suggestion="e.g. unkey bill --customer cus_... --month 2026-10 --finalize",
+            )
+        with settings.client(need_key=False, need_admin=True) as client:
+            body: Json = client.request(
+                "POST", f"/v1/customers/{customer_id}/invoices/{month}/finalize", admin=True
+            ).json()
+        if not body["issued_now"]:
+            err.print(f"{month} was already issued as {body['invoice']['number']} (unchanged)")
+        else:
+            err.print(f"issued {body['invoice']['number']}")
     if customer_id:
         with settings.client(need_key=False, need_admin=True) as client:
             inv: Json = client.request(
@@ -149,12 +184,23 @@ def bill(month: str | None, customer_id: str | None, as_json: bool, html_file: P
     if as_json:
         print_json(inv)
         return
+    status = inv.get("status", "draft")
+    title = f"Invoice {inv['customer_id']} {inv['month']} ({inv['currency']})"
+    title += (
+        f", {inv['number']} issued {str(inv['issued_at'])[:10]}"
+        if inv.get("number")
+        else (f", {status}")
+    )
+    extra = []
+    if inv.get("credit_added") and inv["credit_added"] not in ("0", "0.00"):
+        extra = [["added to credit balance", "", "", f"${inv['credit_added']}"]]
     table(
-        f"Invoice {inv['customer_id']} {inv['month']} ({inv['currency']})",
+        title,
         ["ITEM", "QUANTITY", "UNIT PRICE", "AMOUNT"],
         [
             [
-                f"{ln['item']} ({ln['pricing_version']})",
+                (f"adjustment {ln['adjustment_for']}: " if ln.get("adjustment_for") else "")
+                + f"{ln['item']} ({ln['pricing_version']})",
                 f"{ln['quantity']} {ln['unit']}",
                 f"${ln['unit_price']}",
                 f"${ln['amount']}",
@@ -166,6 +212,38 @@ def bill(month: str | None, customer_id: str | None, as_json: bool, html_file: P
             [f"discount ({inv['discount_pct']}%)", "", "", f"-${inv['discount']}"],
             ["credits applied", "", "", f"-${inv['credits_applied']}"],
             ["total", "", "", f"${inv['total']}"],
+            *extra,
+        ],
+    )
+
+
+def _list_issued(
+    settings: cli_config.ClientSettings, customer_id: str | None, as_json: bool
+) -> None:
+    if customer_id:
+        with settings.client(need_key=False, need_admin=True) as client:
+            body: Json = client.request(
+                "GET", f"/v1/customers/{customer_id}/invoices", admin=True
+            ).json()
+    else:
+        with settings.client() as client:
+            body = client.request("GET", "/v1/invoices").json()
+    rows = body["invoices"]
+    if as_json:
+        print_json(rows)
+        return
+    table(
+        "Issued invoices",
+        ["NUMBER", "MONTH", "ISSUED", "CREDITS", "TOTAL"],
+        [
+            [
+                r["number"],
+                r["month"],
+                str(r["issued_at"])[:10],
+                f"${r['credits_applied']}",
+                f"${r['total']}",
+            ]
+            for r in rows
         ],
     )
 
