@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from unkey_deploy.assets.api import Asset, AssetMeta
 from unkey_deploy.assets.blobs import BlobStore, FsBlobStore, S3BlobStore, sha256_of
-from unkey_deploy.assets.service import AssetManager
+from unkey_deploy.assets.service import AssetBlobRow, AssetManager
 from unkey_deploy.core.clock import FakeClock
 from unkey_deploy.core.errors import Conflict, NotFound
 from unkey_deploy.core.ids import BuildId, CustomerId, new_build_id, new_customer_id
@@ -181,3 +181,36 @@ def test_register_racing_gc_never_loses_a_registered_blob(
     # gc is not just refusing to work: with nothing live the blob goes
     clock.advance(mgr.grace_s + 1)
     assert mgr.gc().blobs_deleted == [blob] and not blobs.exists(blob)
+
+
+def test_a_crashed_gc_deletion_is_finished_or_taken_over_after_the_grace(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FakeClock
+) -> None:
+    """gc marks a blob DELETING before deleting it; if it dies there, the next gc finishes the
+    deletion once the mark is older than the grace, or a register takes the blob back."""
+    blobs = FsBlobStore(tmp_path / "blobs")
+    mgr = AssetManager(factory, blobs, tmp_path / "cache", clock=clock, grace_s=60)
+    cust = new_customer_id()
+    zst, sha, size = _image(tmp_path, "c", b"C")
+    blob = sha256_of(zst)
+    for takeover in (True, False):
+        a = mgr.register(zst, _meta(cust, sha, size, key=f"c{takeover}-{cust}"))
+        mgr.delete(a.asset_id)
+        clock.advance(mgr.grace_s + 1)
+        assert mgr._take(blob, mgr._now() - mgr.grace_s)  # a gc took it ... and died
+        assert mgr.gc().blobs_deleted == []  # a young mark: that gc may still be at work
+        assert blobs.exists(blob)
+        clock.advance(mgr.grace_s + 1)
+        if takeover:
+            b = mgr.register(zst, _meta(cust, sha, size, key=f"again-{cust}"))
+            clock.advance(mgr.grace_s + 1)
+            assert mgr.gc().blobs_deleted == [] and blobs.exists(blob)
+            assert sha256_of(mgr.fetch(b.asset_id, tmp_path / "b.ext4")) == sha
+            mgr.delete(b.asset_id)
+            clock.advance(mgr.grace_s + 1)
+            assert mgr.gc().blobs_deleted == [blob]
+        else:
+            mgr.gc()  # finishes the dead gc's deletion (blob and row)
+            assert not blobs.exists(blob)
+            with factory() as s:
+                assert s.get(AssetBlobRow, blob) is None
