@@ -24,6 +24,11 @@ Every counter is made cumulative from the instance's boot and never decreasing: 
 that goes down (an interface re-created, a metrics reset) adds the previous value as an offset,
 like Prometheus counter resets. When ``MeterTarget.baseline_at_first_read`` is set (the counter
 existed before the instance booted, e.g. a reused cgroup), the first read is subtracted.
+
+**A VM that died is not sampled again** (billing stops when it dies, not when metald notices):
+each target's process is held by a pidfd, and after every sweep one ``poll`` over all of them
+says which exited. The sweep's reading of such a VM is dropped, since it may have been taken
+after the death: the series ends at its last reading taken while the process was known alive.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import socket
 import time
 from collections.abc import Iterable
@@ -188,6 +194,13 @@ class VmReader:
         self.target = target
         self.key = target.key
         self._fds: list[int] = []
+        # held from the start: a pid reused later cannot be mistaken for the VM
+        try:
+            self.pidfd: int | None = os.pidfd_open(target.pid)
+        except OSError:  # already gone (or no such pid): never sampled
+            self.pidfd = None
+        else:
+            self._fds.append(self.pidfd)
         v2 = target.cgroup_v2_dir
         self._cpu_v2 = self._fd(v2 / "cpu.stat") if v2 else None
         self._cpu_v1 = (
@@ -295,6 +308,7 @@ class Collector:
         self._offset = np.zeros((0, NCOLS), dtype=np.int64)
         self._baseline = np.zeros((0, NCOLS), dtype=np.int64)
         self._fresh = np.zeros(0, dtype=bool)
+        self._exits = select.poll()  # the pidfds of the targets: readable once it exited
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -332,11 +346,15 @@ class Collector:
         for k in list(self._readers):
             if k not in want:
                 r = self._readers.pop(k)
+                if r.pidfd is not None:
+                    self._exits.unregister(r.pidfd)
                 r.close()
                 gone.append(r.key)
         for k, t in want.items():
             if k not in self._readers:
                 r = VmReader(t)
+                if r.pidfd is not None:
+                    self._exits.register(r.pidfd, select.POLLIN)
                 r.refresh_slow()
                 self._readers[k] = r
         self._rebuild()
@@ -367,6 +385,11 @@ class Collector:
                 ok.append(True)
             v.insert(0, time_ns())
             vals.append(v)
+        if self._order:  # after the readings: a VM alive now was alive when it was read
+            exited = {fd for fd, _ev in self._exits.poll(0)}
+            for i, r in enumerate(self._order):
+                if r.pidfd is None or r.pidfd in exited:
+                    ok[i] = False
         n = len(vals)
         raw = np.array(vals, dtype=np.int64).reshape(n, NCOLS)
         good = np.array(ok, dtype=bool)
@@ -390,6 +413,8 @@ class Collector:
 
     def close(self) -> None:
         for r in self._order:
+            if r.pidfd is not None:
+                self._exits.unregister(r.pidfd)
             r.close()
         self._readers.clear()
         self._order = []
