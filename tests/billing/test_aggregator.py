@@ -99,9 +99,10 @@ def test_unknown_customer_and_vm_are_quarantined(storage: ChdbStorage) -> None:
 
 
 def test_cpu_over_100_is_quarantined_and_not_billed(storage: ChdbStorage) -> None:
-    # The codec refuses falling counters and memory over the allocation inside a batch, so the
-    # invalid samples that reach billing are CPU jumps (the counter keeps the jump: samples stay
-    # invalid until elapsed time covers it) and whatever crosses batch boundaries.
+    # billaged's encoder refuses falling counters and memory over the allocation inside a
+    # batch, so the invalid samples live metering sends are CPU jumps (the counter keeps the
+    # jump: samples stay invalid until elapsed time covers it) and whatever crosses batch
+    # boundaries; the others are covered by test_invalid_samples.py.
     rng = random.Random(5)
     s = make_series(rng, "cust_b", "vm_3", "i1", MONTH_EDGE_NS, 1200, vcpus=1)
     jump = 3 * 10**8  # 0.3 s of one vCPU within a 0.1 s interval

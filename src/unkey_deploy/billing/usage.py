@@ -135,8 +135,6 @@ def _sane(rows: Arr) -> npt.NDArray[np.bool_]:
 
 
 def _reason(prev: Arr | None, row: Arr, vcpus: int, mem_total: int) -> str | None:
-    if bool(np.any(row < 0)):
-        return REASON_NEGATIVE
     if row[MEM] > mem_total:
         return REASON_MEMORY
     if prev is None:
@@ -167,8 +165,9 @@ def _valid_mask(
     valid = fast.copy()
     reasons: dict[int, str] = {}
     last: Arr | None = rows[first - 1] if first > 0 else prev
+    sane = _sane(rows).tolist()
     for i in range(first, n):
-        r = _reason(last, rows[i], vcpus, mem_total)
+        r = _reason(last, rows[i], vcpus, mem_total) if sane[i] else REASON_NEGATIVE
         if r is None:
             valid[i] = True
             last = rows[i]
