@@ -65,11 +65,6 @@ def full_spool(tmp_path: Path) -> Iterator[tuple[Path, int, Exception]]:
         yield spool, failed, exc
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="billaged.ingest lets the bare OSError(ENOSPC) of Journal._append / Spool.write "
-    "escape: '[Errno 28] No space left on device', with no path and no UnkeyError",
-)
 def test_spool_full_error_is_clear_and_names_the_path(
     full_spool: tuple[Path, int, Exception],
 ) -> None:

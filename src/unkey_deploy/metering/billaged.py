@@ -36,7 +36,7 @@ from ..bus.interface import Bus
 from ..core import log as ulog
 from ..core import metrics
 from ..core.config import BusConfig
-from ..core.errors import InvalidInput, UnkeyError
+from ..core.errors import InvalidInput, Unavailable, UnkeyError
 from . import stream as mstream
 from .codec import COUNTER_COLS, MEMORY_COL, NCOLS, Encoder, Samples, check_key
 from .journal import SAMPLES, SERIES, STOP, Journal
@@ -198,16 +198,30 @@ class Billaged:
             slots, rows = slots[ok], rows[ok]
         if not len(slots):
             return 0
-        if self._journal is not None:
-            if self._journal._fd is None or self._ticks_in_segment >= self.rotate_ticks:
-                self._rotate()
-            self._journal.samples(slots, rows)
-            self._ticks_in_segment += 1
-            fill = self._fill[slots]
-            starting = slots[fill == 0]
-            self._first_seg[starting] = self._journal.current
-        self._store(slots, rows)
+        try:
+            if self._journal is not None:
+                if self._journal._fd is None or self._ticks_in_segment >= self.rotate_ticks:
+                    self._rotate()
+                self._journal.samples(slots, rows)
+                self._ticks_in_segment += 1
+                fill = self._fill[slots]
+                starting = slots[fill == 0]
+                self._first_seg[starting] = self._journal.current
+            self._store(slots, rows)
+        except OSError as exc:
+            raise self._disk_error(exc) from exc
         return len(slots)
+
+    def _disk_error(self, exc: OSError) -> Unavailable:
+        """A write to the spool failed (disk full, I/O error). This billaged's in-memory state
+        may be ahead of its files now: it must be restarted; what it accepted before is
+        recovered from the journal and the spool (a torn last record is skipped)."""
+        return Unavailable(
+            f"billaged cannot write its spool {self.spool_dir}: {exc.strerror or exc}",
+            suggestion="free space on that filesystem, then restart billaged (metald): "
+            "it recovers every sample it accepted from the journal and spool",
+            retryable=False,
+        )
 
     def _store(self, slots: np.ndarray, rows: Samples) -> None:
         fill = self._fill[slots]
@@ -230,9 +244,12 @@ class Billaged:
         s = self._slot_of.get(name)
         if s is None:
             return
-        self._flush(np.array([s]), closing={s})
-        if self._journal is not None:
-            self._journal.stop(s)
+        try:
+            self._flush(np.array([s]), closing={s})
+            if self._journal is not None:
+                self._journal.stop(s)
+        except OSError as exc:
+            raise self._disk_error(exc) from exc
         del self._slot_of[name]
         self._keys[s] = None
         self._fill[s] = 0
