@@ -10,7 +10,8 @@
 * world-writable files and non-sticky world-writable directories lose ``o+w``;
 * docs, man/info pages and package-manager/pip caches are removed;
 * ELF files are stripped with ``strip --strip-unneeded`` when ``strip`` exists (failures ignored:
-  not every ELF is strippable).
+  not every ELF is strippable); only those with symbols or debug sections, as strip would leave
+  the others byte-identical (but rewrite them whole).
 
 Nothing here follows a symlink: the tree is hostile input.
 """
@@ -20,11 +21,13 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .vminit import INIT_DIR, LaunchSpec
 
@@ -224,6 +227,55 @@ def _remove_shells(root: Path, report: HardenReport, log: Log) -> None:
         log(f"harden: removed shells {', '.join(report.shells_removed)}")
 
 
+def _needs_strip(f: BinaryIO) -> bool:
+    """Whether ``strip --strip-unneeded`` would change this file: an ELF with a ``.symtab`` or
+    debug sections. Most shipped binaries and libraries are stripped already, and strip rewrites
+    a file whole even when it removes nothing (measured: 4 of 397 ELF files of the bench image
+    change); skipping those gives the same bytes. Anything unparsable (the file is hostile input)
+    goes to strip, which decides as before."""
+    head = f.read(64)
+    if len(head) < 64 or head[:4] != b"\x7fELF":
+        return False
+    try:
+        cls, order = head[4], head[5]
+        e = "<" if order == 1 else ">"
+        if cls == 2:  # ELF64
+            (shoff,) = struct.unpack(e + "Q", head[0x28:0x30])
+            shentsize, shnum, shstrndx = struct.unpack(e + "HHH", head[0x3A:0x40])
+            fmt, off_at, size_at = e + "IIQQQQIIQQ", 4, 5
+        elif cls == 1:  # ELF32
+            (shoff,) = struct.unpack(e + "I", head[0x20:0x24])
+            shentsize, shnum, shstrndx = struct.unpack(e + "HHH", head[0x2E:0x34])
+            fmt, off_at, size_at = e + "IIIIIIIIII", 4, 5
+        else:
+            return True
+        want = struct.calcsize(fmt)
+        if shoff == 0 or shnum == 0:
+            return False  # no section headers: nothing for strip to remove
+        if shentsize < want or shstrndx >= shnum:
+            return True
+        f.seek(shoff)
+        table = f.read(shentsize * shnum)
+        if len(table) < shentsize * shnum:
+            return True
+        sections = [struct.unpack(fmt, table[i * shentsize : i * shentsize + want])
+                    for i in range(shnum)]  # fmt: skip
+        names_sh = sections[shstrndx]
+        if names_sh[size_at] > 1 << 20:
+            return True
+        f.seek(names_sh[off_at])
+        names = f.read(names_sh[size_at])
+        for sh in sections:
+            start = sh[0]
+            end = names.find(b"\0", start)
+            name = names[start : end if end >= 0 else len(names)]
+            if name == b".symtab" or name.startswith((b".debug", b".zdebug")):
+                return True
+        return False
+    except (struct.error, OSError, ValueError, IndexError):
+        return True
+
+
 def _strip(root: Path, files: list[str], log: Log) -> int:
     strip = shutil.which("strip")
     if strip is None or not files:
@@ -295,7 +347,7 @@ def harden(root: Path, spec: LaunchSpec, *, keep_shell: bool, log: Log) -> Harde
             seen.add(st.st_ino)
             try:
                 with open(path, "rb") as f:
-                    if f.read(4) == b"\x7fELF":
+                    if _needs_strip(f):
                         elf.append(rel)
             except OSError:
                 pass
