@@ -94,7 +94,8 @@ def test_a_data_dir_from_before_the_migration_keeps_its_state(tmp_path: Path) ->
             f"{T0 + 10 * 10**8},{10 * 5 * 10**7},1048576,10,10,0,0,"
             f"{(T0 + 10 * 10**8) // 3_600_000_000_000},0,0,0,0,0,0,0,0,0,1)"
         )
-        assert s.migrate() == ["005"]
+        # 005 and every later migration (those are not about this state)
+        assert s.migrate() == [m.version for m in load_migrations() if m.version >= "005"]
         assert _columns(s, "billing_series_state")[-3:] == ["skipped", "checkpoint", "version"]
         # the aggregator resumes from the old row: batch 0 again is a duplicate, 1 is applied
         agg = Aggregator(s, _directory())

@@ -5,6 +5,7 @@ which proves they are valid ClickHouse (no ClickHouse server can be installed he
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -13,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from chdata import T0, T0_NS, batch
+from chdata import T0, T0_NS, batch, raw_rows
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from unkey_deploy.clickhouse import queries
@@ -209,22 +210,78 @@ def test_query_functions_send_valid_parameterised_sql(store: ChdbStorage) -> Non
     queries.dashboard(server, customer_id="cust_a", now=T0, minutes=5)
     with pytest.raises(IndexError):
         queries.monthly_bill(server, customer_id="cust_a", month="2026-11")  # no answer rows
-    queries.capacity_planning(server, customer_id=None, start=T0, end=T0 + timedelta(hours=1))
+    queries.capacity_planning(server, customer_id="cust_a", start=T0, end=T0 + timedelta(hours=1))
     for res in ("5min", "hour", "day"):
         queries.vm_usage(server, customer_id="cust_a", start=T0, end=T0, resolution=res)  # type: ignore[arg-type]
+    queries.vm_usage(server, customer_id="cust_a", vm_id="vm_1", start=T0, end=T0)
     queries.billing_rows(server, customer_id="cust_a", month="2026-11")
     queries.hour_usage(server, customer_id="cust_a", vm_id="vm_1", start=T0, end=T0)
-    assert len(rec.calls) == 8
+    assert len(rec.calls) == 9
     for c in rec.calls:
         assert c.method == "query"
-        # every read is tenant-scoped by a bound parameter, never by text
-        if c.parameters.get("all_customers") is None:
-            assert c.parameters["customer_id"] == "cust_a"
-            assert "customer_id = {customer_id:String}" in c.sql
-        assert "cust_a" not in c.sql
+        # every tenant read is scoped by a bound parameter, never by text
+        assert c.parameters["customer_id"] == "cust_a"
+        assert "customer_id = {customer_id:String}" in c.sql
+        assert "cust_a" not in c.sql and "vm_1" not in c.sql
+        # the time window is bound too, with the placeholder type the column is compared as
+        assert set(c.parameters) >= {"start", "end"}
+        assert re.search(r"\{start:DateTime(64\(\d, 'UTC'\)|\('UTC'\))\}", c.sql), c.sql
         if "billing_hourly" in c.sql:
-            assert "FROM billing_hourly FINAL" in c.sql
+            # FINAL, and the scope in PREWHERE (exact: its columns are in the sorting key)
+            assert "FROM billing_hourly FINAL\nPREWHERE customer_id = " in c.sql
         store.query(c.sql, c.parameters)  # chDB accepts the same text and parameters
+    dash = rec.calls[0]
+    assert dash.parameters == {
+        "customer_id": "cust_a",
+        "start": (T0 - timedelta(minutes=5)).strftime("%Y-%m-%d %H:%M:%S.%f"),
+        "end": T0.strftime("%Y-%m-%d %H:%M:%S.%f"),
+    }
+    assert "timestamp > {start:DateTime64(6, 'UTC')}" in dash.sql
+    assert "timestamp <= {end:DateTime64(6, 'UTC')}" in dash.sql
+    one_vm = rec.calls[6]
+    assert (one_vm.parameters["any_vm"], one_vm.parameters["vm_id"]) == (0, "vm_1")
+
+
+def test_platform_capacity_has_no_customer_condition(store: ChdbStorage) -> None:
+    """The operator-only platform read binds no customer and filters on none, so ClickHouse can
+    answer it from capacity_hourly's per-hour projection (migration 008)."""
+    s = 1_000_000_000
+    store.insert_raw(
+        raw_rows(
+            [
+                {"t_ns": T0_NS + s, "cpu_usage_percent": 10.0},
+                {"t_ns": T0_NS + s, "customer_id": "cust_b", "vm_id": "vm_2"},
+            ]
+        )
+    )
+    rec = RecordingClient()
+    queries.capacity_planning(
+        ServerStorage(client=rec), customer_id=None, start=T0, end=T0 + timedelta(hours=1)
+    )
+    (c,) = rec.calls
+    assert c.sql == queries.SQL_CAPACITY
+    assert c.parameters == {
+        "start": T0.strftime("%Y-%m-%d %H:%M:%S"),
+        "end": (T0 + timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    assert "customer_id" not in c.sql
+    plan = "\n".join(
+        str(r["explain"]) for r in store.query("EXPLAIN indexes=1 " + c.sql, c.parameters)
+    )
+    assert "ReadFromMergeTree (p_platform)" in plan
+    customer = "\n".join(
+        str(r["explain"])
+        for r in store.query(
+            "EXPLAIN indexes=1 " + queries.SQL_CAPACITY_CUSTOMER,
+            {**c.parameters, "customer_id": "cust_a"},
+        )
+    )
+    assert "p_platform" not in customer
+    # the projection's answer is the rows' answer: both customers' VMs and samples
+    (hour,) = queries.capacity_planning(
+        store, customer_id=None, start=T0, end=T0 + timedelta(hours=1)
+    )
+    assert (hour.hour, hour.active_vms, hour.samples, hour.max_cpu) == (T0, 2, 2, 10.0)
 
 
 def test_errors_map_to_the_error_tree() -> None:

@@ -34,7 +34,7 @@ _ROLLUPS: dict[str, tuple[str, str]] = {
 }
 
 
-def _need_customer(customer_id: str) -> str:
+def _need_customer(customer_id: object) -> str:
     if not isinstance(customer_id, str) or not customer_id:
         raise InvalidInput("customer_id is required for tenant-scoped usage queries")
     return customer_id
@@ -60,10 +60,84 @@ def _as_utc(value: Any) -> datetime:
     raise InvalidInput(f"expected a datetime from ClickHouse, got {value!r}")
 
 
+# -- the scope every query shares: table, time window, tenant ------------------------------
+
+TimeType = Literal["DateTime('UTC')", "DateTime64(3, 'UTC')", "DateTime64(6, 'UTC')"]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a read is restricted to, built once for every query here: one table, a time window
+    on ``time_col`` bound as ``{start:T}`` / ``{end:T}`` (``[start, end)``, or ``(start, end]``
+    with ``lower_open``), the customer (``{customer_id:String}``, unless ``platform``) and
+    optionally one VM (``vm="one"``) or one-or-all (``vm="any"``, ``{any_vm:UInt8}``).
+
+    Values are always bound parameters (never text); table and column names come from this
+    module only. ``final`` reads a ReplacingMergeTree with FINAL and puts the scope in PREWHERE:
+    that is exact only because the scope's columns (customer_id, the hour) are in the table's
+    sorting key, so every version of a key passes or fails together (measured: 8.4 -> ~6.5 ms
+    CPU for the monthly bill)."""
+
+    table: str
+    time_col: str
+    time_type: TimeType
+    platform: bool = False
+    vm: Literal["none", "one", "any"] = "none"
+    lower_open: bool = False
+    final: bool = False
+
+    def sql(self, select: str, tail: str = "") -> str:
+        conds: list[str] = []
+        if not self.platform:
+            conds.append("customer_id = {customer_id:String}")
+        if self.vm == "one":
+            conds.append("vm_id = {vm_id:String}")
+        elif self.vm == "any":
+            conds.append("({any_vm:UInt8} = 1 OR vm_id = {vm_id:String})")
+        lo = ">" if self.lower_open else ">="
+        hi = "<=" if self.lower_open else "<"
+        conds.append(f"{self.time_col} {lo} {{start:{self.time_type}}}")
+        conds.append(f"{self.time_col} {hi} {{end:{self.time_type}}}")
+        source = f"{self.table} FINAL\nPREWHERE " if self.final else f"{self.table}\nWHERE "
+        return (
+            f"\nSELECT\n    {select.strip()}\nFROM {source}"
+            + "\n  AND ".join(conds)
+            + (f"\n{tail.strip()}\n" if tail.strip() else "\n")
+        )
+
+    def params(
+        self,
+        *,
+        start: datetime,
+        end: datetime,
+        customer_id: str | None = None,
+        vm_id: str | None = None,
+    ) -> dict[str, Any]:
+        """The bound values for :meth:`sql`'s placeholders (checked: tenant required unless
+        platform-wide, timezone-aware bounds)."""
+        fmt = "%Y-%m-%d %H:%M:%S" if self.time_type.startswith("DateTime(") else None
+        s, e = _utc(start, "start"), _utc(end, "end")
+        out: dict[str, Any] = {
+            "start": s.strftime(fmt) if fmt else _ts(s),
+            "end": e.strftime(fmt) if fmt else _ts(e),
+        }
+        if not self.platform:
+            out["customer_id"] = _need_customer(customer_id)
+        if self.vm == "one":
+            if not vm_id:
+                raise InvalidInput("vm_id is required")
+            out["vm_id"] = vm_id
+        elif self.vm == "any":
+            out["any_vm"] = 1 if vm_id is None else 0
+            out["vm_id"] = vm_id or ""
+        return out
+
+
 # -- 1. real-time dashboard ------------------------------------------------------------------
 
-SQL_DASHBOARD = """
-SELECT
+_DASHBOARD = Scope("metrics_raw", "timestamp", "DateTime64(6, 'UTC')", lower_open=True)
+SQL_DASHBOARD = _DASHBOARD.sql(
+    """
     vm_id,
     avg(cpu_usage_percent) AS avg_cpu,
     max(cpu_usage_percent) AS max_cpu,
@@ -75,14 +149,9 @@ SELECT
     sum(disk_write_bytes) AS disk_write_bytes,
     sum(gap_ns) AS gap_ns,
     count() AS samples,
-    max(timestamp) AS last_seen
-FROM metrics_raw
-WHERE customer_id = {customer_id:String}
-  AND timestamp > {since:DateTime64(6, 'UTC')}
-  AND timestamp <= {until:DateTime64(6, 'UTC')}
-GROUP BY vm_id
-ORDER BY avg_cpu DESC, vm_id
-"""
+    max(timestamp) AS last_seen""",
+    "GROUP BY vm_id\nORDER BY avg_cpu DESC, vm_id",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +188,9 @@ def dashboard(
     until = _utc(now, "now")
     rows = storage.query(
         SQL_DASHBOARD,
-        {
-            "customer_id": _need_customer(customer_id),
-            "since": _ts(until - timedelta(minutes=minutes)),
-            "until": _ts(until),
-        },
+        _DASHBOARD.params(
+            customer_id=customer_id, start=until - timedelta(minutes=minutes), end=until
+        ),
     )
     return [
         VmStatus(
@@ -146,8 +213,9 @@ def dashboard(
 
 # -- 2. monthly bill ---------------------------------------------------------------------------
 
-SQL_MONTHLY = """
-SELECT
+_BILLING = Scope("billing_hourly", "hour", "DateTime('UTC')", final=True)
+SQL_MONTHLY = _BILLING.sql(
+    """
     sum(toDecimal128(cpu_time_ns, 0)) AS cpu_time_ns,
     sum(mem_byte_ns) AS mem_byte_ns,
     sum(toDecimal128(net_rx_bytes, 0)) AS net_rx_bytes,
@@ -159,12 +227,8 @@ SELECT
     sum(storage_byte_ns) AS storage_byte_ns,
     sum(cost) AS cost,
     count() AS vm_hours,
-    groupUniqArray(pricing_version) AS pricing_versions
-FROM billing_hourly FINAL
-WHERE customer_id = {customer_id:String}
-  AND hour >= {start:DateTime('UTC')}
-  AND hour < {end:DateTime('UTC')}
-"""
+    groupUniqArray(pricing_version) AS pricing_versions"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,12 +282,7 @@ def monthly_bill(storage: Storage, /, *, customer_id: str, month: str) -> Monthl
     """Totals of the customer's ``billing_hourly`` rows in the UTC month (newest versions only)."""
     start, end = month_bounds(month)
     rows = storage.query(
-        SQL_MONTHLY,
-        {
-            "customer_id": _need_customer(customer_id),
-            "start": start.strftime("%Y-%m-%d %H:%M:%S"),
-            "end": end.strftime("%Y-%m-%d %H:%M:%S"),
-        },
+        SQL_MONTHLY, _BILLING.params(customer_id=customer_id, start=start, end=end)
     )
     r = rows[0]
     return MonthlyUsage(
@@ -246,21 +305,22 @@ def monthly_bill(storage: Storage, /, *, customer_id: str, month: str) -> Monthl
 
 # -- 3. capacity planning ----------------------------------------------------------------------
 
-SQL_CAPACITY = """
-SELECT
+_CAPACITY_SELECT = """
     hour,
     quantileTDigestMerge(0.95)(cpu_p95) AS p95_cpu,
     max(cpu_max) AS max_cpu,
     max(mem_max) AS peak_vm_memory_bytes,
     uniqExactMerge(active_vms) AS active_vms,
-    sum(sample_count) AS samples
-FROM capacity_hourly
-WHERE hour >= {start:DateTime('UTC')}
-  AND hour < {end:DateTime('UTC')}
-  AND ({all_customers:UInt8} = 1 OR customer_id = {customer_id:String})
-GROUP BY hour
-ORDER BY hour DESC
-"""
+    sum(sample_count) AS samples"""
+_CAPACITY_PLATFORM = Scope("capacity_hourly", "hour", "DateTime('UTC')", platform=True)
+_CAPACITY_CUSTOMER = Scope("capacity_hourly", "hour", "DateTime('UTC')")
+# Platform-wide: no customer condition at all, so ClickHouse answers from the table's per-hour
+# projection p_platform (migration 008: ~25 states per day instead of one per customer-hour;
+# measured 25-60 ms -> ~6 ms for 24 h x 50 customers). Per customer: the table's sort key.
+SQL_CAPACITY = _CAPACITY_PLATFORM.sql(_CAPACITY_SELECT, "GROUP BY hour\nORDER BY hour DESC")
+SQL_CAPACITY_CUSTOMER = _CAPACITY_CUSTOMER.sql(
+    _CAPACITY_SELECT, "GROUP BY hour\nORDER BY hour DESC"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,19 +342,15 @@ def capacity_planning(
 ) -> list[CapacityHour]:
     """Per UTC hour in [start, end), newest first, from the hourly rollup. ``customer_id=None``
     is platform-wide (operators only); otherwise scoped to that customer. Reads
-    ``capacity_hourly`` (one t-digest per customer-hour, fed from the 5-minute rollup)."""
-    s, e = _utc(start, "start"), _utc(end, "end")
-    if customer_id is not None:
-        _need_customer(customer_id)
-    rows = storage.query(
-        SQL_CAPACITY,
-        {
-            "start": s.strftime("%Y-%m-%d %H:%M:%S"),
-            "end": e.strftime("%Y-%m-%d %H:%M:%S"),
-            "all_customers": 1 if customer_id is None else 0,
-            "customer_id": customer_id or "",
-        },
-    )
+    ``capacity_hourly`` (one t-digest per customer-hour, fed from the 5-minute rollup; the
+    platform-wide read uses its per-hour projection)."""
+    if customer_id is None:
+        rows = storage.query(SQL_CAPACITY, _CAPACITY_PLATFORM.params(start=start, end=end))
+    else:
+        rows = storage.query(
+            SQL_CAPACITY_CUSTOMER,
+            _CAPACITY_CUSTOMER.params(customer_id=customer_id, start=start, end=end),
+        )
     return [
         CapacityHour(
             hour=_as_utc(r["hour"]),
@@ -311,11 +367,15 @@ def capacity_planning(
 # -- per-VM usage over time --------------------------------------------------------------------
 
 
-def _sql_vm_usage(resolution: Resolution) -> str:
-    table, col = _ROLLUPS[resolution]
-    # the table and column come from _ROLLUPS, never from input
-    return f"""
-SELECT
+def _usage_scope(resolution: str) -> Scope:
+    table, col = _ROLLUPS[resolution]  # the table and column come from _ROLLUPS, never input
+    return Scope(table, col, "DateTime('UTC')", vm="any")
+
+
+def _sql_vm_usage(resolution: str) -> str:
+    col = _ROLLUPS[resolution][1]
+    return _usage_scope(resolution).sql(
+        f"""
     vm_id,
     toDateTime({col}, 'UTC') AS t,
     avgMerge(cpu_avg) AS avg_cpu,
@@ -329,18 +389,13 @@ SELECT
     sum(disk_read_bytes) AS disk_read_bytes,
     sum(disk_write_bytes) AS disk_write_bytes,
     sum(gap_ns) AS gap_ns,
-    sum(sample_count) AS samples
-FROM {table}
-WHERE customer_id = {{customer_id:String}}
-  AND ({{any_vm:UInt8}} = 1 OR vm_id = {{vm_id:String}})
-  AND {col} >= {{start:DateTime('UTC')}}
-  AND {col} < {{end:DateTime('UTC')}}
-GROUP BY vm_id, t
-ORDER BY vm_id, t
-"""  # noqa: S608
+    sum(sample_count) AS samples""",
+        "GROUP BY vm_id, t\nORDER BY vm_id, t",
+    )
 
 
-SQL_VM_USAGE: dict[str, str] = {res: _sql_vm_usage(res) for res in ("5min", "hour", "day")}
+_USAGE: dict[str, Scope] = {res: _usage_scope(res) for res in _ROLLUPS}
+SQL_VM_USAGE: dict[str, str] = {res: _sql_vm_usage(res) for res in _ROLLUPS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,16 +430,9 @@ def vm_usage(
     rollup. A bucket is included when its start is in the range."""
     if resolution not in _ROLLUPS:
         raise InvalidInput(f"resolution must be one of {sorted(_ROLLUPS)}, got {resolution!r}")
-    s, e = _utc(start, "start"), _utc(end, "end")
     rows = storage.query(
         SQL_VM_USAGE[resolution],
-        {
-            "customer_id": _need_customer(customer_id),
-            "any_vm": 1 if vm_id is None else 0,
-            "vm_id": vm_id or "",
-            "start": s.strftime("%Y-%m-%d %H:%M:%S"),
-            "end": e.strftime("%Y-%m-%d %H:%M:%S"),
-        },
+        _USAGE[resolution].params(customer_id=customer_id, vm_id=vm_id, start=start, end=end),
     )
     out: list[UsagePoint] = []
     for r in rows:
@@ -411,29 +459,20 @@ def vm_usage(
 
 # -- billing rows ------------------------------------------------------------------------------
 
-SQL_BILLING_ROWS = """
-SELECT
+SQL_BILLING_ROWS = _BILLING.sql(
+    """
     customer_id, vm_id, instance_id, hour, cpu_time_ns, mem_byte_ns, net_rx_bytes, net_tx_bytes,
     disk_read_bytes, disk_write_bytes, gap_ns, sample_count, storage_byte_ns, cost,
-    pricing_version, version
-FROM billing_hourly FINAL
-WHERE customer_id = {customer_id:String}
-  AND hour >= {start:DateTime('UTC')}
-  AND hour < {end:DateTime('UTC')}
-ORDER BY hour, vm_id, instance_id
-"""
+    pricing_version, version""",
+    "ORDER BY hour, vm_id, instance_id",
+)
 
 
 def billing_rows(storage: Storage, /, *, customer_id: str, month: str) -> list[BillingHourlyRow]:
     """The customer's VM-hour rows in the UTC month, newest version of each (FINAL)."""
     start, end = month_bounds(month)
     rows = storage.query(
-        SQL_BILLING_ROWS,
-        {
-            "customer_id": _need_customer(customer_id),
-            "start": start.strftime("%Y-%m-%d %H:%M:%S"),
-            "end": end.strftime("%Y-%m-%d %H:%M:%S"),
-        },
+        SQL_BILLING_ROWS, _BILLING.params(customer_id=customer_id, start=start, end=end)
     )
     return [
         BillingHourlyRow(
@@ -460,8 +499,9 @@ def billing_rows(storage: Storage, /, *, customer_id: str, month: str) -> list[B
 
 # -- hour totals from raw (for recomputing a billing hour after a late batch) -------------------
 
-SQL_HOUR_USAGE = """
-SELECT
+_HOUR_USAGE = Scope("metrics_raw", "timestamp", "DateTime64(3, 'UTC')", vm="one")
+SQL_HOUR_USAGE = _HOUR_USAGE.sql(
+    """
     customer_id, vm_id, instance_id,
     toStartOfHour(timestamp) AS hour,
     sum(cpu_time_ns) AS cpu_time_ns,
@@ -471,15 +511,9 @@ SELECT
     sum(disk_read_bytes) AS disk_read_bytes,
     sum(disk_write_bytes) AS disk_write_bytes,
     sum(gap_ns) AS gap_ns,
-    count() AS sample_count
-FROM metrics_raw
-WHERE customer_id = {customer_id:String}
-  AND vm_id = {vm_id:String}
-  AND timestamp >= {start:DateTime64(3, 'UTC')}
-  AND timestamp < {end:DateTime64(3, 'UTC')}
-GROUP BY customer_id, vm_id, instance_id, hour
-ORDER BY hour, instance_id
-"""
+    count() AS sample_count""",
+    "GROUP BY customer_id, vm_id, instance_id, hour\nORDER BY hour, instance_id",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,12 +541,7 @@ def hour_usage(
     Lets the aggregator recompute an hour exactly after a late batch (raw keeps 7 days)."""
     rows = storage.query(
         SQL_HOUR_USAGE,
-        {
-            "customer_id": _need_customer(customer_id),
-            "vm_id": vm_id,
-            "start": _ts(_utc(start, "start")),
-            "end": _ts(_utc(end, "end")),
-        },
+        _HOUR_USAGE.params(customer_id=customer_id, vm_id=vm_id, start=start, end=end),
     )
     return [
         HourUsage(
