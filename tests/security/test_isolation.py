@@ -37,6 +37,8 @@ ADMIN = {
     ("GET", "/v1/customers/{customer_id}"),
     ("PATCH", "/v1/customers/{customer_id}"),
     ("GET", "/v1/customers/{customer_id}/bill"),
+    ("GET", "/v1/customers/{customer_id}/invoices"),
+    ("POST", "/v1/customers/{customer_id}/invoices/{month}/finalize"),
     ("GET", "/v1/usage/capacity"),
 }
 APP = {"name": "iso-app", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "128MiB"}}
