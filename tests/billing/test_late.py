@@ -5,6 +5,7 @@ in-order delivery gives, whatever the order, duplicates, restarts and crashes mi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -296,3 +297,36 @@ def test_a_batch_later_than_the_horizon_is_quarantined_not_billed(storage: ChdbS
     )
     assert [(r["reason"], int(r["n"])) for r in rows] == [("arrived_after_horizon", 600)]
     assert_bills_match(storage, raw_of([Series(s.key, s.samples[:600] + s.samples[1200:])]), TERMS)
+
+
+def test_a_late_batch_that_invalidates_later_samples_quarantines_them(
+    storage: ChdbStorage,
+) -> None:
+    rng = random.Random(18)
+    s = make_series(rng, "cust_b", "vm_8", "i1", _recent_start(), 3000)
+    x = list(s.samples)
+    # batch 2's last sample jumps the disk counter; in order, every later sample is lower than
+    # it (a counter going down) until batch 4, where the counter catches up again
+    jump = x[2400].disk_write_bytes + 1
+    x[1799] = dataclasses.replace(x[1799], disk_write_bytes=jump)
+    x[2400:] = [
+        dataclasses.replace(v, disk_write_bytes=v.disk_write_bytes + jump) for v in x[2400:]
+    ]
+    s = Series(s.key, x)
+    b = [encode(v) for v in to_batches(s)]
+    clock = Clock()
+    agg = Aggregator(storage, directory(TERMS), hold_timeout_s=HOLD, monotonic=clock)
+    agg.process([Incoming(0, b[0]), Incoming(1, b[1]), Incoming(3, b[3]), Incoming(4, b[4])])
+    clock.now += HOLD + 1
+    agg.process([])
+    assert _count(storage, "SELECT count() AS n FROM metrics_quarantine") == 0
+    out = agg.process([Incoming(2, b[2])])
+    assert out.ack == [2]
+    assert_bills_match(storage, raw_of([s]), TERMS)
+    assert_hours_match(storage, [s])
+    rows = storage.query(
+        "SELECT batch_id, reason, count() AS n FROM metrics_quarantine GROUP BY batch_id, reason"
+    )
+    assert [(r["batch_id"], r["reason"], int(r["n"])) for r in rows] == [
+        ("vm_8:i1:3", "counter_decreased", 600)
+    ]
