@@ -166,25 +166,36 @@ class _CountingReader:
             pass
 
 
+class _Stopped(Exception):
+    """The pipeline was closed while a stage waited for data (never reaches the caller)."""
+
+
 class _Prefetch:
-    """Reads ``inner`` (download + digest + decompression + diff_id hash) in a thread, ahead of
-    the tar parser: the network, zlib/zstd and sha256 all release the GIL, so fetching and
-    decompressing layer data overlaps with creating the files. Errors are raised to the reader,
-    in order; ``close()`` stops and joins the thread (nothing reads ``inner`` after it returns).
-    After the end of ``inner``, ``at_eof`` runs in the thread (e.g. draining the blob so its
-    digest is verified)."""
+    """Reads ``inner`` in a thread, ahead of its reader. Two are chained per layer: one pulls the
+    blob (download + digest), one decompresses it and hashes the tar (diff_id); the network,
+    ISA-L/zlib/zstd and sha256 all release the GIL, so fetching, decompressing and creating the
+    files overlap. Errors are raised to the reader, in order. After the end of ``inner``,
+    ``at_eof`` runs in the thread (draining the blob so its digest is verified). All stages of a
+    layer share ``stop``: once it is set, every stage ends (a waiting read raises ``_Stopped``),
+    and ``close()`` joins the thread, so nothing reads the blob after apply_layer returns."""
 
     _END = object()
 
-    def __init__(self, inner: _Readable, at_eof: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        inner: _Readable,
+        stop: threading.Event,
+        at_eof: Callable[[], None] | None = None,
+        name: str = "layer-read",
+    ) -> None:
         self._inner = inner
         self._at_eof = at_eof
         self._q: queue.Queue[object] = queue.Queue(maxsize=16)
-        self._stop = threading.Event()
+        self._stop = stop
         self._buf = b""
         self._pos = 0
         self._done = False
-        self._thread = threading.Thread(target=self._run, name="layer-read", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _put(self, item: object) -> bool:
@@ -211,11 +222,19 @@ class _Prefetch:
             return
         self._put(self._END)
 
+    def _get(self) -> object:
+        while True:
+            try:
+                return self._q.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise _Stopped from None
+
     def read(self, n: int = -1) -> bytes:
         if self._pos >= len(self._buf):
             if self._done:
                 return b""
-            item = self._q.get()
+            item = self._get()
             if item is self._END:
                 self._done = True
                 return b""
@@ -228,12 +247,16 @@ class _Prefetch:
         self._pos = end
         return out
 
+    def readinto(self, buf: memoryview | bytearray) -> int:
+        b = self.read(len(buf))
+        buf[: len(b)] = b
+        return len(b)
+
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
 
-    def close(self) -> None:
-        self._stop.set()
+    def join(self) -> None:
         self._thread.join()
 
 
@@ -251,6 +274,12 @@ class _Applier:
         # Directory rel path -> mtime from this layer's own entry.
         self.dir_mtimes: dict[str, int] = {}
         self.progress: Callable[[], None] | None = None
+        # lstat is the main thread's biggest syscall cost. Directory keys known to be real
+        # directories (not symlinks) right now, and those this layer created empty (mkdir): a
+        # name below a fresh dir that this layer did not create cannot exist yet. Any removal
+        # forgets both (conservative: removals are rare).
+        self.known_dirs: set[str] = set()
+        self.fresh_dirs: set[str] = set()
         # Deferred creations (regular files, symlinks) by rel key; see submit()/sync().
         self.pool: ThreadPoolExecutor | None = None
         self.pending: dict[str, Future[None]] = {}
@@ -355,8 +384,12 @@ class _Applier:
                     cur.pop()
                 continue
             self.check_depth(name, [*cur, c])
+            ckey = "/".join([*cur, c])
+            if ckey in self.known_dirs:
+                cur.append(c)
+                continue
             if self.pending:
-                self.wait_for("/".join([*cur, c]))
+                self.wait_for(ckey)
             p = self.abs([*cur, c])
             try:
                 st = os.lstat(p)
@@ -369,8 +402,10 @@ class _Applier:
                     ) from None
                 self.touch(cur)
                 p.mkdir(0o755)
-                self.touched["/".join([*cur, c])] = EPOCH
-                self.created.add("/".join([*cur, c]))
+                self.touched[ckey] = EPOCH
+                self.created.add(ckey)
+                self.known_dirs.add(ckey)
+                self.fresh_dirs.add(ckey)
                 cur.append(c)
                 continue
             if stat.S_ISLNK(st.st_mode):
@@ -386,6 +421,7 @@ class _Applier:
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 raise self.err(name, f"parent /{'/'.join([*cur, c])} is not a directory")
+            self.known_dirs.add(ckey)
             cur.append(c)
         return cur
 
@@ -393,12 +429,18 @@ class _Applier:
         if len(rel) > MAX_DEPTH:
             raise self.err(name, f"path nests deeper than {MAX_DEPTH} directories")
 
+    def absent(self, parent: list[str], key: str) -> bool:
+        """True when ``key`` (a child of ``parent``) surely does not exist (no lstat needed)."""
+        return "/".join(parent) in self.fresh_dirs and key not in self.created
+
     def remove(self, rel: list[str]) -> bool:
         p = self.abs(rel)
         try:
             st = os.lstat(p)
         except FileNotFoundError:
             return False
+        self.known_dirs.clear()
+        self.fresh_dirs.clear()
         if stat.S_ISDIR(st.st_mode):
             self.sync()  # creations below it may be in flight
             shutil.rmtree(p)
@@ -446,14 +488,16 @@ class _Applier:
             self.wait_for(key)
         self.touch(parent)
         if m.isdir():
-            try:
-                st: os.stat_result | None = os.lstat(dest)
-            except FileNotFoundError:
-                st = None
+            st: os.stat_result | None = None
+            if not self.absent(parent, key):
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(dest)
             if st is None or not stat.S_ISDIR(st.st_mode):
                 if st is not None:
-                    dest.unlink()
+                    self.remove(rel)  # a file or symlink: unlink (and forget cached dirs)
                 dest.mkdir(0o700)
+                self.fresh_dirs.add(key)
+            self.known_dirs.add(key)
             self.created.add(key)
             self.stats.dirs += 1
             self.meta(dest, m, is_link=False)
@@ -486,7 +530,8 @@ class _Applier:
             # reference unpacker) ignore the rest of the header, and so do we, so a link entry
             # cannot re-own or chmod (e.g. setuid) a file of a lower layer without rewriting it.
             return
-        self.remove(rel)
+        if not self.absent(parent, key):
+            self.remove(rel)
         self.created.add(key)
         if m.issym():
             if "\x00" in m.linkname:
@@ -725,8 +770,17 @@ def apply_layer(
             f"layer {short_digest(layer_digest)}: {msg}", details={"layer": layer_digest}
         )
 
-    peek = _Peek(stream)
-    decomp, _kind = _open_decompressed(peek, media_type, lerr)
+    # Stage 1 reads the whole blob, then drains it (its digest verified) before reporting the end.
+    stop = threading.Event()
+    drain = getattr(stream, "drain", None)
+    raw = _Prefetch(stream, stop, at_eof=drain if callable(drain) else None, name="layer-fetch")
+    peek = _Peek(raw)
+    try:
+        decomp, _kind = _open_decompressed(peek, media_type, lerr)
+    except BaseException:
+        stop.set()
+        raw.join()
+        raise
     budget = min(lim.max_layer_bytes, lim.max_image_bytes)
     counter = _CountingReader(decomp, budget, lerr)
 
@@ -737,9 +791,8 @@ def apply_layer(
 
     if progress is not None:
         applier.progress = report
-    drain = getattr(stream, "drain", None)
-    # The thread drains the blob after the data (digest verified) before reporting the end.
-    pre = _Prefetch(counter, at_eof=drain if callable(drain) else None)
+    # Stage 2 (decompress + diff_id hash) reads from stage 1 (the blob), started below.
+    pre = _Prefetch(counter, stop, name="layer-inflate")
     try:
         with tarfile.open(fileobj=pre, mode="r|", bufsize=1 << 16) as tf:  # type: ignore[call-overload]
             applier.apply(tf)
@@ -759,7 +812,9 @@ def apply_layer(
             raise
         raise lerr(f"cannot apply layer: {e}") from e
     finally:
-        pre.close()
+        stop.set()
+        pre.join()
+        raw.join()
         applier.finish()
     stats.tar_bytes = counter.count
     report()
