@@ -203,3 +203,63 @@ def test_issuing_needs_a_known_customer_and_a_valid_month(env: Env) -> None:
     with pytest.raises(InvalidInput, match="YYYY-MM"):
         env.q.issue(env.acme, "2026-13")
     assert env.balance(env.acme) == Decimal(3)
+
+
+@pytest.mark.postgres
+def test_concurrent_issuers_on_postgresql_issue_once_with_distinct_numbers(
+    postgres_url: str, storage: ChdbStorage
+) -> None:
+    """Row locks and the unique constraints, not a process lock, keep issuing exactly-once on
+    PostgreSQL: 8 threads issue the same month of two customers at once."""
+    engine = db.make_engine(postgres_url)
+    db.upgrade(engine)
+    factory = db.session_factory(engine)
+    rng = random.Random()
+    # the database is shared with other tests and runs: a month of its own (numbers are per month)
+    year, mon = rng.randrange(1975, 2020), rng.randrange(1, 13)
+    month = f"{year:04d}-{mon:02d}"
+    with db.transaction(factory) as s:
+        ids = [
+            cp.create_customer(
+                s, f"issuer-{month}-{rng.random()}", now=0, credit_balance=Decimal("2.500000")
+            ).id
+            for _ in range(2)
+        ]
+    clock = FakeClock(_ns("2026-11-15T12:00:00"))
+    directory = SqlDirectory(factory, ttl_s=0.0)
+    agg = Aggregator(storage, directory)
+    start = _ns(f"{month}-10T00:00")
+    for n, cust in enumerate(ids):
+        s = big_series(rng, SeriesKey(cust, f"vm_{n}", "i1", 16, 16 * GIB), start, 60)
+        out = agg.process([Incoming(i, encode(b)) for i, b in enumerate(to_batches(s))])
+        assert out.term == [] and out.held == 0
+    q = BillingQueries(storage, directory, clock, InvoiceLedger(factory, clock))
+    drafts = {c: q.invoice(c, month) for c in ids}
+    assert all(d.subtotal > Decimal("2.50") for d in drafts.values())
+    results: list[tuple[str, Invoice, bool]] = []
+    errors: list[BaseException] = []
+
+    def issue(c: str) -> None:
+        try:
+            inv, now = q.issue(c, month)
+            results.append((c, inv, now))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=issue, args=(c,)) for c in ids * 4]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    try:
+        assert errors == []
+        assert sorted(c for c, _inv, now in results if now) == sorted(ids)
+        numbers = {c: {inv.number for cc, inv, _now in results if cc == c} for c in ids}
+        assert all(len(v) == 1 for v in numbers.values())
+        assert len({next(iter(v)) for v in numbers.values()}) == 2
+        with factory() as s:
+            for c in ids:
+                assert cp.get_customer(s, c).credit_balance == Decimal(0)
+                assert drafts[c].lines == q.invoice(c, month).lines
+    finally:
+        engine.dispose()

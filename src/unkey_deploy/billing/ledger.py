@@ -101,8 +101,13 @@ class InvoiceLedger:
     def __init__(self, factory: sessionmaker[Session], clock: Clock = SYSTEM_CLOCK) -> None:
         self._factory = factory
         self._clock = clock
-        # SQLite: one writer per process at a time (a second one would only fail and retry)
-        self._lock = threading.Lock()
+        # SQLite has no row locks: one issuer per process at a time (another process's write
+        # makes ours fail and retry). PostgreSQL: the customer row's FOR UPDATE serialises.
+        bind = factory.kw.get("bind")
+        sqlite = bind is None or bind.dialect.name == "sqlite"
+        self._lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if sqlite else contextlib.nullcontext()
+        )
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[Session]:
