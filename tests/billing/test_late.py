@@ -142,13 +142,14 @@ def test_batch_held_past_the_timeout_then_delivered_corrects_its_hours(
     assert out.ack == [9] and _hourly(storage) == before
 
 
+@pytest.mark.parametrize(("seed", "size"), [(12, 600), (31, 250), (47, 130)])
 def test_random_order_with_skips_restarts_and_duplicates_bills_like_in_order(
-    storage: ChdbStorage, caplog: pytest.LogCaptureFixture
+    storage: ChdbStorage, caplog: pytest.LogCaptureFixture, seed: int, size: int
 ) -> None:
     caplog.set_level(logging.INFO, logger="unkey_deploy.billing.aggregator")
-    series = _series(12, _recent_start())
-    msgs = [encode(b) for s in series for b in to_batches(s)]
-    rng = random.Random(13)
+    series = _series(seed, _recent_start())
+    msgs = [encode(b) for s in series for b in to_batches(s, size)]
+    rng = random.Random(seed + 1)
     stream = msgs + rng.sample(msgs, 8)
     rng.shuffle(stream)
     clock = Clock()
