@@ -80,6 +80,9 @@ class MetaldConfig(_Section):
     # A host whose heartbeat is older than this is declared lost: its VMs become ``lost`` and
     # are replaced on live hosts. Hosts heartbeat every tenth of it.
     host_lost_after_s: float = Field(30.0, gt=0)
+    # Sandbox hosts (root): network namespaces with their veth pair and address kept ready ahead
+    # of boots (three `ip` commands and a lease off the boot path). 0: made during the boot.
+    netns_pool: int = Field(0, ge=0, le=64)
 
 
 class MeteringConfig(_Section):

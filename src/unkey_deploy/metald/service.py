@@ -79,7 +79,7 @@ from .drivers.base import DriverCapabilities, NetAttachment, VmDriver, VmRuntime
 from .drivers.qemu import VMM_OVERHEAD_BYTES
 from .jail import Jails, inject_env
 from .kernel import KernelPaths, find_kernel
-from .network import HostNetwork, IpAllocator
+from .network import HostNetwork, IpAllocator, NetnsPool
 from .placement import HostView, PlacementRequest, place
 from .select import select_driver
 from .states import ACTIVE, VmState, check_action, transition
@@ -631,10 +631,17 @@ class Metald(Scheduler):
         self._last_heartbeat = self.clock.monotonic()
         self._last_sweep = self.clock.monotonic()
         self._thread: threading.Thread | None = None
+        self.netns_pool: NetnsPool | None = None
         if self.network is not None:
             self.network.setup()
+            pool = NetnsPool(self.network, self.ips, config.netns_pool)
+            pool.reclaim()  # spares of a metald of this host that died
+            if self.driver.name == "sandbox" and config.netns_pool > 0:
+                self.netns_pool = pool
         self.register()
         self.recover()
+        if self.netns_pool is not None:
+            self.netns_pool.start()
 
     # -- identity & registration ------------------------------------------------------------
     def _stable_host_id(self) -> str:
@@ -755,6 +762,10 @@ class Metald(Scheduler):
             if self.driver.name == "qemu":
                 return NetAttachment(mode="user", host_port=free_port())
             return NetAttachment(mode="host")
+        if self.netns_pool is not None:
+            att = self.netns_pool.take(vm_id)
+            if att is not None:
+                return att
         slot = self.ips.lease(vm_id)
         host_ip, guest_ip = self.ips.addresses(slot)
         if self.driver.name == "sandbox":
@@ -997,6 +1008,8 @@ class Metald(Scheduler):
             self._thread.join(timeout=10)
             self._thread = None
         self._http.close()
+        if self.netns_pool is not None:
+            self.netns_pool.close()
         if remove_network and self.network is not None:
             self.network.teardown()
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from ...core.errors import VmError
+from .. import linux
 from ..jail import merge_env_tree
 from .base import (
     DriverCapabilities,
@@ -154,13 +155,24 @@ class SandboxDriver:
             d.mkdir(exist_ok=True)
         mounts: list[str] = []
         try:
+            # mount(2) directly (two fork+execs of util-linux less on the boot path); the
+            # command is the fallback for kernels without LOOP_CONFIGURE (< 5.8)
             if not is_mounted(lower):
-                # noload: never replay the journal of an image we only read
-                _run(["mount", "-t", "ext4", "-o", "loop,ro,noload", str(spec.rootfs), str(lower)])
+                try:
+                    linux.mount_ext4_ro(str(spec.rootfs), str(lower))
+                except linux.Unsupported:
+                    # noload: never replay the journal of an image we only read
+                    _run(["mount", "-t", "ext4", "-o", "loop,ro,noload", str(spec.rootfs),
+                          str(lower)])  # fmt: skip
+                except OSError as exc:
+                    raise VmError(f"cannot mount {spec.rootfs}: {exc}") from exc
             mounts.append(str(lower))
             if not is_mounted(merged):
                 opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
-                _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)])
+                try:
+                    linux.mount("overlay", str(merged), "overlay", 0, opts)
+                except OSError as exc:
+                    raise VmError(f"cannot mount the overlay at {merged}: {exc}") from exc
             mounts.append(str(merged))
             merge_env_tree(merged, dict(spec.env))  # lands in the per-VM upper layer
             _mount_points(merged)
@@ -203,13 +215,9 @@ class SandboxDriver:
         uid, gid = spec.run_as or self.run_as
         drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
         if spec.net.mode == "netns":
-            # The netns belongs to the host's user namespace, so an unprivileged app could not
-            # bind ports < 1024 in it: lower that per-netns limit before dropping privileges.
-            script = 'echo 0 > /proc/sys/net/ipv4/ip_unprivileged_port_start && exec "$@"'
-            return [
-                "nsenter", f"--net=/run/netns/{spec.net.netns}",
-                "/bin/sh", "-c", script, "unkey-sandbox", *drop, *argv,
-            ]  # fmt: skip
+            # (metald's network module lowered ip_unprivileged_port_start in this netns when it
+            # made it, so the unprivileged app may bind ports < 1024 there)
+            return ["nsenter", f"--net=/run/netns/{spec.net.netns}", *drop, *argv]
         return [*drop, *argv]
 
     def boot(self, spec: VmSpec) -> VmRuntime:

@@ -1,0 +1,88 @@
+"""Sandbox links made ahead of boots (``MetaldConfig.netns_pool``): a boot takes a ready network
+namespace + veth + address instead of making them, the VM owns it like one made at boot (its
+name, its lease, removed on delete), the pool refills, and nothing of it outlives metald —
+neither on a clean shutdown nor after a metald that died (the next start reclaims)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from unkey_deploy.metald.network import NetnsPool, iface_name, netns_name
+from unkey_deploy.metald.service import CreateVm, Metald
+from unkey_deploy.testing.rootfs import build_test_rootfs
+
+MetaldFactory = Callable[..., Metald]
+
+pytestmark = pytest.mark.root
+
+
+def _iface_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+def test_boot_takes_a_ready_link_and_the_pool_refills(
+    make_metald: MetaldFactory, tmp_path: Path
+) -> None:
+    # port 80: the unprivileged app may bind a low port in its namespace (metald lowered
+    # ip_unprivileged_port_start there when it made the namespace, ahead of the boot)
+    image = build_test_rootfs(tmp_path / "img80.ext4", port=80)
+    md = make_metald("sandbox", netns_pool=2)
+    pool = md.netns_pool
+    assert pool is not None
+    assert pool.wait_full(timeout=20)
+    spares = md.ips.leased(pooled=True)
+    assert len(spares) == 2 and md.ips.leased() == {}
+    spare_ifaces = {iface_name(p) for p in spares}
+    assert all(_iface_exists(i) for i in spare_ifaces)
+
+    vm = md.create_vm(CreateVm("dep_pool", "cust_a", image, memory_bytes=64 << 20, port=80))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    got = md.get(vm.vm_id)
+    assert got.net is not None and got.net.mode == "netns"
+    # a spare's link, renamed to the VM's namespace, its lease now the VM's (same slot)
+    assert got.net.host_iface in spare_ifaces
+    assert got.net.netns == netns_name(vm.vm_id)
+    assert Path(f"/run/netns/{got.net.netns}").exists()
+    taken = next(p for p in spares if iface_name(p) == got.net.host_iface)
+    assert not Path(f"/run/netns/{netns_name(taken)}").exists()
+    assert md.ips.leased() == {vm.vm_id: spares[taken]}
+    assert httpx.get(md.endpoint(vm.vm_id) + "/", timeout=5).text == "unkey-test-app\n"
+    assert md.endpoint(vm.vm_id).endswith(":80")
+
+    assert pool.wait_full(timeout=20), "the pool refills after a take"
+    assert len(md.ips.leased(pooled=True)) == 2
+
+    md.delete(vm.vm_id)
+    assert not _iface_exists(got.net.host_iface)
+    assert not Path(f"/run/netns/{got.net.netns}").exists()
+    assert md.ips.leased() == {}
+
+    left = md.ips.leased(pooled=True)
+    md.shutdown()
+    assert md.ips.leased(pooled=True) == {}
+    for p in left:
+        assert not _iface_exists(iface_name(p))
+        assert not Path(f"/run/netns/{netns_name(p)}").exists()
+
+
+def test_spares_of_a_dead_metald_are_reclaimed(make_metald: MetaldFactory) -> None:
+    md = make_metald("sandbox", name="h1")
+    assert md.network is not None
+    # a spare whose metald died (no close): its link and lease stay behind
+    orphan = NetnsPool(md.network, md.ips, 1)
+    orphan._make_one()
+    (pool_id,) = md.ips.leased(pooled=True)
+    assert _iface_exists(iface_name(pool_id))
+    assert Path(f"/run/netns/{netns_name(pool_id)}").exists()
+    md.close()
+
+    md2 = make_metald("sandbox", name="h1")  # the restart, same host
+    assert md2.host_id == md.host_id
+    assert md2.ips.leased(pooled=True) == {}
+    assert not _iface_exists(iface_name(pool_id))
+    assert not Path(f"/run/netns/{netns_name(pool_id)}").exists()
