@@ -142,3 +142,19 @@ def test_a_broken_batch_is_termed_only_after_its_quarantine_row_is_committed(
     out = Aggregator(storage, directory(TERMS)).process([Incoming("m", b"UKMB\x01garbage")])
     assert out.term == ["m"]
     assert int(storage.query("SELECT count() AS n FROM metrics_quarantine")[0]["n"]) == 1
+
+
+def test_samples_sent_again_under_new_seqs_are_ignored_without_quarantine(
+    storage: ChdbStorage,
+) -> None:
+    # what importing the same file twice looks like: the same samples, batch ids that go on
+    rng = random.Random(23)
+    s = make_series(rng, "cust_a", "vm_r", "i1", MONTH_EDGE_NS, 1200)
+    first = to_batches(s)
+    again = [dataclasses.replace(b, seq=b.seq + len(first)) for b in first]
+    agg = Aggregator(storage, directory(TERMS))
+    agg.process([Incoming(b.seq, _lenient(b)) for b in first])
+    out = agg.process([Incoming(b.seq, _lenient(b)) for b in again])
+    assert sorted(out.ack) == [2, 3]
+    assert int(storage.query("SELECT count() AS n FROM metrics_quarantine")[0]["n"]) == 0
+    assert_bills_match(storage, raw_of([s]), TERMS)

@@ -29,9 +29,11 @@ REASON_MEMORY = "memory_over_allocation"
 # Counters start at 0 at boot (BILLING.md "Inputs"), so a negative one is lower than the boot
 # value; a negative gauge or timestamp is not a reading at all.
 REASON_NEGATIVE = "negative_value"
-# Samples dropped by ordering (BILLING.md "Cleaning" 2), quarantined so nothing is lost silently.
+# A second sample with a t already in the samples being cleaned (BILLING.md "Cleaning" 2:
+# ignored, never billed) is quarantined, so a producer's fault is visible. A sample at or before
+# the series' last valid one (``prev``) is ignored without a quarantine row: that is what a
+# replayed import or a re-sent batch looks like (see billing/importer.py), not a fault.
 REASON_DUPLICATE_T = "duplicate_timestamp"
-REASON_NOT_AFTER = "time_not_after_last_valid"
 
 
 @dataclass
@@ -81,8 +83,8 @@ class Cleaned:
     ``valid`` marks the valid ones; ``deltas`` (n, 7) are, for valid rows, the counter deltas
     against the previous valid sample (t column: dt, 0 for a series' first sample); ``reasons``
     maps invalid row index -> reason; ``hours`` the usage per hour of the valid intervals;
-    ``dropped`` maps the input index of each sample left out of ``rows`` (a repeated t, or t not
-    after ``prev``) -> reason.
+    ``dropped`` maps the input index of each repeated-t sample left out of ``rows`` -> reason
+    (samples at or before ``prev`` are left out silently).
     """
 
     rows: Arr
@@ -210,8 +212,8 @@ def clean(prev: Arr | None, samples: Arr, vcpus: int, mem_total: int) -> Cleaned
         kept[src] = True
         after = None if prev is None else int(prev[T])
         for i in np.flatnonzero(~kept).tolist():
-            late = after is not None and int(samples[i, T]) <= after
-            out.dropped[i] = REASON_NOT_AFTER if late else REASON_DUPLICATE_T
+            if after is None or int(samples[i, T]) > after:
+                out.dropped[i] = REASON_DUPLICATE_T
     vidx = np.flatnonzero(valid)
     if len(vidx) == 0:
         out.last = prev
