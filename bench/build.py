@@ -232,14 +232,24 @@ def start_registry(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("docker-registry did not start")
 
 
-def baseline(ref: str, work: Path) -> float:
-    """skopeo copy + umoci unpack + truncate/mkfs.ext4 -d + zstd -3 -T2 (seconds)."""
+def baseline(ref: str, work: Path, phases: dict[str, float] | None = None) -> float:
+    """skopeo copy + umoci unpack + truncate/mkfs.ext4 -d + zstd -3 -T2 (seconds); ``phases``
+    gets each step's seconds."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.monotonic()
+    marks = [t0]
+
+    def mark(name: str) -> None:
+        marks.append(time.monotonic())
+        if phases is not None:
+            phases[name] = marks[-1] - marks[-2]
+
     _run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}",
           f"oci:{work / 'layout'}:latest"])  # fmt: skip
+    mark("skopeo")
     _run(["umoci", "unpack", "--image", f"{work / 'layout'}:latest", str(work / "bundle")])
+    mark("umoci")
     rootfs = work / "bundle" / "rootfs"
     du_kb = int(subprocess.run(["du", "-sk", str(rootfs)], check=True, capture_output=True,
                                text=True).stdout.split()[0])  # fmt: skip
@@ -248,8 +258,31 @@ def baseline(ref: str, work: Path) -> float:
         f.truncate(int(du_kb * 1.2 + 16384) * 1024)
     _run(["mkfs.ext4", "-q", "-F", "-d", str(rootfs), "-O", "^has_journal", "-m", "0",
           "-b", "4096", str(img)])  # fmt: skip
+    mark("mkfs")
     _run(["zstd", "-q", "-3", "-T2", "-f", str(img), "-o", str(work / "rootfs.ext4.zst")])
+    mark("zstd")
     return time.monotonic() - t0
+
+
+# build-log line prefix -> the phase that ends with it (times are when wait() saw the line)
+_PHASE_ENDS = (("extract: ", "resolve+extract"), ("rootfs: ", "harden+init"),
+               ("compress: ", "ext4+zstd"), ("asset ready", "store"))  # fmt: skip
+
+
+def _phases(stamped: list[tuple[float, str]], t0: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    last = t0
+    for prefix, name in _PHASE_ENDS:
+        hit = next((t for t, line in stamped
+                    if line.startswith(prefix) and " layers of " not in line), None)  # fmt: skip
+        if hit is not None:
+            out[name] = hit - last
+            last = hit
+    return out
+
+
+def _fmt(phases: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in phases.items())
 
 
 def main() -> int:
@@ -288,11 +321,19 @@ def main() -> int:
         customer = new_customer_id()
         lines: list[str] = []
 
+        stamped: list[tuple[float, str]] = []
+
+        def on_log(line: str) -> None:
+            lines.append(line)
+            stamped.append((time.monotonic(), line))
+
         def run_once() -> tuple[float, bool, str]:
+            stamped.clear()
             t0 = time.monotonic()
             bid = svc.submit(BuildRequest(image=ref, customer_id=customer, options=BuildOptions()))
-            b = svc.wait(bid, timeout=1800, on_log=lines.append)
+            b = svc.wait(bid, timeout=1800, on_log=on_log)
             dt = time.monotonic() - t0
+            ours_phases.update(_phases(stamped, t0))
             if b.state != BuildState.SUCCEEDED or b.asset_id is None:
                 print("\n".join(lines), file=sys.stderr)
                 raise SystemExit(f"build {bid} {b.state}: {b.error}")
@@ -302,9 +343,11 @@ def main() -> int:
         # medians. Between unkey runs the asset is deleted so the next one really builds.
         base_runs: list[float] = []
         ours_runs: list[float] = []
+        base_phases: dict[str, float] = {}
+        ours_phases: dict[str, float] = {}
         asset_id = ""
         for i in range(a.runs):
-            base_s = baseline(ref, work / "baseline")
+            base_s = baseline(ref, work / "baseline", base_phases)
             base_zst = (work / "baseline" / "rootfs.ext4.zst").stat().st_size
             shutil.rmtree(work / "baseline", ignore_errors=True)
             base_runs.append(base_s)
@@ -320,6 +363,8 @@ def main() -> int:
                   f"-T2) {base_s:.2f} s, zstd {base_zst / 1e6:.1f} MB | unkey (builderd submit "
                   f"-> asset ready) {ours_s:.2f} s, ext4 {asset.ext4_bytes / 1e6:.1f} MB, "
                   f"zstd {asset.compressed_bytes / 1e6:.1f} MB", flush=True)  # fmt: skip
+            print(f"  phases (s): baseline {_fmt(base_phases)} | unkey {_fmt(ours_phases)} "
+                  "(unkey's end when wait() sees the log line)", flush=True)  # fmt: skip
         for line in lines:
             print(f"  | {line}")
         lines.clear()

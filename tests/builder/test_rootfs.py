@@ -64,3 +64,23 @@ def test_rootfs_and_compress_report_progress(
         z.sha256 == sha256_file(tmp_path / "r.zst")
         and z.bytes == (tmp_path / "r.zst").stat().st_size
     )
+
+
+def test_compress_without_the_zstd_cli_uses_the_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both compressors write a checked frame with the content size that decompresses back."""
+    import zstandard
+
+    from unkey_deploy.builder import rootfs
+
+    raw = tmp_path / "x.img"
+    raw.write_bytes(os.urandom(300_000) + bytes(3_000_000) + b"end")
+    cli = compress(raw, tmp_path / "cli.zst")
+    monkeypatch.setattr(rootfs.shutil, "which", lambda _name: None)
+    mod = compress(raw, tmp_path / "mod.zst", progress=lambda d, t: None)
+    for z in (cli, mod):
+        data = Path(z.path).read_bytes()
+        assert z.sha256 == sha256_file(Path(z.path)) and z.bytes == len(data)
+        assert zstandard.get_frame_parameters(data).content_size == raw.stat().st_size
+        assert zstandard.ZstdDecompressor().decompress(data) == raw.read_bytes()

@@ -13,10 +13,13 @@ gets a writable overlay anyway), 4 KiB blocks, 256-byte inodes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -204,26 +207,100 @@ def compress(
     threads: int = 2,
     progress: Callable[[int, int], None] | None = None,
 ) -> Compressed:
-    """zstd ``src`` into ``dst`` (checksum + content size in the frame).
+    """zstd ``src`` into ``dst`` (checksum + content size in the frame), hashing the output on
+    the way. Uses the ``zstd`` CLI when installed (measured ~2x faster here than the zstandard
+    module at the same level and threads: bench/build.py), else the module. Either is
+    deterministic: same input, level and tool version -> same bytes, whatever ``threads``.
 
     ``progress(done, total)`` gets the bytes of ``src`` compressed so far and its size."""
     size = src.stat().st_size
+    tmp = dst.with_name(dst.name + ".part")
+    out = _HashingWriter(open(tmp, "wb"))  # noqa: SIM115 (closed below / by the stream writer)
+    if progress is not None:
+        progress(0, size)
+    cli = shutil.which("zstd")
+    try:
+        if cli is not None:
+            _compress_cli(cli, src, out, size=size, level=level, threads=threads, progress=progress)
+            out.close()
+        else:
+            _compress_module(src, out, size=size, level=level, threads=threads, progress=progress)
+    except BaseException:
+        out.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(dst)
+    return Compressed(str(dst), out.count, out.hash.hexdigest(), level)
+
+
+def _compress_cli(
+    cli: str,
+    src: Path,
+    out: _HashingWriter,
+    *,
+    size: int,
+    level: int,
+    threads: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    # src goes through stdin (fed here) so progress counts the bytes zstd consumed;
+    # --stream-size puts the content size in the frame as for a file input.
+    cmd = [cli, "-q", f"-{level}", f"-T{max(1, threads)}", "--check", f"--stream-size={size}", "-c"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # noqa: S101
+    stdin, stdout = proc.stdin, proc.stdout
+    fed = 0
+
+    def feed() -> None:
+        nonlocal fed
+        try:
+            with open(src, "rb") as fin:
+                while chunk := fin.read(CHUNK):
+                    stdin.write(chunk)
+                    fed += len(chunk)
+        except BrokenPipeError:
+            pass  # zstd died: its exit status and stderr tell why
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                stdin.close()
+
+    feeder = threading.Thread(target=feed, name="zstd-feed", daemon=True)
+    feeder.start()
+    try:
+        while chunk := stdout.read(CHUNK):
+            out.write(chunk)
+            if progress is not None:
+                progress(fed, size)
+    finally:
+        feeder.join()
+        err = proc.stderr.read().decode(errors="replace").strip()
+        code = proc.wait()
+    if code != 0 or fed != size:
+        raise BuildFailed(f"zstd -{level} failed (exit {code}): {err[-400:]}")
+    if progress is not None:
+        progress(size, size)
+
+
+def _compress_module(
+    src: Path,
+    out: _HashingWriter,
+    *,
+    size: int,
+    level: int,
+    threads: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
     cctx = zstandard.ZstdCompressor(
         level=level, threads=threads, write_checksum=True, write_content_size=True
     )
-    tmp = dst.with_name(dst.name + ".part")
-    out = _HashingWriter(open(tmp, "wb"))  # noqa: SIM115 (closed by the stream writer)
     done = 0
-    if progress is not None:
-        progress(0, size)
     with open(src, "rb") as fin, cctx.stream_writer(out, size=size, write_size=CHUNK) as zw:  # type: ignore[arg-type]
         while chunk := fin.read(4 * CHUNK):
             zw.write(chunk)
             done += len(chunk)
             if progress is not None:
                 progress(done, size)
-    tmp.replace(dst)
-    return Compressed(str(dst), out.count, out.hash.hexdigest(), level)
 
 
 class _HashingWriter:
@@ -243,7 +320,8 @@ class _HashingWriter:
         self._f.flush()
 
     def close(self) -> None:
-        self._f.close()
+        if not self._f.closed:
+            self._f.close()
 
 
 def decompress_sparse(src: Path, dst: Path) -> int:
