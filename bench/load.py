@@ -17,10 +17,10 @@ For ``--minutes`` (default 10), all at once:
 
 Then every series is stopped (partial batches flushed), the spool drained, the aggregator's
 consumer caught up, the stack stopped, and its chDB read: each simulated VM that produced ``n``
-samples must have exactly ``n - 1`` interval rows in ``metrics_raw`` (BILLING.md: a row per pair
-of consecutive samples, stamped with the closing sample's time), at exactly the timestamps the
-simulator produced. ``samples_lost`` = produced closing samples with no row, ``samples_duplicated``
-= rows beyond one per closing sample (plus any simulated sample quarantined).
+samples must have exactly ``n`` interval rows in ``metrics_raw`` (BILLING.md: a row per sample,
+the first counted from boot, each later one from the sample before), at exactly the timestamps
+the simulator produced. ``samples_lost`` = produced samples with no row, ``samples_duplicated`` =
+rows beyond one per produced sample (plus any simulated sample quarantined).
 
 ``errors`` counts HTTP answers other than 2xx, transport errors and deploys that did not reach
 ``running``; ``p99_ms`` is over every HTTP request. Last line:
@@ -332,10 +332,10 @@ async def run(st: LocalStack, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def compare(store: ChdbStorage, fleet: SimFleet, ticks: int, shift: int) -> tuple[int, int]:
-    """(lost, duplicated) interval rows of the simulated VMs, exactly: per VM, the distinct
-    timestamps stored must be the simulator's closing samples k = 1..ticks-1 (count and sum of
-    their milliseconds), each stored once; a quarantined simulated sample counts as duplicated
-    (billed wrong either way)."""
+    """(lost, duplicated) samples of the simulated VMs, exactly: per VM, the distinct timestamps
+    stored must be the simulator's samples k = 0..ticks-1 (count, and sum of their milliseconds),
+    each stored once. A row at a time the simulator never produced, or a quarantined simulated
+    sample, counts as duplicated (billed wrong either way)."""
     got = store.query(
         "SELECT vm_id, count() AS n, uniqExact(timestamp) AS u, "
         "sumDistinct(toUnixTimestamp64Milli(timestamp)) AS s FROM metrics_raw "
@@ -345,15 +345,15 @@ def compare(store: ChdbStorage, fleet: SimFleet, ticks: int, shift: int) -> tupl
     quarantined = int(store.query(q)[0]["n"])
     by_vm = {r["vm_id"]: r for r in got}
     want_sum = np.zeros(len(fleet.keys), dtype=np.int64)
-    for k in range(1, ticks):
+    for k in range(ticks):
         want_sum += (fleet.rows(k)[:, 0] + shift) // 1_000_000
     lost = dup = 0
     for i, key in enumerate(fleet.keys):
         r = by_vm.get(key.vm_id)
         n, u, s = (int(r["n"]), int(r["u"]), int(r["s"])) if r else (0, 0, 0)
-        dup += n - u
-        lost += max(0, (ticks - 1) - u)
-        if u == ticks - 1 and s != int(want_sum[i]):
+        dup += (n - u) + max(0, u - ticks)
+        lost += max(0, ticks - u)
+        if u == ticks and s != int(want_sum[i]):
             lost += 1  # as many timestamps, other ones: one missing and one foreign at least
     return lost, dup + quarantined
 
