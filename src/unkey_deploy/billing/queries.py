@@ -32,6 +32,7 @@ from .ledger import Billed, BilledSoFar, InvoiceLedger
 
 SQL_INVOICE_TOTALS = """
 SELECT
+    formatDateTime(toStartOfMonth(hour), '%Y-%m') AS month,
     pricing_version,
     toString(sum(cpu_time_ns)) AS cpu_time_ns,
     toString(sum(mem_byte_ns)) AS mem_byte_ns,
@@ -42,8 +43,8 @@ FROM billing_hourly FINAL
 WHERE customer_id = {customer_id:String}
   AND hour >= {start:DateTime('UTC')}
   AND hour < {end:DateTime('UTC')}
-GROUP BY pricing_version
-ORDER BY pricing_version
+GROUP BY month, pricing_version
+ORDER BY month, pricing_version
 """
 
 _Q6 = Decimal("0.000001")
@@ -112,7 +113,9 @@ class BillingQueries:
     def _draft(
         self, cust: CustomerInfo, month: str, balance: Decimal, billed: BilledSoFar
     ) -> tuple[Invoice, list[Billed]]:
-        totals = self._totals(cust.customer_id, month, cust.pricing_tier)
+        periods = sorted(p for p in billed if p < month)
+        by_month = self._totals(cust.customer_id, [*periods, month], cust.pricing_tier)
+        totals = by_month[month]
         rows = [
             Billed(
                 month,
@@ -126,13 +129,10 @@ class BillingQueries:
             for item in ITEMS
         ]
         adjustments: list[Line] = []
-        for period in sorted(p for p in billed if p < month):
+        for period in periods:
             before = billed[period]
             tier_of = {v: tier for v, tier, _item in before}  # as priced when issued
-            now = {
-                t.pricing_version: t
-                for t in self._totals(cust.customer_id, period, cust.pricing_tier)
-            }
+            now = {t.pricing_version: t for t in by_month[period]}
             keys = set(before) | {
                 (v, tier_of.get(v, cust.pricing_tier), item) for v in now for item in ITEMS
             }
@@ -166,8 +166,12 @@ class BillingQueries:
         )
         return inv, rows
 
-    def _totals(self, customer_id: str, month: str, tier: str) -> list[UsageTotals]:
-        start, end = chq.month_bounds(month)
+    def _totals(
+        self, customer_id: str, months: list[str], tier: str
+    ) -> dict[str, list[UsageTotals]]:
+        """Usage totals of each of ``months`` (one query over the range they span)."""
+        start, _end = chq.month_bounds(min(months))
+        _start, end = chq.month_bounds(max(months))
         rows = self.storage.query(
             SQL_INVOICE_TOTALS,
             {
@@ -176,18 +180,21 @@ class BillingQueries:
                 "end": end.strftime("%Y-%m-%d %H:%M:%S"),
             },
         )
-        return [
-            UsageTotals(
-                pricing_version=str(r["pricing_version"]),
-                tier=tier,
-                cpu_ns=int(r["cpu_time_ns"]),
-                mem_byte_ns=int(r["mem_byte_ns"]),
-                net_bytes=int(r["net_bytes"]),
-                storage_byte_ns=int(r["storage_byte_ns"]),
-                gap_ns=int(r["gap_ns"]),
-            )
-            for r in rows
-        ]
+        out: dict[str, list[UsageTotals]] = {m: [] for m in months}
+        for r in rows:
+            if str(r["month"]) in out:
+                out[str(r["month"])].append(
+                    UsageTotals(
+                        pricing_version=str(r["pricing_version"]),
+                        tier=tier,
+                        cpu_ns=int(r["cpu_time_ns"]),
+                        mem_byte_ns=int(r["mem_byte_ns"]),
+                        net_bytes=int(r["net_bytes"]),
+                        storage_byte_ns=int(r["storage_byte_ns"]),
+                        gap_ns=int(r["gap_ns"]),
+                    )
+                )
+        return out
 
     def current_month(self) -> str:
         return self.clock.now().astimezone(UTC).strftime("%Y-%m")
