@@ -33,8 +33,10 @@ import httpx
 import pytest
 
 from billing.reference import RawSample, reference_invoices, series_usage  # tests/ is on sys.path
+from unkey_deploy.assets.service import open_assets
 from unkey_deploy.builder.api import BuildProgress
 from unkey_deploy.bus import connect
+from unkey_deploy.core import config as core_config
 from unkey_deploy.dev.example import push_hello
 from unkey_deploy.metering.codec import decode
 from unkey_deploy.metering.stream import STREAM_NAME, consumer_spec
@@ -404,6 +406,12 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> N
 
     vm = _poll("`unkey usage` to show samples of the VM", vm_with_samples, timeout_s=120)
     vm_id = vm["vm_id"]
+    # the running VM holds a lease on its rootfs asset, so asset gc can never delete it
+    asset_ids = [json.loads(line)["data"].get("asset_id") for line in
+                 st.unkey("deployments", "events", dep["id"], "--json").splitlines()]  # fmt: skip
+    asset_id = next(a for a in asset_ids if a)
+    assets = open_assets(core_config.load(environ=st.env))
+    assert vm_id in {lease.holder for lease in assets.leases(asset_id)}
     assert int(vm["network_rx_bytes"]) + int(vm["network_tx_bytes"]) >= 2 * (BIG_MIB << 20)
 
     # the bill equals the reference over every raw batch in the stream; new batches keep

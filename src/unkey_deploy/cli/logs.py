@@ -19,7 +19,7 @@ from .output import EventRenderer, err
 
 Json = dict[str, Any]
 # VM states after which its console cannot grow (metald's VmState values)
-_FINAL_VM_STATES = frozenset({"stopped", "failed", "deleted"})
+_FINAL_VM_STATES = frozenset({"stopped", "failed", "deleted", "lost"})
 
 
 def _console_header(vm: Json) -> str:

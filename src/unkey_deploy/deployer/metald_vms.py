@@ -34,6 +34,7 @@ class MetaldVms:
             deployment_id=req.deployment_id,
             customer_id=req.customer_id,
             rootfs=self.rootfs_for(asset),
+            asset_id=asset.asset_id,  # the VM leases its asset: gc never deletes it under us
             vcpus=req.vcpus,
             memory_bytes=req.memory_bytes,
             port=req.port or DEFAULT_PORT,

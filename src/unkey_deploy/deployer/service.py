@@ -36,7 +36,7 @@ def build_workers(settings: Settings, *, count: int = 2) -> list[DeployWorker]:
     def rootfs_for(asset: BuiltAsset) -> Path:
         return assets.local_path(asset.asset_id)  # type: ignore[arg-type]
 
-    vms = MetaldVms(Scheduler(engine), rootfs_for)
+    vms = MetaldVms(Scheduler(engine, leases=assets), rootfs_for)
     host = socket.gethostname()
     return [
         DeployWorker(factory, builds, vms, worker_id=f"deployer-{host}-{os.getpid()}-{i}")
