@@ -263,3 +263,56 @@ def test_concurrent_issuers_on_postgresql_issue_once_with_distinct_numbers(
                 assert drafts[c].lines == q.invoice(c, month).lines
     finally:
         engine.dispose()
+
+
+class _Mono:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_batch_skipped_by_the_hold_timeout_and_delivered_after_issuing_is_an_adjustment(
+    env: Env,
+) -> None:
+    """The aggregator stops waiting for a missing batch (hold timeout), the month is issued,
+    then the batch comes: its hours are recomputed (newer billing_hourly rows), the issued
+    invoice stays as it was, and the next invoice's adjustments make October add up to the
+    reference over all samples, to the cent."""
+    rng = random.Random(67)
+    a = big_series(
+        rng, SeriesKey(env.acme, "vm_h", "i1", 16, 16 * GIB), _ns("2026-10-31T18:00"), 300
+    )
+    batches = [encode(b) for b in to_batches(a, size=120)]
+    missing = 2
+    assert a.samples[(missing + 1) * 120].t < _ns("2026-11-01T00:00"), "batch 2 is October's"
+    mono = _Mono()
+    agg = Aggregator(env.storage, SqlDirectory(env.factory, ttl_s=0.0), monotonic=mono)
+    out = agg.process([Incoming(i, b) for i, b in enumerate(batches) if i != missing])
+    assert out.held == len(batches) - missing - 1  # waiting for the missing one
+    mono.now += agg.hold_timeout_s + 1
+    out = agg.process([])
+    assert out.held == 0  # applied without it
+
+    terms = {env.acme: (Fraction(10), Fraction(3))}
+    without = Series(a.key, a.samples[: missing * 120] + a.samples[(missing + 1) * 120 :])
+    oct_inv, now = env.q.issue(env.acme, "2026-10")
+    assert now
+    assert (
+        amounts(oct_inv)
+        == reference_invoices(raw_of([without]), terms)[(env.acme, "2026-10")]["lines"]
+    )
+
+    out = agg.process([Incoming(99, batches[missing], redelivered=True)])
+    assert out.ack == [99] and out.term == []
+    assert env.q.invoice(env.acme, "2026-10").to_json() == oct_inv.to_json()
+    ref = reference_invoices(raw_of([a]), terms)
+    env.clock.advance(20 * 86400)
+    nov = env.q.invoice(env.acme, "2026-11")
+    adj = amounts(nov, adjustment_for="2026-10")
+    assert adj, "the late batch should adjust October"
+    full_oct = ref[(env.acme, "2026-10")]["lines"]
+    assert {k: amounts(oct_inv)[k] + adj.get(k, Fraction(0)) for k in full_oct} == full_oct
+    assert (env.acme, "2026-11") not in ref and amounts(nov) == {}  # October's usage only
+    assert Fraction(nov.subtotal) == sum(adj.values())
