@@ -9,16 +9,20 @@
    ack after commit) draining the stream into a fresh chDB store. ``samples_per_s`` = samples
    / wall time from the first fetch to the last ack.
 3. Ceiling, same run: the same number of raw rows, already built as one Arrow table, inserted
-   into another fresh chDB store (same schema and views) with ``Storage.insert_raw``.
+   into another fresh chDB store (same schema and views) with ``Storage.insert_raw`` in inserts
+   of the same size, measured once BEFORE and once AFTER the pipeline (the machine is shared: a
+   load change between the two phases would otherwise decide the ratio); the ceiling is their
+   mean, both are printed.
 
-Last line: ``RESULT samples_per_s=... ceiling_samples_per_s=... ratio=...``.
+The process's CPU time is measured too: ``cpu_us_per_sample`` (pipeline) vs
+``ceiling_cpu_us_per_sample`` is the cost per sample whatever else runs on the machine.
+Last line: ``RESULT samples_per_s=... ceiling_samples_per_s=... ratio=... load=...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -108,12 +112,39 @@ def ceiling_table(rows: int) -> pa.Table:
     )
 
 
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def ceiling_run(tbl: pa.Table, path: Path, step: int) -> tuple[float, float]:
+    """Wall and CPU seconds to insert ``tbl`` into a fresh store in inserts of ``step`` rows."""
+    ceil = ChdbStorage(path)
+    try:
+        ceil.migrate()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for i in range(0, tbl.num_rows, step):
+            ceil.insert_raw(tbl.slice(i, step), f"ceiling-{i}")
+        return time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        ceil.close()
+
+
 async def run(args: argparse.Namespace, work: Path) -> None:
     start_ns = (time.time_ns() // 10**9 - args.minutes * 60 - 120) * 10**9
     t0 = time.perf_counter()
     batches, total = make_batches(args.vms, args.minutes, start_ns)
     print(
         f"generated {len(batches)} batches / {total} samples in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+    tbl = ceiling_table(total)
+    step = args.max_msgs * 600
+    load_before = loadavg()
+    ceil_before, ceil_cpu_before = ceiling_run(tbl, work / "ch-ceiling-1", step)
+    print(
+        f"ceiling before: bare Arrow insert of {total} rows in {ceil_before:.2f} s "
+        f"(load {load_before})",
         file=sys.stderr,
     )
     with NatsServer(work / "nats") as nats:
@@ -140,6 +171,8 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         agg = Aggregator(storage, directory)
         stop = asyncio.Event()
         stats = LoopStats()
+        load_pipeline = loadavg()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         task = asyncio.create_task(
             run_consumer(
@@ -157,6 +190,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
             if task.done():
                 task.result()
         elapsed = time.perf_counter() - t0
+        cpu_s = time.process_time() - c0
         stop.set()
         await task
         await bus.close()
@@ -170,24 +204,28 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         file=sys.stderr,
     )
 
-    tbl = ceiling_table(total)
-    ceil = ChdbStorage(work / "ch-ceiling")
-    ceil.migrate()
-    t0 = time.perf_counter()
-    step = args.max_msgs * 600
-    for i in range(0, total, step):
-        ceil.insert_raw(tbl.slice(i, step), f"ceiling-{i}")
-    ceil_s = time.perf_counter() - t0
-    ceil.close()
+    load_after = loadavg()
+    ceil_after, ceil_cpu_after = ceiling_run(tbl, work / "ch-ceiling-2", step)
+    ceil_s = (ceil_before + ceil_after) / 2
     ceiling = total / ceil_s
     print(
-        f"ceiling: bare Arrow insert of {total} rows in {ceil_s:.2f} s (same insert size)",
+        f"ceiling after: bare Arrow insert of {total} rows in {ceil_after:.2f} s "
+        f"(load {load_after}); ceiling = mean of before/after = {ceiling:.0f} rows/s",
         file=sys.stderr,
     )
-    print(f"load_avg_1m={os.getloadavg()[0]:.2f}", file=sys.stderr)
+    cpu_us = cpu_s / total * 1e6
+    ceil_cpu_us = (ceil_cpu_before + ceil_cpu_after) / 2 / total * 1e6
+    print(
+        f"cpu per sample: pipeline {cpu_us:.2f} us (incl. background merges), "
+        f"bare insert {ceil_cpu_us:.2f} us",
+        file=sys.stderr,
+    )
     print(
         f"RESULT samples_per_s={rate:.0f} ceiling_samples_per_s={ceiling:.0f} "
-        f"ratio={rate / ceiling:.2f} vms={args.vms} minutes={args.minutes}"
+        f"ratio={rate / ceiling:.2f} ceiling_before={total / ceil_before:.0f} "
+        f"ceiling_after={total / ceil_after:.0f} cpu_us_per_sample={cpu_us:.2f} "
+        f"ceiling_cpu_us_per_sample={ceil_cpu_us:.2f} vms={args.vms} minutes={args.minutes} "
+        f"flushes={stats.flushes} load={load_pipeline}"
     )
 
 
