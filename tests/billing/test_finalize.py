@@ -15,12 +15,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy.orm import Session, sessionmaker
 
 from unkey_deploy.billing.aggregator import Aggregator, Incoming
 from unkey_deploy.billing.customers import SqlDirectory
 from unkey_deploy.billing.invoice import Invoice, Line, build_invoice, to_html
-from unkey_deploy.billing.ledger import InvoiceLedger
+from unkey_deploy.billing.ledger import InvoiceLedger, IssuedInvoiceRow
 from unkey_deploy.billing.queries import BillingQueries
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.core.clock import FakeClock
@@ -316,3 +318,24 @@ def test_a_batch_skipped_by_the_hold_timeout_and_delivered_after_issuing_is_an_a
     assert {k: amounts(oct_inv)[k] + adj.get(k, Fraction(0)) for k in full_oct} == full_oct
     assert (env.acme, "2026-11") not in ref and amounts(nov) == {}  # October's usage only
     assert Fraction(nov.subtotal) == sum(adj.values())
+
+
+def test_the_ledger_models_match_the_billing_migration(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        db.upgrade(engine)
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
+        ours = [d for d in diff if "billing_" in repr(d)]
+        assert ours == []
+        # a control: a drifted model is reported
+        col = IssuedInvoiceRow.__table__.c.document
+        col.nullable = True
+        try:
+            with engine.connect() as conn:
+                diff = compare_metadata(MigrationContext.configure(conn), db.Base.metadata)
+            assert any("billing_invoices" in repr(d) for d in diff)
+        finally:
+            col.nullable = False
+    finally:
+        engine.dispose()

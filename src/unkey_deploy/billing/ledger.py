@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import Float, String, Text, func, select
+from sqlalchemy import Float, Index, String, Text, UniqueConstraint, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
@@ -45,6 +45,9 @@ _RETRIES = 8
 
 class IssuedInvoiceRow(db.Base):
     __tablename__ = "billing_invoices"
+    __table_args__ = (
+        UniqueConstraint("customer_id", "month", name="uq_billing_invoices_customer_month"),
+    )
 
     number: Mapped[str] = mapped_column(String(32), primary_key=True)
     customer_id: Mapped[str] = mapped_column(String(40))
@@ -62,6 +65,7 @@ class InvoiceUsageRow(db.Base):
     adjusts), per pricing version, tier and item: integer base units and the amount."""
 
     __tablename__ = "billing_invoice_usage"
+    __table_args__ = (Index("ix_billing_invoice_usage_customer", "customer_id", "period"),)
 
     number: Mapped[str] = mapped_column(String(32), primary_key=True)
     customer_id: Mapped[str] = mapped_column(String(40))
