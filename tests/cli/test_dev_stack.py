@@ -62,3 +62,32 @@ def test_dev_up_status_down_keeps_state(tmp_path: Path) -> None:
         pid_file = tmp_path / ".unkey" / "run" / "gatewayd.pid"
         if pid_file.exists():  # dev down failed: do not leave a server behind
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_service_that_never_becomes_healthy_is_stopped_and_its_port_drawn_again(
+    tmp_path: Path,
+) -> None:
+    import pytest
+
+    from unkey_deploy.core import config as core_config
+    from unkey_deploy.core.errors import Unavailable
+    from unkey_deploy.dev.stack import ServiceSpec, Stack
+
+    settings = core_config.load(environ={"UNKEY_DATA_DIR": str(tmp_path / "stack")})
+    hung = ServiceSpec("deployer", lambda _s: ["sleep", "600"], lambda _s: False)
+    stack = Stack(settings, [hung])
+    with pytest.raises(Unavailable) as exc:
+        stack.up(timeout_s=1)
+    assert "did not become healthy within 1 s; stopped" in exc.value.message
+    port_file = stack.data_dir / "metrics" / "deployer.port"
+    assert not port_file.exists()  # the next `dev up` draws a new port
+    assert stack.pid("deployer") is None
+    marker = f"UNKEY_DATA_DIR={stack.data_dir}".encode()
+    still_running = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                still_running.append(proc.name)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    assert not still_running, "the hung service is still running"

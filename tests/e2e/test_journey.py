@@ -133,7 +133,7 @@ class Stack:
         return json.loads(self.unkey(*args, "--json", timeout_s=timeout_s))
 
     def up(self) -> str:
-        """``unkey dev up``. Each service gets 60 s to become healthy; on a machine shared with
+        """``unkey dev up``. Each service gets 120 s to become healthy; on a machine shared with
         other test runs one may miss that, and `dev up` is idempotent (it starts only what is
         not running), so a second `dev up` is what a user would do. Logs go into the failure."""
         argv = [*UNKEY, "dev", "up", "--data-dir", str(self.data_dir), "--port", str(self.port)]

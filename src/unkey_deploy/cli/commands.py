@@ -478,12 +478,20 @@ def dev() -> None:
 @_data_dir_option
 @click.option("--port", type=int, default=None, help="gateway port (default 8443)")
 @click.option("--plain-http", is_flag=True, help="serve the gateway without TLS")
-def dev_up(data_dir: Path, port: int | None, plain_http: bool) -> None:
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    help="seconds each service gets to become healthy",
+)
+def dev_up(data_dir: Path, port: int | None, plain_http: bool, timeout_s: float) -> None:
     """Start the local stack (first run: certificate, admin token, schema) and wait for health."""
     from ..dev.stack import Stack  # noqa: PLC0415
 
     stack = Stack(_stack_settings(data_dir, port, plain_http))
-    statuses = stack.up()
+    statuses = stack.up(timeout_s=timeout_s)
     for st in statuses:
         err.print(
             f"{st.name:>10}  pid {st.pid}  "

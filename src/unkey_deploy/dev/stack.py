@@ -183,17 +183,21 @@ def _registry_argv(settings: Settings) -> list[str]:
     root = settings.data_dir.resolve() / "registry"
     root.mkdir(parents=True, exist_ok=True)
     cfg = root / "config.json"  # YAML is a superset of JSON
-    if not cfg.exists():
-        cfg.write_text(
-            json.dumps(
-                {
-                    "version": 0.1,
-                    "log": {"level": "warn", "accesslog": {"disabled": True}},
-                    "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
-                    "http": {"addr": registry_host(settings), "secret": os.urandom(16).hex()},
-                }
-            )
+    try:
+        secret = str(json.loads(cfg.read_text())["http"]["secret"])
+    except (OSError, ValueError, KeyError, TypeError):
+        secret = os.urandom(16).hex()
+    # written at every start: the port is drawn again when the last one was taken meanwhile
+    cfg.write_text(
+        json.dumps(
+            {
+                "version": 0.1,
+                "log": {"level": "warn", "accesslog": {"disabled": True}},
+                "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+                "http": {"addr": registry_host(settings), "secret": secret},
+            }
         )
+    )
     return ["/usr/bin/docker-registry", "serve", str(cfg)]
 
 
@@ -371,7 +375,29 @@ class Stack:
     def _wanted(self, spec: ServiceSpec) -> bool:
         return not (spec.local_only and self.settings.bus.nats_url)
 
-    def up(self, *, timeout_s: float = 60.0) -> list[ServiceStatus]:
+    def _drawn_port_file(self, name: str) -> Path | None:
+        """Where the port drawn for service ``name`` is kept (None: a configured port)."""
+        if name == "nats-server":
+            return self.data_dir / "nats" / "port"
+        if name == "registry":
+            return self.data_dir / "registry" / "port"
+        if name in METRICS_SERVICES:
+            return self.data_dir / "metrics" / f"{name}.port"
+        return None
+
+    def _abandon(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        """A service that did not come up: stop what is left of it and forget its drawn port
+        (another process may have taken it meanwhile), so the next `dev up` starts it afresh."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        self._pid_file(name).unlink(missing_ok=True)
+        port_file = self._drawn_port_file(name)
+        if port_file is not None:
+            port_file.unlink(missing_ok=True)
+
+    def up(self, *, timeout_s: float = 120.0) -> list[ServiceStatus]:
         self.prepare()
         for spec in self.services:
             if not self._wanted(spec) or self.pid(spec.name) is not None:
@@ -390,17 +416,17 @@ class Stack:
             deadline = time.monotonic() + timeout_s
             while not spec.health(self.settings):
                 if proc.poll() is not None:
-                    self._pid_file(spec.name).unlink(missing_ok=True)
-                    # a port drawn for it may have been taken meanwhile: draw again next time
-                    (self.data_dir / "metrics" / f"{spec.name}.port").unlink(missing_ok=True)
+                    self._abandon(spec.name, proc)
                     raise Unavailable(
                         f"{spec.name} exited with status {proc.returncode} while starting",
                         suggestion=f"see {log_path}:\n{_tail(log_path)}",
                     )
                 if time.monotonic() > deadline:
+                    self._abandon(spec.name, proc)
                     raise Unavailable(
-                        f"{spec.name} did not become healthy within {timeout_s:.0f} s",
-                        suggestion=f"see {log_path}",
+                        f"{spec.name} did not become healthy within {timeout_s:.0f} s; stopped",
+                        suggestion=f"run `unkey dev up` again (--timeout for a slow machine); "
+                        f"see {log_path}:\n{_tail(log_path)}",
                     )
                 time.sleep(0.1)
         return self.status()
