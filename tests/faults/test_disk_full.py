@@ -114,11 +114,6 @@ def full_store(tmp_path: Path) -> Iterator[tuple[Path, Path, str, Exception]]:
         yield fs / "assets", asset, sha, info.value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="assets.blobs.FsBlobStore.put lets shutil.copyfile's bare OSError(ENOSPC) escape "
-    "('[Errno 28] No space left on device', no path, not an UnkeyError such as Unavailable)",
-)
 def test_asset_store_full_error_is_clear_and_names_the_path(
     full_store: tuple[Path, Path, str, Exception],
 ) -> None:

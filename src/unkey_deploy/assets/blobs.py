@@ -60,8 +60,11 @@ class FsBlobStore:
         dst = self._path(sha256)
         if dst.exists():
             return
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".put-")
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".put-")
+        except OSError as exc:
+            raise self._write_error(exc) from exc
         os.close(fd)
         try:
             try:
@@ -71,8 +74,16 @@ class FsBlobStore:
                 shutil.copyfile(path, tmp)
             Path(tmp).chmod(0o444)
             Path(tmp).replace(dst)
+        except OSError as exc:  # disk full, quota, read-only: the temp file goes, nothing half
+            raise self._write_error(exc) from exc
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def _write_error(self, exc: OSError) -> Unavailable:
+        return Unavailable(
+            f"asset store {self.root}: cannot write a blob: {exc.strerror or exc}",
+            suggestion="free space (or fix permissions) on that filesystem, then build again",
+        )
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).exists()
