@@ -84,3 +84,39 @@ def test_compress_without_the_zstd_cli_uses_the_module(
         assert z.sha256 == sha256_file(Path(z.path)) and z.bytes == len(data)
         assert zstandard.get_frame_parameters(data).content_size == raw.stat().st_size
         assert zstandard.ZstdDecompressor().decompress(data) == raw.read_bytes()
+
+
+def test_compress_failing_mid_stream_raises_instead_of_hanging(tmp_path: Path) -> None:
+    """Writing the output can fail half way (disk full) and a progress callback can raise (a
+    cancelled build): compress() must raise that error promptly, stop zstd and leave no file,
+    not wait forever on zstd's full pipes."""
+    import shutil
+    import threading
+
+    assert shutil.which("zstd") is not None  # the CLI path is the one with pipes
+    raw = tmp_path / "x.img"
+    with raw.open("wb") as f:  # incompressible: zstd's output fills its pipe at once
+        for _ in range(32):
+            f.write(os.urandom(1 << 20))
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(done: int, _total: int) -> None:
+        if done > 0:
+            raise Cancelled
+
+    got: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            compress(raw, tmp_path / "x.zst", progress=cancel)
+        except BaseException as e:  # handed to the test thread
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "compress() hung after its output failed"
+    assert len(got) == 1 and isinstance(got[0], Cancelled), got
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.img"]

@@ -272,10 +272,18 @@ def _compress_cli(
             out.write(chunk)
             if progress is not None:
                 progress(fed, size)
+    except BaseException:
+        # Nobody reads zstd's output any more (disk full, a cancelling progress callback): zstd
+        # would block on its full stdout pipe and the feeder on zstd's full stdin, so the join
+        # below would wait forever. Killing zstd ends both (the feeder gets BrokenPipeError).
+        proc.kill()
+        raise
     finally:
         feeder.join()
         err = proc.stderr.read().decode(errors="replace").strip()
         code = proc.wait()
+        stdout.close()
+        proc.stderr.close()
     if code != 0 or fed != size:
         raise BuildFailed(f"zstd -{level} failed (exit {code}): {err[-400:]}")
     if progress is not None:
