@@ -47,7 +47,7 @@ VIRTIO_MODULES = (
 )
 BUSYBOX = Path("/bin/busybox")
 _LZ4_MAGIC = b"\x02!L\x18"
-_INITRAMFS_VERSION = "8"  # bump when the init script changes, so prepare_kernel rebuilds
+_INITRAMFS_VERSION = "9"  # bump when the init script changes, so prepare_kernel rebuilds
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # /dev first: every redirection below (2>/dev/null) needs it (the kernel does not mount it here)
@@ -105,9 +105,14 @@ while [ -z "$btn" ] && [ $i -lt 50 ]; do
 done
 if [ -n "$btn" ] && mkdir -p /keep && mount -t tmpfs -o size=4m keep /keep \
    && cp /bin/busybox /keep/busybox && command exec 3<"$btn"; then
-  (/keep/busybox head -c 1 <&3 >/keep/event; exec 3<&-; kill -TERM 1
+  (/keep/busybox touch /keep/started
+   /keep/busybox head -c 1 <&3 >/keep/event; exec 3<&-; kill -TERM 1
    /keep/busybox sleep 3; /keep/busybox sync; /keep/busybox poweroff -f) &
   exec 3<&-
+  # ash opens /dev/null as a background job's stdin in the child, before its first command:
+  # /dev must stay until the watcher has started (it says so by touching /keep/started)
+  i=0
+  while [ ! -e /keep/started ] && [ $i -lt 500 ]; do usleep 10000; i=$((i+1)); done
   echo "UNKEY_INITRAMFS: power button watcher on $btn" > /dev/ttyS0
 else
   echo "UNKEY_INITRAMFS: no ACPI power button; the VM can only be stopped hard" > /dev/ttyS0
