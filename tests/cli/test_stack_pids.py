@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from unkey_deploy.dev.stack import _is_ours
@@ -15,6 +16,11 @@ def test_helpers_naming_the_data_dir_are_ours_strangers_are_not(tmp_path: Path) 
     helper = subprocess.Popen([*sleeper, "-sd", str(data / "nats")])  # like nats-server
     stranger = subprocess.Popen([*sleeper, str(tmp_path / "elsewhere")])
     try:
+        for p in (helper, stranger):  # until each has exec'd (before, /proc shows our cmdline)
+            deadline = time.monotonic() + 30
+            while b"time.sleep" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+                assert time.monotonic() < deadline, "the sleeper never started"
+                time.sleep(0.01)
         assert _is_ours(helper.pid, data)
         assert not _is_ours(stranger.pid, data)
     finally:

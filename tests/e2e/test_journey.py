@@ -472,6 +472,9 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> N
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a runner started in the background of a script has SIGINT ignored, and children
+        # inherit that: give the CLI the default a person at a terminal has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )
     try:
         time.sleep(3)
