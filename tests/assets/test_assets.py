@@ -214,3 +214,27 @@ def test_a_crashed_gc_deletion_is_finished_or_taken_over_after_the_grace(
             assert not blobs.exists(blob)
             with factory() as s:
                 assert s.get(AssetBlobRow, blob) is None
+
+
+def test_listing_skips_a_blob_another_gc_deletes_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FsBlobStore(tmp_path / "blobs")
+    kept, gone = (tmp_path / "a"), (tmp_path / "b")
+    kept.write_bytes(b"kept")
+    gone.write_bytes(b"gone")
+    store.put(kept, sha256_of(kept))
+    store.put(gone, sha256_of(gone))
+    gone_sha = sha256_of(gone)
+    real_iterdir = Path.iterdir
+
+    def iterdir_then_delete(self: Path) -> list[Path]:  # the other gc wins between the two
+        found = list(real_iterdir(self))
+        if any(p.name == gone_sha for p in found):
+            store.delete(gone_sha)
+        return found
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "iterdir", iterdir_then_delete)
+        listed = [sha for sha, _mtime, _size in store.list()]
+    assert listed == [sha256_of(kept)]

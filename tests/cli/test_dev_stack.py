@@ -19,16 +19,21 @@ def _run(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("UNKEY_")}
     base.update(UNKEY_CONFIG_HOME=str(cwd / "cfg"), **env)
     return subprocess.run(
-        [str(UNKEY), *args], cwd=cwd, env=base, capture_output=True, text=True, timeout=120,
+        [str(UNKEY), *args], cwd=cwd, env=base, capture_output=True, text=True, timeout=240,
         stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
+
+
+def _logs(data: Path) -> str:
+    return "".join(f"\n--- {f.name}:\n{f.read_text(errors='replace')[-1500:]}"
+                   for f in sorted((data / "logs").glob("*.log")))  # fmt: skip
 
 
 def test_dev_up_status_down_keeps_state(tmp_path: Path) -> None:
     port = str(free_port())
     try:
-        up = _run(tmp_path, "dev", "up", "--port", port)
-        assert up.returncode == 0, up.stderr
+        up = _run(tmp_path, "dev", "up", "--port", port, "--timeout", "90")
+        assert up.returncode == 0, up.stderr + _logs(tmp_path / ".unkey")
         assert up.stdout.strip() == f"https://127.0.0.1:{port}"
         data = tmp_path / ".unkey"
         assert (data / "tls" / "gateway.crt").exists()
@@ -53,7 +58,8 @@ def test_dev_up_status_down_keeps_state(tmp_path: Path) -> None:
         assert st.returncode == 7  # not running
         assert "Finished server process" in (data / "logs" / "gatewayd.log").read_text()
 
-        assert _run(tmp_path, "dev", "up", "--port", port).returncode == 0
+        again = _run(tmp_path, "dev", "up", "--port", port, "--timeout", "90")
+        assert again.returncode == 0, again.stderr + _logs(data)
         ls = _run(tmp_path, "deployments", "ls", "--json", UNKEY_API_KEY=key)
         assert ls.returncode == 0, ls.stderr
         assert [d["id"] for d in json.loads(ls.stdout)] == [dep_id]

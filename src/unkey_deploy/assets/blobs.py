@@ -110,7 +110,10 @@ class FsBlobStore:
                 continue
             for p in sorted(sub.iterdir()):
                 if len(p.name) == 64 and not p.name.startswith("."):
-                    st = p.stat()
+                    try:
+                        st = p.stat()
+                    except FileNotFoundError:  # deleted meanwhile (another gc): not stored
+                        continue
                     yield p.name, st.st_mtime, st.st_size
 
     def local_path(self, sha256: str) -> Path | None:
