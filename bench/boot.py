@@ -21,7 +21,6 @@ import argparse
 import ipaddress
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,18 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from unkey_deploy.core.config import MetaldConfig  # noqa: E402
+from unkey_deploy.core.net import free_port  # noqa: E402
 from unkey_deploy.metald.drivers.qemu import QEMU, host_tsc_khz  # noqa: E402
 from unkey_deploy.metald.kernel import guest_cmdline, prepare_kernel  # noqa: E402
 from unkey_deploy.metald.service import CreateVm, Metald  # noqa: E402
 from unkey_deploy.store.db import make_engine, upgrade  # noqa: E402
 from unkey_deploy.testing.rootfs import build_test_rootfs  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 HTTP = httpx.Client(trust_env=False, headers={"Connection": "close"})
 

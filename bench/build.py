@@ -29,7 +29,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
+
+from unkey_deploy.core.net import free_port
 
 SOURCES = (
     "/usr/lib/x86_64-linux-gnu",
@@ -54,12 +55,6 @@ SOURCES = (
 MTIME = 1_600_000_000
 MAX_FILE = 8 * 1024 * 1024  # a spread of file sizes, like a real image, not a few huge libs
 GEN_DIR = Path(tempfile.gettempdir()) / "unkey-bench-build-image"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pick_files(total_mb: int) -> list[Path]:
@@ -210,7 +205,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def start_registry(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     cfg = work / "registry.yml"
     cfg.write_text(
         "version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\n"

@@ -6,7 +6,6 @@ which proves they are valid ClickHouse (no ClickHouse server can be installed he
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +29,7 @@ from unkey_deploy.clickhouse.server_backend import ServerStorage
 from unkey_deploy.clickhouse.sqlstorage import SQL_PROCESSED, SQL_RAW_PRESENT
 from unkey_deploy.core import config
 from unkey_deploy.core.errors import InvalidInput, Unavailable
+from unkey_deploy.core.net import free_port
 
 
 @dataclass
@@ -294,12 +294,6 @@ def test_errors_map_to_the_error_tree() -> None:
         server.command("SELEC 1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_factory_defaults_to_chdb_under_data_dir(tmp_path: Path) -> None:
     settings = config.load(data_dir=tmp_path / "data")
     s = storage_from_settings(settings)
@@ -312,7 +306,7 @@ def test_factory_defaults_to_chdb_under_data_dir(tmp_path: Path) -> None:
 
 
 def test_factory_uses_the_server_url(tmp_path: Path) -> None:
-    url = f"http://default:pw@127.0.0.1:{_free_port()}/usage"
+    url = f"http://default:pw@127.0.0.1:{free_port()}/usage"
     settings = config.load(data_dir=tmp_path, billing={"clickhouse_url": url, "cluster": "c1"})
     with pytest.raises(Unavailable, match=r"127\.0\.0\.1"):
         storage_from_settings(settings)  # nothing listens there: a clear retryable error

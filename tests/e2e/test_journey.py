@@ -17,7 +17,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from unkey_deploy.assets.service import open_assets
 from unkey_deploy.builder.api import BuildProgress
 from unkey_deploy.bus import connect
 from unkey_deploy.core import config as core_config
+from unkey_deploy.core.net import free_port
 from unkey_deploy.dev.example import push_hello
 from unkey_deploy.metering.codec import decode
 from unkey_deploy.metering.stream import STREAM_NAME, consumer_spec
@@ -47,12 +47,6 @@ BIG_MIB = 64  # served by the app and fetched twice: ~0.125 GB of network, $0.01
 T = TypeVar("T")
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _poll(what: str, fn: Callable[[], T | None], timeout_s: float, every_s: float = 1.0) -> T:
@@ -80,7 +74,7 @@ class Stack:
         self.root.chmod(0o755)
         self.data_dir = self.root / "unkey-stack"
         self.data_dir.mkdir(mode=0o755)
-        self.port = _free_port()
+        self.port = free_port()
         third = random.randrange(0, 256)  # keep parallel stacks apart
         self.env = {
             k: v

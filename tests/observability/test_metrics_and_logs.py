@@ -13,7 +13,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from unkey_deploy.core.net import free_port
 from unkey_deploy.dev.example import push_hello
 from unkey_deploy.gateway.tls import client_context
 
@@ -49,17 +49,11 @@ OWN_METRICS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Stack:
     def __init__(self, tmp: Path) -> None:
         # "unkey" in the path: `dev down` only trusts pids whose command line says unkey
         self.data_dir = tmp / "unkey-obs"
-        self.port = _free_port()
+        self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("UNKEY_")}
         env.update(
             UNKEY_DATA_DIR=str(self.data_dir),
