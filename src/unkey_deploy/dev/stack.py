@@ -115,16 +115,30 @@ def native_dir(settings: Settings) -> Path:
     return native.resolve()
 
 
-def nats_port(settings: Settings) -> int:
-    """The local nats-server's port, chosen once per data dir and kept (clients reconnect)."""
-    path = settings.data_dir.resolve() / "nats" / "port"
+def _kept_port(path: Path, draw: Callable[[], int] = free_port) -> int:
+    """The port kept in ``path``, drawn (and kept) the first time; removing the file makes
+    the next call draw again."""
     try:
         return int(path.read_text())
     except (OSError, ValueError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = draw()
         path.write_text(f"{port}\n")
         return port
+
+
+def _port_file(data_dir: Path, name: str) -> Path:
+    """Where the port drawn for service ``name`` is kept."""
+    if name == "nats-server":
+        return data_dir / "nats" / "port"
+    if name == "registry":
+        return data_dir / "registry" / "port"
+    return data_dir / "metrics" / f"{name}.port"
+
+
+def nats_port(settings: Settings) -> int:
+    """The local nats-server's port, chosen once per data dir and kept (clients reconnect)."""
+    return _kept_port(_port_file(settings.data_dir.resolve(), "nats-server"))
 
 
 def nats_url(settings: Settings) -> str:
@@ -163,15 +177,12 @@ def registry_port(settings: Settings) -> int:
     """The local registry's port, chosen once per data dir: 5055 (the port examples/app.yaml
     names) for the default data dir when it is free, any free port otherwise, so stacks in
     other data dirs (tests, a second stack) never race for 5055."""
-    path = settings.data_dir.resolve() / "registry" / "port"
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        default_dir = settings.data_dir.resolve() == Path(".unkey").resolve()
-        port = REGISTRY_PORT if default_dir and _port_free(REGISTRY_PORT) else free_port()
-        path.write_text(f"{port}\n")
-        return port
+    default_dir = settings.data_dir.resolve() == Path(".unkey").resolve()
+
+    def draw() -> int:
+        return REGISTRY_PORT if default_dir and _port_free(REGISTRY_PORT) else free_port()
+
+    return _kept_port(_port_file(settings.data_dir.resolve(), "registry"), draw)
 
 
 def registry_host(settings: Settings) -> str:
@@ -216,14 +227,7 @@ def metrics_port(settings: Settings, name: str) -> int:
     configured = getattr(settings.metrics, name)
     if configured:
         return int(configured)
-    path = settings.data_dir.resolve() / "metrics" / f"{name}.port"
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        path.write_text(f"{port}\n")
-        return port
+    return _kept_port(_port_file(settings.data_dir.resolve(), name))
 
 
 def metrics_url(name: str) -> Callable[[Settings], str]:
@@ -375,16 +379,6 @@ class Stack:
     def _wanted(self, spec: ServiceSpec) -> bool:
         return not (spec.local_only and self.settings.bus.nats_url)
 
-    def _drawn_port_file(self, name: str) -> Path | None:
-        """Where the port drawn for service ``name`` is kept (None: a configured port)."""
-        if name == "nats-server":
-            return self.data_dir / "nats" / "port"
-        if name == "registry":
-            return self.data_dir / "registry" / "port"
-        if name in METRICS_SERVICES:
-            return self.data_dir / "metrics" / f"{name}.port"
-        return None
-
     def _abandon(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         """A service that did not come up: stop what is left of it and forget its drawn port
         (another process may have taken it meanwhile), so the next `dev up` starts it afresh."""
@@ -393,9 +387,8 @@ class Stack:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         self._pid_file(name).unlink(missing_ok=True)
-        port_file = self._drawn_port_file(name)
-        if port_file is not None:
-            port_file.unlink(missing_ok=True)
+        if name in ("nats-server", "registry", *METRICS_SERVICES):  # the others: configured
+            _port_file(self.data_dir, name).unlink(missing_ok=True)
 
     def up(self, *, timeout_s: float = 120.0) -> list[ServiceStatus]:
         self.prepare()
