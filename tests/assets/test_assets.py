@@ -31,7 +31,7 @@ def _image(tmp_path: Path, name: str, fill: bytes) -> tuple[Path, str, int]:
         f.write(fill * 4096)
         f.seek(6 * MiB)
         f.write(b"tail" * 1024)
-        # unique content per call: the PostgreSQL index is shared by parallel test workers, and
+        # unique content per call: the PostgreSQL index is shared by the tests of a worker, and
         # an equal blob registered by another test would (rightly) keep GC from deleting ours
         f.write(os.urandom(16))
         f.truncate(8 * MiB)

@@ -29,7 +29,7 @@ def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionm
 
 @pytest.fixture
 def kind() -> str:
-    """A job kind of this test alone: the PostgreSQL database is shared by parallel workers."""
+    """A job kind of this test alone: the PostgreSQL database is shared by the tests of a worker."""
     return f"k-{uuid.uuid4().hex[:12]}"
 
 

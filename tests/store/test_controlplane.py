@@ -32,7 +32,7 @@ def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionm
 
 
 def _name() -> str:
-    # The PostgreSQL database is shared by parallel workers: every test uses fresh names.
+    # The PostgreSQL database is shared by the tests of a worker: every test uses fresh names.
     return f"acme-{uuid.uuid4().hex[:10]}"
 
 
