@@ -14,7 +14,7 @@ from unkey_deploy.store.db import make_engine, session_factory, upgrade
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """The index on SQLite (default) and on PostgreSQL (one database per worker: tests use unique keys)."""
+    """The index on SQLite (default) and on PostgreSQL (a database per worker; unique keys)."""
     if request.param == "postgres":
         url = request.getfixturevalue("postgres_url")
     else:
