@@ -145,15 +145,20 @@ def test_monthly_bill_from_final_rows_month_boundaries_and_scope(store: ChdbStor
                 mem_byte_ns=GIB * 3_600_000_000_000,
                 sample_count=36_000,
             ),
-            _brow("cust_a", "vm_2", nov_last, "0.000000000001", 1, cpu_time_ns=1),
+            _brow("cust_a", "vm_2", nov_last, "0.000000000001", 1, cpu_time_ns=1, sample_count=9),
+            _brow("cust_a", "vm_3", nov_last, "0.01", 1, cpu_time_ns=5, sample_count=4),
             _brow("cust_a", "vm_1", dec_first, "7", 1, cpu_time_ns=99),
             _brow("cust_a", "vm_1", oct_last, "8", 1, cpu_time_ns=98),
-            _brow("cust_b", "vm_9", nov_last, "100", 1, cpu_time_ns=10**12),
+            _brow("cust_b", "vm_9", nov_last, "100", 1, cpu_time_ns=10**12, sample_count=1),
         ]
     )
-    # a late batch recomputes vm_2's last hour of November
+    # a late batch recomputes vm_2's last hour of November, and leaves vm_3's without usage
+    # (a replay writes a zero row for such an hour: it is not a VM-hour)
     store.upsert_billing_hourly(
-        [_brow("cust_a", "vm_2", nov_last, "0.100000000001", 2, cpu_time_ns=2)]
+        [
+            _brow("cust_a", "vm_2", nov_last, "0.100000000001", 2, cpu_time_ns=2, sample_count=10),
+            _brow("cust_a", "vm_3", nov_last, "0", 2),
+        ]
     )
     bill = queries.monthly_bill(store, customer_id="cust_a", month="2026-11")
     assert bill.cost == Decimal("0.150000000001")
@@ -162,12 +167,13 @@ def test_monthly_bill_from_final_rows_month_boundaries_and_scope(store: ChdbStor
     assert bill.vcpu_hours == Decimal(3_600_000_000_002) / Decimal(3_600_000_000_000)
     assert bill.memory_gb_hours == Decimal(1)
     assert bill.network_gb == Decimal(2)
-    assert bill.sample_count == 36_000
+    assert bill.sample_count == 36_010
     assert bill.pricing_versions == ("v1",)
     rows = queries.billing_rows(store, customer_id="cust_a", month="2026-11")
     assert [(r.vm_id, r.hour, r.version) for r in rows] == [
         ("vm_1", datetime(2026, 11, 1, tzinfo=UTC), 1),
         ("vm_2", nov_last, 2),
+        ("vm_3", nov_last, 2),
     ]
     dec = queries.monthly_bill(store, customer_id="cust_a", month="2026-12")
     assert (dec.cost, dec.cpu_time_ns) == (Decimal(7), 99)

@@ -30,22 +30,18 @@ from .invoice import (
 )
 from .ledger import Billed, BilledSoFar, InvoiceLedger
 
-SQL_INVOICE_TOTALS = """
-SELECT
+# usage per month and price sheet, from the same scope as the monthly bill (chq.SQL_MONTHLY)
+SQL_INVOICE_TOTALS = chq.BILLING_SCOPE.sql(
+    """
     formatDateTime(toStartOfMonth(hour), '%Y-%m') AS month,
     pricing_version,
     toString(sum(cpu_time_ns)) AS cpu_time_ns,
     toString(sum(mem_byte_ns)) AS mem_byte_ns,
     toString(sum(net_rx_bytes) + sum(net_tx_bytes)) AS net_bytes,
     toString(sum(storage_byte_ns)) AS storage_byte_ns,
-    toString(sum(gap_ns)) AS gap_ns
-FROM billing_hourly FINAL
-WHERE customer_id = {customer_id:String}
-  AND hour >= {start:DateTime('UTC')}
-  AND hour < {end:DateTime('UTC')}
-GROUP BY month, pricing_version
-ORDER BY month, pricing_version
-"""
+    toString(sum(gap_ns)) AS gap_ns""",
+    "GROUP BY month, pricing_version\nORDER BY month, pricing_version",
+)
 
 _Q6 = Decimal("0.000001")
 
@@ -174,11 +170,7 @@ class BillingQueries:
         _start, end = chq.month_bounds(max(months))
         rows = self.storage.query(
             SQL_INVOICE_TOTALS,
-            {
-                "customer_id": customer_id,
-                "start": start.strftime("%Y-%m-%d %H:%M:%S"),
-                "end": end.strftime("%Y-%m-%d %H:%M:%S"),
-            },
+            chq.BILLING_SCOPE.params(customer_id=customer_id, start=start, end=end),
         )
         out: dict[str, list[UsageTotals]] = {m: [] for m in months}
         for r in rows:

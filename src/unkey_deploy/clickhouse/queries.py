@@ -213,8 +213,8 @@ def dashboard(
 
 # -- 2. monthly bill ---------------------------------------------------------------------------
 
-_BILLING = Scope("billing_hourly", "hour", "DateTime('UTC')", final=True)
-SQL_MONTHLY = _BILLING.sql(
+BILLING_SCOPE = Scope("billing_hourly", "hour", "DateTime('UTC')", final=True)
+SQL_MONTHLY = BILLING_SCOPE.sql(
     """
     sum(toDecimal128(cpu_time_ns, 0)) AS cpu_time_ns,
     sum(mem_byte_ns) AS mem_byte_ns,
@@ -226,7 +226,7 @@ SQL_MONTHLY = _BILLING.sql(
     sum(toDecimal128(sample_count, 0)) AS sample_count,
     sum(storage_byte_ns) AS storage_byte_ns,
     sum(cost) AS cost,
-    count() AS vm_hours,
+    countIf(billing_hourly.sample_count > 0) AS vm_hours,  -- a replay's zero row is no VM-hour
     groupUniqArray(pricing_version) AS pricing_versions"""
 )
 
@@ -282,7 +282,7 @@ def monthly_bill(storage: Storage, /, *, customer_id: str, month: str) -> Monthl
     """Totals of the customer's ``billing_hourly`` rows in the UTC month (newest versions only)."""
     start, end = month_bounds(month)
     rows = storage.query(
-        SQL_MONTHLY, _BILLING.params(customer_id=customer_id, start=start, end=end)
+        SQL_MONTHLY, BILLING_SCOPE.params(customer_id=customer_id, start=start, end=end)
     )
     r = rows[0]
     return MonthlyUsage(
@@ -459,7 +459,7 @@ def vm_usage(
 
 # -- billing rows ------------------------------------------------------------------------------
 
-SQL_BILLING_ROWS = _BILLING.sql(
+SQL_BILLING_ROWS = BILLING_SCOPE.sql(
     """
     customer_id, vm_id, instance_id, hour, cpu_time_ns, mem_byte_ns, net_rx_bytes, net_tx_bytes,
     disk_read_bytes, disk_write_bytes, gap_ns, sample_count, storage_byte_ns, cost,
@@ -472,7 +472,7 @@ def billing_rows(storage: Storage, /, *, customer_id: str, month: str) -> list[B
     """The customer's VM-hour rows in the UTC month, newest version of each (FINAL)."""
     start, end = month_bounds(month)
     rows = storage.query(
-        SQL_BILLING_ROWS, _BILLING.params(customer_id=customer_id, start=start, end=end)
+        SQL_BILLING_ROWS, BILLING_SCOPE.params(customer_id=customer_id, start=start, end=end)
     )
     return [
         BillingHourlyRow(
