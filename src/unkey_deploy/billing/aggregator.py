@@ -243,15 +243,37 @@ class Aggregator:
         self._wall = wall_ns
         self._versions = versioner or Versioner()
         self._states: dict[str, SeriesState] = {}
+        # hash() of every series with a state in storage when it was read (once, then after
+        # each forget()): a series not in it is new and needs no query. Without it every flush
+        # of new series waited for the storage lock held by the previous flush's commit.
+        self._stored: set[int] | None = None
         self._held: dict[str, dict[int, _Held]] = defaultdict(dict)
         # replay batches prepared but maybe not committed yet (commit runs beside prepare)
         self._pending_replay: dict[str, dict[int, bytes]] = defaultdict(dict)
 
     # -- state ----------------------------------------------------------------------------------
 
+    def _stored_series(self) -> set[int]:
+        """Which series had a state in storage (by hash: a collision only costs a query).
+        Series whose state this process wrote since are in ``_states``; one aggregator per
+        installation writes states (docs/operations.md), so this set stays a superset."""
+        if self._stored is None:
+            tbl = self.storage.query_arrow(
+                f"SELECT DISTINCT concat(vm_id, ':', instance_id) AS sid FROM {STATE_TABLE}"  # noqa: S608
+            )
+            self._stored = {hash(x) for x in tbl.column("sid").to_pylist()}
+        return self._stored
+
     def _load_states(self, keys: Iterable[SeriesKey]) -> None:
         want = {_sid(k.vm_id, k.instance_id): k for k in keys}
-        missing = [s for s in want if s not in self._states]
+        absent = [s for s in want if s not in self._states]
+        if not absent:
+            return
+        stored = self._stored_series()
+        missing = [s for s in absent if hash(s) in stored]
+        for sid in absent:
+            if hash(sid) not in stored:
+                self._states[sid] = SeriesState(key=want[sid])  # a new series
         if not missing:
             return
         cols = ", ".join(_STATE_COLS)
@@ -304,6 +326,7 @@ class Aggregator:
     def forget(self) -> None:
         """Drop in-memory state (as a restart would)."""
         self._states.clear()
+        self._stored = None
         self._held.clear()
         self._pending_replay.clear()
 
