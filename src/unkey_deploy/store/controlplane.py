@@ -7,9 +7,13 @@ clock, like :mod:`.jobs`. Money columns (``discount_pct``, ``credit_balance``) a
 Deployment lifecycle (a named :class:`IllegalTransition` for every other move)::
 
     accepted -> building -> deploying -> running -> stopping -> stopped
-        \\           \\            \\          \\
-         `-----------`------------`----------`--> failed --(retry)--> building
-    accepted -> cancelled
+        \\           \\            \\          \\           \\
+         `-----------`------------`----------`-----------`--> failed --(retry)--> building
+    accepted -> cancelled                                       failed --(stop)--> stopping
+
+A user's stop (:func:`stop_action`, ``DELETE /v1/deployments/{id}``) cancels an ``accepted``
+deployment at once, moves a ``running`` or ``failed`` one to ``stopping`` (a ``stop`` job then
+deletes its VMs), and is refused while a deploy is building or deploying.
 
 The ``deployment_events`` table is append-only: any service adds progress with
 :func:`add_event` (or :class:`DeploymentRecords`), and the gateway streams it as server-sent
@@ -25,7 +29,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     ForeignKey,
@@ -77,7 +81,7 @@ _TRANSITIONS: dict[str, frozenset[str]] = {
     "running": frozenset({"stopping", "deploying", "failed"}),
     "stopping": frozenset({"stopped", "failed"}),
     "stopped": frozenset(),
-    "failed": frozenset({"building"}),
+    "failed": frozenset({"building", "stopping"}),
     "cancelled": frozenset(),
 }
 
@@ -551,12 +555,15 @@ def attach_job(session: Session, deployment_id: str, job_id: str) -> None:
     session.flush()
 
 
-def get_deployment(session: Session, deployment_id: str, *, tenant_id: str | None) -> Deployment:
+def get_deployment(
+    session: Session, deployment_id: str, *, tenant_id: str | None, for_update: bool = False
+) -> Deployment:
     """The deployment, if it belongs to ``tenant_id`` (None: any tenant, for internal services).
 
     Another tenant's deployment is NotFound, indistinguishable from one that does not exist.
+    ``for_update`` locks the row (PostgreSQL) for a decision taken on its state.
     """
-    row = session.get(DeploymentRow, deployment_id)
+    row = session.get(DeploymentRow, deployment_id, with_for_update=for_update)
     if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"deployment {deployment_id} not found")
     return Deployment.of(row)
@@ -600,6 +607,56 @@ def set_state(
     row.updated_at = now
     session.flush()
     return Deployment.of(row)
+
+
+def record_state(
+    session: Session,
+    deployment_id: str,
+    state: str,
+    *,
+    now: float,
+    url: str | None = None,
+    asset_id: str | None = None,
+    error: dict[str, Any] | None = None,
+) -> Deployment:
+    """:func:`set_state` plus its ``state`` event (phase ``state``, ``data.state``), which every
+    move of a deployment appends so its event stream (and ``unkey logs``) shows the lifecycle."""
+    dep = set_state(session, deployment_id, state, now=now, url=url, asset_id=asset_id, error=error)
+    add_event(session, deployment_id, "state", f"state: {state}", now=now, data={"state": state})
+    return dep
+
+
+StopAction = Literal["cancel", "stop", "none"]
+"""What a user's stop does: ``cancel`` (nothing started yet: ``cancelled`` at once), ``stop``
+(``stopping``, and a ``stop`` job deletes the VMs) or ``none`` (already stopping or over)."""
+
+
+def stop_action(deployment_id: str, state: str, *, deploy_job_live: bool) -> StopAction:
+    """The pure decision behind ``DELETE /v1/deployments/{id}``.
+
+    ``deploy_job_live``: the deployment's deploy job is still queued or running. A deploy in
+    ``building``/``deploying`` is its job's to finish (a stop now would race the VMs it is
+    launching), so that is IllegalTransition, unless the job has ended without finishing the
+    deployment (its worker ran out of attempts): then nothing moves it any more and it is
+    stopped (the caller records it ``failed`` first, the lifecycle's way to ``stopping``).
+    """
+    if state == "accepted":
+        return "cancel"
+    if state in ("running", "failed"):
+        return "stop"
+    if state in ("stopping", "stopped", "cancelled"):
+        return "none"
+    if state in ("building", "deploying"):
+        if not deploy_job_live:
+            return "stop"
+        raise IllegalTransition(
+            f"deployment {deployment_id} is {state}: it cannot be stopped until its deploy "
+            "finishes",
+            suggestion=f"stop it once it is running or failed (`unkey deployments show "
+            f"{deployment_id}` shows its state)",
+            details={"deployment_id": deployment_id, "state": state},
+        )
+    raise InvalidInput(f"unknown deployment state {state!r}")
 
 
 def add_event(
@@ -706,7 +763,7 @@ class DeploymentRecords:
     def set_state(self, deployment_id: str, state: str, /, **fields: Any) -> None:
         now = self._clock.time_ns() / 1e9
         with self._factory() as session, session.begin():
-            set_state(
+            record_state(
                 session,
                 deployment_id,
                 state,
@@ -714,9 +771,6 @@ class DeploymentRecords:
                 url=fields.get("url"),
                 asset_id=fields.get("asset_id"),
                 error=fields.get("error"),
-            )
-            add_event(
-                session, deployment_id, "state", f"state: {state}", now=now, data={"state": state}
             )
 
     def event(self, deployment_id: str, phase: str, message: str, /, **data: Any) -> None:
