@@ -68,6 +68,10 @@ def test_responses_validate_against_the_spec(gateway: RunningGateway, spec: dict
         call("GET", "/v1/deployments", headers=user)
         call("GET", "/v1/deployments/{deployment_id}", f"/v1/deployments/{dep['id']}", headers=user)
         call("GET", "/v1/deployments/{deployment_id}", "/v1/deployments/dep_nope", headers=user)
+        gone = call("DELETE", "/v1/deployments/{deployment_id}", f"/v1/deployments/{dep['id']}",
+                    headers=user)  # fmt: skip
+        assert gone.status_code == 200 and gone.json()["deployment"]["state"] == "cancelled"
+        call("DELETE", "/v1/deployments/{deployment_id}", "/v1/deployments/dep_nope", headers=user)
         key = call("POST", "/v1/keys", json={"name": "x"}, headers=user).json()["key"]
         call("GET", "/v1/keys", headers=user)
         call("DELETE", "/v1/keys/{key_id}", f"/v1/keys/{key['id']}", headers=user)

@@ -173,6 +173,8 @@ def test_b_is_unchanged_after_a_tried_everything(gateway: RunningGateway, world:
         assert cb.whoami()["customer_id"] == world.b.id  # B's second key was not revoked
         dep = cb.get_deployment(world.b_deployment)["deployment"]
         assert dep["customer_id"] == world.b.id and dep["name"] == "b-secret-app"
+        # A's DELETE of it (404) neither cancelled nor stopped it
+        assert dep["state"] == "accepted", dep
         assert [d["id"] for d in cb.list_deployments()["deployments"]] == [world.b_deployment]
         keys = {k["id"]: k for k in cb.list_keys()["keys"]}
         assert set(keys) == {world.b_key_id, world.b_second_key_id}

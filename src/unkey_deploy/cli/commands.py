@@ -49,14 +49,19 @@ def _decimal(value: str | None, what: str) -> Decimal | None:
 # --- deploy ---------------------------------------------------------------------------------------
 
 
-def _follow(client: Any, deployment_id: str, timeout_s: float) -> Json:
+def _follow(
+    client: Any, deployment_id: str, timeout_s: float, *, from_phase: str | None = None
+) -> Json:
     """Show the deployment's progress on stderr until it ends; return the final state.
 
     On a terminal, build progress (layer downloads, rootfs creation) are live bars and the other
     steps (scheduling, boot, health check) lines above them; otherwise plain, throttled lines.
+    With ``from_phase``, the events before the first one of that phase are not shown (a stop
+    shows the stop, not the deploy before it).
     """
     deadline = time.monotonic() + timeout_s
     last: int | None = None
+    showing = from_phase is None
     with EventRenderer(sys.stderr) as view:
         for _attempt in range(30):
             try:
@@ -64,7 +69,9 @@ def _follow(client: Any, deployment_id: str, timeout_s: float) -> Json:
                     if ev.event == "end":
                         return dict(ev.data)
                     last = ev.id
-                    view.event(ev.event, ev.data)
+                    showing = showing or ev.event == from_phase
+                    if showing:
+                        view.event(ev.event, ev.data)
                     if time.monotonic() > deadline:
                         break
             except Unavailable:
@@ -140,7 +147,7 @@ def deploy(
 
 @click.group()
 def deployments() -> None:
-    """List and inspect deployments."""
+    """List, inspect and stop deployments."""
 
 
 @deployments.command("ls")
@@ -192,6 +199,36 @@ def deployments_show(deployment_id: str, as_json: bool) -> None:
     if dep.get("error"):
         rows.append(["error", dep["error"].get("message")])
     table(None, ["FIELD", "VALUE"], rows)
+
+
+@deployments.command("stop")
+@click.argument("deployment_id")
+@click.option(
+    "--wait", is_flag=True, help="follow progress (stderr) until every VM is deleted and it is "
+    "stopped",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print the deployment as JSON")
+@click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="for --wait (s)")
+def deployments_stop(deployment_id: str, wait: bool, as_json: bool, timeout_s: float) -> None:
+    """Stop a deployment: delete its VMs (one not started yet is cancelled).
+
+    A running or failed deployment becomes `stopping`, then `stopped` once each VM is deleted;
+    one still building or deploying cannot be stopped until it is running or failed. Stopping
+    again is harmless. Prints the deployment's state (--json: the deployment).
+    """
+    with _settings().client() as client:
+        dep = client.stop_deployment(deployment_id)["deployment"]
+        err.print(f"deployment {dep['id']} is {dep['state']}", highlight=False, markup=False)
+        if wait and dep["state"] == "stopping":
+            end = _follow(client, dep["id"], timeout_s, from_phase="stop")
+            dep = client.get_deployment(dep["id"])["deployment"]
+            if end.get("state") == "failed" or dep["state"] == "failed":
+                raise from_dict(dep.get("error") or {"message": "stopping the deployment failed"})
+            err.print(f"deployment {dep['id']} is {dep['state']}", highlight=False, markup=False)
+    if as_json:
+        print_json(dep)
+    else:
+        click.echo(dep["state"])
 
 
 @deployments.command("events")

@@ -114,6 +114,12 @@ DEPLOY_SECONDS = Histogram(
     buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
     registry=DEPLOYER,
 )
+STOPS = Counter(
+    "unkey_deployer_stops",
+    "Stop attempts of deployments finished, by outcome (stopped, failed)",
+    ["outcome"],
+    registry=DEPLOYER,
+)
 
 # labelled series start at zero, so a scrape shows every outcome before the first one happens
 for _outcome in ("succeeded", "cached", "failed", "retrying", "cancelled"):
@@ -122,6 +128,8 @@ for _outcome in ("ok", "failed"):
     VM_BOOTS.labels(_outcome)
 for _outcome in ("ready", "failed"):
     DEPLOYS.labels(_outcome)
+for _outcome in ("stopped", "failed"):
+    STOPS.labels(_outcome)
 
 _lock = threading.Lock()
 _servers: list[WSGIServer] = []

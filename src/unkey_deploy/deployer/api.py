@@ -68,6 +68,14 @@ class Vms(Protocol):
         """Place, prepare, boot one replica and wait until its app answers."""
         ...
 
+    def stop_all(self, deployment_id: str, progress: Progress, /) -> list[str]:
+        """Delete every VM of the deployment and wait until each is gone (its host stopped it,
+        freed everything it held and released its asset lease); returns the deleted VMs' ids.
+        Idempotent: VMs already being deleted are waited for, deleted ones are skipped. A VM
+        lost with its host is marked for deletion (never replaced) but not waited for. Raises
+        DeadlineExceeded (retryable) when a VM is still there at the deadline."""
+        ...
+
 
 class Deployments(Protocol):
     """The control plane's record of a deployment."""

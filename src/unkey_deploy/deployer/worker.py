@@ -1,4 +1,5 @@
-"""The deployer worker: claims ``deploy`` jobs (the gateway's route decisions) and runs them."""
+"""The deployer worker: claims ``deploy`` and ``stop`` jobs (the gateway's route decisions) and
+runs them (:func:`.workflow.run_deploy`, :func:`.workflow.run_stop`)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,14 @@ from ..core.log import bound, event, get
 from ..store import jobs
 from ..store.controlplane import Deployment, DeploymentRecords
 from .api import Builds, DeployRequest, Vms
-from .workflow import run_deploy
+from .workflow import run_deploy, run_stop
 
 JOB_KIND = "deploy"
+STOP_JOB_KIND = "stop"
+JOB_KINDS = (JOB_KIND, STOP_JOB_KIND)
+# A deploy job finds its deployment in one of these: nothing to do (deployed already, or the
+# user cancelled or stopped it: a stop job owns it now).
+_DEPLOY_SKIPS = frozenset({"running", "stopping", "stopped", "cancelled"})
 log = get("deployer")
 
 
@@ -77,9 +83,9 @@ class DeployWorker:
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue had nothing for us."""
         with self.factory() as s, s.begin():
-            jobs.requeue_expired(s, now=self._now(), kinds=[JOB_KIND])
+            jobs.requeue_expired(s, now=self._now(), kinds=JOB_KINDS)
         job = jobs.claim(
-            self.factory, [JOB_KIND], self.worker_id, now=self._now(), lease_s=self.lease_s
+            self.factory, JOB_KINDS, self.worker_id, now=self._now(), lease_s=self.lease_s
         )
         if job is None:
             return False
@@ -97,37 +103,24 @@ class DeployWorker:
 
         hb = threading.Thread(target=heartbeat, name=f"hb-{job.id}", daemon=True)
         hb.start()
-        t0 = time.monotonic()
-        ids: dict[str, Any] = {"deployment_id": dep_id}
+        ids: dict[str, Any] = {"deployment_id": dep_id, "job": job.kind}
         try:
             dep = self.records.get(dep_id)
             ids.update(request_id=dep.request_id, customer_id=dep.customer_id)
             with bound(**ids):
-                event(log, "deploy started", attempt=job.attempts, state=dep.state)
-                result: dict[str, Any]
-                if dep.state in ("running", "stopped", "cancelled"):
-                    result = {"state": dep.state}
+                if job.kind == STOP_JOB_KIND:
+                    result = self._run_stop(dep, job.attempts)
                 else:
-                    launched = run_deploy(
-                        request_from(dep),
-                        self.builds,
-                        self.vms,
-                        self.records,
-                        current_state=dep.state,
-                    )
-                    result = {"vms": [v.vm_id for v in launched]}
-                    seconds = time.monotonic() - t0
-                    metrics.DEPLOYS.labels("ready").inc()
-                    metrics.DEPLOY_SECONDS.observe(seconds)
-                    event(log, "deploy ready", vms=result["vms"], seconds=round(seconds, 3))
+                    result = self._run_deploy(dep, job.attempts)
             done.set()
             with self.factory() as s, s.begin():
                 jobs.complete(s, job.id, self.worker_id, now=self._now(), result=result)
         except UnkeyError as exc:
             done.set()
-            metrics.DEPLOYS.labels("failed").inc()
+            what = "stop" if job.kind == STOP_JOB_KIND else "deploy"
+            (metrics.STOPS if job.kind == STOP_JOB_KIND else metrics.DEPLOYS).labels("failed").inc()
             with bound(**ids):
-                event(log, "deploy failed", level=logging.WARNING, error=exc.to_dict())
+                event(log, f"{what} failed", level=logging.WARNING, error=exc.to_dict())
             with contextlib.suppress(IllegalTransition), self.factory() as s, s.begin():
                 jobs.fail(
                     s, job.id, self.worker_id, exc.message, now=self._now(), retryable=exc.retryable
@@ -135,6 +128,37 @@ class DeployWorker:
         finally:
             done.set()
         return True
+
+    def _run_deploy(self, dep: Deployment, attempt: int) -> dict[str, Any]:
+        event(log, "deploy started", attempt=attempt, state=dep.state)
+        if dep.state in _DEPLOY_SKIPS:
+            return {"state": dep.state}
+        t0 = time.monotonic()
+        try:
+            launched = run_deploy(
+                request_from(dep), self.builds, self.vms, self.records, current_state=dep.state
+            )
+        except IllegalTransition:
+            # the user cancelled or stopped it between our claim and our first move: done
+            now = self.records.get(dep.id).state
+            if now in _DEPLOY_SKIPS:
+                event(log, "deploy skipped", state=now)
+                return {"state": now}
+            raise
+        result: dict[str, Any] = {"vms": [v.vm_id for v in launched]}
+        seconds = time.monotonic() - t0
+        metrics.DEPLOYS.labels("ready").inc()
+        metrics.DEPLOY_SECONDS.observe(seconds)
+        event(log, "deploy ready", vms=result["vms"], seconds=round(seconds, 3))
+        return result
+
+    def _run_stop(self, dep: Deployment, attempt: int) -> dict[str, Any]:
+        event(log, "stop started", attempt=attempt, state=dep.state)
+        t0 = time.monotonic()
+        deleted = run_stop(dep.id, self.vms, self.records, current_state=dep.state)
+        metrics.STOPS.labels("stopped").inc()
+        event(log, "deployment stopped", vms=deleted, seconds=round(time.monotonic() - t0, 3))
+        return {"state": "stopped", "vms": deleted}
 
     def start(self) -> None:
         def loop() -> None:

@@ -1,4 +1,4 @@
-"""The deploy workflow itself: pure orchestration over the Protocols in :mod:`.api`."""
+"""The deploy and stop workflows: pure orchestration over the Protocols in :mod:`.api`."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ def run_deploy(
     def progress(phase: str, message: str, /, **data: Any) -> None:
         deployments.event(dep, phase, message, **data)
 
+    if current_state != "deploying":
+        # outside the try: an IllegalTransition here means the user cancelled or stopped the
+        # deployment after the job was claimed; it is theirs now, never recorded failed
+        deployments.set_state(dep, "building")
     try:
-        if current_state != "deploying":
-            deployments.set_state(dep, "building")
         deployments.event(dep, "build", f"building {req.image}")
         asset = builds.build(req, progress)
         deployments.event(
@@ -62,4 +64,42 @@ def run_deploy(
     except UnkeyError as exc:
         deployments.set_state(dep, "failed", error=exc.to_dict())
         deployments.event(dep, "failed", exc.message, error=exc.to_dict())
+        raise
+
+
+def run_stop(
+    deployment_id: str,
+    vms: Vms,
+    deployments: Deployments,
+    *,
+    current_state: str = "stopping",
+) -> list[str]:
+    """Tear a deployment down: delete every VM it has, then record it ``stopped``; each VM
+    deleted is an event. Returns the deleted VMs' ids.
+
+    Safe to run again (a retried stop job after a worker crash or a failed attempt): VMs
+    already deleted are gone from the list and those being deleted are waited for; a
+    deployment that a failed attempt left ``failed`` goes back to ``stopping`` first.
+
+    Raises the error after recording the deployment ``failed`` with it, like :func:`run_deploy`.
+    """
+    dep = deployment_id
+
+    def progress(phase: str, message: str, /, **data: Any) -> None:
+        deployments.event(dep, phase, message, **data)
+
+    if current_state == "stopped":
+        return []
+    if current_state != "stopping":
+        deployments.set_state(dep, "stopping")  # failed -> stopping; anything else is illegal
+    try:
+        deleted = vms.stop_all(dep, progress)
+        deployments.set_state(dep, "stopped")
+        deployments.event(
+            dep, "done", f"deployment stopped ({len(deleted)} VMs deleted)", vms=deleted
+        )
+        return deleted
+    except UnkeyError as exc:
+        deployments.set_state(dep, "failed", error=exc.to_dict())
+        deployments.event(dep, "failed", f"stop failed: {exc.message}", error=exc.to_dict())
         raise

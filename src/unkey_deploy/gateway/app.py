@@ -8,6 +8,8 @@ only here: a :class:`~unkey_deploy.core.errors.UnkeyError` becomes its ``http_st
 The route decision: ``POST /v1/deploy`` validates the app spec, enriches it (customer, tenant,
 request id, timestamp), records the deployment (state ``accepted``) and enqueues a ``deploy`` job
 (:mod:`unkey_deploy.store.jobs`) in the same transaction; the deploy workflow consumes it.
+``DELETE /v1/deployments/{id}`` is the way back: it cancels an accepted deployment, or records it
+``stopping`` and enqueues a ``stop`` job (the deployer deletes its VMs), in one transaction.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from .auth import Authenticator, GatewayState, Principal, require_admin, require
 from .ratelimit import TokenBuckets
 
 DEPLOY_JOB_KIND = "deploy"
+STOP_JOB_KIND = "stop"
 _log = log.get("unkey.gateway")
 
 Json = dict[str, Any]
@@ -310,6 +313,60 @@ def accept_deployment(
     raise Conflict("concurrent requests with the same Idempotency-Key", retryable=True)
 
 
+def stop_deployment(
+    factory: sessionmaker[Session],
+    clock: Clock,
+    principal: Principal,
+    deployment_id: str,
+    *,
+    request_id: str,
+    write_lock: contextlib.AbstractContextManager[Any] | None = None,
+) -> tuple[int, Json]:
+    """A user's stop, in one transaction (the decision is :func:`cp.stop_action`); returns
+    (status, body): 202 while a stop job deletes the VMs, 200 once there is nothing left to do
+    (cancelled now, or already stopped/cancelled). Another tenant's deployment is NotFound."""
+    write_lock = write_lock or contextlib.nullcontext()
+    with write_lock, db.transaction(factory) as session:
+        dep = cp.get_deployment(
+            session, deployment_id, tenant_id=principal.tenant_id, for_update=True
+        )
+        now = clock.time_ns() / 1e9
+        deploy_job: jobs.Job | None = None
+        if dep.job_id:
+            with contextlib.suppress(NotFound):
+                deploy_job = jobs.get(session, dep.job_id)
+        live = deploy_job is not None and deploy_job.state not in jobs.FINISHED
+        action = cp.stop_action(dep.id, dep.state, deploy_job_live=live)
+        # a deploy job still queued (not picked up yet, or a failed deploy's retry) never runs
+        if action != "none" and deploy_job is not None and deploy_job.state == jobs.JobState.QUEUED:
+            jobs.cancel(session, deploy_job.id, now=now)
+        if action == "cancel":
+            cp.add_event(session, dep.id, "stop", "cancelled before a worker picked it up",
+                         now=now, data={"request_id": request_id})  # fmt: skip
+            dep = cp.record_state(session, dep.id, "cancelled", now=now)
+        elif action == "stop":
+            if dep.state in ("building", "deploying"):
+                # its deploy job ended without finishing it: nothing moves it any more
+                orphaned = UnkeyError(
+                    f"the deploy job ended while the deployment was {dep.state}",
+                    details={"job_id": dep.job_id},
+                )
+                dep = cp.record_state(session, dep.id, "failed", now=now, error=orphaned.to_dict())
+            job = jobs.enqueue(
+                session,
+                STOP_JOB_KIND,
+                {"deployment_id": dep.id, "request_id": request_id,
+                 "customer_id": principal.customer_id},
+                now=now,
+                dedupe_key=dep.id,
+            )  # fmt: skip
+            cp.add_event(session, dep.id, "stop", "stop requested: deleting the deployment's VMs",
+                         now=now, data={"request_id": request_id, "job_id": job.id})  # fmt: skip
+            dep = cp.record_state(session, dep.id, "stopping", now=now)
+    body = s.DeploymentResponse(request_id=request_id, deployment=s.DeploymentOut.of(dep))
+    return (202 if dep.state == "stopping" else 200), body.model_dump(mode="json")
+
+
 def _routes(router: APIRouter) -> None:
     @router.get("/healthz", response_model=s.Health, tags=["ops"])
     async def healthz(request: Request) -> Response:
@@ -389,6 +446,46 @@ def _routes(router: APIRouter) -> None:
             request_id=_request_id(request), deployment=s.DeploymentOut.of(dep)
         )
         return _json(body.model_dump(mode="json"))
+
+    @router.delete(
+        "/v1/deployments/{deployment_id}",
+        status_code=202,
+        response_model=s.DeploymentResponse,
+        responses={
+            200: {
+                "model": s.DeploymentResponse,
+                "description": "nothing left to stop: cancelled now (it was accepted, no worker "
+                "had started it), or already stopped or cancelled",
+            },
+            202: {"description": "stopping: a stop job deletes the deployment's VMs"},
+            **ERRORS,
+        },
+        tags=["deployments"],
+        summary="Stop a deployment (delete its VMs)",
+    )
+    async def stop(
+        deployment_id: str,
+        request: Request,
+        principal: Annotated[Principal, Depends(require_principal)],
+    ) -> Response:
+        """Tear a deployment down. ``accepted`` (not started yet) becomes ``cancelled`` at once
+        (200); ``running`` or ``failed`` becomes ``stopping`` and a stop job deletes its VMs,
+        then it is ``stopped`` (202; follow ``/events``). ``building``/``deploying`` is 409:
+        stop it once it is running or failed. Stopping again is harmless: the current
+        deployment, no second job."""
+        st = state_of(request)
+        work = functools.partial(
+            stop_deployment,
+            st.factory,
+            st.clock,
+            principal,
+            deployment_id,
+            request_id=_request_id(request),
+            write_lock=st.write_lock,
+        )
+        # like POST /v1/deploy: on SQLite on the loop, otherwise in the thread pool
+        status, body = work() if st.inline_writes else await run_in_threadpool(work)
+        return _json(body, status)
 
     @router.get(
         "/v1/deployments/{deployment_id}/events",
@@ -678,4 +775,11 @@ def new_admin_token() -> str:
     return "ukadm_" + secrets.token_hex(24)
 
 
-__all__ = ["DEPLOY_JOB_KIND", "accept_deployment", "create_app", "error_response"]
+__all__ = [
+    "DEPLOY_JOB_KIND",
+    "STOP_JOB_KIND",
+    "accept_deployment",
+    "create_app",
+    "error_response",
+    "stop_deployment",
+]

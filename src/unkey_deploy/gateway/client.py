@@ -143,6 +143,13 @@ class GatewayClient:
         result: Json = self.request("GET", f"/v1/deployments/{deployment_id}").json()
         return result
 
+    def stop_deployment(self, deployment_id: str) -> Json:
+        """Stop (tear down) a deployment: ``deployment.state`` is then ``stopping`` (a stop job
+        deletes its VMs; follow :meth:`events` until ``stopped``), or ``cancelled``/``stopped``
+        when nothing is left to do. Stopping again is harmless."""
+        result: Json = self.request("DELETE", f"/v1/deployments/{deployment_id}").json()
+        return result
+
     def events(
         self, deployment_id: str, *, follow: bool = True, last_event_id: int | None = None
     ) -> Iterator[Event]:

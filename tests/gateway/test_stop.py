@@ -1,0 +1,255 @@
+"""``DELETE /v1/deployments/{id}`` on a real gatewayd, with the real deployer worker on its
+database: what each state answers, idempotency, tenant scope, and how the worker treats the
+jobs a stop leaves (a cancelled deploy, a stop job). VMs are not needed here: a deployment
+with none stops at once (tests/deployer/test_stop_vm.py stops a real one)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from unkey_deploy.core.errors import IllegalTransition, NotFound
+from unkey_deploy.deployer.api import BuiltAsset, DeployRequest, Progress
+from unkey_deploy.deployer.metald_vms import MetaldVms
+from unkey_deploy.deployer.worker import DeployWorker
+from unkey_deploy.gateway.tls import client_context
+from unkey_deploy.metald.api import Scheduler
+from unkey_deploy.store import controlplane as cp
+from unkey_deploy.store import db, jobs
+from unkey_deploy.testing.gateway import RunningGateway, new_customer, run_unkey
+from unkey_deploy.testing.gateway import TestCustomer as Customer
+
+APP = {"name": "stop-me", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "128MiB"}}
+
+
+class NoBuilds:
+    """These tests never reach a build: a deploy job that did would be a bug."""
+
+    def build(self, req: DeployRequest, progress: Progress, /) -> BuiltAsset:
+        raise AssertionError(f"deployment {req.deployment_id} was built after it was stopped")
+
+
+@dataclass
+class World:
+    gw: RunningGateway
+    factory: sessionmaker[Session]
+    records: cp.DeploymentRecords
+    worker: DeployWorker
+
+
+@pytest.fixture(scope="module")
+def world(gateway: RunningGateway) -> Iterator[World]:
+    engine = db.make_engine(gateway.database_url)  # gatewayd migrated every service's branch
+    factory = db.session_factory(engine)
+    scheduler = Scheduler(engine)
+    vms = MetaldVms(scheduler, lambda a: (_ for _ in ()).throw(AssertionError(a)))
+    worker = DeployWorker(factory, NoBuilds(), vms, worker_id="test-stop-worker")
+    try:
+        yield World(gateway, factory, cp.DeploymentRecords(factory), worker)
+    finally:
+        scheduler.close()
+        engine.dispose()
+
+
+def _http(w: World) -> httpx.Client:
+    return httpx.Client(base_url=w.gw.url, verify=client_context(w.gw.ca_cert), timeout=30)
+
+
+def _deploy(w: World, c: Customer) -> dict[str, Any]:
+    with w.gw.client(c.key) as client:
+        dep: dict[str, Any] = client.deploy(APP)["deployment"]
+    return dep
+
+
+def _stop(w: World, c: Customer, dep_id: str) -> httpx.Response:
+    with _http(w) as h:
+        return h.delete(f"/v1/deployments/{dep_id}", headers={"Authorization": f"Bearer {c.key}"})
+
+
+def _jobs(w: World, kind: str, dep_id: str) -> list[jobs.Job]:
+    with w.factory() as s:
+        return [j for j in jobs.list_jobs(s, kind) if j.payload["deployment_id"] == dep_id]
+
+
+def _events(w: World, dep_id: str) -> list[cp.DeploymentEvent]:
+    with w.factory() as s:
+        return cp.events_after(s, dep_id)
+
+
+def _run_until_idle(w: World) -> None:
+    for _ in range(50):
+        if not w.worker.run_once():
+            return
+    raise AssertionError("the worker never ran out of jobs")
+
+
+def test_accepted_is_cancelled_at_once_and_its_deploy_job_never_runs(world: World) -> None:
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+    r = _stop(world, c, dep["id"])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["deployment"]["state"] == "cancelled" and body["request_id"]
+    (deploy_job,) = _jobs(world, "deploy", dep["id"])
+    assert deploy_job.state == jobs.JobState.CANCELLED
+    assert _jobs(world, "stop", dep["id"]) == []
+    events = _events(world, dep["id"])
+    assert [e.phase for e in events] == ["accepted", "stop", "state"]
+    assert events[-1].data == {"state": "cancelled"}
+    assert events[1].data["request_id"] == body["request_id"]
+    # again: the same answer, nothing new
+    again = _stop(world, c, dep["id"])
+    assert again.status_code == 200 and again.json()["deployment"]["state"] == "cancelled"
+    assert len(_events(world, dep["id"])) == len(events)
+    _run_until_idle(world)
+    assert world.records.get(dep["id"]).state == "cancelled"
+
+
+def test_a_claimed_deploy_job_of_a_cancelled_deployment_completes_without_building(
+    world: World,
+) -> None:
+    """The user's DELETE lands between the worker's claim and its first move."""
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+
+    class StoppedUnderUs(cp.DeploymentRecords):
+        def get(self, deployment_id: str) -> cp.Deployment:
+            seen = super().get(deployment_id)  # still accepted
+            assert _stop(world, c, deployment_id).status_code == 200
+            return seen
+
+    racing = DeployWorker(world.factory, NoBuilds(), world.worker.vms, worker_id="w-race")
+    racing.records = StoppedUnderUs(world.factory)
+    assert racing.run_once()
+    (job,) = _jobs(world, "deploy", dep["id"])
+    assert job.state == jobs.JobState.SUCCEEDED and job.result == {"state": "cancelled"}
+    assert world.records.get(dep["id"]).state == "cancelled"
+    assert "failed" not in [e.phase for e in _events(world, dep["id"])]
+
+
+def test_building_or_deploying_is_409_and_changes_nothing(world: World) -> None:
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+    world.records.set_state(dep["id"], "building")  # as a worker does; its job is live
+    for state in ("building", "deploying"):
+        if state == "deploying":
+            world.records.set_state(dep["id"], "deploying")
+        r = _stop(world, c, dep["id"])
+        assert r.status_code == 409, r.text
+        err = r.json()["error"]
+        assert err["code"] == "illegal_transition" and state in err["message"]
+        assert "running or failed" in err["suggestion"]
+        assert world.records.get(dep["id"]).state == state
+    assert _jobs(world, "stop", dep["id"]) == []
+    (deploy_job,) = _jobs(world, "deploy", dep["id"])
+    assert deploy_job.state == jobs.JobState.QUEUED  # untouched
+    # the CLI: exit code of a conflict, the suggestion shown
+    out = run_unkey(world.gw, "deployments", "stop", dep["id"], api_key=c.key)
+    assert out.code == 5, out
+    assert "running or failed" in out.err
+    with world.factory() as s, s.begin():  # no build in this module: the job goes
+        jobs.cancel(s, deploy_job.id, now=1e12)
+
+
+def test_running_stops_through_one_stop_job_and_repeats_are_harmless(world: World) -> None:
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+    (deploy_job,) = _jobs(world, "deploy", dep["id"])
+    for state in ("building", "deploying", "running"):
+        world.records.set_state(dep["id"], state)
+    with world.factory() as s, s.begin():  # its deploy job is done, as a worker leaves it
+        claimed = jobs.claim(world.factory, ["deploy"], "w0", now=1e12)
+        assert claimed is not None and claimed.id == deploy_job.id
+        jobs.complete(s, deploy_job.id, "w0", now=1e12)
+    first = _stop(world, c, dep["id"])
+    assert first.status_code == 202, first.text
+    assert first.json()["deployment"]["state"] == "stopping"
+    second = _stop(world, c, dep["id"])
+    assert second.status_code == 202 and second.json()["deployment"]["state"] == "stopping"
+    (stop_job,) = _jobs(world, "stop", dep["id"])  # one job for both requests
+    assert stop_job.state == jobs.JobState.QUEUED
+    _run_until_idle(world)
+    with world.factory() as s:
+        assert jobs.get(s, stop_job.id).state == jobs.JobState.SUCCEEDED
+    assert world.records.get(dep["id"]).state == "stopped"
+    states = [e.data.get("state") for e in _events(world, dep["id"]) if e.phase == "state"]
+    assert states == ["building", "deploying", "running", "stopping", "stopped"]
+    done = _events(world, dep["id"])[-1]
+    assert done.phase == "done" and done.message == "deployment stopped (0 VMs deleted)"
+    third = _stop(world, c, dep["id"])
+    assert third.status_code == 200 and third.json()["deployment"]["state"] == "stopped"
+    assert len(_jobs(world, "stop", dep["id"])) == 1
+
+
+def test_failed_with_a_queued_retry_is_stopped_and_the_retry_never_runs(world: World) -> None:
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+    world.records.set_state(dep["id"], "building")
+    world.records.set_state(dep["id"], "failed", error={"code": "vm_error", "message": "boom"})
+    r = _stop(world, c, dep["id"])
+    assert r.status_code == 202 and r.json()["deployment"]["state"] == "stopping"
+    (deploy_job,) = _jobs(world, "deploy", dep["id"])
+    assert deploy_job.state == jobs.JobState.CANCELLED
+    _run_until_idle(world)
+    assert world.records.get(dep["id"]).state == "stopped"
+
+
+def test_a_deploy_stuck_after_its_job_gave_up_can_be_stopped(world: World) -> None:
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+    world.records.set_state(dep["id"], "building")
+    (deploy_job,) = _jobs(world, "deploy", dep["id"])
+    with world.factory() as s, s.begin():  # the worker died on its last attempt
+        claimed = jobs.claim(world.factory, ["deploy"], "w0", now=1e12)
+        assert claimed is not None and claimed.id == deploy_job.id
+        jobs.fail(s, deploy_job.id, "w0", "lost", now=1e12, retryable=False)
+    r = _stop(world, c, dep["id"])
+    assert r.status_code == 202, r.text
+    states = [e.data.get("state") for e in _events(world, dep["id"]) if e.phase == "state"]
+    assert states == ["building", "failed", "stopping"]
+    assert world.records.get(dep["id"]).error is not None
+    _run_until_idle(world)
+    assert world.records.get(dep["id"]).state == "stopped"
+
+
+def test_another_tenants_deployment_is_404_and_untouched(world: World) -> None:
+    a, b = new_customer(world.gw), new_customer(world.gw)
+    dep = _deploy(world, b)
+    for target in (dep["id"], "dep_doesnotexist"):
+        r = _stop(world, a, target)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == "not_found"
+        assert b.id not in r.text and "stop-me" not in r.text
+    assert world.records.get(dep["id"]).state == "accepted"
+    assert _jobs(world, "stop", dep["id"]) == []
+    (deploy_job,) = _jobs(world, "deploy", dep["id"])
+    assert deploy_job.state == jobs.JobState.QUEUED
+    out = run_unkey(world.gw, "deployments", "stop", dep["id"], api_key=a.key)
+    assert out.code == 4 and "not found" in out.err, out
+    # and B can: the CLI prints the state (stdout), the deployment with --json
+    mine = run_unkey(world.gw, "deployments", "stop", dep["id"], "--json", api_key=b.key)
+    assert mine.code == 0, mine
+    assert '"state": "cancelled"' in mine.out
+    with pytest.raises(NotFound), world.factory() as s:
+        cp.get_deployment(s, dep["id"], tenant_id=a.tenant_id)
+
+
+def test_the_deploy_worker_leaves_a_stopping_deployment_to_its_stop_job(world: World) -> None:
+    """A deploy job left queued (e.g. re-queued after its worker crashed) never resumes a
+    deployment the user stopped: stopping cannot go back to building."""
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+    world.records.set_state(dep["id"], "building")
+    world.records.set_state(dep["id"], "failed", error={"code": "x", "message": "y"})
+    world.records.set_state(dep["id"], "stopping")  # as a stop does, its job not run yet
+    with pytest.raises(IllegalTransition):
+        world.records.set_state(dep["id"], "building")
+    assert world.worker.run_once()  # the deploy job: skipped, completed
+    (deploy_job,) = _jobs(world, "deploy", dep["id"])
+    assert deploy_job.state == jobs.JobState.SUCCEEDED
+    assert deploy_job.result == {"state": "stopping"}
