@@ -64,7 +64,7 @@ def test_dev_up_status_down_keeps_state(tmp_path: Path) -> None:
         assert ls.returncode == 0, ls.stderr
         assert [d["id"] for d in json.loads(ls.stdout)] == [dep_id]
     finally:
-        _run(tmp_path, "dev", "down")
+        _run(tmp_path, "dev", "down", "--purge-vms")  # the deployment's VM and host rules too
         pid_file = tmp_path / ".unkey" / "run" / "gatewayd.pid"
         if pid_file.exists():  # dev down failed: do not leave a server behind
             os.kill(int(pid_file.read_text()), signal.SIGKILL)

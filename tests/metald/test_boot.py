@@ -202,6 +202,7 @@ def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) ->
     leases = md.ips.leased()
     trace_b = Trace(md, b.vm_id)
     md.close()  # metald goes away; its VMs keep running
+    assert md.network is not None and md.network.has_rules()  # their NAT and isolation stay
     for pid in trace_b.pids:
         if pid != trace_b.rt.pid:
             with contextlib.suppress(ProcessLookupError):
@@ -220,6 +221,10 @@ def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) ->
     trace_b.assert_gone()
     # the surviving VM kept its address lease across the restart
     assert md2.ips.leased() == {a.vm_id: leases[a.vm_id]}
+    # a metald that stops with no VM left removes its nftables tables (none pile up per host)
+    md2.delete(a.vm_id)
+    md2.close()
+    assert md2.network is not None and not md2.network.has_rules()
 
 
 def test_sandbox_without_root_paths(tmp_path: Path) -> None:

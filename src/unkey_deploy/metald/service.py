@@ -1002,7 +1002,9 @@ class Metald(Scheduler):
         self._thread.start()
 
     def close(self, *, remove_network: bool = False) -> None:
-        """Stop the background loop (VMs keep running; a new Metald recovers them)."""
+        """Stop the background loop (VMs keep running; a new Metald recovers them). The host's
+        nftables tables stay while a VM of this host may still run (its NAT and isolation);
+        with none, they go (the next start installs them again)."""
         self._stop_evt.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -1010,7 +1012,9 @@ class Metald(Scheduler):
         self._http.close()
         if self.netns_pool is not None:
             self.netns_pool.close()
-        if remove_network and self.network is not None:
+        if self.network is not None and (
+            remove_network or not any(vm.state in ACTIVE for vm in self.list(host_id=self.host_id))
+        ):
             self.network.teardown()
 
     def shutdown(self) -> None:
