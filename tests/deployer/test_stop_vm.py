@@ -1,0 +1,179 @@
+"""Stopping a real deployment: its sandbox VM goes and nothing of it is left.
+
+Everything real, wired as ``unkey dev up`` wires it, in one test process: an image pushed to a
+local ``docker-registry``, gatewayd (its own process), builderd's service, the deployer worker
+talking to metald through the cluster-wide Scheduler (``desired=deleted``), and one host's
+Metald (sandbox driver, reconciler thread) carrying it out. Deploy, the app answers, another
+tenant's stop is refused and changes nothing, ``unkey deployments stop --wait``, then: the
+deployment is ``stopped``, its VM deleted (row, process, cgroup, netns, jail, mounts, asset
+lease), the app no longer answers and the VM is no longer a metering target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from unkey_deploy.assets.blobs import FsBlobStore
+from unkey_deploy.assets.service import AssetManager
+from unkey_deploy.builder.service import BuildService, DeployBuilds, OciImageSource
+from unkey_deploy.builder.vminit import build_init
+from unkey_deploy.core.config import MetaldConfig
+from unkey_deploy.core.errors import NotFound
+from unkey_deploy.deployer.api import BuiltAsset
+from unkey_deploy.deployer.metald_vms import MetaldVms
+from unkey_deploy.deployer.worker import DeployWorker
+from unkey_deploy.metald.api import Metald, Scheduler, VmState
+from unkey_deploy.metald.drivers.base import VmRuntime
+from unkey_deploy.store.db import make_engine, session_factory
+from unkey_deploy.testing import images as im
+from unkey_deploy.testing.gateway import RunningGateway, new_customer, run_unkey, running_gateway
+from unkey_deploy.testing.registry import start_registry
+from unkey_deploy.testing.subnets import reserved_subnet
+
+pytestmark = pytest.mark.root  # layers applied with their owners; VM netns, cgroups
+
+
+@dataclass
+class Platform:
+    gateway: RunningGateway
+    image: str
+    metald: Metald
+    scheduler: Scheduler
+    assets: AssetManager
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    base = im.Layer.of(im.busybox_entries())
+    app = im.Layer.of([im.E("app/", "dir"), im.E("app/www/", "dir"),
+                       im.E("app/www/index.html", data=im.INDEX_HTML)])  # fmt: skip
+    built = im.image([base, app], entrypoint=["/bin/busybox", "httpd", "-f", "-p", "8080",
+                     "-h", "/app/www"], env=["PATH=/bin"], ports=["8080/tcp"])  # fmt: skip
+    with (
+        start_registry(tmp_path / "registry") as reg,
+        running_gateway(tmp_path / "gw") as gw,
+        reserved_subnet() as subnet,
+    ):
+        im.push(reg.host, "acme/stop", "v1", built)
+        engine = make_engine(gw.database_url)  # gatewayd migrated it (every service's branch)
+        factory = session_factory(engine)
+        assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
+        builder = BuildService(
+            factory, assets, OciImageSource(), work_dir=tmp_path / "work",
+            init_binary=build_init(tmp_path / "native"), poll_s=0.05,
+        )  # fmt: skip
+        cfg = MetaldConfig(driver="sandbox", host_name="h1", subnet=subnet, stop_timeout_s=0.5)
+        metald = Metald(cfg, engine, tmp_path / "metald", leases=assets)
+        scheduler = Scheduler(engine, leases=assets)
+
+        def rootfs_for(asset: BuiltAsset) -> Path:
+            return assets.local_path(asset.asset_id)  # type: ignore[arg-type]
+
+        worker = DeployWorker(factory, DeployBuilds(builder), MetaldVms(scheduler, rootfs_for),
+                              worker_id="test-stop-vm", poll_s=0.05)  # fmt: skip
+        builder.start(1)
+        metald.start(interval=0.1)
+        worker.start()
+        try:
+            yield Platform(gw, reg.ref("acme/stop", "v1"), metald, scheduler, assets)
+        finally:
+            worker.stop()
+            builder.stop()
+            metald.shutdown()
+            scheduler.close()
+            engine.dispose()
+
+
+def _mounts_under(path: Path) -> list[str]:
+    return [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(path))]  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_stop_wait_deletes_the_vm_and_leaves_nothing(platform: Platform) -> None:
+    owner, other = new_customer(platform.gateway), new_customer(platform.gateway)
+    spec = {"name": "stop-me", "image": platform.image, "port": 8080,
+            "resources": {"cpu": 1, "memory": "128MiB"}}  # fmt: skip
+    with platform.gateway.client(owner.key) as client:
+        dep_id = client.deploy(spec)["deployment"]["id"]
+        end = list(client.events(dep_id))[-1]  # the stream ends with "end" once it runs
+        assert end.event == "end"
+        assert end.data["state"] == "running", end.data
+        dep = client.get_deployment(dep_id)["deployment"]
+    url = dep["url"]
+    assert httpx.get(url + "/", timeout=10).content == im.INDEX_HTML
+
+    (vm,) = platform.scheduler.list(deployment_id=dep_id)
+    assert vm.state == VmState.RUNNING and vm.asset_id == dep["asset_id"]
+    md = platform.metald
+    rt = VmRuntime.from_json(md._row(vm.vm_id).runtime)
+    cgroups = md.cgroups.paths_for(vm.vm_id)
+    cgroup_dirs, pids = cgroups.dirs(), cgroups.pids()
+    netns = vm.net.netns if vm.net else None
+    iface = vm.net.host_iface if vm.net else None
+    jail = md.jails.path(vm.vm_id)
+    assert Path(f"/proc/{rt.pid}").exists() and pids and cgroup_dirs and jail.is_dir()
+    assert netns and Path(f"/run/netns/{netns}").exists()
+    assert vm.vm_id in {t.key.vm_id for t in md.meter_targets()}
+    assert [lease.holder for lease in platform.assets.leases(vm.asset_id)] == [vm.vm_id]
+
+    # another tenant: not found (exit 4), and the VM keeps serving
+    refused = run_unkey(platform.gateway, "deployments", "stop", dep_id, api_key=other.key)
+    assert refused.code == 4 and "not found" in refused.err, refused
+    assert platform.scheduler.get(vm.vm_id).desired == "running"
+    assert httpx.get(url + "/", timeout=10).status_code == 200
+
+    stopped = run_unkey(
+        platform.gateway, "deployments", "stop", dep_id, "--wait", api_key=owner.key
+    )
+    assert stopped.code == 0, stopped
+    assert stopped.out.strip() == "stopped"
+    # progress on stderr: the stop, the VM, the end; not the deploy before it
+    assert f"deployment {dep_id} is stopping" in stopped.err
+    assert (
+        f"deleting {vm.vm_id}" in stopped.err and f"{vm.vm_id} stopped and deleted" in stopped.err
+    )
+    assert f"deployment {dep_id} is stopped" in stopped.err
+    assert "building" not in stopped.err, stopped.err
+
+    with platform.gateway.client(owner.key) as client:
+        assert client.get_deployment(dep_id)["deployment"]["state"] == "stopped"
+        phases = [(e.event, e.data.get("message")) for e in client.events(dep_id, follow=False)]
+    after = phases[[p for p, _ in phases].index("stop") :]
+    assert [m for p, m in after if p == "state"] == ["state: stopping", "state: stopped"]
+    assert after[-2] == ("done", "deployment stopped (1 VMs deleted)")
+
+    # the VM is deleted: no row, nothing on the host, no lease, not metered, no answer
+    assert platform.scheduler.list(deployment_id=dep_id) == []
+    with pytest.raises(NotFound):
+        platform.scheduler.get(vm.vm_id)
+    for pid in [rt.pid, *pids]:
+        assert not Path(f"/proc/{pid}").exists(), f"process {pid} is still there"
+    assert not any(d.exists() for d in cgroup_dirs), "cgroup left behind"
+    assert not Path(f"/run/netns/{netns}").exists(), "netns left behind"
+    if iface:
+        assert not Path(f"/sys/class/net/{iface}").exists(), "interface left behind"
+    assert not jail.exists(), "jail left behind"
+    assert _mounts_under(md.state_dir) == [], "mount left behind"
+    base = rt.extra.get("base")
+    if base:
+        assert _mounts_under(Path(base)) == [] and not Path(base).exists()
+    assert platform.assets.leases(vm.asset_id) == []
+    assert vm.vm_id not in {t.key.vm_id for t in md.meter_targets()}
+    # the app no longer answers. Either nothing does, or (on a machine whose default route
+    # goes through an intercepting proxy, like this one's) something that is not the app
+    try:
+        gone = httpx.get(url + "/", timeout=2)
+    except httpx.HTTPError:
+        pass
+    else:
+        assert gone.status_code != 200 and gone.content != im.INDEX_HTML, gone.headers
+
+    # stopping again: the same answer, nothing new
+    again = run_unkey(platform.gateway, "deployments", "stop", dep_id, "--wait", api_key=owner.key)
+    assert again.code == 0 and again.out.strip() == "stopped", again
