@@ -29,6 +29,10 @@ from unkey_deploy.deployer.metald_vms import MetaldVms
 from unkey_deploy.deployer.worker import DeployWorker
 from unkey_deploy.metald.api import Metald, Scheduler, VmState
 from unkey_deploy.metald.drivers.base import VmRuntime
+from unkey_deploy.metering.billaged import Billaged
+from unkey_deploy.metering.codec import decode
+from unkey_deploy.metering.collector import Collector
+from unkey_deploy.metering.service import MeteringLoop
 from unkey_deploy.store.db import make_engine, session_factory
 from unkey_deploy.testing import images as im
 from unkey_deploy.testing.gateway import RunningGateway, new_customer, run_unkey, running_gateway
@@ -95,7 +99,7 @@ def _mounts_under(path: Path) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-def test_stop_wait_deletes_the_vm_and_leaves_nothing(platform: Platform) -> None:
+def test_stop_wait_deletes_the_vm_and_leaves_nothing(platform: Platform, tmp_path: Path) -> None:
     owner, other = new_customer(platform.gateway), new_customer(platform.gateway)
     spec = {"name": "stop-me", "image": platform.image, "port": 8080,
             "resources": {"cpu": 1, "memory": "128MiB"}}  # fmt: skip
@@ -120,6 +124,12 @@ def test_stop_wait_deletes_the_vm_and_leaves_nothing(platform: Platform) -> None
     assert Path(f"/proc/{rt.pid}").exists() and pids and cgroup_dirs and jail.is_dir()
     assert netns and Path(f"/run/netns/{netns}").exists()
     assert vm.vm_id in {t.key.vm_id for t in md.meter_targets()}
+    # the host's metering loop, as hostd wires it (no bus: batches stay in the spool); batches
+    # far larger than this test samples, so only the stop can flush one
+    billaged = Billaged(tmp_path / "billaged", batch_samples=100_000, journal=False)
+    metering = MeteringLoop(Collector(), billaged, md.meter_targets, targets_every=1)
+    sampled = sum(metering.tick() for _ in range(5))
+    assert sampled == 5 and billaged.spool.pending(10) == []
     assert [lease.holder for lease in platform.assets.leases(vm.asset_id)] == [vm.vm_id]
 
     # another tenant: not found (exit 4), and the VM keeps serving
@@ -165,6 +175,15 @@ def test_stop_wait_deletes_the_vm_and_leaves_nothing(platform: Platform) -> None
         assert _mounts_under(Path(base)) == [] and not Path(base).exists()
     assert platform.assets.leases(vm.asset_id) == []
     assert vm.vm_id not in {t.key.vm_id for t in md.meter_targets()}
+    # metering stopped with it: the next sweep samples nothing and flushes the VM's partial
+    # batch (every sample taken while it ran), the series closed
+    assert metering.tick() == 0 and metering.tick() == 0
+    ((_, _, batch),) = billaged.spool.pending(10)
+    assert batch.samples == sampled and batch.customer_id == owner.id
+    assert decode(batch.data).key.vm_id == vm.vm_id
+    assert billaged.series_count == 0
+    metering.collector.close()
+    billaged.spool.close()
     # the app no longer answers. Either nothing does, or (on a machine whose default route
     # goes through an intercepting proxy, like this one's) something that is not the app
     try:
