@@ -10,7 +10,9 @@ For ``--minutes`` (default 10), all at once:
   stores them in its chDB. The VMs belong to ``--customers`` real customers (created through the
   admin API) so nothing is quarantined as unknown.
 - **deploys**: the example app deployed every ``--deploy-every-s`` (a new image each time, so a
-  real build), each followed to ``running``.
+  real build), each followed to ``running``; once more than ``--keep`` run, the oldest is
+  stopped (``DELETE /v1/deployments/{id}``) and followed to ``stopped``, as a user replacing
+  old versions would (the host's capacity is finite).
 - **status reads**: ``GET /v1/deployments/{id}`` and ``GET /v1/deployments`` (``--reads-per-s``).
 - **dashboard queries**: ``/v1/usage?since=1h`` and ``/v1/bill`` of a random simulated customer
   with its own key, and the operator's ``/v1/usage/capacity`` (``--queries-per-s``).
@@ -22,9 +24,9 @@ the first counted from boot, each later one from the sample before), at exactly 
 the simulator produced. ``samples_lost`` = produced samples with no row, ``samples_duplicated`` =
 rows beyond one per produced sample (plus any simulated sample quarantined).
 
-``errors`` counts HTTP answers other than 2xx, transport errors and deploys that did not reach
-``running``; ``p99_ms`` is over every HTTP request. Last line:
-``RESULT errors=... p99_ms=... samples_lost=... samples_duplicated=... ...``.
+``errors`` counts HTTP answers other than 2xx, transport errors, deploys that did not reach
+``running`` and stops that did not reach ``stopped``; ``p99_ms`` is over every HTTP request.
+Last line: ``RESULT errors=... p99_ms=... samples_lost=... samples_duplicated=... ...``.
 """
 
 from __future__ import annotations
@@ -129,7 +131,9 @@ class Load:
         self.latencies_ms: list[float] = []
         self.errors: list[str] = []
         self.deploys_ok = 0
+        self.stops_ok = 0
         self.deployments: list[str] = []
+        self.running: list[str] = []
         self.stop = asyncio.Event()
 
     async def call(self, client: httpx.AsyncClient, method: str, url: str, **kw: Any) -> Any:
@@ -167,21 +171,32 @@ class Load:
             if body is not None:
                 dep_id = body["deployment"]["id"]
                 self.deployments.append(dep_id)
-                deadline = time.monotonic() + 300
-                while time.monotonic() < deadline:
-                    got = await self.call(user, "GET", f"/v1/deployments/{dep_id}")
-                    state = got and got["deployment"]["state"]
-                    if state == "running":
-                        self.deploys_ok += 1
-                        break
-                    if state in ("failed", "cancelled"):
-                        self.errors.append(f"deploy {dep_id}: {got['deployment'].get('error')}")
-                        break
-                    await asyncio.sleep(1)
-                else:
-                    self.errors.append(f"deploy {dep_id}: not running after 300 s")
+                if await self.follow(user, dep_id, "running", 300):
+                    self.deploys_ok += 1
+                    self.running.append(dep_id)
+            while len(self.running) > self.args.keep:
+                old = self.running.pop(0)
+                if await self.call(user, "DELETE", f"/v1/deployments/{old}") is not None and (
+                    await self.follow(user, old, "stopped", 120)
+                ):
+                    self.stops_ok += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), self.args.deploy_every_s)
+
+    async def follow(self, user: httpx.AsyncClient, dep_id: str, want: str, timeout: float) -> bool:
+        """Poll the deployment until it is ``want``; an error (counted) if it fails or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = await self.call(user, "GET", f"/v1/deployments/{dep_id}")
+            state = got and got["deployment"]["state"]
+            if state == want:
+                return True
+            if state in ("failed", "cancelled"):
+                self.errors.append(f"deployment {dep_id}: {got['deployment'].get('error')}")
+                return False
+            await asyncio.sleep(1)
+        self.errors.append(f"deployment {dep_id}: not {want} after {timeout:.0f} s")
+        return False
 
     async def reads(self, user: httpx.AsyncClient) -> None:
         while not self.stop.is_set():
@@ -321,6 +336,7 @@ async def run(st: LocalStack, args: argparse.Namespace) -> dict[str, Any]:
         "p50_ms": float(np.percentile(lat, 50)),
         "requests": len(load.latencies_ms),
         "deploys": load.deploys_ok,
+        "stops": load.stops_ok,
         "ticks": ticks,
         "shift": shift,
         "fleet": fleet,
@@ -364,6 +380,7 @@ def main() -> None:
     ap.add_argument("--vms", type=int, default=10_000)
     ap.add_argument("--customers", type=int, default=100)
     ap.add_argument("--deploy-every-s", type=float, default=30)
+    ap.add_argument("--keep", type=int, default=4, help="deployments left running")
     ap.add_argument("--reads-per-s", type=float, default=20)
     ap.add_argument("--queries-per-s", type=float, default=4)
     ap.add_argument("--seed", type=int, default=8)
@@ -387,7 +404,7 @@ def main() -> None:
         f"RESULT errors={out['errors']} p99_ms={out['p99_ms']:.1f} samples_lost={lost} "
         f"samples_duplicated={dup} minutes={args.minutes:g} vms={args.vms} "
         f"samples={out['samples_produced']} requests={out['requests']} "
-        f"deploys={out['deploys']} p50_ms={out['p50_ms']:.1f} "
+        f"deploys={out['deploys']} stops={out['stops']} p50_ms={out['p50_ms']:.1f} "
         f"load_avg_max={out['load_avg_1m']:.1f} load_avg_mean={out['load_avg_mean']:.1f}"
     )
 
