@@ -11,7 +11,8 @@ lease), the app no longer answers and the VM is no longer a metering target.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +47,11 @@ pytestmark = pytest.mark.root  # layers applied with their owners; VM netns, cgr
 class Platform:
     gateway: RunningGateway
     image: str
-    metald: Metald
+    metald: Metald  # the host's agent (a test may replace it: a restarted metald)
     scheduler: Scheduler
     assets: AssetManager
+    vms: MetaldVms  # the deployer's view of metald
+    restart_metald: Callable[[], Metald]
 
 
 @pytest.fixture
@@ -72,23 +75,31 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
             init_binary=build_init(tmp_path / "native"), poll_s=0.05,
         )  # fmt: skip
         cfg = MetaldConfig(driver="sandbox", host_name="h1", subnet=subnet, stop_timeout_s=0.5)
-        metald = Metald(cfg, engine, tmp_path / "metald", leases=assets)
         scheduler = Scheduler(engine, leases=assets)
 
         def rootfs_for(asset: BuiltAsset) -> Path:
             return assets.local_path(asset.asset_id)  # type: ignore[arg-type]
 
-        worker = DeployWorker(factory, DeployBuilds(builder), MetaldVms(scheduler, rootfs_for),
-                              worker_id="test-stop-vm", poll_s=0.05)  # fmt: skip
+        vms = MetaldVms(scheduler, rootfs_for)
+        worker = DeployWorker(factory, DeployBuilds(builder), vms, worker_id="test-stop-vm",
+                              poll_s=0.05)  # fmt: skip
+
+        def restart_metald() -> Metald:
+            """metald (re)started on the host: it recovers the running VMs and reconciles."""
+            md = Metald(cfg, engine, tmp_path / "metald", leases=assets)
+            md.start(interval=0.1)
+            return md
+
         builder.start(1)
-        metald.start(interval=0.1)
         worker.start()
+        p = Platform(gw, reg.ref("acme/stop", "v1"), restart_metald(), scheduler, assets, vms,
+                     restart_metald)  # fmt: skip
         try:
-            yield Platform(gw, reg.ref("acme/stop", "v1"), metald, scheduler, assets)
+            yield p
         finally:
             worker.stop()
             builder.stop()
-            metald.shutdown()
+            p.metald.shutdown()
             scheduler.close()
             engine.dispose()
 
@@ -196,3 +207,57 @@ def test_stop_wait_deletes_the_vm_and_leaves_nothing(platform: Platform, tmp_pat
     # stopping again: the same answer, nothing new
     again = run_unkey(platform.gateway, "deployments", "stop", dep_id, "--wait", api_key=owner.key)
     assert again.code == 0 and again.out.strip() == "stopped", again
+
+
+def _deploy_running(platform: Platform, key: str) -> tuple[str, str]:
+    spec = {"name": "stop-me", "image": platform.image, "port": 8080,
+            "resources": {"cpu": 1, "memory": "128MiB"}}  # fmt: skip
+    with platform.gateway.client(key) as client:
+        dep_id = client.deploy(spec)["deployment"]["id"]
+        end = list(client.events(dep_id))[-1]
+        assert end.event == "end" and end.data["state"] == "running", end.data
+        url = client.get_deployment(dep_id)["deployment"]["url"]
+    return dep_id, url
+
+
+def _state_events(platform: Platform, key: str, dep_id: str) -> list[str]:
+    with platform.gateway.client(key) as client:
+        return [e.data["data"]["state"] for e in client.events(dep_id, follow=False)
+                if e.event == "state"]  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_a_stop_that_times_out_fails_then_its_retry_finishes(platform: Platform) -> None:
+    """metald is down while the stop waits: the deployment is failed with an error naming the
+    VM, and the job's retry (metald back) continues from there to stopped."""
+    owner = new_customer(platform.gateway)
+    dep_id, url = _deploy_running(platform, owner.key)
+    (vm,) = platform.scheduler.list(deployment_id=dep_id)
+    platform.metald.close()  # the host's metald stops; its VMs keep running
+    platform.vms.stop_timeout_s = 1.0
+    with platform.gateway.client(owner.key) as client:
+        assert client.stop_deployment(dep_id)["deployment"]["state"] == "stopping"
+        deadline = time.monotonic() + 60
+        while (dep := client.get_deployment(dep_id)["deployment"])["state"] != "failed":
+            assert time.monotonic() < deadline, dep
+            time.sleep(0.05)
+    platform.vms.stop_timeout_s = 60.0  # for the retry, a second after the failure
+    assert dep["error"]["code"] == "deadline_exceeded" and vm.vm_id in dep["error"]["message"]
+    assert platform.scheduler.get(vm.vm_id).desired == "deleted"
+    assert httpx.get(url + "/", timeout=10).status_code == 200  # nobody stopped it yet
+
+    platform.metald = platform.restart_metald()
+    with platform.gateway.client(owner.key) as client:
+        deadline = time.monotonic() + 90
+        while (dep := client.get_deployment(dep_id)["deployment"])["state"] != "stopped":
+            assert time.monotonic() < deadline, dep
+            time.sleep(0.1)
+        events = [(e.event, e.data.get("message", "")) for e in client.events(dep_id)]
+    assert platform.scheduler.list(deployment_id=dep_id) == []
+    states = _state_events(platform, owner.key, dep_id)
+    assert states[-4:] == ["stopping", "failed", "stopping", "stopped"], states
+    assert any(p == "failed" and m.startswith("stop failed: VMs of deployment") for p, m in events)
+    assert ("vm", f"deleting {vm.vm_id} (running on host {vm.host_id})") in events
+    # the restarted metald may delete the VM before or during the retry
+    assert events[-2] in {("done", "deployment stopped (1 VMs deleted)"),
+                          ("done", "deployment stopped (no VMs left)")}, events  # fmt: skip

@@ -180,7 +180,7 @@ def test_running_stops_through_one_stop_job_and_repeats_are_harmless(world: Worl
     states = [e.data.get("state") for e in _events(world, dep["id"]) if e.phase == "state"]
     assert states == ["building", "deploying", "running", "stopping", "stopped"]
     done = _events(world, dep["id"])[-1]
-    assert done.phase == "done" and done.message == "deployment stopped (0 VMs deleted)"
+    assert done.phase == "done" and done.message == "deployment stopped (no VMs left)"
     third = _stop(world, c, dep["id"])
     assert third.status_code == 200 and third.json()["deployment"]["state"] == "stopped"
     assert len(_jobs(world, "stop", dep["id"])) == 1

@@ -95,9 +95,9 @@ def run_stop(
     try:
         deleted = vms.stop_all(dep, progress)
         deployments.set_state(dep, "stopped")
-        deployments.event(
-            dep, "done", f"deployment stopped ({len(deleted)} VMs deleted)", vms=deleted
-        )
+        # a retried stop may find the VMs gone already (deleted after the last attempt gave up)
+        what = f"{len(deleted)} VMs deleted" if deleted else "no VMs left"
+        deployments.event(dep, "done", f"deployment stopped ({what})", vms=deleted)
         return deleted
     except UnkeyError as exc:
         deployments.set_state(dep, "failed", error=exc.to_dict())
