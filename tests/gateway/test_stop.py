@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +22,7 @@ from unkey_deploy.gateway.tls import client_context
 from unkey_deploy.metald.api import Scheduler
 from unkey_deploy.store import controlplane as cp
 from unkey_deploy.store import db, jobs
-from unkey_deploy.testing.gateway import RunningGateway, new_customer, run_unkey
+from unkey_deploy.testing.gateway import RunningGateway, new_customer, run_unkey, running_gateway
 from unkey_deploy.testing.gateway import TestCustomer as Customer
 
 APP = {"name": "stop-me", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "128MiB"}}
@@ -253,3 +254,31 @@ def test_the_deploy_worker_leaves_a_stopping_deployment_to_its_stop_job(world: W
     (deploy_job,) = _jobs(world, "deploy", dep["id"])
     assert deploy_job.state == jobs.JobState.SUCCEEDED
     assert deploy_job.result == {"state": "stopping"}
+
+
+@pytest.mark.postgres
+def test_stop_on_postgres(tmp_path: Path, postgres_url: str) -> None:
+    """The thread-pool path with the row lock: the answers and the single job, as on SQLite."""
+    with running_gateway(tmp_path / "gw", database_url=postgres_url) as gw:
+        engine = db.make_engine(postgres_url)
+        factory = db.session_factory(engine)
+        scheduler = Scheduler(engine)
+        vms = MetaldVms(scheduler, lambda a: (_ for _ in ()).throw(AssertionError(a)))
+        w = World(gw, factory, cp.DeploymentRecords(factory),
+                  DeployWorker(factory, NoBuilds(), vms, worker_id="pg-stop-worker"))  # fmt: skip
+        try:
+            c = new_customer(gw)
+            cancelled, running = _deploy(w, c), _deploy(w, c)
+            assert _stop(w, c, cancelled["id"]).json()["deployment"]["state"] == "cancelled"
+            w.records.set_state(running["id"], "building")
+            assert _stop(w, c, running["id"]).status_code == 409
+            w.records.set_state(running["id"], "failed", error={"code": "x", "message": "y"})
+            answers = [_stop(w, c, running["id"]) for _ in range(3)]
+            assert [r.status_code for r in answers] == [202, 202, 202]
+            assert len(_jobs(w, "stop", running["id"])) == 1
+            _run_until_idle(w)
+            assert w.records.get(running["id"]).state == "stopped"
+            assert _stop(w, c, running["id"]).status_code == 200
+        finally:
+            scheduler.close()
+            engine.dispose()
