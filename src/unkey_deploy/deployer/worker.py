@@ -103,7 +103,7 @@ class DeployWorker:
 
         hb = threading.Thread(target=heartbeat, name=f"hb-{job.id}", daemon=True)
         hb.start()
-        ids: dict[str, Any] = {"deployment_id": dep_id, "job": job.kind}
+        ids: dict[str, Any] = {"deployment_id": dep_id, "job_kind": job.kind}
         try:
             dep = self.records.get(dep_id)
             ids.update(request_id=dep.request_id, customer_id=dep.customer_id)
