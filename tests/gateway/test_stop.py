@@ -218,6 +218,28 @@ def test_a_deploy_stuck_after_its_job_gave_up_can_be_stopped(world: World) -> No
     assert world.records.get(dep["id"]).state == "stopped"
 
 
+def test_stopping_whose_stop_job_died_gets_a_new_one(world: World) -> None:
+    """A stop job whose worker died on its last attempt leaves the deployment stopping: the
+    next stop starts a new job instead of answering "already stopping" forever."""
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+    world.records.set_state(dep["id"], "building")
+    world.records.set_state(dep["id"], "failed", error={"code": "x", "message": "y"})
+    assert _stop(world, c, dep["id"]).status_code == 202
+    (dead,) = _jobs(world, "stop", dep["id"])
+    with world.factory() as s, s.begin():
+        claimed = jobs.claim(world.factory, ["stop"], "w0", now=1e12)
+        assert claimed is not None and claimed.id == dead.id
+        jobs.fail(s, dead.id, "w0", "worker lost its lease", now=1e12, retryable=False)
+    again = _stop(world, c, dep["id"])
+    assert again.status_code == 202 and again.json()["deployment"]["state"] == "stopping"
+    live = [j for j in _jobs(world, "stop", dep["id"]) if j.id != dead.id]
+    assert [j.state for j in live] == [jobs.JobState.QUEUED]
+    assert _events(world, dep["id"])[-1].message.startswith("stop requested again")
+    _run_until_idle(world)
+    assert world.records.get(dep["id"]).state == "stopped"
+
+
 def test_another_tenants_deployment_is_404_and_untouched(world: World) -> None:
     a, b = new_customer(world.gw), new_customer(world.gw)
     dep = _deploy(world, b)

@@ -313,6 +313,21 @@ def accept_deployment(
     raise Conflict("concurrent requests with the same Idempotency-Key", retryable=True)
 
 
+def _stop_payload(deployment_id: str, principal: Principal, request_id: str) -> Json:
+    return {
+        "deployment_id": deployment_id,
+        "request_id": request_id,
+        "customer_id": principal.customer_id,
+    }
+
+
+def _live_stop_job(session: Session, deployment_id: str) -> bool:
+    live = (jobs.JobState.QUEUED, jobs.JobState.RUNNING)
+    return any(
+        j.dedupe_key == deployment_id for j in jobs.list_jobs(session, STOP_JOB_KIND, states=live)
+    )
+
+
 def stop_deployment(
     factory: sessionmaker[Session],
     clock: Clock,
@@ -344,6 +359,14 @@ def stop_deployment(
             cp.add_event(session, dep.id, "stop", "cancelled before a worker picked it up",
                          now=now, data={"request_id": request_id})  # fmt: skip
             dep = cp.record_state(session, dep.id, "cancelled", now=now)
+        elif dep.state == "stopping" and not _live_stop_job(session, dep.id):
+            # its stop job died without finishing it (a worker lost its lease on the last
+            # attempt): nothing would move it any more, so this stop starts a new one
+            job = jobs.enqueue(session, STOP_JOB_KIND, _stop_payload(dep.id, principal, request_id),
+                               now=now, dedupe_key=dep.id)  # fmt: skip
+            cp.add_event(session, dep.id, "stop", "stop requested again: the last stop job ended "
+                         "without finishing", now=now,
+                         data={"request_id": request_id, "job_id": job.id})  # fmt: skip
         elif action == "stop":
             if dep.state in ("building", "deploying"):
                 # its deploy job ended without finishing it: nothing moves it any more
@@ -352,14 +375,8 @@ def stop_deployment(
                     details={"job_id": dep.job_id},
                 )
                 dep = cp.record_state(session, dep.id, "failed", now=now, error=orphaned.to_dict())
-            job = jobs.enqueue(
-                session,
-                STOP_JOB_KIND,
-                {"deployment_id": dep.id, "request_id": request_id,
-                 "customer_id": principal.customer_id},
-                now=now,
-                dedupe_key=dep.id,
-            )  # fmt: skip
+            job = jobs.enqueue(session, STOP_JOB_KIND, _stop_payload(dep.id, principal, request_id),
+                               now=now, dedupe_key=dep.id)  # fmt: skip
             cp.add_event(session, dep.id, "stop", "stop requested: deleting the deployment's VMs",
                          now=now, data={"request_id": request_id, "job_id": job.id})  # fmt: skip
             dep = cp.record_state(session, dep.id, "stopping", now=now)
