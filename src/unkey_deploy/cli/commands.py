@@ -210,11 +210,12 @@ def deployments_show(deployment_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the deployment as JSON")
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="for --wait (s)")
 def deployments_stop(deployment_id: str, wait: bool, as_json: bool, timeout_s: float) -> None:
-    """Stop a deployment: delete its VMs (one not started yet is cancelled).
+    """Stop a deployment and delete its VMs.
 
     A running or failed deployment becomes `stopping`, then `stopped` once each VM is deleted;
-    one still building or deploying cannot be stopped until it is running or failed. Stopping
-    again is harmless. Prints the deployment's state (--json: the deployment).
+    one not started yet is `cancelled` at once; one still building or deploying cannot be
+    stopped until it is running or failed (exit 5). Stopping again is harmless. Prints the
+    deployment's state (--json: the deployment).
     """
     with _settings().client() as client:
         dep = client.stop_deployment(deployment_id)["deployment"]
