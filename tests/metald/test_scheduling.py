@@ -1,6 +1,6 @@
 """Cluster scheduling without booting anything: concurrent placement never overcommits a host
-(SQLite and PostgreSQL), and a host whose heartbeat stops is declared lost, its VMs ``lost``
-and replaced on live hosts within their capacity."""
+(SQLite and PostgreSQL), a host whose heartbeat stops is declared lost, its VMs ``lost``
+and replaced on live hosts within their capacity, and a lost host can be forgotten."""
 
 from __future__ import annotations
 
@@ -13,13 +13,25 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import zstandard
 from sqlalchemy import Engine
 
+from unkey_deploy.assets.api import AssetMeta
+from unkey_deploy.assets.blobs import FsBlobStore
+from unkey_deploy.assets.service import AssetManager
 from unkey_deploy.core.clock import FakeClock
-from unkey_deploy.core.errors import IllegalTransition, ResourceExhausted, VmError
+from unkey_deploy.core.errors import (
+    Conflict,
+    IllegalTransition,
+    NotFound,
+    ResourceExhausted,
+    VmError,
+)
+from unkey_deploy.core.ids import BuildId, CustomerId
 from unkey_deploy.metald import models, service
 from unkey_deploy.metald.api import CreateVm, Scheduler, VmState
-from unkey_deploy.store.db import make_engine, upgrade
+from unkey_deploy.metald.network import IpAllocator
+from unkey_deploy.store.db import make_engine, session_factory, upgrade
 
 MIB = 1 << 20
 
@@ -184,4 +196,80 @@ def test_stale_host_is_lost_its_vms_replaced_within_capacity(tmp_path: Path) -> 
     # the stopped VM is lost but not replaced (nobody wanted it running)
     assert sched.get(extra.vm_id).replaced_by is None
     assert sched.sweep_lost_hosts() == [], "nothing twice"
+    engine.dispose()
+
+
+def test_a_lost_host_is_forgotten_its_rows_leases_and_addresses_go(
+    cluster_url: str, tmp_path: Path
+) -> None:
+    engine = make_engine(cluster_url)
+    upgrade(engine)
+    # grace 0: once nothing holds the asset, delete + gc remove its blob at once
+    assets = AssetManager(session_factory(engine), FsBlobStore(tmp_path / "blobs"),
+                          tmp_path / "cache", grace_s=0.0)  # fmt: skip
+    image = tmp_path / "rootfs.ext4"
+    image.write_bytes(b"\0" * 4096)
+    zst = tmp_path / "rootfs.ext4.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(image.read_bytes()))
+    meta = AssetMeta(CustomerId("cust_a"), "test:1", "sha256:" + "0" * 64, BuildId("bld_x"),
+                     "key-forget", 1, 4096, "0" * 64)  # fmt: skip
+    asset = assets.register(zst, meta)
+    blob = assets.local_path(asset.asset_id)
+    clock = FakeClock()
+    sched = Scheduler(engine, clock=clock, lost_after_s=5.0, leases=assets)
+    t0 = clock.now().timestamp()
+    a = add_host(engine, "a", cpus=4, memory_mib=1024, at=t0)
+    # on a (the only host): one VM of the asset, wanted stopped, and one wanted running
+    on_asset = sched.create_vm(CreateVm("dep_img", "cust_a", blob, memory_bytes=64 * MIB,
+                                        asset_id=asset.asset_id))  # fmt: skip
+    web = sched.boot(sched.create_vm(CreateVm("dep_web", "cust_a", image,
+                                              memory_bytes=64 * MIB)).vm_id)  # fmt: skip
+    assert on_asset.host_id == web.host_id == a
+    ips = IpAllocator(engine, a, "172.31.250.0/24")
+    slots = {ips.lease(on_asset.vm_id), ips.lease(web.vm_id)}
+    assert [lease.holder for lease in assets.leases(asset.asset_id)] == [on_asset.vm_id]
+
+    # a live host is never forgotten, nor a late one that was not declared lost yet
+    with pytest.raises(Conflict, match=r"host a \(.*\) is live: its last heartbeat is 0\.0 s"):
+        sched.forget_host(a)
+    clock.advance(6.0)
+    with pytest.raises(Conflict, match="late but not lost yet") as late:
+        sched.forget_host(a)
+    assert late.value.suggestion and "stop its metald" in late.value.suggestion
+    # lost, but nowhere to place the running VM's replacement yet: forgetting would drop it
+    assert sched.sweep_lost_hosts() == [(web.vm_id, None)]
+    with pytest.raises(Conflict, match=f"1 lost VM\\(s\\) still waiting for a replacement: "
+                       f"{web.vm_id}"):  # fmt: skip
+        sched.forget_host(a)
+    assert len(sched.list(host_id=a)) == 2 and set(ips.leased().values()) == slots
+    b = add_host(engine, "b", cpus=4, memory_mib=1024, at=clock.now().timestamp())
+    ((lost_id, replacement),) = sched.sweep_lost_hosts()
+    assert lost_id == web.vm_id and replacement is not None
+    report = {h["host_id"]: h for h in sched.hosts()}
+    assert report[a]["vms"] == {"lost": 2} and report[b]["vms"] == {"pending": 1}
+    # the lost VM's lease still keeps the asset
+    with pytest.raises(Conflict, match=f"in use by {on_asset.vm_id}"):
+        assets.delete(asset.asset_id)
+
+    forgotten = sched.forget_host(a)
+    assert forgotten == {
+        "host_id": a, "name": "a", "vms": sorted([on_asset.vm_id, web.vm_id]),
+        "asset_leases_released": 1, "ip_leases_released": 2,
+    }  # fmt: skip
+    assert sched.list(host_id=a) == []
+    assert [h["host_id"] for h in sched.hosts()] == [b]
+    assert ips.leased() == {}
+    assert assets.leases(asset.asset_id) == []
+    # nothing holds the asset now: it can be deleted and gc collects its blob
+    assets.delete(asset.asset_id)
+    assert assets.gc().blobs_deleted == [asset.blob_sha256]
+    assert not blob.exists()
+    # the live host and the replacement are untouched
+    assert [v.vm_id for v in sched.list()] == [replacement]
+    # an operator retrying: the host is gone
+    with pytest.raises(NotFound, match=f"host {a} not found"):
+        sched.forget_host(a)
+    with pytest.raises(NotFound):
+        sched.forget_host("host_nosuch")
+    sched.close()
     engine.dispose()

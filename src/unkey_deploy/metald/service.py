@@ -10,7 +10,7 @@ out. The lifecycle is the state machine in :mod:`.states`.
 Public API (used by the orchestration):
 ``create_vm``, ``boot``, ``stop``, ``delete``, ``get``, ``list``, ``wait_ready``, ``wait_state``,
 ``endpoint``, ``console``, ``meter_target``/``meter_targets``, ``status``, ``reconcile``,
-``recover``, ``sweep_lost_hosts``.
+``recover``, ``sweep_lost_hosts``, ``hosts``, ``forget_host``.
 
 Assets: a VM created with an ``asset_id`` holds a lease on that asset (holder: the VM id) from
 before its row exists until the row is deleted (also by a returning host that forgets a lost
@@ -24,6 +24,13 @@ Host loss: every host heartbeats (``metald_hosts.heartbeat_at``); any host's rec
 wanted running. Placement and the sweep hold the hosts lock (:meth:`Scheduler._lock_hosts`) for
 the transaction that reads capacity and records the VM, so two schedulers never overcommit a
 host, on SQLite and on PostgreSQL alike.
+
+Forgetting a host: a lost host that will never come back is removed by an operator with
+:meth:`Scheduler.forget_host` (``DELETE /v1/hosts/{id}``, ``unkey hosts forget``): its lost VM
+rows, their asset leases, its address leases and its row go. Should it come back after all, it
+registers as a new host and frees what it still holds of VMs that have no row any more
+(:meth:`Metald._free_orphans`, from the local record each booted VM leaves in
+``<state_dir>/vms/<vm_id>.json``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -50,6 +58,7 @@ from ..core import metrics
 from ..core.clock import SYSTEM_CLOCK, Clock
 from ..core.config import MetaldConfig
 from ..core.errors import (
+    Conflict,
     DeadlineExceeded,
     IllegalTransition,
     InvalidInput,
@@ -79,7 +88,7 @@ from .drivers.base import DriverCapabilities, NetAttachment, VmDriver, VmRuntime
 from .drivers.qemu import VMM_OVERHEAD_BYTES
 from .jail import Jails, inject_env
 from .kernel import KernelPaths, find_kernel
-from .network import HostNetwork, IpAllocator, NetnsPool
+from .network import HostNetwork, IpAllocator, NetnsPool, iface_name, netns_name
 from .placement import HostView, PlacementRequest, place
 from .select import select_driver
 from .states import ACTIVE, VmState, check_action, transition
@@ -275,8 +284,15 @@ class Scheduler:
         """Every registered host with its driver, capacity, use and driver trial results (what
         ``unkey dev status`` shows; works from any process that has the database)."""
         views = {v.host_id: v for v in self.host_views()}
+        v = models.vms
         with self.engine.connect() as c:
             rows = c.execute(sa.select(models.hosts).order_by(models.hosts.c.name)).all()
+            per_state = c.execute(
+                sa.select(v.c.host_id, v.c.state, sa.func.count()).group_by(v.c.host_id, v.c.state)
+            ).all()
+        counts: dict[str, dict[str, int]] = {}
+        for host_id, state, n in per_state:
+            counts.setdefault(host_id, {})[state] = int(n)
         return [
             {
                 "host_id": r.host_id,
@@ -290,9 +306,98 @@ class Scheduler:
                 "heartbeat_at": r.heartbeat_at,
                 "lost_at": r.lost_at,
                 "drivers": r.capabilities,
+                "vms": counts.get(r.host_id, {}),
             }
             for r in rows
         ]
+
+    def forget_host(self, host_id: str) -> dict[str, Any]:
+        """Remove a lost host that is never coming back: its VM rows (all ``lost``), their
+        asset leases (so the asset store may collect those rootfs blobs), its address leases
+        and its row. Returns what was removed.
+
+        Only a host declared lost (``lost_at`` set) can be forgotten: a live or merely late host
+        is a Conflict, and so is a lost host with a lost VM still waiting for its replacement
+        (forgetting it would drop a replica its owner wants running). An unknown host (or one
+        forgotten already) is NotFound. If the host does come back, it registers as a new host
+        and frees what it still runs of the forgotten VMs (see the module docstring)."""
+        t, v = models.hosts, models.vms
+        with self.engine.connect() as c:
+            h = c.execute(sa.select(t).where(t.c.host_id == host_id)).first()
+            vms = c.execute(sa.select(v).where(v.c.host_id == host_id)).all()
+        self._check_forgettable(host_id, h, vms)
+        # the leases first, outside the transaction (on SQLite the asset manager's write would
+        # wait for our lock) and before the rows go, so a failure here leaves everything for a
+        # retry; a lost VM is never booted again, so nothing reads its rootfs any more
+        released = self._release_leases(vms)
+        with self.engine.begin() as c:
+            self._lock_hosts(c)
+            h = c.execute(sa.select(t).where(t.c.host_id == host_id)).first()
+            vms = c.execute(sa.select(v).where(v.c.host_id == host_id)).all()
+            h = self._check_forgettable(host_id, h, vms)  # it may have come back meanwhile
+            c.execute(v.delete().where(v.c.host_id == host_id))
+            ips = c.execute(
+                models.ip_leases.delete().where(models.ip_leases.c.host_id == host_id)
+            ).rowcount
+            c.execute(t.delete().where(t.c.host_id == host_id))
+        # a VM recorded on it between our two reads (none is placed on a lost host): after the
+        # commit, like the leases of replacements in sweep_lost_hosts
+        released.update(self._release_leases([r for r in vms if r.vm_id not in released]))
+        forgotten = sorted(str(r.vm_id) for r in vms)
+        event(log, "host forgotten", logging.WARNING, host_id=host_id, name=h.name,
+              vms=len(forgotten), asset_leases=len(released))  # fmt: skip
+        return {
+            "host_id": host_id,
+            "name": h.name,
+            "vms": forgotten,
+            "asset_leases_released": len([a for a in released.values() if a]),
+            "ip_leases_released": int(ips or 0),
+        }
+
+    def _check_forgettable(self, host_id: str, h: Any, vms: Any) -> Any:
+        """``h`` (the host's row) if the host may be forgotten; else the error why not."""
+        if h is None:
+            raise NotFound(
+                f"host {host_id} not found",
+                suggestion="`unkey hosts ls` lists the registered hosts",
+            )
+        age = self.clock.now().timestamp() - h.heartbeat_at
+        if h.lost_at is None:
+            live = age < self.lost_after_s
+            raise Conflict(
+                f"host {h.name} ({host_id}) is {'live' if live else 'late but not lost yet'}: "
+                f"its last heartbeat is {age:.1f} s old; only a lost host can be forgotten",
+                suggestion="stop its metald (SIGUSR1 deletes its VMs first), or wait until a "
+                "live host's reconciler declares it lost (heartbeat older than "
+                "metald.host_lost_after_s), then forget it",
+                details={"host_id": host_id, "heartbeat_age_s": round(age, 1)},
+            )
+        waiting = [
+            r.vm_id for r in vms
+            if r.state == str(VmState.LOST) and r.desired == "running" and r.replaced_by is None
+        ]  # fmt: skip
+        if waiting:
+            raise Conflict(
+                f"host {h.name} ({host_id}) has {len(waiting)} lost VM(s) still waiting for a "
+                f"replacement: {', '.join(waiting[:10])}",
+                suggestion="add capacity (the next sweep places their replacements) or stop "
+                "their deployments, then forget the host",
+                details={"host_id": host_id, "vms": waiting},
+            )
+        if self.leases is None and any(r.asset_id for r in vms):
+            raise VmError(
+                f"host {host_id} has VMs holding asset leases but this scheduler has no asset "
+                "manager to release them with"
+            )
+        return h
+
+    def _release_leases(self, vms: Any) -> dict[str, str | None]:
+        """Release each VM row's asset lease; returns vm id -> asset id (None: it had none)."""
+        out: dict[str, str | None] = {}
+        for r in vms:
+            self._release_lease(r.asset_id, r.vm_id)
+            out[str(r.vm_id)] = r.asset_id
+        return out
 
     # -- queries -------------------------------------------------------------------------------
     def get(self, vm_id: str) -> Vm:
@@ -683,14 +788,21 @@ class Metald(Scheduler):
 
     def heartbeat(self) -> None:
         """Say this host is alive. A host that was declared lost is schedulable again from
-        here; its lost VMs are freed and forgotten by the same reconcile pass."""
+        here; its lost VMs are freed and forgotten by the same reconcile pass. A host an
+        operator forgot meanwhile (no row any more) registers again as a new host and frees
+        what it still holds of the forgotten VMs."""
         t = models.hosts
         with self.engine.begin() as c:
-            c.execute(
+            res = c.execute(
                 t.update()
                 .where(t.c.host_id == self.host_id)
                 .values(heartbeat_at=self.clock.now().timestamp(), lost_at=None)
             )
+        if res.rowcount == 0:
+            event(log, "host was forgotten: registering again", logging.WARNING,
+                  host_id=self.host_id)  # fmt: skip
+            self.register()
+            self._free_orphans()
 
     def status(self) -> dict[str, Any]:
         """The ``capabilities/status`` report (shown by ``unkey dev status``)."""
@@ -780,6 +892,7 @@ class Metald(Scheduler):
         try:
             net = self._attach(vm_id)
             self._update(vm_id, net=net.__dict__)
+            self._write_record(vm_id, net=net.__dict__)
             copy = self.driver.name != "sandbox"
             jail, disk, jk = self.jails.prepare(
                 vm_id, Path(r.rootfs), kernel=self.kernel if copy else None,
@@ -798,6 +911,7 @@ class Metald(Scheduler):
             self._set_state(vm_id, VmState.BOOTING)
             rt = self.driver.boot(spec)
             self._update(vm_id, runtime=rt.to_json())
+            self._write_record(vm_id, net=net.__dict__, runtime=rt.to_json())
         except UnkeyError as exc:
             self._fail(vm_id, str(exc))
             raise
@@ -809,11 +923,20 @@ class Metald(Scheduler):
     def _release(self, vm_id: str) -> None:
         """Free everything the VM holds on this host (idempotent)."""
         r = self._row(vm_id)
-        errors: list[str] = []
-        if r.runtime:
-            rt = VmRuntime.from_json(r.runtime)
+        errors = self._free_local(vm_id, r.runtime, r.net)
+        self._update(vm_id, runtime=None)
+        if errors:
+            raise VmError(f"releasing VM {vm_id} left problems: {'; '.join(errors)}")
+
+    def _free_local(
+        self, vm_id: str, runtime: Mapping[str, Any] | None, net: Mapping[str, Any] | None
+    ) -> builtins.list[str]:
+        """Stop the VM's process and remove its cgroup, links, address lease, jail and local
+        record (idempotent); returns the problems left."""
+        errors: builtins.list[str] = []
+        if runtime:
             try:
-                self.driver.delete(rt)
+                self.driver.delete(VmRuntime.from_json(runtime))
             except UnkeyError as exc:
                 errors.append(str(exc))
         cg = self.cgroups.paths_for(vm_id)
@@ -821,9 +944,9 @@ class Metald(Scheduler):
             cg.remove()
         except (OSError, VmError) as exc:
             errors.append(f"cgroup: {exc}")
-        if r.net and self.network is not None:
+        if net and self.network is not None:
             try:
-                self.network.detach(NetAttachment(**r.net))
+                self.network.detach(NetAttachment(**net))
             except VmError as exc:
                 errors.append(str(exc))
         self.ips.release(vm_id)
@@ -831,9 +954,53 @@ class Metald(Scheduler):
             self.jails.remove(vm_id)
         except OSError as exc:
             errors.append(f"jail: {exc}")
-        self._update(vm_id, runtime=None)
-        if errors:
-            raise VmError(f"releasing VM {vm_id} left problems: {'; '.join(errors)}")
+        if not errors:
+            self._record_path(vm_id).unlink(missing_ok=True)
+        return errors
+
+    # -- local records: what frees a VM whose row is gone --------------------------------------
+    def _record_path(self, vm_id: str) -> Path:
+        return self.state_dir / "vms" / f"{vm_id}.json"
+
+    def _write_record(self, vm_id: str, **values: Any) -> None:
+        """Keep what :meth:`_free_local` needs (links, runtime) on local disk too: a VM's row
+        goes when an operator forgets its lost host, and a host that comes back must still
+        find and stop what runs of it here."""
+        path = self._record_path(vm_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(values))
+        tmp.replace(path)
+
+    def _free_orphans(self) -> builtins.list[str]:
+        """Free what this host holds of VMs with no row on it any more (forgotten with their
+        lost host): found by their local record, jail directory or cgroup. Runs at start and
+        when a forgotten host registers again. Returns their ids."""
+        local = {p.stem for p in (self.state_dir / "vms").glob("vm_*.json")}
+        if self.jails.root.is_dir():
+            local |= {p.name for p in self.jails.root.iterdir() if p.name.startswith("vm_")}
+        for d in self.cgroups.paths_for("vm_").dirs():
+            if d.parent.is_dir():
+                local |= {p.name for p in d.parent.iterdir() if p.name.startswith("vm_")}
+        if not local:
+            return []
+        # read after the local names: a VM created meanwhile has its row before its jail
+        known = {vm.vm_id for vm in self.list(host_id=self.host_id)}
+        freed = []
+        for vm_id in sorted(local - known):
+            record: dict[str, Any] = {}
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(self._record_path(vm_id).read_text())
+            net = record.get("net")
+            if net is None and self.network is not None:
+                # booted no further than its links: they carry the VM's names
+                net = {"mode": "netns", "host_iface": iface_name(vm_id),
+                       "netns": netns_name(vm_id)}  # fmt: skip
+            errors = self._free_local(vm_id, record.get("runtime"), net)
+            event(log, "forgotten vm freed", logging.WARNING, vm_id=vm_id,
+                  host_id=self.host_id, problems="; ".join(errors) or None)  # fmt: skip
+            freed.append(vm_id)
+        return freed
 
     def _fail(self, vm_id: str, error: str) -> None:
         event(log, "vm failed", logging.WARNING, vm_id=vm_id, error=error)
@@ -927,6 +1094,7 @@ class Metald(Scheduler):
                 self._fail(vm.vm_id, f"metald stopped while the VM was {vm.state}")
             elif vm.state == VmState.LOST:
                 self._forget_lost(vm.vm_id)
+        self._free_orphans()
 
     def _forget_lost(self, vm_id: str) -> None:
         """This host was declared lost while it had ``vm_id`` (now replaced elsewhere or
@@ -1031,6 +1199,7 @@ class Metald(Scheduler):
         with self.engine.begin() as c:
             c.execute(models.hosts.delete().where(models.hosts.c.host_id == self.host_id))
         shutil.rmtree(self.state_dir / "jails", ignore_errors=True)
+        shutil.rmtree(self.state_dir / "vms", ignore_errors=True)
 
 
 def parse_vm_id(value: str) -> VmId:
