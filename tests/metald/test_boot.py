@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from unkey_deploy.core.errors import IllegalTransition
+from unkey_deploy.metald import models
 from unkey_deploy.metald.drivers.base import VmRuntime
-from unkey_deploy.metald.service import CreateVm, Metald
+from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
 from unkey_deploy.metald.states import VmState
 
 MetaldFactory = Callable[..., Metald]
@@ -369,3 +370,51 @@ def test_launch_replica_for_the_orchestration(make_metald: MetaldFactory, rootfs
                        memory_bytes=64 << 20, port=9999, timeout=1.0)  # fmt: skip
     assert [v.vm_id for v in md.list()] == [vm.vm_id]
     md.delete(vm.vm_id)
+
+
+def _lose_and_forget(md: Metald, vm_id: str) -> None:
+    """The host stops heartbeating, is declared lost, the VM's deployment is stopped (its lost
+    VM deleted: nowhere to place a replacement) and an operator forgets the host."""
+    with md.engine.begin() as c:
+        c.execute(models.hosts.update().where(models.hosts.c.host_id == md.host_id)
+                  .values(heartbeat_at=time.time() - 3600))  # fmt: skip
+    sched = Scheduler(md.engine)
+    assert sched.sweep_lost_hosts() == [(vm_id, None)]
+    sched.delete(vm_id)
+    assert sched.forget_host(md.host_id)["vms"] == [vm_id]
+    assert sched.hosts() == [] and sched.list() == []
+    sched.close()
+
+
+def test_a_forgotten_host_that_comes_back_frees_the_forgotten_vms(
+    make_metald: MetaldFactory, rootfs: Path
+) -> None:
+    md = make_metald("sandbox", name="h1")
+    a = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    md.boot(a.vm_id)
+    md.wait_ready(a.vm_id, timeout=10)
+    trace_a = Trace(md, a.vm_id)
+    _lose_and_forget(md, a.vm_id)
+    trace_a.assert_present()  # nothing ran on the host meanwhile: the VM still runs there
+
+    # its metald was only cut off: its next heartbeat finds no row, registers anew, frees a
+    md.heartbeat()
+    trace_a.assert_gone()
+    assert not (md.state_dir / "vms" / f"{a.vm_id}.json").exists()
+    (host,) = md.hosts()
+    assert host["host_id"] == md.host_id and host["lost_at"] is None and host["schedulable"]
+    assert md.ips.leased() == {}
+
+    # it takes VMs again; then it is lost and forgotten while its metald is down (its VM keeps
+    # running), and comes back by a restart
+    b = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    assert b.host_id == md.host_id
+    md.boot(b.vm_id)
+    md.wait_ready(b.vm_id, timeout=10)
+    trace_b = Trace(md, b.vm_id)
+    md.close()
+    _lose_and_forget(md, b.vm_id)
+    md2 = make_metald("sandbox", name="h1")
+    assert md2.host_id == md.host_id
+    trace_b.assert_gone()
+    assert md2.list() == [] and [h["host_id"] for h in md2.hosts()] == [md.host_id]

@@ -40,6 +40,8 @@ ADMIN = {
     ("GET", "/v1/customers/{customer_id}/invoices"),
     ("POST", "/v1/customers/{customer_id}/invoices/{month}/finalize"),
     ("GET", "/v1/usage/capacity"),
+    ("GET", "/v1/hosts"),
+    ("DELETE", "/v1/hosts/{host_id}"),
 }
 APP = {"name": "iso-app", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "128MiB"}}
 # Bodies for operations that need one; anything else gets ``{}``.
@@ -99,6 +101,8 @@ def _fill(path: str, w: World) -> str:
         "key_id": w.b_second_key_id,
         "customer_id": w.b.id,
         "month": "2026-11",
+        # no host belongs to B: the route is the operator's whatever the id
+        "host_id": "host_x",
     }
 
     def sub(m: re.Match[str]) -> str:

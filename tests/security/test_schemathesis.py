@@ -14,7 +14,7 @@ from unkey_deploy.testing.gateway import RunningGateway, new_customer
 
 SPEC = Path(__file__).parents[2] / "docs" / "openapi.json"
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
-ADMIN_PATHS = r"^/v1/(customers|usage/capacity)"
+ADMIN_PATHS = r"^/v1/(customers|usage/capacity|hosts)"
 
 
 def _run(gw: RunningGateway, token: str, *select: str) -> subprocess.CompletedProcess[str]:

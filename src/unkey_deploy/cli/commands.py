@@ -1,4 +1,5 @@
-"""The API commands of ``unkey``: deploy, deployments, keys, customers, login, dev, gatewayd."""
+"""The API commands of ``unkey``: deploy, deployments, keys, customers, hosts, login, dev,
+gatewayd."""
 
 from __future__ import annotations
 
@@ -434,6 +435,67 @@ def customers_ls(as_json: bool) -> None:
     )
 
 
+# --- hosts (admin) --------------------------------------------------------------------------------
+
+
+@click.group()
+def hosts() -> None:
+    """Operator commands (admin token): the metald hosts, and forgetting a lost one."""
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f}"
+
+
+@hosts.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def hosts_ls(as_json: bool) -> None:
+    """Every registered metald host: capacity, use, heartbeat age, lost or not, VMs by state."""
+    with _settings().client(need_key=False, need_admin=True) as client:
+        hs = client.list_hosts()["hosts"]
+    if as_json:
+        print_json(hs)
+        return
+    table(
+        None,
+        ["ID", "NAME", "DRIVER", "CPUS (USED)", "MEM GiB (USED)", "HEARTBEAT", "STATE", "VMS"],
+        [
+            [
+                h["host_id"],
+                h["name"],
+                h["driver"],
+                f"{h['cpus']} ({h['used_cpus']})",
+                f"{_gib(h['memory_bytes'])} ({_gib(h['used_memory_bytes'])})",
+                f"{h['heartbeat_age_s']:.1f} s ago",
+                f"lost since {_when(h['lost_at'])}"
+                if h["lost_at"]
+                else ("live" if h["schedulable"] else "not schedulable"),
+                " ".join(f"{k}={v}" for k, v in sorted(h["vms"].items())) or "-",
+            ]
+            for h in hs
+        ],
+    )
+
+
+@hosts.command("forget")
+@click.argument("host_id")
+@click.option("--json", "as_json", is_flag=True)
+def hosts_forget(host_id: str, as_json: bool) -> None:
+    """Forget a lost host that is never coming back: its lost VMs' rows, their asset leases,
+    its address leases and the host itself go. Refused (exit 5) for a live or late host."""
+    with _settings().client(need_key=False, need_admin=True) as client:
+        res = client.forget_host(host_id)["forgotten"]
+    if as_json:
+        print_json(res)
+        return
+    err.print(
+        f"forgot host {res['name']} ({res['host_id']}): {len(res['vms'])} lost VM(s), "
+        f"{res['asset_leases_released']} asset lease(s), {res['ip_leases_released']} address "
+        "lease(s)",
+        highlight=False,
+    )
+
+
 # --- login / whoami -------------------------------------------------------------------------------
 
 
@@ -630,5 +692,5 @@ def gatewayd(
 
 def register(group: click.Group) -> None:
     """Add the API commands to the top-level group."""
-    for cmd in (deploy, deployments, keys, customers, login, whoami, dev, gatewayd):
+    for cmd in (deploy, deployments, keys, customers, hosts, login, whoami, dev, gatewayd):
         group.add_command(cmd)

@@ -10,6 +10,10 @@ request id, timestamp), records the deployment (state ``accepted``) and enqueues
 (:mod:`unkey_deploy.store.jobs`) in the same transaction; the deploy workflow consumes it.
 ``DELETE /v1/deployments/{id}`` is the way back: it cancels an accepted deployment, or records it
 ``stopping`` and enqueues a ``stop`` job (the deployer deletes its VMs), in one transaction.
+
+Operator routes (admin token): customers, and the metald hosts (``GET /v1/hosts``,
+``DELETE /v1/hosts/{id}`` forgets a lost host) through metald's :class:`Scheduler` over the same
+database, with the asset manager the deployer uses (:class:`HostsAccess`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from ..core.errors import (
     ValidationFailed,
 )
 from ..core.ids import new_deployment_id, new_request_id
+from ..metald.api import Scheduler
 from ..store import controlplane as cp
 from ..store import db, jobs
 from . import schemas as s
@@ -382,6 +387,35 @@ def stop_deployment(
             dep = cp.record_state(session, dep.id, "stopping", now=now)
     body = s.DeploymentResponse(request_id=request_id, deployment=s.DeploymentOut.of(dep))
     return (202 if dep.state == "stopping" else 200), body.model_dump(mode="json")
+
+
+class HostsAccess:
+    """metald's :class:`Scheduler` for the host routes, made at their first use (its asset
+    manager, which releases a forgotten VM's lease, opens the blob store), like the deployer's:
+    the gateway's database, ``open_assets(settings)``."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.factory = factory
+        self._scheduler: Scheduler | None = None
+        self._lock = threading.Lock()
+
+    def scheduler(self) -> Scheduler:
+        with self._lock:
+            if self._scheduler is None:
+                from ..assets.service import open_assets  # noqa: PLC0415 (opens the blob store)
+
+                self._scheduler = Scheduler(
+                    self.factory.kw["bind"],
+                    lost_after_s=self.settings.metald.host_lost_after_s,
+                    leases=open_assets(self.settings),
+                )
+            return self._scheduler
+
+
+def _hosts(request: Request) -> Scheduler:
+    access: HostsAccess = request.app.state.hosts
+    return access.scheduler()
 
 
 def _routes(router: APIRouter) -> None:
@@ -717,6 +751,42 @@ def _routes(router: APIRouter) -> None:
         out = s.CustomerResponse(request_id=_request_id(request), customer=s.CustomerOut.of(c))
         return _json(out.model_dump(mode="json"))
 
+    @router.get(
+        "/v1/hosts",
+        response_model=s.HostList,
+        responses=ERRORS,
+        dependencies=admin,
+        tags=["admin"],
+        summary="The metald hosts: capacity, use, heartbeat, VMs by state",
+    )
+    def list_hosts(request: Request) -> Response:
+        hosts = _hosts(request).hosts()
+        now = state_of(request).clock.time_ns() / 1e9
+        out = s.HostList(
+            request_id=_request_id(request), hosts=[s.HostOut.of(h, now) for h in hosts]
+        )
+        return _json(out.model_dump(mode="json"))
+
+    @router.delete(
+        "/v1/hosts/{host_id}",
+        response_model=s.HostForgotten,
+        responses=ERRORS,
+        dependencies=admin,
+        tags=["admin"],
+        summary="Forget a lost host that is never coming back",
+    )
+    def forget_host(host_id: str, request: Request) -> Response:
+        """Remove a host declared lost: its lost VMs' rows, their asset leases (the asset store
+        may then collect those rootfs blobs), its address leases and the host. A live or late
+        host, or a lost one whose lost VMs still wait for a replacement, is 409; an unknown (or
+        already forgotten) host is 404. Should the host come back, it registers anew and frees
+        what it still runs of the forgotten VMs."""
+        forgotten = _hosts(request).forget_host(host_id)
+        out = s.HostForgotten(
+            request_id=_request_id(request), forgotten=s.ForgottenHost(**forgotten)
+        )
+        return _json(out.model_dump(mode="json"))
+
 
 def create_app(
     settings: Settings,
@@ -751,6 +821,7 @@ def create_app(
         write_lock=threading.Lock() if sqlite else contextlib.nullcontext(),
         inline_writes=sqlite,
     )
+    app.state.hosts = HostsAccess(settings, factory)
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
     router = APIRouter()
@@ -795,6 +866,7 @@ def new_admin_token() -> str:
 __all__ = [
     "DEPLOY_JOB_KIND",
     "STOP_JOB_KIND",
+    "HostsAccess",
     "accept_deployment",
     "create_app",
     "error_response",

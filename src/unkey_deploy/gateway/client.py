@@ -243,3 +243,11 @@ class GatewayClient:
     def get_customer(self, customer_id: str) -> Json:
         result: Json = self.request("GET", f"/v1/customers/{customer_id}", admin=True).json()
         return result
+
+    def list_hosts(self) -> Json:
+        result: Json = self.request("GET", "/v1/hosts", admin=True).json()
+        return result
+
+    def forget_host(self, host_id: str) -> Json:
+        result: Json = self.request("DELETE", f"/v1/hosts/{host_id}", admin=True).json()
+        return result

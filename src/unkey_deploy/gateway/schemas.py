@@ -199,6 +199,58 @@ class CustomerList(_Out):
     customers: list[CustomerOut]
 
 
+class HostOut(_Out):
+    """A metald host as the scheduler sees it."""
+
+    host_id: str
+    name: str
+    driver: str
+    cpus: int
+    memory_bytes: int
+    used_cpus: int
+    used_memory_bytes: int
+    schedulable: bool = Field(description="live (fresh heartbeat, not lost) and taking VMs")
+    heartbeat_at: str
+    heartbeat_age_s: float = Field(description="seconds since its last heartbeat")
+    lost_at: str | None = Field(description="when it was declared lost (null: not lost)")
+    vms: dict[str, int] = Field(description="the VMs recorded on it, by state")
+
+    @classmethod
+    def of(cls, h: dict[str, Any], now: float) -> HostOut:
+        return cls(
+            host_id=h["host_id"],
+            name=h["name"],
+            driver=h["driver"],
+            cpus=h["cpus"],
+            memory_bytes=h["memory_bytes"],
+            used_cpus=h["used_cpus"],
+            used_memory_bytes=h["used_memory_bytes"],
+            schedulable=h["schedulable"],
+            heartbeat_at=iso(h["heartbeat_at"]) or "",
+            heartbeat_age_s=round(max(0.0, now - h["heartbeat_at"]), 1),
+            lost_at=iso(h["lost_at"]),
+            vms=dict(h["vms"]),
+        )
+
+
+class HostList(_Out):
+    request_id: str
+    hosts: list[HostOut]
+
+
+class ForgottenHost(_Out):
+    host_id: str
+    name: str
+    vms: list[str] = Field(description="the lost VMs whose rows were removed")
+    asset_leases_released: int
+    ip_leases_released: int
+
+
+class HostForgotten(_Out):
+    request_id: str
+    forgotten: ForgottenHost
+
+
 class WhoAmI(_Out):
     request_id: str
     customer_id: str
