@@ -1,18 +1,21 @@
 """Sandbox links made ahead of boots (``MetaldConfig.netns_pool``): a boot takes a ready network
 namespace + veth + address instead of making them, the VM owns it like one made at boot (its
 name, its lease, removed on delete), the pool refills, and nothing of it outlives metald —
-neither on a clean shutdown nor after a metald that died (the next start reclaims)."""
+neither on a clean shutdown nor after a metald that died (the next start reclaims), nor after
+an operator forgot the host (and its leases) while it was away."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
+from unkey_deploy.metald import models
 from unkey_deploy.metald.network import NetnsPool, iface_name, netns_name
-from unkey_deploy.metald.service import CreateVm, Metald
+from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
 from unkey_deploy.testing.rootfs import build_test_rootfs
 
 MetaldFactory = Callable[..., Metald]
@@ -86,3 +89,46 @@ def test_spares_of_a_dead_metald_are_reclaimed(make_metald: MetaldFactory) -> No
     assert md2.ips.leased(pooled=True) == {}
     assert not _iface_exists(iface_name(pool_id))
     assert not Path(f"/run/netns/{netns_name(pool_id)}").exists()
+
+
+def _forget(md: Metald) -> None:
+    """md's host is declared lost (no VMs) and an operator forgets it: its leases go."""
+    with md.engine.begin() as c:
+        c.execute(models.hosts.update().where(models.hosts.c.host_id == md.host_id)
+                  .values(heartbeat_at=time.time() - 3600))  # fmt: skip
+    sched = Scheduler(md.engine)
+    sched.sweep_lost_hosts()
+    sched.forget_host(md.host_id)
+    sched.close()
+    assert md.ips.leased(pooled=True) == {}
+
+
+def test_spares_of_a_forgotten_host_are_removed_when_it_comes_back(
+    make_metald: MetaldFactory,
+) -> None:
+    # still running when forgotten: its next heartbeat drops the ready spares (their slots
+    # are free again) and the pool refills with new leases
+    md = make_metald("sandbox", name="h1", netns_pool=1)
+    assert md.netns_pool is not None and md.netns_pool.wait_full(timeout=20)
+    (old,) = md.ips.leased(pooled=True)
+    _forget(md)
+    md.heartbeat()
+    assert not _iface_exists(iface_name(old))
+    assert not Path(f"/run/netns/{netns_name(old)}").exists()
+    assert md.netns_pool.wait_full(timeout=20)
+    (new,) = md.ips.leased(pooled=True)
+    assert new != old and _iface_exists(iface_name(new))
+    md.close()
+
+    # died with a spare (no close), forgotten, restarted: the spare is found by its record
+    assert md.network is not None
+    orphan = NetnsPool(md.network, md.ips, 1, record_dir=md.state_dir / "netns-pool")
+    orphan._make_one()
+    (pool_id,) = md.ips.leased(pooled=True)
+    _forget(md)
+    assert _iface_exists(iface_name(pool_id))
+    md2 = make_metald("sandbox", name="h1")
+    assert md2.host_id == md.host_id
+    assert not _iface_exists(iface_name(pool_id))
+    assert not Path(f"/run/netns/{netns_name(pool_id)}").exists()
+    assert not list((md.state_dir / "netns-pool").iterdir())

@@ -259,15 +259,24 @@ class NetnsPool:
     spare's interface name (recorded in the VM's NetAttachment like any other). A background
     thread refills the pool a moment after each take, so boots do not compete with it.
     :meth:`close` removes the spares; spares left by a metald that died are removed by
-    :meth:`reclaim` at the next start."""
+    :meth:`reclaim` at the next start. With ``record_dir`` each spare is also recorded there (an
+    empty file named after it), so a host whose leases an operator deleted (forgot the host)
+    still finds its spares; :meth:`drop` removes the ready ones of a running pool."""
 
     def __init__(
-        self, network: HostNetwork, ips: IpAllocator, size: int, *, refill_delay: float = 0.3
+        self,
+        network: HostNetwork,
+        ips: IpAllocator,
+        size: int,
+        *,
+        refill_delay: float = 0.3,
+        record_dir: Path | None = None,
     ) -> None:
         self.network = network
         self.ips = ips
         self.size = size
         self.refill_delay = refill_delay
+        self.record_dir = record_dir
         self._ready: list[tuple[str, NetAttachment]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -276,13 +285,34 @@ class NetnsPool:
 
     def reclaim(self) -> int:
         """Remove the spares (links and leases) a previous metald of this host left behind."""
-        n = 0
-        for pool_id in self.ips.leased(pooled=True):
+        found = set(self.ips.leased(pooled=True))
+        if self.record_dir is not None and self.record_dir.is_dir():
+            found |= {p.name for p in self.record_dir.glob(POOL_PREFIX + "*")}
+        for pool_id in found:
             self.network.detach_iface(iface_name(pool_id))
             self.network.delete_netns(netns_name(pool_id))
             self.ips.release(pool_id)
-            n += 1
-        return n
+            self._unrecord(pool_id)
+        return len(found)
+
+    def drop(self) -> int:
+        """Remove the ready spares (their leases were deleted: the host was forgotten, and their
+        slots may be handed out again); the pool refills with new leases."""
+        with self._lock:
+            spares, self._ready = self._ready, []
+        for pool_id, att in spares:
+            self._discard(pool_id, att)
+        self._wake.set()
+        return len(spares)
+
+    def _record(self, pool_id: str) -> None:
+        if self.record_dir is not None:
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            (self.record_dir / pool_id).touch()
+
+    def _unrecord(self, pool_id: str) -> None:
+        if self.record_dir is not None:
+            (self.record_dir / pool_id).unlink(missing_ok=True)
 
     def start(self) -> None:
         if self._thread is None and self.size > 0:
@@ -306,10 +336,12 @@ class NetnsPool:
         pool_id = POOL_PREFIX + secrets.token_hex(8)
         slot = self.ips.lease(pool_id)
         host_ip, guest_ip = self.ips.addresses(slot)
+        self._record(pool_id)
         try:
             att = self.network.attach_netns(pool_id, host_ip, guest_ip)
         except VmError:
             self.ips.release(pool_id)
+            self._unrecord(pool_id)
             raise
         with self._lock:
             if self._stop.is_set():
@@ -355,7 +387,9 @@ class NetnsPool:
         except UnkeyError:
             self.network.detach(NetAttachment(**{**att.__dict__, "netns": ns}))
             self.ips.release(pool_id)
+            self._unrecord(pool_id)
             raise
+        self._unrecord(pool_id)  # the VM's now (its own record names the links)
         return NetAttachment(mode="netns", host_iface=att.host_iface, netns=ns,
                              host_ip=att.host_ip, guest_ip=att.guest_ip)  # fmt: skip
 
@@ -363,6 +397,7 @@ class NetnsPool:
         with contextlib.suppress(VmError):
             self.network.detach(att)
         self.ips.release(pool_id)
+        self._unrecord(pool_id)
 
     def close(self) -> None:
         """Stop refilling and remove every spare."""

@@ -739,7 +739,8 @@ class Metald(Scheduler):
         self.netns_pool: NetnsPool | None = None
         if self.network is not None:
             self.network.setup()
-            pool = NetnsPool(self.network, self.ips, config.netns_pool)
+            pool = NetnsPool(self.network, self.ips, config.netns_pool,
+                             record_dir=self.state_dir / "netns-pool")  # fmt: skip
             pool.reclaim()  # spares of a metald of this host that died
             if self.driver.name == "sandbox" and config.netns_pool > 0:
                 self.netns_pool = pool
@@ -802,6 +803,8 @@ class Metald(Scheduler):
             event(log, "host was forgotten: registering again", logging.WARNING,
                   host_id=self.host_id)  # fmt: skip
             self.register()
+            if self.netns_pool is not None:
+                self.netns_pool.drop()
             self._free_orphans()
 
     def status(self) -> dict[str, Any]:
@@ -1200,6 +1203,7 @@ class Metald(Scheduler):
             c.execute(models.hosts.delete().where(models.hosts.c.host_id == self.host_id))
         shutil.rmtree(self.state_dir / "jails", ignore_errors=True)
         shutil.rmtree(self.state_dir / "vms", ignore_errors=True)
+        shutil.rmtree(self.state_dir / "netns-pool", ignore_errors=True)
 
 
 def parse_vm_id(value: str) -> VmId:
