@@ -1,7 +1,8 @@
 """metald's interface for other services (import from here, not from the internals).
 
 * :class:`Scheduler` — cluster-wide: place and record VMs, ask for boot/stop/delete, read them,
-  wait for them. Needs only the control-plane database.
+  wait for them; list the hosts (``hosts``) and forget a lost one (``forget_host``). Needs only
+  the control-plane database (and the asset manager, to release a forgotten VM's lease).
 * :class:`Metald` — one host's agent (a Scheduler that also boots, stops and watches the VMs of
   its own host, reports ``status()`` and ``meter_targets()``).
 * :func:`read_consoles` — the consoles of a deployment's VMs (for ``unkey logs``).

@@ -367,9 +367,9 @@ class Scheduler:
             raise Conflict(
                 f"host {h.name} ({host_id}) is {'live' if live else 'late but not lost yet'}: "
                 f"its last heartbeat is {age:.1f} s old; only a lost host can be forgotten",
-                suggestion="stop its metald (SIGUSR1 deletes its VMs first), or wait until a "
-                "live host's reconciler declares it lost (heartbeat older than "
-                "metald.host_lost_after_s), then forget it",
+                suggestion="to retire a running host, stop its metald with SIGUSR1 (its VMs "
+                "are deleted and it deregisters); a host that is gone is declared lost once its "
+                "heartbeat is older than metald.host_lost_after_s, and can be forgotten then",
                 details={"host_id": host_id, "heartbeat_age_s": round(age, 1)},
             )
         waiting = [
