@@ -98,8 +98,13 @@ def _boot_and_check(md: Metald, rootfs: Path, timeout: float) -> tuple[str, Trac
 def test_sandbox_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, rootfs: Path) -> None:
     md = make_metald("sandbox")
     assert md.driver.name == "sandbox"
+    own_cgroups = Path("/proc/self/cgroup").read_text()
     vm_id, trace = _boot_and_check(md, rootfs, timeout=10)
     vm = md.get(vm_id)
+    # the boot's cgroup work (the VM's join, metald's prime of the kernel lock) never moves
+    # metald itself: it is neither limited nor metered as the VM
+    assert Path("/proc/self/cgroup").read_text() == own_cgroups
+    assert os.getpid() not in trace.pids
     assert vm.net is not None and vm.net.mode == "netns"
     # the app runs as pid 1 of its own pid namespace, with the env metald passed
     env = httpx.get(md.endpoint(vm_id) + "/cgi-bin/env", timeout=5).text

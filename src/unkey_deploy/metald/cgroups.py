@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,38 @@ class CgroupManager:
     def __init__(self, parent_name: str = "unkey-metald") -> None:
         self.parent_name = parent_name
         self.available = os.geteuid() == 0 and CGROUP_ROOT.is_dir()
+        self._priming = threading.Lock()
+
+    def prime(self) -> None:
+        """Start, in the background, the wait that the next cgroup join would pay on the boot path.
+
+        Moving a task between cgroups takes the kernel's global ``cgroup_threadgroup_rwsem`` for
+        writing; after an idle spell that first waits for an RCU grace period (~6-10 ms here),
+        joins soon after are fast. A VM's start-up chain joins its new cgroup first thing, so
+        each boot paid that wait before its app could start. Called once the VM's cgroup is made
+        (the wait holds cgroup_mutex: a mkdir would queue behind it), before the rest: a
+        no-op migration (our own pid into the cgroup we are in) pays it meanwhile, so the
+        join a few ms later finds the lock warm. Best effort: a failure changes nothing."""
+        if not self.available or not self._priming.acquire(blocking=False):
+            return  # one at a time: a prime in flight warms the lock for every boot
+        threading.Thread(target=self._prime, name="cgroup-prime", daemon=True).start()
+
+    def _prime(self) -> None:
+        try:
+            own = _own_paths()
+            if _is_pure_v2():
+                procs = CGROUP_ROOT / own.get("", "/").lstrip("/") / "cgroup.procs"
+            else:
+                ctrl = next(
+                    (c for c in V1_CONTROLLERS if (CGROUP_ROOT / c / "cgroup.procs").exists()), None
+                )
+                if ctrl is None:
+                    return
+                procs = CGROUP_ROOT / ctrl / own.get(ctrl, "/").lstrip("/") / "cgroup.procs"
+            with contextlib.suppress(OSError):
+                procs.write_text(str(os.getpid()))
+        finally:
+            self._priming.release()
 
     def _v1_base(self, ctrl: str, own: dict[str, str]) -> Path | None:
         mount = CGROUP_ROOT / ctrl

@@ -893,6 +893,13 @@ class Metald(Scheduler):
                         driver=self.driver.name)  # fmt: skip
         r = self._row(vm_id)
         try:
+            # the cgroup first, then prime(): the kernel's wait for the VM's cgroup join runs
+            # while the rest is prepared (see CgroupManager.prime; it blocks cgroup writes)
+            overhead = VMM_OVERHEAD_BYTES if self.driver.name == "qemu" else 0
+            cg = self.cgroups.create(
+                vm_id, vcpus=r.vcpus, memory_limit_bytes=r.memory_bytes + overhead
+            )
+            self.cgroups.prime()
             net = self._attach(vm_id)
             self._update(vm_id, net=net.__dict__)
             self._write_record(vm_id, net=net.__dict__)
@@ -904,10 +911,6 @@ class Metald(Scheduler):
             if copy and r.env:
                 # the guest's init reads its environment from the image (builder contract)
                 inject_env(disk, dict(r.env))
-            overhead = VMM_OVERHEAD_BYTES if self.driver.name == "qemu" else 0
-            cg = self.cgroups.create(
-                vm_id, vcpus=r.vcpus, memory_limit_bytes=r.memory_bytes + overhead
-            )
             spec = self._spec(r, net, instance_id=instance_id, workdir=jail, rootfs=disk,
                               kernel=jk, cgroup=cg)  # fmt: skip
             self.driver.create(spec)
