@@ -279,10 +279,11 @@ def test_the_deploy_worker_leaves_a_stopping_deployment_to_its_stop_job(world: W
 
 
 @pytest.mark.postgres
-def test_stop_on_postgres(tmp_path: Path, postgres_url: str) -> None:
-    """The thread-pool path with the row lock: the answers and the single job, as on SQLite."""
-    with running_gateway(tmp_path / "gw", database_url=postgres_url) as gw:
-        engine = db.make_engine(postgres_url)
+def test_stop_on_postgres(tmp_path: Path, postgres_fresh_url: str) -> None:
+    """The thread-pool path with the row lock: the answers and the single job, as on SQLite.
+    Its own database: the worker below claims every deploy/stop job in the queue."""
+    with running_gateway(tmp_path / "gw", database_url=postgres_fresh_url) as gw:
+        engine = db.make_engine(postgres_fresh_url)
         factory = db.session_factory(engine)
         scheduler = Scheduler(engine)
         vms = MetaldVms(scheduler, lambda a: (_ for _ in ()).throw(AssertionError(a)))
