@@ -77,14 +77,18 @@ def test_a_service_that_never_becomes_healthy_is_stopped_and_its_port_drawn_agai
 
     from unkey_deploy.core import config as core_config
     from unkey_deploy.core.errors import Unavailable
-    from unkey_deploy.dev.stack import ServiceSpec, Stack
+    from unkey_deploy.dev.stack import ServiceSpec, Stack, _metrics_health
 
     settings = core_config.load(environ={"UNKEY_DATA_DIR": str(tmp_path / "stack")})
-    hung = ServiceSpec("deployer", lambda _s: ["sleep", "600"], lambda _s: False)
+    # runs, but is not one of ours (no unkey_deploy in its command line) and serves nothing:
+    # the real health check of a worker service says so
+    hung = ServiceSpec("deployer", lambda _s: ["sleep", "600"], _metrics_health("deployer"))
     stack = Stack(settings, [hung])
     with pytest.raises(Unavailable) as exc:
         stack.up(timeout_s=1)
-    assert "did not become healthy within 1 s; stopped" in exc.value.message
+    msg = exc.value.message
+    why = "(last check: no process of this stack)"
+    assert msg == f"deployer did not become healthy within 1 s {why}; stopped"
     port_file = stack.data_dir / "metrics" / "deployer.port"
     assert not port_file.exists()  # the next `dev up` draws a new port
     assert stack.pid("deployer") is None

@@ -47,6 +47,20 @@ from ..store import db
 Argv = Callable[[Settings], list[str]]
 Health = Callable[[Settings], bool]
 
+# why the last health check of a service failed, by (data dir, service): named in the error of a
+# `dev up` that timed out, so a service that never became healthy says what was seen
+_PROBLEMS: dict[tuple[str, str], str] = {}
+
+
+def _unhealthy(settings: Settings, name: str, why: str) -> bool:
+    _PROBLEMS[(str(settings.data_dir.resolve()), name)] = why
+    return False
+
+
+def _last_problem(settings: Settings, name: str) -> str:
+    why = _PROBLEMS.get((str(settings.data_dir.resolve()), name))
+    return f" (last check: {why})" if why else ""
+
 
 @dataclass(frozen=True)
 class ServiceSpec:
@@ -92,15 +106,14 @@ def _gateway_argv(settings: Settings) -> list[str]:
 
 def _gateway_health(settings: Settings) -> bool:
     cert, _key = tls_files(settings)
+    url = gateway_url(settings) + "/healthz"
     try:
         r = httpx.get(
-            gateway_url(settings) + "/healthz",
-            verify=client_context(cert) if settings.gateway.tls else False,
-            timeout=2.0,
+            url, verify=client_context(cert) if settings.gateway.tls else False, timeout=2.0
         )
-    except httpx.HTTPError:
-        return False
-    return r.status_code == 200
+    except httpx.HTTPError as exc:
+        return _unhealthy(settings, "gatewayd", f"GET {url}: {exc!r}")
+    return r.status_code == 200 or _unhealthy(settings, "gatewayd", f"GET {url}: {r.status_code}")
 
 
 def native_dir(settings: Settings) -> Path:
@@ -154,11 +167,15 @@ def _nats_argv(settings: Settings) -> list[str]:
 
 
 def _nats_health(settings: Settings) -> bool:
+    port = nats_port(settings)
     try:
-        with socket.create_connection(("127.0.0.1", nats_port(settings)), timeout=1) as s:
-            return s.recv(4).startswith(b"INFO")
-    except OSError:
-        return False
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            head = s.recv(4)
+    except OSError as exc:
+        return _unhealthy(settings, "nats-server", f"127.0.0.1:{port}: {exc!r}")
+    return head.startswith(b"INFO") or _unhealthy(
+        settings, "nats-server", f"127.0.0.1:{port} answered {head!r}, not INFO"
+    )
 
 
 REGISTRY_PORT = 5055  # examples/app.yaml names this port; another is used when it is taken
@@ -214,11 +231,13 @@ def _registry_argv(settings: Settings) -> list[str]:
 
 def _registry_health(settings: Settings) -> bool:
     if Stack(settings).pid("registry") is None:  # another registry may answer on the port
-        return False
+        return _unhealthy(settings, "registry", "no registry process of this stack")
+    url = f"http://{registry_host(settings)}/v2/"
     try:
-        return httpx.get(f"http://{registry_host(settings)}/v2/", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+        code = httpx.get(url, timeout=1).status_code
+    except httpx.HTTPError as exc:
+        return _unhealthy(settings, "registry", f"GET {url}: {exc!r}")
+    return code == 200 or _unhealthy(settings, "registry", f"GET {url}: {code}")
 
 
 def metrics_port(settings: Settings, name: str) -> int:
@@ -240,13 +259,20 @@ def _metrics_health(name: str) -> Health:
     def check(settings: Settings) -> bool:
         pid = Stack(settings).pid(name)
         if pid is None:
-            return False
+            return _unhealthy(settings, name, "no process of this stack")
+        url = metrics_url(name)(settings)
         try:
-            r = httpx.get(metrics_url(name)(settings), timeout=1)
-        except httpx.HTTPError:
-            return False
+            r = httpx.get(url, timeout=1)
+        except httpx.HTTPError as exc:
+            return _unhealthy(settings, name, f"GET {url}: {exc!r}")
+        if r.status_code != 200:
+            return _unhealthy(settings, name, f"GET {url}: {r.status_code}")
         # the answer must come from our process, not another stack's holding the same port
-        return r.status_code == 200 and f"\nunkey_process_pid {float(pid)}\n" in r.text
+        if f"\nunkey_process_pid {float(pid)}\n" not in r.text:
+            lines = [ln for ln in r.text.splitlines() if ln.startswith("unkey_process_pid ")]
+            served = lines[0] if lines else "no unkey_process_pid"
+            return _unhealthy(settings, name, f"GET {url} answered for {served!r}, not pid {pid}")
+        return True
 
     return check
 
@@ -415,9 +441,11 @@ class Stack:
                         suggestion=f"see {log_path}:\n{_tail(log_path)}",
                     )
                 if time.monotonic() > deadline:
+                    why = _last_problem(self.settings, spec.name)
                     self._abandon(spec.name, proc)
                     raise Unavailable(
-                        f"{spec.name} did not become healthy within {timeout_s:.0f} s; stopped",
+                        f"{spec.name} did not become healthy within {timeout_s:.0f} s{why}; "
+                        "stopped",
                         suggestion=f"run `unkey dev up` again (--timeout for a slow machine); "
                         f"see {log_path}:\n{_tail(log_path)}",
                     )
