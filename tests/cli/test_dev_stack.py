@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from unkey_deploy.core.net import free_port
 
 UNKEY = Path(sys.executable).parent / "unkey"
@@ -73,8 +75,6 @@ def test_dev_up_status_down_keeps_state(tmp_path: Path) -> None:
 def test_a_service_that_never_becomes_healthy_is_stopped_and_its_port_drawn_again(
     tmp_path: Path,
 ) -> None:
-    import pytest
-
     from unkey_deploy.core import config as core_config
     from unkey_deploy.core.errors import Unavailable
     from unkey_deploy.dev.stack import ServiceSpec, Stack, _metrics_health
@@ -101,3 +101,31 @@ def test_a_service_that_never_becomes_healthy_is_stopped_and_its_port_drawn_agai
         except OSError:
             continue  # gone meanwhile, or not ours to read
     assert not still_running, "the hung service is still running"
+
+
+def test_worker_health_check_knows_its_process_by_pid_whatever_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The health check of a worker service reads the pid its /metrics reports; the exposition
+    writes a pid of 1,000,000 or more as 1.234567e+06 (pid_max is 4194304 on many hosts)."""
+    from unkey_deploy.core import config as core_config
+    from unkey_deploy.core import metrics
+    from unkey_deploy.dev.stack import Stack, _last_problem, _metrics_health
+
+    port = free_port()
+    settings = core_config.load(
+        environ={"UNKEY_DATA_DIR": str(tmp_path / "stack"), "UNKEY_METRICS__DEPLOYER": str(port)}
+    )
+    metrics.serve(port, metrics.DEPLOYER)
+    try:
+        check = _metrics_health("deployer")
+        for big in (1_234_567, 4_194_303):
+            metrics._PID.set(big)
+            monkeypatch.setattr(Stack, "pid", lambda _self, _name, big=big: big)
+            assert check(settings)
+        monkeypatch.setattr(Stack, "pid", lambda _self, _name: 777)  # another process answers
+        assert not check(settings)
+        assert "answered for pid 4.194303e+06, not pid 777" in _last_problem(settings, "deployer")
+    finally:
+        metrics._PID.set(os.getpid())
+        metrics.shutdown()

@@ -268,11 +268,14 @@ def _metrics_health(name: str) -> Health:
         if r.status_code != 200:
             return _unhealthy(settings, name, f"GET {url}: {r.status_code}")
         # the answer must come from our process, not another stack's holding the same port
-        if f"\nunkey_process_pid {float(pid)}\n" not in r.text:
-            lines = [ln for ln in r.text.splitlines() if ln.startswith("unkey_process_pid ")]
-            served = lines[0] if lines else "no unkey_process_pid"
-            return _unhealthy(settings, name, f"GET {url} answered for {served!r}, not pid {pid}")
-        return True
+        # (parsed: the exposition writes 1.234567e+06 for a pid of 1234567)
+        served = [ln.split()[-1] for ln in r.text.splitlines()
+                  if ln.startswith("unkey_process_pid ")]  # fmt: skip
+        with contextlib.suppress(ValueError):
+            if served and float(served[0]) == pid:
+                return True
+        what = f"pid {served[0]}" if served else "no unkey_process_pid"
+        return _unhealthy(settings, name, f"GET {url} answered for {what}, not pid {pid}")
 
     return check
 
