@@ -87,8 +87,9 @@ def test_a_service_that_never_becomes_healthy_is_stopped_and_its_port_drawn_agai
     with pytest.raises(Unavailable) as exc:
         stack.up(timeout_s=1)
     msg = exc.value.message
-    why = "(last check: no process of this stack)"
-    assert msg == f"deployer did not become healthy within 1 s {why}; stopped"
+    pid_file = stack.data_dir / "run" / "deployer.pid"
+    assert msg.startswith("deployer did not become healthy within 1 s (last check: pid ")
+    assert f" of {pid_file} is another program (reused pid): 'sleep 600 ')" in msg
     port_file = stack.data_dir / "metrics" / "deployer.port"
     assert not port_file.exists()  # the next `dev up` draws a new port
     assert stack.pid("deployer") is None
@@ -121,9 +122,9 @@ def test_worker_health_check_knows_its_process_by_pid_whatever_its_size(
         check = _metrics_health("deployer")
         for big in (1_234_567, 4_194_303):
             metrics._PID.set(big)
-            monkeypatch.setattr(Stack, "pid", lambda _self, _name, big=big: big)
+            monkeypatch.setattr(Stack, "pid_or_why", lambda _s, _n, forget=True, big=big: (big, ""))
             assert check(settings)
-        monkeypatch.setattr(Stack, "pid", lambda _self, _name: 777)  # another process answers
+        monkeypatch.setattr(Stack, "pid_or_why", lambda _s, _n, forget=True: (777, ""))  # not it
         assert not check(settings)
         assert "answered for pid 4.194303e+06, not pid 777" in _last_problem(settings, "deployer")
     finally:

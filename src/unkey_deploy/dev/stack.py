@@ -53,13 +53,21 @@ _PROBLEMS: dict[tuple[str, str], str] = {}
 
 
 def _unhealthy(settings: Settings, name: str, why: str) -> bool:
-    _PROBLEMS[(str(settings.data_dir.resolve()), name)] = why
+    key = (str(settings.data_dir.resolve()), name)
+    _PROBLEMS[key] = why
+    _FIRST_PROBLEMS.setdefault(key, why)
     return False
 
 
+_FIRST_PROBLEMS: dict[tuple[str, str], str] = {}
+
+
 def _last_problem(settings: Settings, name: str) -> str:
-    why = _PROBLEMS.get((str(settings.data_dir.resolve()), name))
-    return f" (last check: {why})" if why else ""
+    key = (str(settings.data_dir.resolve()), name)
+    last, first = _PROBLEMS.get(key), _FIRST_PROBLEMS.get(key)
+    if not last:
+        return ""
+    return f" (last check: {last})" + (f" (first: {first})" if first and first != last else "")
 
 
 @dataclass(frozen=True)
@@ -230,8 +238,9 @@ def _registry_argv(settings: Settings) -> list[str]:
 
 
 def _registry_health(settings: Settings) -> bool:
-    if Stack(settings).pid("registry") is None:  # another registry may answer on the port
-        return _unhealthy(settings, "registry", "no registry process of this stack")
+    pid, why = Stack(settings).pid_or_why("registry", forget=False)
+    if pid is None:  # another registry may answer on the port
+        return _unhealthy(settings, "registry", why)
     url = f"http://{registry_host(settings)}/v2/"
     try:
         code = httpx.get(url, timeout=1).status_code
@@ -257,9 +266,9 @@ def _metrics_health(name: str) -> Health:
     """Health of a worker service without an API port: it is running and serves ``/metrics``."""
 
     def check(settings: Settings) -> bool:
-        pid = Stack(settings).pid(name)
+        pid, why = Stack(settings).pid_or_why(name, forget=False)
         if pid is None:
-            return _unhealthy(settings, name, "no process of this stack")
+            return _unhealthy(settings, name, why)
         url = metrics_url(name)(settings)
         try:
             r = httpx.get(url, timeout=1)
@@ -359,15 +368,26 @@ class Stack:
 
     def pid(self, name: str) -> int | None:
         """The pid of a running service (a stale pid file is removed)."""
+        return self.pid_or_why(name)[0]
+
+    def pid_or_why(self, name: str, *, forget: bool = True) -> tuple[int | None, str]:
+        """:meth:`pid`, or None and why there is none. ``forget=False`` (health checks) keeps
+        the pid file: only who started the service, or `dev status`/`down`, removes it."""
         path = self._pid_file(name)
         try:
             pid = int(path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        if not _alive(pid) or not _is_ours(pid, self.data_dir):
-            path.unlink(missing_ok=True)
-            return None
-        return pid
+        except (OSError, ValueError, IndexError) as exc:
+            return None, f"no pid in {path} ({exc!r})"
+        if not _alive(pid):
+            if forget:
+                path.unlink(missing_ok=True)
+            return None, f"pid {pid} of {path} is gone"
+        if not _is_ours(pid, self.data_dir):
+            if forget:
+                path.unlink(missing_ok=True)
+            cmd = _cmdline(pid)
+            return None, f"pid {pid} of {path} is another program (reused pid): {cmd!r}"
+        return pid, ""
 
     def prepare(self) -> None:
         """First run: data dir, TLS certificate, admin token, schema (idempotent)."""
@@ -509,6 +529,13 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except (OSError, UnicodeDecodeError):
+        return "?"
 
 
 def _is_ours(pid: int, data_dir: Path) -> bool:
