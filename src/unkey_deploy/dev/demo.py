@@ -102,6 +102,7 @@ def main() -> int:
     print("  .unkey/logs/                  # JSON logs (grep a request_id to follow a deploy)")
     print(f"  {url}/                        # the app")
     print("  unkey deployments ls          # with UNKEY_API_KEY set as above")
+    print("  unkey deployments stop ID     # delete the app's VMs (billing stops with them)")
     print("  unkey dev down [--purge-vms]  # stop the stack (VMs keep running unless purged)")
     return 0
 
