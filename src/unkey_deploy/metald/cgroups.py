@@ -41,6 +41,19 @@ def _is_pure_v2() -> bool:
     return (CGROUP_ROOT / "cgroup.controllers").exists()
 
 
+def _own_dirs() -> tuple[Path | None, dict[str, Path]]:
+    """The cgroup directories this process is in: the v2 one on a pure v2 host, else one per
+    mounted v1 controller of :data:`V1_CONTROLLERS` (in that order)."""
+    own = _own_paths()
+    if _is_pure_v2():
+        return CGROUP_ROOT / own.get("", "/").lstrip("/"), {}
+    return None, {
+        ctrl: CGROUP_ROOT / ctrl / own.get(ctrl, "/").lstrip("/")
+        for ctrl in V1_CONTROLLERS
+        if (CGROUP_ROOT / ctrl / "cgroup.procs").exists()
+    }
+
+
 @dataclass(frozen=True)
 class VmCgroup:
     """The cgroup directories of one VM (absent controllers are None)."""
@@ -150,39 +163,20 @@ class CgroupManager:
 
     def _prime(self) -> None:
         try:
-            own = _own_paths()
-            if _is_pure_v2():
-                procs = CGROUP_ROOT / own.get("", "/").lstrip("/") / "cgroup.procs"
-            else:
-                ctrl = next(
-                    (c for c in V1_CONTROLLERS if (CGROUP_ROOT / c / "cgroup.procs").exists()), None
-                )
-                if ctrl is None:
-                    return
-                procs = CGROUP_ROOT / ctrl / own.get(ctrl, "/").lstrip("/") / "cgroup.procs"
-            with contextlib.suppress(OSError):
-                procs.write_text(str(os.getpid()))
+            v2, v1 = _own_dirs()
+            own = v2 if v2 is not None else next(iter(v1.values()), None)
+            if own is not None:
+                with contextlib.suppress(OSError):
+                    (own / "cgroup.procs").write_text(str(os.getpid()))
         finally:
             self._priming.release()
 
-    def _v1_base(self, ctrl: str, own: dict[str, str]) -> Path | None:
-        mount = CGROUP_ROOT / ctrl
-        if not (mount / "cgroup.procs").exists():
-            return None
-        return mount / own.get(ctrl, "/").lstrip("/") / self.parent_name
-
     def paths_for(self, name: str) -> VmCgroup:
         """The directories ``name`` would have, without creating anything."""
-        own = _own_paths()
-        if _is_pure_v2():
-            return VmCgroup(
-                name, v2=CGROUP_ROOT / own.get("", "/").lstrip("/") / self.parent_name / name
-            )
-        v1 = {}
-        for ctrl in V1_CONTROLLERS:
-            base = self._v1_base(ctrl, own)
-            if base is not None:
-                v1[ctrl] = base / name
+        v2, own = _own_dirs()
+        if v2 is not None:
+            return VmCgroup(name, v2=v2 / self.parent_name / name)
+        v1 = {ctrl: d / self.parent_name / name for ctrl, d in own.items()}
         return VmCgroup(name, v1=v1)
 
     def create(self, name: str, *, vcpus: int, memory_limit_bytes: int) -> VmCgroup | None:
