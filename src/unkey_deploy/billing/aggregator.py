@@ -270,9 +270,11 @@ class Aggregator:
         if not absent:
             return
         stored = self._stored_series()
-        missing = [s for s in absent if hash(s) in stored]
+        missing = []
         for sid in absent:
-            if hash(sid) not in stored:
+            if hash(sid) in stored:
+                missing.append(sid)
+            else:
                 self._states[sid] = SeriesState(key=want[sid])  # a new series
         if not missing:
             return

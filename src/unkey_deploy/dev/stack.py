@@ -47,27 +47,23 @@ from ..store import db
 Argv = Callable[[Settings], list[str]]
 Health = Callable[[Settings], bool]
 
-# why the last health check of a service failed, by (data dir, service): named in the error of a
-# `dev up` that timed out, so a service that never became healthy says what was seen
-_PROBLEMS: dict[tuple[str, str], str] = {}
+# why the health checks of a service failed, by (data dir, service): [first, last], named in the
+# error of a `dev up` that timed out, so a service that never became healthy says what was seen
+_PROBLEMS: dict[tuple[str, str], list[str]] = {}
 
 
 def _unhealthy(settings: Settings, name: str, why: str) -> bool:
-    key = (str(settings.data_dir.resolve()), name)
-    _PROBLEMS[key] = why
-    _FIRST_PROBLEMS.setdefault(key, why)
+    seen = _PROBLEMS.setdefault((str(settings.data_dir.resolve()), name), [why, why])
+    seen[1] = why
     return False
 
 
-_FIRST_PROBLEMS: dict[tuple[str, str], str] = {}
-
-
 def _last_problem(settings: Settings, name: str) -> str:
-    key = (str(settings.data_dir.resolve()), name)
-    last, first = _PROBLEMS.get(key), _FIRST_PROBLEMS.get(key)
-    if not last:
+    seen = _PROBLEMS.get((str(settings.data_dir.resolve()), name))
+    if seen is None:
         return ""
-    return f" (last check: {last})" + (f" (first: {first})" if first and first != last else "")
+    first, last = seen
+    return f" (last check: {last})" + (f" (first: {first})" if first != last else "")
 
 
 @dataclass(frozen=True)
