@@ -46,6 +46,7 @@ from unkey_deploy.metald.service import CreateVm, Metald  # noqa: E402
 from unkey_deploy.store.db import make_engine, upgrade  # noqa: E402
 from unkey_deploy.testing.rootfs import build_test_rootfs  # noqa: E402
 
+RCU_KNOB = Path("/sys/kernel/rcu_expedited")
 HTTP = httpx.Client(trust_env=False, headers={"Connection": "close"})
 
 
@@ -124,20 +125,18 @@ def main() -> int:
         "--rcu-expedited", action="store_true", help="/sys/kernel/rcu_expedited=1, restored after"
     )
     args = ap.parse_args()
-    knob = Path("/sys/kernel/rcu_expedited")
-    before = knob.read_text().strip() if knob.exists() else None
+    before = RCU_KNOB.read_text().strip() if RCU_KNOB.exists() else None
     if args.rcu_expedited:
-        knob.write_text("1")
+        RCU_KNOB.write_text("1")
     try:
         return run(args)
     finally:
         if args.rcu_expedited and before is not None:
-            knob.write_text(before)
+            RCU_KNOB.write_text(before)
 
 
 def run(args: argparse.Namespace) -> int:
-    rcu = Path("/sys/kernel/rcu_expedited")
-    tag = f" rcu_expedited={rcu.read_text().strip() if rcu.exists() else 'na'}"
+    tag = f" rcu_expedited={RCU_KNOB.read_text().strip() if RCU_KNOB.exists() else 'na'}"
     kernel = prepare_kernel(Path(args.native_dir))
     results: list[str] = []
     with tempfile.TemporaryDirectory(prefix="unkey-bench-boot-") as tmpd:
