@@ -27,6 +27,9 @@ LOOP_CONFIGURE = 0x4C0A
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
 # struct loop_config { u32 fd; u32 block_size; struct loop_info64 info; u64 reserved[8]; }
 # struct loop_info64 { u64 device, inode, rdevice, offset, sizelimit; u32 number, encrypt_type,
 #                      encrypt_key_size, flags; u8 file_name[64], crypt_name[64], key[32];

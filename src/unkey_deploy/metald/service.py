@@ -728,6 +728,8 @@ class Metald(Scheduler):
         self.host_name = config.host_name or socket.gethostname()
         self.jails = Jails(self.state_dir / "jails")
         self.cgroups = CgroupManager(parent_name=f"unkey-metald-{self._tag()}")
+        if config.cgroup_favordynmods:
+            event(log, "cgroup favordynmods", state=self.cgroups.favor_dynmods())
         self.ips = IpAllocator(engine, self.host_id, config.subnet)
         self.network = (
             HostNetwork(config.subnet, table=f"unkey_{self._tag()}") if self.root else None
@@ -822,6 +824,7 @@ class Metald(Scheduler):
             "cpus": cpus,
             "memory_bytes": mem,
             "networking": "tap/netns + nftables" if self.network else "user-mode / host",
+            "cgroup_favordynmods": self.cgroups.favordynmods,
             "vms": counts,
         }
 
