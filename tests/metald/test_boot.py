@@ -106,6 +106,14 @@ def test_sandbox_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, roo
     assert Path("/proc/self/cgroup").read_text() == own_cgroups
     assert os.getpid() not in trace.pids
     assert vm.net is not None and vm.net.mode == "netns"
+    # everything of the sandbox runs as the unprivileged host user, with no supplementary group
+    for pid in trace.pids:
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        assert status["Uid"].split() == ["65534"] * 4, (pid, status["Uid"])
+        assert status["Gid"].split() == ["65534"] * 4, (pid, status["Gid"])
+        assert status["Groups"].split() == [], (pid, status["Groups"])
     # the app runs as pid 1 of its own pid namespace, with the env metald passed
     env = httpx.get(md.endpoint(vm_id) + "/cgi-bin/env", timeout=5).text
     assert f"HOSTNAME={vm_id.replace('_', '-').lower()}" in env

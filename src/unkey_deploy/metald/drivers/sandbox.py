@@ -213,12 +213,14 @@ class SandboxDriver:
         if not self.root:
             return argv
         uid, gid = spec.run_as or self.run_as
-        drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
         if spec.net.mode == "netns":
+            # nsenter drops to the unprivileged uid/gid itself once in the namespace (-S/-G:
+            # setgroups(0), setgid, setuid; no capability is left), one program less to start.
             # (metald's network module lowered ip_unprivileged_port_start in this netns when it
             # made it, so the unprivileged app may bind ports < 1024 there)
-            return ["nsenter", f"--net=/run/netns/{spec.net.netns}", *drop, *argv]
-        return [*drop, *argv]
+            return ["nsenter", f"--net=/run/netns/{spec.net.netns}", "-S", str(uid), "-G",
+                    str(gid), "--", *argv]  # fmt: skip
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
 
     def boot(self, spec: VmSpec) -> VmRuntime:
         tree, mounts = self._tree_dir(spec)
