@@ -426,6 +426,10 @@ class Scheduler:
     # -- state persistence ------------------------------------------------------------------
     def _set_state(self, vm_id: str, target: VmState, **values: Any) -> Vm:
         """Move the VM to ``target`` (legal transitions only) and store ``values`` with it."""
+        return _to_vm(self._transition(vm_id, target, **values))
+
+    def _transition(self, vm_id: str, target: VmState, **values: Any) -> Any:
+        """:meth:`_set_state`, returning the VM's new row (one transaction, no second read)."""
         with self._lock, self.engine.begin() as c:
             r = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).first()
             if r is None:
@@ -440,6 +444,7 @@ class Scheduler:
                 raise IllegalTransition(
                     f"VM {vm_id} changed state concurrently; {r.state} -> {target} not applied"
                 )
+            new = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).one()
         event(log, "vm state", vm_id=vm_id, state=str(target), customer_id=r.customer_id,
               deployment_id=r.deployment_id)  # fmt: skip
         if target == VmState.PREPARING:
@@ -451,7 +456,7 @@ class Scheduler:
                 metrics.VM_BOOTS.labels("ok").inc()
         elif target == VmState.FAILED and _boot_started.pop(vm_id, None) is not None:
             metrics.VM_BOOTS.labels("failed").inc()
-        return self.get(vm_id)
+        return new
 
     def _update(self, vm_id: str, **values: Any) -> None:
         with self.engine.begin() as c:
@@ -646,37 +651,67 @@ class Scheduler:
     def _alive(self, vm_id: str) -> bool:
         return True  # only a host can tell; its reconciler marks dead VMs failed
 
+    @staticmethod
+    def _listening(vm: Vm) -> bool:
+        """Whether something accepts TCP connections at the VM's endpoint (a refused connect
+        costs ~50 us; an HTTP probe of a closed port ~10 times that)."""
+        if vm.url is None:
+            return False
+        hostport = vm.url.split("://", 1)[-1]
+        host, _, port = hostport.rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                return True
+        except (OSError, ValueError):
+            return False
+
     def wait_ready(self, vm_id: str, timeout: float = 60.0, path: str = "/") -> Vm:
         """Wait until the app answers HTTP on ``path`` (then the VM is ``running``); raise
-        VmError when it fails, DeadlineExceeded when ``timeout`` passes."""
+        VmError when it fails, DeadlineExceeded when ``timeout`` passes.
+
+        A local booting VM's port is watched every millisecond for the first second (a sandbox
+        app listens ~10 ms after its start) with a bare TCP connect, HTTP only once something
+        listens; the VM's row (state changes by others) and its process are read every 20 ms."""
         start = time.monotonic()
         deadline = start + timeout
-        delay = 0.003
+        delay = 0.001
+        vm: Vm | None = None
+        next_read = start
         while True:
-            vm = self.get(vm_id)
-            # Guest addresses are local to their host: for another host's VM, its agent (which
-            # probes from there) says when it runs.
-            local = vm.host_id == self.host_id
-            if vm.state == VmState.RUNNING and (not local or self.probe(vm, path=path)):
-                return vm
-            if vm.state == VmState.FAILED:
-                raise VmError(f"VM {vm_id} failed: {vm.error}")
-            if vm.state == VmState.LOST:
-                raise VmError(f"VM {vm_id} was lost with its host: {vm.error}")
-            if vm.state == VmState.BOOTING and local:
-                if not self._alive(vm_id):
+            now = time.monotonic()
+            if vm is None or now >= next_read:
+                next_read = now + 0.02
+                vm = self.get(vm_id)
+                # Guest addresses are local to their host: for another host's VM, its agent
+                # (which probes from there) says when it runs.
+                local = vm.host_id == self.host_id
+                if vm.state == VmState.RUNNING and (not local or self.probe(vm, path=path)):
+                    return vm
+                if vm.state == VmState.FAILED:
+                    raise VmError(f"VM {vm_id} failed: {vm.error}")
+                if vm.state == VmState.LOST:
+                    raise VmError(f"VM {vm_id} was lost with its host: {vm.error}")
+                if vm.state == VmState.BOOTING and local and not self._alive(vm_id):
                     self._on_dead(vm_id)
+                    vm = None
                     continue
-                if self.probe(vm, path=path):
-                    with contextlib.suppress(IllegalTransition):
-                        return self._set_state(vm_id, VmState.RUNNING)
-            if time.monotonic() > deadline:
+            if (
+                vm.state == VmState.BOOTING
+                and local
+                and self._listening(vm)
+                and self.probe(vm, path=path)
+            ):
+                with contextlib.suppress(IllegalTransition):
+                    return self._set_state(vm_id, VmState.RUNNING)
+                vm = None  # moved meanwhile (stopped, failed...): read it again
+                continue
+            if now > deadline:
                 raise DeadlineExceeded(
                     f"VM {vm_id} not ready within {timeout:.0f} s (state {vm.state})"
                 )
             time.sleep(delay)
             # poll tightly for the first second (sandboxes are ready in tens of ms), then back off
-            if time.monotonic() - start > 1.0:
+            if now - start > 1.0:
                 delay = min(delay * 1.5, 0.1)
 
     def _on_dead(self, vm_id: str) -> None:
@@ -836,8 +871,7 @@ class Metald(Scheduler):
         if vm.host_id != self.host_id:
             return super().boot(vm_id)
         check_action(vm_id, vm.state, "boot")
-        self._update(vm_id, desired="running")
-        return self._boot_local(vm_id)
+        return self._boot_local(vm_id, desired="running")
 
     def stop(self, vm_id: str) -> Vm:
         vm = self.get(vm_id)
@@ -890,11 +924,13 @@ class Metald(Scheduler):
             return self.network.attach_netns(vm_id, host_ip, guest_ip)
         return self.network.attach_tap(vm_id, host_ip, guest_ip)
 
-    def _boot_local(self, vm_id: str) -> Vm:
+    def _boot_local(self, vm_id: str, **values: Any) -> Vm:
+        """Prepare and start the VM here (``values``: more columns for its ``preparing`` row).
+        The VM is ``booting`` once its process runs (the state and the process's runtime are
+        written together: a boot is a handful of database writes, each on the boot path)."""
         instance_id = new_instance_id()
-        self._set_state(vm_id, VmState.PREPARING, instance_id=instance_id, error=None,
-                        driver=self.driver.name)  # fmt: skip
-        r = self._row(vm_id)
+        r = self._transition(vm_id, VmState.PREPARING, instance_id=instance_id, error=None,
+                             driver=self.driver.name, **values)  # fmt: skip
         try:
             # the cgroup first, then prime(): the kernel's wait for the VM's cgroup join runs
             # while the rest is prepared (see CgroupManager.prime; it blocks cgroup writes)
@@ -917,17 +953,22 @@ class Metald(Scheduler):
             spec = self._spec(r, net, instance_id=instance_id, workdir=jail, rootfs=disk,
                               kernel=jk, cgroup=cg)  # fmt: skip
             self.driver.create(spec)
-            self._set_state(vm_id, VmState.BOOTING)
             rt = self.driver.boot(spec)
-            self._update(vm_id, runtime=rt.to_json())
             self._write_record(vm_id, net=net.__dict__, runtime=rt.to_json())
+            try:
+                row = self._transition(vm_id, VmState.BOOTING, runtime=rt.to_json())
+            except IllegalTransition:
+                # stopped or failed while it was being prepared: whoever did it found no
+                # process to stop; recorded, _fail below stops this one
+                self._update(vm_id, runtime=rt.to_json())
+                raise
         except UnkeyError as exc:
             self._fail(vm_id, str(exc))
             raise
         except Exception as exc:
             self._fail(vm_id, f"{type(exc).__name__}: {exc}")
             raise VmError(f"booting VM {vm_id} failed: {exc}") from exc
-        return self.get(vm_id)
+        return _to_vm(row)
 
     def _release(self, vm_id: str) -> None:
         """Free everything the VM holds on this host (idempotent)."""
