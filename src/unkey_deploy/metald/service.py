@@ -660,7 +660,9 @@ class Scheduler:
         hostport = vm.url.split("://", 1)[-1]
         host, _, port = hostport.rpartition(":")
         try:
-            with socket.create_connection((host, int(port)), timeout=0.5):
+            # short: a guest still booting behind a tap answers nothing (no RST), and the next
+            # look comes a millisecond later anyway
+            with socket.create_connection((host, int(port)), timeout=0.1):
                 return True
         except (OSError, ValueError):
             return False
