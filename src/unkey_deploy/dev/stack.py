@@ -4,8 +4,10 @@
 each service of :data:`SERVICES` that is not running, waits until each is healthy and writes
 ``stack.json`` (API URL, CA certificate, admin token file) for the CLI. ``unkey dev down`` stops
 them in reverse order with SIGTERM, waiting for each to finish what it is doing (SIGKILL only after
-the grace period). Nothing lives only in memory: state is in the database and files under the data
-dir, so ``down`` then ``up`` continues where it stopped.
+the grace period); ``unkey dev down --purge-vms`` (:meth:`Stack.down` with ``purge_vms``) has
+metald delete its VMs first and waits for that as long as the VMs need. Nothing lives only in
+memory: state is in the database and files under the data dir, so ``down`` then ``up``
+continues where it stopped.
 
 Later services (builderd, metald, billaged, nats-server, the billing service) plug in with
 :func:`register` and a :class:`ServiceSpec`.
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..bus.server import nats_server_binary
 from ..core.config import Settings
@@ -42,6 +45,7 @@ from ..core.errors import Unavailable
 from ..core.net import free_port
 from ..gateway.server import admin_token_file, ensure_admin_token, tls_files
 from ..gateway.tls import client_context, ensure_self_signed
+from ..metald.api import Scheduler
 from ..store import db
 
 Argv = Callable[[Settings], list[str]]
@@ -76,6 +80,9 @@ class ServiceSpec:
     url: Callable[[Settings], str | None] = lambda _s: None
     env: dict[str, str] = field(default_factory=dict)
     stop_timeout_s: float = 15.0
+    # `dev down --purge-vms`: the service is sent SIGUSR1 instead of SIGTERM, deletes what it
+    # runs, then exits; how long that may take, reckoned before the signal (None: no purge)
+    purge_timeout_s: Callable[[Settings], float] | None = None
     # only run when the stack owns it (nats-server: not when bus.nats_url names a cluster)
     local_only: bool = False
 
@@ -285,6 +292,34 @@ def _metrics_health(name: str) -> Health:
     return check
 
 
+METALD_STOP_S = 30.0  # metald's stop: metering flushes its partial batches, the agent closes
+# freeing one VM beyond its guest's shutdown grace: the VMM killed (the sandbox waits up to 5 s
+# for its processes to go, QEMU 2 s for QMP and 2 s for `quit`), then its cgroup, mounts and links
+VM_FREE_S = 10.0
+
+
+def recorded_vms(settings: Settings) -> int:
+    """How many VMs the stack's database records (0 when it cannot be read)."""
+    engine = db.make_engine(settings.resolved_database_url)
+    scheduler = Scheduler(engine)
+    try:
+        return len(scheduler.list())
+    except SQLAlchemyError:
+        return 0
+    finally:
+        scheduler.close()
+        engine.dispose()
+
+
+def metald_purge_timeout_s(settings: Settings, vms: int | None = None) -> float:
+    """How long metald may take to purge: its usual stop, then, VM after VM (it deletes them one
+    at a time), a guest's shutdown grace (``metald.stop_timeout_s``) and :data:`VM_FREE_S`.
+    ``vms``: every VM the database records (:func:`recorded_vms`); with a database shared by
+    several hosts that over-counts, which only lengthens the wait for a metald that hangs."""
+    n = recorded_vms(settings) if vms is None else vms
+    return METALD_STOP_S + n * (settings.metald.stop_timeout_s + VM_FREE_S)
+
+
 # services serving /metrics on a port of their own (gatewayd serves it on its API port)
 METRICS_SERVICES = ("builderd", "metald", "deployer")
 
@@ -308,7 +343,8 @@ SERVICES: list[ServiceSpec] = [
         _module("unkey_deploy.metald.hostd"),
         _metrics_health("metald"),
         url=metrics_url("metald"),
-        stop_timeout_s=30,
+        stop_timeout_s=METALD_STOP_S,
+        purge_timeout_s=metald_purge_timeout_s,
     ),
     ServiceSpec(
         "deployer",
@@ -474,25 +510,44 @@ class Stack:
     def down(self, *, purge_vms: bool = False) -> list[str]:
         """Stop every running service, last started first; returns the names stopped.
 
-        VMs keep running (the next metald recovers them) unless ``purge_vms``: then metald is
-        told (SIGUSR1) to stop and delete its VMs before it exits.
+        VMs keep running (the next metald recovers them) unless ``purge_vms``: then a service
+        with a ``purge_timeout_s`` (metald) is told (SIGUSR1) to stop and delete its VMs and
+        free what they hold on the host (cgroups, mounts, links, nftables tables) before it
+        exits, and is given as long as that takes for the VMs recorded (the services started
+        after it, which could ask for new VMs, are stopped by then). Raises Unavailable, once
+        every service is stopped, if a purge had to be cut short with SIGKILL.
         """
         stopped = []
+        cut_short: list[tuple[str, str]] = []  # (service, what happened)
         for spec in reversed(self.services):
             pid = self.pid(spec.name)
             if pid is None:
                 continue
-            sig = signal.SIGUSR1 if purge_vms and spec.name == "metald" else signal.SIGTERM
+            purge = spec.purge_timeout_s if purge_vms else None
+            timeout_s = spec.stop_timeout_s if purge is None else purge(self.settings)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + spec.stop_timeout_s
+                os.kill(pid, signal.SIGTERM if purge is None else signal.SIGUSR1)
+            deadline = time.monotonic() + timeout_s
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if _alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                if purge is not None:
+                    cut_short.append(
+                        (spec.name, f"{spec.name} (pid {pid}) after {timeout_s:.0f} s")
+                    )
             self._pid_file(spec.name).unlink(missing_ok=True)
             stopped.append(spec.name)
+        if cut_short:
+            raise Unavailable(
+                f"the purge did not finish and was killed: {', '.join(w for _, w in cut_short)}; "
+                "VMs and what they hold on the host (cgroups, mounts, links, nftables tables) "
+                f"may be left; stopped: {', '.join(stopped)}",
+                suggestion="run `unkey dev up`, then `unkey dev down --purge-vms` again (the "
+                "next metald recovers the VMs left); see "
+                + ", ".join(str(self._log_file(n)) for n, _ in cut_short),
+            )
         return stopped
 
     def status(self) -> list[ServiceStatus]:

@@ -1,0 +1,92 @@
+"""`unkey dev down --purge-vms` (dev/stack.Stack.down) waits for a service's purge as long as its
+``purge_timeout_s`` says (metald's: as long as the VMs recorded need), not its ordinary stop
+timeout; a purge cut short by SIGKILL is an error naming it, never a silent success.
+
+The service here is a small real process that purges (sleeps) on SIGUSR1; a real metald purging
+real sandbox VMs is tests/e2e/test_journey.py (nothing of them left after `dev down --purge-vms`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from unkey_deploy.core import config as core_config
+from unkey_deploy.core.errors import Unavailable
+from unkey_deploy.dev.stack import ServiceSpec, Stack
+
+# SIGUSR1: "purge" for argv[2] seconds, then say so and exit; SIGTERM: exit at once
+SERVICE = """
+import os, signal, sys, time
+from pathlib import Path
+d, purge_s = Path(sys.argv[1]), float(sys.argv[2])
+def purge(*_):
+    time.sleep(purge_s)
+    (d / "purged").write_text("done")
+    os._exit(0)
+signal.signal(signal.SIGUSR1, purge)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+(d / "ready").write_text("")
+while True:
+    time.sleep(1)
+"""
+
+
+def _stack(tmp_path: Path, *, purge_s: float, budget_s: float) -> Stack:
+    data = tmp_path / "stack"
+    settings = core_config.load(environ={"UNKEY_DATA_DIR": str(data)})
+    spec = ServiceSpec(
+        "metald",
+        # the data dir on the command line: dev/stack.py trusts only such pids (_is_ours)
+        lambda _s: [sys.executable, "-c", SERVICE, str(data), str(purge_s)],
+        lambda _s: (data / "ready").exists(),
+        stop_timeout_s=0.5,
+        purge_timeout_s=lambda _s: budget_s,
+    )
+    stack = Stack(settings, [spec])
+    stack.up(timeout_s=30)
+    return stack
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_down_waits_for_a_purge_longer_than_the_stop_timeout(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, purge_s=2.0, budget_s=30)
+    pid = stack.pid("metald")
+    assert pid is not None
+    t0 = time.monotonic()
+    assert stack.down(purge_vms=True) == ["metald"]
+    assert (stack.data_dir / "purged").read_text() == "done"  # finished, not killed at 0.5 s
+    assert time.monotonic() - t0 >= 2.0
+    assert _gone(pid) and stack.pid("metald") is None
+
+
+def test_down_without_purge_stops_with_sigterm(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, purge_s=2.0, budget_s=30)
+    assert stack.down() == ["metald"]
+    assert not (stack.data_dir / "purged").exists()
+
+
+def test_a_purge_cut_short_is_an_error_naming_it(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, purge_s=60.0, budget_s=1.0)
+    pid = stack.pid("metald")
+    with pytest.raises(Unavailable) as exc:
+        stack.down(purge_vms=True)
+    msg = exc.value.message
+    assert msg.startswith(f"the purge did not finish and was killed: metald (pid {pid}) after 1 s")
+    assert msg.endswith("stopped: metald")
+    assert "dev down --purge-vms" in (exc.value.suggestion or "")
+    deadline = time.monotonic() + 10
+    while pid is not None and not _gone(pid):
+        assert time.monotonic() < deadline, "the killed service is still running"
+        time.sleep(0.05)
+    assert not (stack.data_dir / "purged").exists()
+    assert not (stack.data_dir / "run" / "metald.pid").exists()
