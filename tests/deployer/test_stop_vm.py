@@ -1,4 +1,6 @@
-"""Stopping a real deployment: its sandbox VM goes and nothing of it is left.
+"""Stopping a real deployment: its sandbox VM goes and nothing of it is left, whether it was
+running or still deploying (its health check never answering), and ``stop --wait`` reports a
+stop's final outcome only (a failed attempt that is retried is waited through).
 
 Everything real, wired as ``unkey dev up`` wires it, in one test process: an image pushed to a
 local ``docker-registry``, gatewayd (its own process), builderd's service, the deployer worker
@@ -21,19 +23,21 @@ import pytest
 
 from unkey_deploy.assets.blobs import FsBlobStore
 from unkey_deploy.assets.service import AssetManager
-from unkey_deploy.builder.service import BuildService, DeployBuilds, OciImageSource
+from unkey_deploy.builder.service import BuildService, OciImageSource
 from unkey_deploy.builder.vminit import build_init
 from unkey_deploy.core.config import MetaldConfig
 from unkey_deploy.core.errors import NotFound
 from unkey_deploy.deployer.api import BuiltAsset
 from unkey_deploy.deployer.metald_vms import MetaldVms
+from unkey_deploy.deployer.service import BuilderBuilds
 from unkey_deploy.deployer.worker import DeployWorker
-from unkey_deploy.metald.api import Metald, Scheduler, VmState
+from unkey_deploy.metald.api import Metald, Scheduler, Vm, VmState
 from unkey_deploy.metald.drivers.base import VmRuntime
 from unkey_deploy.metering.billaged import Billaged
 from unkey_deploy.metering.codec import decode
 from unkey_deploy.metering.collector import Collector
 from unkey_deploy.metering.service import MeteringLoop
+from unkey_deploy.store import jobs
 from unkey_deploy.store.db import make_engine, session_factory
 from unkey_deploy.testing import images as im
 from unkey_deploy.testing.gateway import RunningGateway, new_customer, run_unkey, running_gateway
@@ -52,6 +56,7 @@ class Platform:
     assets: AssetManager
     vms: MetaldVms  # the deployer's view of metald
     restart_metald: Callable[[], Metald]
+    add_worker: Callable[[], DeployWorker]  # another deployer worker (the service runs two)
 
 
 @pytest.fixture
@@ -81,8 +86,14 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
             return assets.local_path(asset.asset_id)  # type: ignore[arg-type]
 
         vms = MetaldVms(scheduler, rootfs_for)
-        worker = DeployWorker(factory, DeployBuilds(builder), vms, worker_id="test-stop-vm",
-                              poll_s=0.05)  # fmt: skip
+        workers: list[DeployWorker] = []
+
+        def add_worker() -> DeployWorker:
+            w = DeployWorker(factory, BuilderBuilds(builder), vms, poll_s=0.05,
+                             worker_id=f"test-stop-vm-{len(workers)}")  # fmt: skip
+            workers.append(w)
+            w.start()
+            return w
 
         def restart_metald() -> Metald:
             """metald (re)started on the host: it recovers the running VMs and reconciles."""
@@ -91,13 +102,14 @@ def platform(tmp_path: Path) -> Iterator[Platform]:
             return md
 
         builder.start(1)
-        worker.start()
+        add_worker()
         p = Platform(gw, reg.ref("acme/stop", "v1"), restart_metald(), scheduler, assets, vms,
-                     restart_metald)  # fmt: skip
+                     restart_metald, add_worker)  # fmt: skip
         try:
             yield p
         finally:
-            worker.stop()
+            for w in workers:
+                w.stop()
             builder.stop()
             p.metald.shutdown()
             scheduler.close()
@@ -227,9 +239,11 @@ def _state_events(platform: Platform, key: str, dep_id: str) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-def test_a_stop_that_times_out_fails_then_its_retry_finishes(platform: Platform) -> None:
-    """metald is down while the stop waits: the deployment is failed with an error naming the
-    VM, and the job's retry (metald back) continues from there to stopped."""
+def test_a_stop_attempt_that_times_out_is_retried_while_the_deployment_stays_stopping(
+    platform: Platform,
+) -> None:
+    """metald is down while the stop waits: the attempt fails (an event naming the VM says it
+    is retried), the deployment stays ``stopping``, and the retry (metald back) finishes it."""
     owner = new_customer(platform.gateway)
     dep_id, url = _deploy_running(platform, owner.key)
     (vm,) = platform.scheduler.list(deployment_id=dep_id)
@@ -238,11 +252,13 @@ def test_a_stop_that_times_out_fails_then_its_retry_finishes(platform: Platform)
     with platform.gateway.client(owner.key) as client:
         assert client.stop_deployment(dep_id)["deployment"]["state"] == "stopping"
         deadline = time.monotonic() + 60
-        while (dep := client.get_deployment(dep_id)["deployment"])["state"] != "failed":
-            assert time.monotonic() < deadline, dep
+        while not any(e.event == "stop" and "retrying" in e.data["message"]
+                      for e in client.events(dep_id, follow=False)):  # fmt: skip
+            assert time.monotonic() < deadline
             time.sleep(0.05)
+        dep = client.get_deployment(dep_id)["deployment"]
     platform.vms.stop_timeout_s = 60.0  # for the retry, a second after the failure
-    assert dep["error"]["code"] == "deadline_exceeded" and vm.vm_id in dep["error"]["message"]
+    assert dep["state"] == "stopping", dep
     assert platform.scheduler.get(vm.vm_id).desired == "deleted"
     assert httpx.get(url + "/", timeout=10).status_code == 200  # nobody stopped it yet
 
@@ -255,9 +271,155 @@ def test_a_stop_that_times_out_fails_then_its_retry_finishes(platform: Platform)
         events = [(e.event, e.data.get("message", "")) for e in client.events(dep_id)]
     assert platform.scheduler.list(deployment_id=dep_id) == []
     states = _state_events(platform, owner.key, dep_id)
-    assert states[-4:] == ["stopping", "failed", "stopping", "stopped"], states
-    assert any(p == "failed" and m.startswith("stop failed: VMs of deployment") for p, m in events)
+    assert states[-3:] == ["running", "stopping", "stopped"], states  # never failed
+    (retried,) = [m for p, m in events if p == "stop" and "retrying" in m]
+    assert retried.startswith("stop attempt 1/3 failed: VMs of deployment"), retried
+    assert vm.vm_id in retried and retried.endswith("retrying in 1 s")
     assert ("vm", f"deleting {vm.vm_id} (running on host {vm.host_id})") in events
     # the restarted metald may delete the VM before or during the retry
     assert events[-2] in {("done", "deployment stopped (1 VMs deleted)"),
                           ("done", "deployment stopped (no VMs left)")}, events  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_stop_wait_reports_a_stop_that_fails_for_good_only_after_its_last_attempt(
+    platform: Platform,
+) -> None:
+    """metald stays down: each of the stop job's three attempts times out. ``stop --wait``
+    shows the two retries and fails (exit 8, the error naming the VM) only after the last one:
+    the deployment reads ``stopping`` until then, ``failed`` once, at the end. Stopping again,
+    metald back, finishes it."""
+    owner = new_customer(platform.gateway)
+    dep_id, _url = _deploy_running(platform, owner.key)
+    (vm,) = platform.scheduler.list(deployment_id=dep_id)
+    platform.metald.close()
+    platform.vms.stop_timeout_s = 0.3
+    t0 = time.monotonic()
+    out = run_unkey(platform.gateway, "deployments", "stop", dep_id, "--wait", api_key=owner.key)
+    waited = time.monotonic() - t0
+    assert out.code == 8, out  # deadline_exceeded
+    assert f"VMs of deployment {dep_id} still not deleted" in out.err and vm.vm_id in out.err
+    assert out.err.count("retrying in") == 2, out.err
+    assert "stop attempt 2/3 failed" in out.err and "stop failed:" in out.err
+    assert waited > 3.0, waited  # two back-offs (1 s, 2 s) waited through, not reported
+    states = _state_events(platform, owner.key, dep_id)
+    assert states[-3:] == ["running", "stopping", "failed"], states
+    with platform.gateway.client(owner.key) as client:
+        dep = client.get_deployment(dep_id)["deployment"]
+    assert dep["state"] == "failed" and dep["error"]["code"] == "deadline_exceeded"
+
+    platform.metald = platform.restart_metald()
+    platform.vms.stop_timeout_s = 60.0
+    again = run_unkey(platform.gateway, "deployments", "stop", dep_id, "--wait", api_key=owner.key)
+    assert again.code == 0 and again.out.strip() == "stopped", again
+    assert platform.scheduler.list(deployment_id=dep_id) == []
+
+
+@dataclass
+class Footprint:
+    """What a VM holds on its host, to check that none of it is left."""
+
+    vm: Vm
+    pid: int
+    pids: list[int]
+    cgroup_dirs: list[Path]
+    netns: str
+    iface: str | None
+    jail: Path
+    state_dir: Path
+    base: str | None = None
+
+    @classmethod
+    def of(cls, md: Metald, vm: Vm) -> Footprint:
+        rt = VmRuntime.from_json(md._row(vm.vm_id).runtime)
+        cgroups = md.cgroups.paths_for(vm.vm_id)
+        assert vm.net is not None and vm.net.netns
+        return cls(vm, rt.pid, list(cgroups.pids()), list(cgroups.dirs()), vm.net.netns,
+                   vm.net.host_iface, md.jails.path(vm.vm_id), md.state_dir,
+                   rt.extra.get("base"))  # fmt: skip
+
+    def assert_present(self) -> None:
+        assert Path(f"/proc/{self.pid}").exists() and self.pids and self.cgroup_dirs
+        assert self.jail.is_dir() and Path(f"/run/netns/{self.netns}").exists()
+
+    def assert_gone(self) -> None:
+        for pid in [self.pid, *self.pids]:
+            assert not Path(f"/proc/{pid}").exists(), f"process {pid} is still there"
+        assert not any(d.exists() for d in self.cgroup_dirs), "cgroup left behind"
+        assert not Path(f"/run/netns/{self.netns}").exists(), "netns left behind"
+        if self.iface:
+            assert not Path(f"/sys/class/net/{self.iface}").exists(), "interface left behind"
+        assert not self.jail.exists(), "jail left behind"
+        assert _mounts_under(self.state_dir / "jails" / self.vm.vm_id) == []
+        assert [m for m in _mounts_under(self.state_dir) if self.vm.vm_id in m] == []
+        if self.base:
+            assert _mounts_under(Path(self.base)) == [] and not Path(self.base).exists()
+
+
+@pytest.mark.timeout(240)
+def test_stop_while_deploying_interrupts_the_health_wait_and_leaves_nothing(
+    platform: Platform,
+) -> None:
+    """An app whose health check never answers (it sleeps instead of serving): its deploy
+    waits in ``deploying`` with the VM booted. ``stop --wait`` then: the deploy job's worker
+    notices the cancel, deletes the VM (its launch stops waiting), acknowledges the cancel; the
+    stop job, claimed meanwhile by the second worker, waited for it and records ``stopped``.
+    Nothing of the VM is left: no row, process, cgroup, netns, interface, jail, mount, asset
+    lease or capacity; nothing was recorded failed."""
+    platform.add_worker()  # the stop job is claimed while the deploy job still runs
+    owner, other = new_customer(platform.gateway), new_customer(platform.gateway)
+    spec = {"name": "never-ready", "image": platform.image, "port": 8080,
+            "command": ["/bin/busybox", "sleep", "600"],
+            "resources": {"cpu": 1, "memory": "128MiB"}}  # fmt: skip
+    with platform.gateway.client(owner.key) as client:
+        dep_id = client.deploy(spec)["deployment"]["id"]
+        deadline = time.monotonic() + 120
+        while not any(e.event == "health" for e in client.events(dep_id, follow=False)):
+            assert time.monotonic() < deadline, client.get_deployment(dep_id)
+            time.sleep(0.05)
+        assert client.get_deployment(dep_id)["deployment"]["state"] == "deploying"
+    (vm,) = platform.scheduler.list(deployment_id=dep_id)
+    deadline = time.monotonic() + 30
+    while vm.state != VmState.BOOTING:  # the host started it; its app never answers
+        assert time.monotonic() < deadline and vm.state in (VmState.PENDING, VmState.PREPARING)
+        time.sleep(0.02)
+        vm = platform.scheduler.get(vm.vm_id)
+    footprint = Footprint.of(platform.metald, vm)
+    footprint.assert_present()
+    assert [lease.holder for lease in platform.assets.leases(vm.asset_id)] == [vm.vm_id]
+    (host,) = [h for h in platform.scheduler.host_views() if h.host_id == vm.host_id]
+    assert host.used_cpus == 1 and host.used_memory_bytes == 128 << 20
+
+    refused = run_unkey(platform.gateway, "deployments", "stop", dep_id, api_key=other.key)
+    assert refused.code == 4 and "not found" in refused.err, refused
+    assert platform.scheduler.get(vm.vm_id).state == VmState.BOOTING
+
+    stopped = run_unkey(platform.gateway, "deployments", "stop", dep_id, "--wait",
+                        api_key=owner.key)  # fmt: skip
+    assert stopped.code == 0, stopped
+    assert stopped.out.strip() == "stopped"
+    assert f"deployment {dep_id} is stopping" in stopped.err
+    assert "deploy interrupted" in stopped.err, stopped.err
+    assert f"deployment {dep_id} is stopped" in stopped.err
+
+    with platform.gateway.client(owner.key) as client:
+        events = list(client.events(dep_id, follow=False))
+    states = [e.data["data"]["state"] for e in events if e.event == "state"]
+    assert states == ["building", "deploying", "stopping", "stopped"], states
+    assert "failed" not in [e.event for e in events]
+    with session_factory(make_engine(platform.gateway.database_url))() as s:
+        (deploy_job,) = [j for j in jobs.list_jobs(s, "deploy")
+                         if j.payload["deployment_id"] == dep_id]  # fmt: skip
+        (stop_job,) = [j for j in jobs.list_jobs(s, "stop")
+                       if j.payload["deployment_id"] == dep_id]  # fmt: skip
+    assert deploy_job.state == jobs.JobState.CANCELLED
+    assert stop_job.state == jobs.JobState.SUCCEEDED
+
+    assert platform.scheduler.list(deployment_id=dep_id) == []
+    footprint.assert_gone()
+    assert platform.assets.leases(vm.asset_id) == []
+    (host,) = [h for h in platform.scheduler.host_views() if h.host_id == vm.host_id]
+    assert host.used_cpus == 0 and host.used_memory_bytes == 0
+    assert vm.vm_id not in {t.key.vm_id for t in platform.metald.meter_targets()}
+    again = run_unkey(platform.gateway, "deployments", "stop", dep_id, "--wait", api_key=owner.key)
+    assert again.code == 0 and again.out.strip() == "stopped", again

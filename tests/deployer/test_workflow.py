@@ -1,49 +1,107 @@
-"""The deploy workflow's orchestration: what it records, in what order, and on failure."""
+"""The deploy workflow's orchestration: what it records, in what order, on failure, and when
+the user's stop interrupts it (then it records nothing and its wind-down deletes what it made)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from unkey_deploy.core.errors import BuildFailed, LayerError
-from unkey_deploy.deployer.api import BuiltAsset, DeployRequest, LaunchedVm, Progress
-from unkey_deploy.deployer.workflow import run_deploy
+from unkey_deploy.core.errors import (
+    BuildFailed,
+    DeadlineExceeded,
+    IllegalTransition,
+    LayerError,
+    VmError,
+)
+from unkey_deploy.deployer.api import (
+    BuiltAsset,
+    DeployRequest,
+    Interrupted,
+    Interruption,
+    LaunchedVm,
+    Progress,
+)
+from unkey_deploy.deployer.workflow import run_deploy, run_stop, wind_down
 
 
 class Recorder:
-    def __init__(self) -> None:
+    """The control plane's record; ``refuse`` names states the lifecycle refuses (someone else
+    moved the deployment), ``on_event`` sees each event as it is recorded."""
+
+    def __init__(
+        self,
+        refuse: frozenset[str] = frozenset(),
+        on_event: Callable[[str, dict[str, Any]], None] = lambda _p, _d: None,
+    ) -> None:
         self.states: list[tuple[str, dict[str, Any]]] = []
         self.events: list[tuple[str, str, dict[str, Any]]] = []
+        self.refuse = refuse
+        self.on_event = on_event
 
     def set_state(self, deployment_id: str, state: str, /, **fields: Any) -> None:
+        if state in self.refuse:
+            raise IllegalTransition(
+                f"deployment {deployment_id} cannot go from stopping to {state}"
+            )
         self.states.append((state, fields))
 
     def event(self, deployment_id: str, phase: str, message: str, /, **data: Any) -> None:
         self.events.append((phase, message, data))
+        self.on_event(phase, data)
 
 
 class Builds:
     def __init__(self, error: BuildFailed | None = None) -> None:
         self.error = error
 
+        self.cancelled: list[tuple[str, str]] = []
+
     def build(self, req: DeployRequest, progress: Progress, /) -> BuiltAsset:
-        progress("build", "pulling layer 1/1", layer=0)
+        progress("build", "build bld_1 queued", build_id="bld_1")
+        progress("build", "pulling layer 1/1", layer=0, build_id="bld_1")
         if self.error:
             raise self.error
         return BuiltAsset(asset_id="ast_1", build_id="bld_1", rootfs_bytes=4096, cached=False)
 
+    def cancel(self, build_id: str, deployment_id: str, /) -> bool:
+        self.cancelled.append((build_id, deployment_id))
+        return True
+
 
 class Vms:
-    def __init__(self) -> None:
+    """VMs as metald keeps them: ``launch`` creates one (then fails with ``error`` if set),
+    ``stop_all`` deletes every one left (or raises ``stop_error``)."""
+
+    def __init__(
+        self, error: VmError | None = None, stop_error: DeadlineExceeded | None = None
+    ) -> None:
         self.launched: list[int] = []
+        self.live: list[str] = []
+        self.error = error
+        self.stop_error = stop_error
 
     def launch(
         self, req: DeployRequest, asset: BuiltAsset, replica: int, progress: Progress, /
     ) -> LaunchedVm:
+        self.live.append(f"vm_{replica}")
         progress("vm", f"booting replica {replica}")
         self.launched.append(replica)
+        if self.error:
+            raise self.error
         return LaunchedVm(f"vm_{replica}", f"inst_{replica}", "host_a", f"http://10.0.0.{replica}")
+
+    def abort(self, deployment_id: str, /) -> list[str]:
+        return list(self.live)
+
+    def stop_all(self, deployment_id: str, progress: Progress, /) -> list[str]:
+        if self.stop_error:
+            raise self.stop_error
+        gone, self.live = self.live, []
+        for vm in gone:
+            progress("vm", f"{vm} stopped and deleted", vm_id=vm)
+        return gone
 
 
 def request(replicas: int = 1) -> DeployRequest:
@@ -62,7 +120,7 @@ def test_success_runs_build_then_every_replica_and_ends_running_with_url() -> No
     assert rec.states[1][1] == {"asset_id": "ast_1"}
     assert rec.states[-1][1] == {"url": "http://10.0.0.0"}
     phases = [p for p, _, _ in rec.events]
-    assert phases == ["build", "build", "asset", "vm", "vm", "vm", "vm", "done"]
+    assert phases == ["build", "build", "build", "asset", "vm", "vm", "vm", "vm", "done"]
 
 
 def test_build_failure_marks_failed_with_the_error_and_boots_nothing() -> None:
@@ -80,3 +138,68 @@ def test_resume_after_crash_in_deploying_does_not_move_back_to_building() -> Non
     rec = Recorder()
     run_deploy(request(), Builds(), Vms(), rec, current_state="deploying")
     assert [s for s, _ in rec.states] == ["deploying", "running"]
+
+
+def test_a_stop_during_the_build_interrupts_at_the_next_event_and_cancels_that_build() -> None:
+    stop = Interruption()
+    rec = Recorder(on_event=lambda phase, data: stop.set() if data.get("build_id") else None)
+    builds, vms = Builds(), Vms()
+    with pytest.raises(Interrupted) as why:
+        run_deploy(request(), builds, vms, rec, interruption=stop)
+    assert stop.build_id == "bld_1" and vms.launched == []
+    assert [s for s, _ in rec.states] == ["building"]  # nothing recorded after the stop
+    assert "failed" not in [p for p, _, _ in rec.events]
+    assert wind_down("dep_1", builds, vms, rec, interruption=stop, why=why.value) == []
+    assert builds.cancelled == [("bld_1", "dep_1")]
+    assert ("build", "build bld_1 cancelled", {"build_id": "bld_1"}) in rec.events
+    assert rec.events[-2][:2] == ("stop", "deploy interrupted: the deployment was stopped")
+
+
+def test_a_launch_failing_because_the_deployment_is_torn_down_is_a_stop_not_a_failure() -> None:
+    """The watcher deleted the VM the launch waited for: the launch's error is not recorded."""
+    asked: list[bool] = []
+
+    def requested() -> bool:  # the job row, read when the launch failed
+        asked.append(True)
+        return True
+
+    stop = Interruption(requested)
+    rec, vms = Recorder(), Vms(error=VmError("VM vm_0 not found"))
+    with pytest.raises(Interrupted, match="was stopped"):
+        run_deploy(request(replicas=2), Builds(), vms, rec, interruption=stop)
+    assert asked == [True] and stop.is_set()
+    assert [s for s, _ in rec.states] == ["building", "deploying"]
+    assert vms.launched == [0]  # the second replica is never launched
+    assert wind_down("dep_1", Builds(), vms, rec, interruption=stop,
+                     why=Interrupted("stopped")) == ["vm_0"]  # fmt: skip
+    assert vms.live == []
+
+
+def test_a_move_refused_by_the_lifecycle_is_an_interruption() -> None:
+    """The user's stop moved the deployment to stopping between two checks: the deploy's own
+    ``running`` is refused, so it stops there and its VMs go in the wind-down."""
+    rec, vms = Recorder(refuse=frozenset({"running"})), Vms()
+    with pytest.raises(Interrupted, match="cannot go from stopping to running"):
+        run_deploy(request(), Builds(), vms, rec)
+    assert [s for s, _ in rec.states] == ["building", "deploying"]
+    assert "done" not in [p for p, _, _ in rec.events]
+
+
+def test_the_wind_down_leaves_what_it_cannot_delete_to_the_stop_job() -> None:
+    rec = Recorder()
+    vms = Vms(stop_error=DeadlineExceeded("VMs of deployment dep_1 still not deleted"))
+    assert wind_down("dep_1", Builds(), vms, rec, interruption=Interruption(),
+                     why=Interrupted("stopped")) == []  # fmt: skip
+    assert rec.states == []
+    assert rec.events[-1][0] == "stop" and "the stop job deletes them" in rec.events[-1][1]
+
+
+def test_a_failed_stop_records_nothing_failed_itself() -> None:
+    """Whether a failed stop makes the deployment failed is the worker's decision (it depends on
+    the job's retries), so run_stop only raises."""
+    rec = Recorder()
+    with pytest.raises(DeadlineExceeded):
+        run_stop("dep_1", Vms(stop_error=DeadlineExceeded("still there")), rec)
+    assert rec.states == [] and rec.events == []
+    run_stop("dep_1", Vms(), rec, current_state="failed")
+    assert [s for s, _ in rec.states] == ["stopping", "stopped"]

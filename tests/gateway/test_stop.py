@@ -1,11 +1,14 @@
 """``DELETE /v1/deployments/{id}`` on a real gatewayd, with the real deployer worker on its
 database: what each state answers, idempotency, tenant scope, and how the worker treats the
-jobs a stop leaves (a cancelled deploy, a stop job). VMs are not needed here: a deployment
-with none stops at once (tests/deployer/test_stop_vm.py stops a real one)."""
+jobs a stop leaves (a cancelled deploy, an interrupted one, a stop job). VMs are not needed
+here: a deployment with none stops at once (tests/deployer/test_stop_vm.py stops real ones,
+running and while deploying)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,15 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from unkey_deploy.assets.blobs import FsBlobStore
+from unkey_deploy.assets.service import AssetManager
+from unkey_deploy.builder.api import BuildState
+from unkey_deploy.builder.service import BuildService, OciImageSource
 from unkey_deploy.core.errors import IllegalTransition, NotFound
+from unkey_deploy.core.ids import BuildId
 from unkey_deploy.deployer.api import BuiltAsset, DeployRequest, Progress
 from unkey_deploy.deployer.metald_vms import MetaldVms
+from unkey_deploy.deployer.service import BuilderBuilds
 from unkey_deploy.deployer.worker import DeployWorker
 from unkey_deploy.gateway.tls import client_context
 from unkey_deploy.metald.api import Scheduler
@@ -33,6 +42,9 @@ class NoBuilds:
 
     def build(self, req: DeployRequest, progress: Progress, /) -> BuiltAsset:
         raise AssertionError(f"deployment {req.deployment_id} was built after it was stopped")
+
+    def cancel(self, build_id: str, deployment_id: str, /) -> bool:
+        raise AssertionError(f"build {build_id} of {deployment_id}: there are no builds here")
 
 
 @dataclass
@@ -121,40 +133,109 @@ def test_a_claimed_deploy_job_of_a_cancelled_deployment_completes_without_buildi
     class StoppedUnderUs(cp.DeploymentRecords):
         def get(self, deployment_id: str) -> cp.Deployment:
             seen = super().get(deployment_id)  # still accepted
-            assert _stop(world, c, deployment_id).status_code == 200
+            if seen.state == "accepted":
+                assert _stop(world, c, deployment_id).status_code == 200
             return seen
 
     racing = DeployWorker(world.factory, NoBuilds(), world.worker.vms, worker_id="w-race")
     racing.records = StoppedUnderUs(world.factory)
     assert racing.run_once()
     (job,) = _jobs(world, "deploy", dep["id"])
+    # nobody asked the job to cancel (the deployment was): it completes, having done nothing
     assert job.state == jobs.JobState.SUCCEEDED and job.result == {"state": "cancelled"}
     assert world.records.get(dep["id"]).state == "cancelled"
     assert "failed" not in [e.phase for e in _events(world, dep["id"])]
 
 
-def test_building_or_deploying_is_409_and_changes_nothing(world: World) -> None:
+def test_building_with_a_queued_deploy_job_is_stopped_and_the_job_never_runs(
+    world: World,
+) -> None:
+    """A deploy job re-queued (its worker crashed) while building: the stop cancels it at once
+    and the stop job stops the deployment; the CLI answers like any stop."""
     c = new_customer(world.gw)
     dep = _deploy(world, c)
-    world.records.set_state(dep["id"], "building")  # as a worker does; its job is live
-    for state in ("building", "deploying"):
-        if state == "deploying":
-            world.records.set_state(dep["id"], "deploying")
-        r = _stop(world, c, dep["id"])
-        assert r.status_code == 409, r.text
-        err = r.json()["error"]
-        assert err["code"] == "illegal_transition" and state in err["message"]
-        assert "running or failed" in err["suggestion"]
-        assert world.records.get(dep["id"]).state == state
-    assert _jobs(world, "stop", dep["id"]) == []
+    world.records.set_state(dep["id"], "building")  # as a worker does; its job is queued again
+    r = _stop(world, c, dep["id"])
+    assert r.status_code == 202, r.text
+    assert r.json()["deployment"]["state"] == "stopping"
     (deploy_job,) = _jobs(world, "deploy", dep["id"])
-    assert deploy_job.state == jobs.JobState.QUEUED  # untouched
-    # the CLI: exit code of a conflict, the suggestion shown
+    assert deploy_job.state == jobs.JobState.CANCELLED
+    (stop_job,) = _jobs(world, "stop", dep["id"])
+    assert stop_job.state == jobs.JobState.QUEUED
     out = run_unkey(world.gw, "deployments", "stop", dep["id"], api_key=c.key)
-    assert out.code == 5, out
-    assert "running or failed" in out.err
-    with world.factory() as s, s.begin():  # no build in this module: the job goes
-        jobs.cancel(s, deploy_job.id, now=1e12)
+    assert out.code == 0 and out.out.strip() == "stopping", out
+    assert len(_jobs(world, "stop", dep["id"])) == 1
+    _run_until_idle(world)
+    assert world.records.get(dep["id"]).state == "stopped"
+    states = [e.data.get("state") for e in _events(world, dep["id"]) if e.phase == "state"]
+    assert states == ["building", "stopping", "stopped"]
+
+
+def _wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.02)
+    return got
+
+
+def test_a_deploy_waiting_for_its_build_is_interrupted_and_the_build_cancelled(
+    world: World, tmp_path: Path
+) -> None:
+    """The deploy job is running (its worker waits for builderd, whose queue holds the build:
+    no builder worker here), the user stops: 202 ``stopping``; the worker notices the cancel
+    request, cancels the build (still queued: cancelled at once) and acknowledges; the stop job
+    then records ``stopped``. Nothing is recorded failed; repeats are harmless; another tenant
+    still gets 404."""
+    assets = AssetManager(world.factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
+    # no builder worker runs here: the init binary is never read
+    builder = BuildService(world.factory, assets, OciImageSource(), work_dir=tmp_path / "work",
+                           init_binary=tmp_path / "no-init")  # fmt: skip
+    worker = DeployWorker(world.factory, BuilderBuilds(builder), world.worker.vms,
+                          worker_id="w-interrupt", cancel_poll_s=0.05)  # fmt: skip
+    owner, other = new_customer(world.gw), new_customer(world.gw)
+    dep_id = _deploy(world, owner)["id"]
+    deploying = threading.Thread(target=worker.run_once, name="deploy-job")
+    deploying.start()
+    try:
+        build_id = _wait_for("build", lambda: next(
+            (e.data["build_id"] for e in _events(world, dep_id) if "build_id" in e.data), None
+        ))  # fmt: skip
+        assert world.records.get(dep_id).state == "building"
+        assert builder.get(BuildId(build_id)).state == BuildState.QUEUED
+        assert _stop(world, other, dep_id).status_code == 404
+        r = _stop(world, owner, dep_id)
+        assert r.status_code == 202, r.text
+        assert r.json()["deployment"]["state"] == "stopping"
+        (deploy_job,) = _jobs(world, "deploy", dep_id)
+        assert deploy_job.state == jobs.JobState.RUNNING and deploy_job.cancel_requested
+        again = _stop(world, owner, dep_id)
+        assert again.status_code == 202 and again.json()["deployment"]["state"] == "stopping"
+    finally:
+        deploying.join(30)
+    assert not deploying.is_alive(), "the deploy worker did not notice the stop"
+    (deploy_job,) = _jobs(world, "deploy", dep_id)
+    assert deploy_job.state == jobs.JobState.CANCELLED
+    build = builder.get(BuildId(build_id))
+    assert build.state == BuildState.CANCELLED and build.deployment_id == dep_id
+    (stop_job,) = _jobs(world, "stop", dep_id)  # one for both requests
+    _run_until_idle(world)
+    with world.factory() as s:
+        assert jobs.get(s, stop_job.id).state == jobs.JobState.SUCCEEDED
+    assert world.records.get(dep_id).state == "stopped"
+    events = _events(world, dep_id)
+    states = [e.data.get("state") for e in events if e.phase == "state"]
+    assert states == ["building", "stopping", "stopped"]
+    assert "failed" not in [e.phase for e in events]
+    messages = [e.message for e in events]
+    assert (
+        "stop requested while building: the deploy is interrupted, then the deployment's VMs "
+        "deleted" in messages
+    )
+    assert any(m.startswith("deploy interrupted") for m in messages), messages
+    assert messages.count(f"build {build_id} cancelled") == 1, messages
+    assert _stop(world, owner, dep_id).status_code == 200
+    assert _stop(world, other, dep_id).status_code == 404
 
 
 def test_running_stops_through_one_stop_job_and_repeats_are_harmless(world: World) -> None:
@@ -293,12 +374,12 @@ def test_stop_on_postgres(tmp_path: Path, postgres_fresh_url: str) -> None:
             c = new_customer(gw)
             cancelled, running = _deploy(w, c), _deploy(w, c)
             assert _stop(w, c, cancelled["id"]).json()["deployment"]["state"] == "cancelled"
-            w.records.set_state(running["id"], "building")
-            assert _stop(w, c, running["id"]).status_code == 409
-            w.records.set_state(running["id"], "failed", error={"code": "x", "message": "y"})
+            w.records.set_state(running["id"], "building")  # its deploy job queued
             answers = [_stop(w, c, running["id"]) for _ in range(3)]
             assert [r.status_code for r in answers] == [202, 202, 202]
             assert len(_jobs(w, "stop", running["id"])) == 1
+            (deploy_job,) = _jobs(w, "deploy", running["id"])
+            assert deploy_job.state == jobs.JobState.CANCELLED
             _run_until_idle(w)
             assert w.records.get(running["id"]).state == "stopped"
             assert _stop(w, c, running["id"]).status_code == 200

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from unkey_deploy.core.errors import IllegalTransition
+from unkey_deploy.core.errors import IllegalTransition, InvalidInput
 from unkey_deploy.store import controlplane as cp
 from unkey_deploy.store import db
 
@@ -38,28 +38,23 @@ def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
         # the deploy job ended (out of attempts) without finishing: nothing moves it any more
         ("building", False, "stop"),
         ("deploying", False, "stop"),
+        # a deploy at work is interrupted: its job asked to cancel, a stop job after it
+        ("building", True, "interrupt"),
+        ("deploying", True, "interrupt"),
     ],
 )
 def test_stop_action(state: str, live: bool, action: str) -> None:
     assert cp.stop_action("dep_x", state, deploy_job_live=live) == action
 
 
-@pytest.mark.parametrize("state", ["building", "deploying"])
-def test_stop_while_the_deploy_job_works_is_refused_with_what_to_do(state: str) -> None:
-    with pytest.raises(IllegalTransition) as info:
-        cp.stop_action("dep_x", state, deploy_job_live=True)
-    err = info.value
-    assert err.http_status == 409 and err.code == "illegal_transition"
-    assert f"dep_x is {state}" in err.message
-    assert err.suggestion is not None and "running or failed" in err.suggestion
-
-
 def test_every_state_has_a_stop_decision() -> None:
     for state in cp.DEPLOYMENT_STATES:
-        try:
-            cp.stop_action("dep_x", state, deploy_job_live=True)
-        except IllegalTransition:
-            assert state in ("building", "deploying")
+        for live in (True, False):
+            assert cp.stop_action("dep_x", state, deploy_job_live=live) in (
+                "cancel", "interrupt", "stop", "none",
+            )  # fmt: skip
+    with pytest.raises(InvalidInput, match="unknown deployment state 'paused'"):
+        cp.stop_action("dep_x", "paused", deploy_job_live=True)
 
 
 def _deployment(s: Session, tenant: str) -> cp.Deployment:
@@ -108,3 +103,21 @@ def test_stopping_cannot_go_back_to_deploying(factory: sessionmaker[Session]) ->
         for state in ["building", "deploying", "running"]:
             with pytest.raises(IllegalTransition):
                 cp.record_state(s, dep.id, state, now=4.0)
+
+
+@pytest.mark.parametrize("at", ["building", "deploying"])
+def test_a_deploy_at_work_can_be_stopped_and_never_resumed(
+    factory: sessionmaker[Session], at: str
+) -> None:
+    """The interrupt path: building/deploying -> stopping; from there only the stop job's moves."""
+    with db.transaction(factory) as s:
+        dep = _deployment(s, f"interrupt-{at}")
+        for state in ["building", "deploying"][: 1 if at == "building" else 2]:
+            cp.record_state(s, dep.id, state, now=3.0)
+        cp.record_state(s, dep.id, "stopping", now=4.0)
+        for state in ["building", "deploying", "running", "cancelled"]:
+            with pytest.raises(IllegalTransition, match=f"from stopping to {state}"):
+                cp.record_state(s, dep.id, state, now=5.0)
+        cp.record_state(s, dep.id, "stopped", now=6.0)
+        states = [e.data["state"] for e in cp.events_after(s, dep.id) if e.phase == "state"]
+        assert states[-2:] == ["stopping", "stopped"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -55,7 +56,17 @@ class Builds(Protocol):
     """builderd, as the workflow sees it."""
 
     def build(self, req: DeployRequest, progress: Progress, /) -> BuiltAsset:
-        """Build (or reuse) the rootfs asset for ``req.image``; raises core.errors.BuildFailed."""
+        """Build (or reuse) the rootfs asset for ``req.image``; raises core.errors.BuildFailed.
+
+        Every progress event of the build carries its ``build_id`` in ``data`` (the first one
+        right after the build is queued), so the deploy can cancel it."""
+        ...
+
+    def cancel(self, build_id: str, deployment_id: str, /) -> bool:
+        """Ask builderd to stop ``build_id`` if it is still queued or running and was
+        submitted for ``deployment_id`` only (never a build another deployment waits for);
+        True if a cancel was requested. A :meth:`build` waiting for it then returns its
+        error at once (queued) or once the build's worker notices (running). Idempotent."""
         ...
 
 
@@ -66,6 +77,13 @@ class Vms(Protocol):
         self, req: DeployRequest, asset: BuiltAsset, replica: int, progress: Progress, /
     ) -> LaunchedVm:
         """Place, prepare, boot one replica and wait until its app answers."""
+        ...
+
+    def abort(self, deployment_id: str, /) -> list[str]:
+        """Ask for every VM of the deployment to be deleted, without waiting: a :meth:`launch`
+        waiting for one of them then fails soon (its VM is gone). Returns the VMs asked for.
+        Safe to call from another thread than the launch, and again (a VM created since is
+        asked for too)."""
         ...
 
     def stop_all(self, deployment_id: str, progress: Progress, /) -> list[str]:
@@ -83,3 +101,38 @@ class Deployments(Protocol):
     def set_state(self, deployment_id: str, state: str, /, **fields: Any) -> None: ...
 
     def event(self, deployment_id: str, phase: str, message: str, /, **data: Any) -> None: ...
+
+
+class Interrupted(Exception):
+    """The user stopped the deployment while its deploy ran; raised at the deploy's next step
+    (or when its own move of the deployment is refused: the deployment is no longer its)."""
+
+
+class Interruption:
+    """A user's stop reaching a running deploy, shared by the worker's watcher thread (it calls
+    :meth:`set` once the job's ``cancel_requested`` appears) and the workflow (it calls
+    :meth:`check` at every step, and records in ``build_id`` the build it waits for).
+
+    ``requested`` asks the source of truth (the job row) without waiting for the watcher's next
+    look: the workflow calls it through :meth:`confirmed` before recording a failure, since a
+    step that failed because the deployment was being torn down is a stop, not a failure."""
+
+    def __init__(self, requested: Callable[[], bool] = lambda: False) -> None:
+        self._event = threading.Event()
+        self._requested = requested
+        self.build_id: str | None = None
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def confirmed(self) -> bool:
+        if not self._event.is_set() and self._requested():
+            self._event.set()
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Interrupted("the deployment was stopped")

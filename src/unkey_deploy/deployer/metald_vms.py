@@ -52,6 +52,21 @@ class MetaldVms:
             vm_id=vm.vm_id, instance_id=vm.instance_id or "", host_id=vm.host_id, url=vm.url
         )
 
+    def abort(self, deployment_id: str, /) -> list[str]:
+        """See :meth:`.api.Vms.abort`: ``desired=deleted`` on each VM not asked for yet. A
+        launch that creates and boots a VM between two calls may set ``desired=running`` back
+        (boot follows create), which is why the interrupting side calls this repeatedly."""
+        asked: list[str] = []
+        for vm in self.api.list(deployment_id=deployment_id):
+            if vm.desired == "deleted":
+                continue
+            try:
+                self.api.delete(vm.vm_id)
+            except (NotFound, IllegalTransition):  # gone, or moving: the next call asks again
+                continue
+            asked.append(vm.vm_id)
+        return asked
+
     def stop_all(self, deployment_id: str, progress: Progress, /) -> list[str]:
         """See :meth:`.api.Vms.stop_all`. Through the scheduler, ``delete`` records
         ``desired=deleted`` and the VM's host stops and deletes it (its row goes: that is

@@ -15,9 +15,12 @@ import threading
 from pathlib import Path
 
 from ..assets.service import open_assets
+from ..builder.api import BuildState
 from ..builder.service import DeployBuilds, open_builder
 from ..core import metrics
 from ..core.config import Settings, load
+from ..core.errors import IllegalTransition, NotFound
+from ..core.ids import BuildId
 from ..core.log import configure
 from ..metald.api import Scheduler
 from ..store.db import make_engine, session_factory, upgrade
@@ -26,12 +29,29 @@ from .metald_vms import MetaldVms
 from .worker import DeployWorker
 
 
+class BuilderBuilds(DeployBuilds):
+    """``api.Builds`` over builderd: :class:`DeployBuilds` (submit, stream, wait) plus the
+    cancel of a build that runs for one deployment only."""
+
+    def cancel(self, build_id: str, deployment_id: str, /) -> bool:
+        try:
+            build = self.builder.get(BuildId(build_id))
+            if build.deployment_id != deployment_id or build.state not in (
+                BuildState.QUEUED, BuildState.RUNNING,
+            ):  # fmt: skip
+                return False
+            self.builder.cancel(BuildId(build_id))
+        except (NotFound, IllegalTransition):  # gone, or finished since we looked
+            return False
+        return True
+
+
 def build_workers(settings: Settings, *, count: int = 2) -> list[DeployWorker]:
     engine = make_engine(settings.resolved_database_url)
     upgrade(engine)
     factory = session_factory(engine)
     assets = open_assets(settings)
-    builds = DeployBuilds(open_builder(settings))
+    builds = BuilderBuilds(open_builder(settings))
 
     def rootfs_for(asset: BuiltAsset) -> Path:
         return assets.local_path(asset.asset_id)  # type: ignore[arg-type]

@@ -1,5 +1,19 @@
 """The deployer worker: claims ``deploy`` and ``stop`` jobs (the gateway's route decisions) and
-runs them (:func:`.workflow.run_deploy`, :func:`.workflow.run_stop`)."""
+runs them (:func:`.workflow.run_deploy`, :func:`.workflow.run_stop`).
+
+A user's stop of a deploy in progress (``building``/``deploying``) asks its deploy job to cancel
+and enqueues a stop job. The deploy's worker sees ``cancel_requested`` within
+``cancel_poll_s`` (its watcher thread reads the job that often and heartbeats it every third of
+the lease), interrupts the deploy (cancels its build, deletes the VM a launch waits for), then
+deletes everything the deploy created and acknowledges the cancel. The stop job first waits for
+the deploy job to end (a dead worker's job ends when its lease expires), then deletes whatever
+is left and records ``stopped``.
+
+A failed stop attempt that will be retried leaves the deployment ``stopping`` (an event says
+so); it is recorded ``failed``, in the transaction that fails the job for good, only when no
+attempt is left (or the error is not retryable), or when a worker finds that the stop job's
+last worker lost its lease on the last attempt. So ``failed`` after a stop is final.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +21,7 @@ import contextlib
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,12 +29,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..appspec import AppSpec, parse_size
 from ..core import metrics
 from ..core.clock import SYSTEM_CLOCK, Clock
-from ..core.errors import IllegalTransition, UnkeyError
+from ..core.errors import DeadlineExceeded, IllegalTransition, NotFound, UnkeyError
 from ..core.log import bound, event, get
+from ..store import controlplane as cp
 from ..store import jobs
 from ..store.controlplane import Deployment, DeploymentRecords
-from .api import Builds, DeployRequest, Vms
-from .workflow import run_deploy, run_stop
+from .api import Builds, DeployRequest, Interrupted, Interruption, Vms
+from .workflow import run_deploy, run_stop, wind_down
 
 JOB_KIND = "deploy"
 STOP_JOB_KIND = "stop"
@@ -52,6 +68,14 @@ def request_from(dep: Deployment) -> DeployRequest:
     )
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """How a job ends: completed with ``result``, or its cancel acknowledged."""
+
+    result: dict[str, Any] = field(default_factory=dict)
+    cancelled: bool = False
+
+
 class DeployWorker:
     """One worker thread; several may run (in one or many processes) on the same queue."""
 
@@ -65,6 +89,8 @@ class DeployWorker:
         clock: Clock = SYSTEM_CLOCK,
         lease_s: float = 60.0,
         poll_s: float = 0.2,
+        cancel_poll_s: float = 0.25,
+        deploy_wait_s: float = 300.0,
     ) -> None:
         self.factory = factory
         self.builds = builds
@@ -74,6 +100,8 @@ class DeployWorker:
         self.clock = clock
         self.lease_s = lease_s
         self.poll_s = poll_s
+        self.cancel_poll_s = cancel_poll_s
+        self.deploy_wait_s = deploy_wait_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -83,7 +111,7 @@ class DeployWorker:
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue had nothing for us."""
         with self.factory() as s, s.begin():
-            jobs.requeue_expired(s, now=self._now(), kinds=JOB_KINDS)
+            self._requeue_expired(s, JOB_KINDS)
         job = jobs.claim(
             self.factory, JOB_KINDS, self.worker_id, now=self._now(), lease_s=self.lease_s
         )
@@ -91,74 +119,194 @@ class DeployWorker:
             return False
         dep_id = str(job.payload["deployment_id"])
         done = threading.Event()
-
-        def heartbeat() -> None:
-            while not done.wait(self.lease_s / 3):
-                with (
-                    contextlib.suppress(UnkeyError),
-                    self.factory() as s,
-                    s.begin(),
-                ):
-                    jobs.heartbeat(s, job.id, self.worker_id, now=self._now(), lease_s=self.lease_s)
-
-        hb = threading.Thread(target=heartbeat, name=f"hb-{job.id}", daemon=True)
-        hb.start()
+        interruption = Interruption(lambda: self._cancel_requested(job.id))
+        watcher = threading.Thread(target=self._watch, args=(job, dep_id, interruption, done),
+                                   name=f"hb-{job.id}", daemon=True)  # fmt: skip
+        watcher.start()
         ids: dict[str, Any] = {"deployment_id": dep_id, "job_kind": job.kind}
         try:
             dep = self.records.get(dep_id)
             ids.update(request_id=dep.request_id, customer_id=dep.customer_id)
             with bound(**ids):
                 if job.kind == STOP_JOB_KIND:
-                    result = self._run_stop(dep, job.attempts)
+                    outcome = self._run_stop(dep, job.attempts)
                 else:
-                    result = self._run_deploy(dep, job.attempts)
+                    outcome = self._run_deploy(dep, job.attempts, interruption)
             done.set()
+            watcher.join(10)
             with self.factory() as s, s.begin():
-                jobs.complete(s, job.id, self.worker_id, now=self._now(), result=result)
+                if outcome.cancelled:
+                    jobs.acknowledge_cancel(s, job.id, self.worker_id, now=self._now())
+                else:
+                    jobs.complete(s, job.id, self.worker_id, now=self._now(),
+                                  result=outcome.result)  # fmt: skip
         except UnkeyError as exc:
             done.set()
+            watcher.join(10)
             what = "stop" if job.kind == STOP_JOB_KIND else "deploy"
             (metrics.STOPS if job.kind == STOP_JOB_KIND else metrics.DEPLOYS).labels("failed").inc()
             with bound(**ids):
                 event(log, f"{what} failed", level=logging.WARNING, error=exc.to_dict())
             with contextlib.suppress(IllegalTransition), self.factory() as s, s.begin():
-                jobs.fail(
+                after = jobs.fail(
                     s, job.id, self.worker_id, exc.message, now=self._now(), retryable=exc.retryable
                 )
+                if job.kind == STOP_JOB_KIND:
+                    self._stop_attempt_failed(s, dep_id, after, exc.to_dict())
         finally:
             done.set()
         return True
 
-    def _run_deploy(self, dep: Deployment, attempt: int) -> dict[str, Any]:
+    # -- the deploy job's watcher ---------------------------------------------------------------
+    def _cancel_requested(self, job_id: str) -> bool:
+        with self.factory() as s:
+            return jobs.get(s, job_id).cancel_requested
+
+    def _watch(
+        self, job: jobs.Job, dep_id: str, interruption: Interruption, done: threading.Event
+    ) -> None:
+        """Heartbeat the job every third of its lease; for a deploy job, also look for a
+        cancel request every ``cancel_poll_s`` and interrupt the deploy once there is one:
+        cancel its build and ask for its VMs' deletion (again on every look, so a VM a launch
+        creates meanwhile goes too), which ends a launch waiting for its VM at once."""
+        deploy = job.kind == JOB_KIND
+        beat_every = self.lease_s / 3
+        last_beat = time.monotonic()
+        while not done.wait(min(self.cancel_poll_s, beat_every) if deploy else beat_every):
+            try:
+                if time.monotonic() - last_beat >= beat_every:
+                    with self.factory() as s, s.begin():
+                        seen = jobs.heartbeat(s, job.id, self.worker_id, now=self._now(),
+                                              lease_s=self.lease_s)  # fmt: skip
+                    last_beat = time.monotonic()
+                elif deploy:
+                    with self.factory() as s:
+                        seen = jobs.get(s, job.id)
+                else:
+                    continue
+                if not deploy:
+                    continue
+                if seen.cancel_requested and not interruption.is_set():
+                    interruption.set()
+                    event(log, "stop requested: interrupting the deploy",
+                          deployment_id=dep_id, build_id=interruption.build_id)  # fmt: skip
+                    build_id = interruption.build_id
+                    if build_id is not None and self.builds.cancel(build_id, dep_id):
+                        self.records.event(dep_id, "build", f"build {build_id} cancelled",
+                                           build_id=build_id)  # fmt: skip
+                if interruption.is_set():
+                    self.vms.abort(dep_id)
+            except UnkeyError as exc:  # the database or metald hiccuped: the next look retries
+                event(log, "deploy watcher", level=logging.WARNING, error=str(exc),
+                      deployment_id=dep_id)  # fmt: skip
+
+    # -- deploy ---------------------------------------------------------------------------------
+    def _run_deploy(self, dep: Deployment, attempt: int, interruption: Interruption) -> _Outcome:
         event(log, "deploy started", attempt=attempt, state=dep.state)
         if dep.state in _DEPLOY_SKIPS:
-            return {"state": dep.state}
+            return _Outcome({"state": dep.state})
         t0 = time.monotonic()
         try:
-            launched = run_deploy(
-                request_from(dep), self.builds, self.vms, self.records, current_state=dep.state
-            )
-        except IllegalTransition:
-            # the user cancelled or stopped it between our claim and our first move: done
+            launched = run_deploy(request_from(dep), self.builds, self.vms, self.records,
+                                  current_state=dep.state, interruption=interruption)  # fmt: skip
+        except Interrupted as why:
+            # the user cancelled or stopped it: delete what we created, leave the rest to them
+            deleted = wind_down(dep.id, self.builds, self.vms, self.records,
+                                interruption=interruption, why=why)  # fmt: skip
             now = self.records.get(dep.id).state
-            if now in _DEPLOY_SKIPS:
-                event(log, "deploy skipped", state=now)
-                return {"state": now}
-            raise
-        result: dict[str, Any] = {"vms": [v.vm_id for v in launched]}
+            metrics.DEPLOYS.labels("interrupted").inc()
+            event(log, "deploy interrupted", state=now, vms=deleted, reason=str(why),
+                  seconds=round(time.monotonic() - t0, 3))  # fmt: skip
+            result: dict[str, Any] = {"state": now}
+            if deleted:
+                result["vms_deleted"] = deleted
+            return _Outcome(result, cancelled=interruption.confirmed())
+        result = {"vms": [v.vm_id for v in launched]}
         seconds = time.monotonic() - t0
         metrics.DEPLOYS.labels("ready").inc()
         metrics.DEPLOY_SECONDS.observe(seconds)
         event(log, "deploy ready", vms=result["vms"], seconds=round(seconds, 3))
-        return result
+        return _Outcome(result)
 
-    def _run_stop(self, dep: Deployment, attempt: int) -> dict[str, Any]:
+    # -- stop -----------------------------------------------------------------------------------
+    def _run_stop(self, dep: Deployment, attempt: int) -> _Outcome:
         event(log, "stop started", attempt=attempt, state=dep.state)
         t0 = time.monotonic()
+        if self._await_deploy(dep):
+            dep = self.records.get(dep.id)  # the interrupted deploy may have moved it
         deleted = run_stop(dep.id, self.vms, self.records, current_state=dep.state)
         metrics.STOPS.labels("stopped").inc()
         event(log, "deployment stopped", vms=deleted, seconds=round(time.monotonic() - t0, 3))
-        return {"state": "stopped", "vms": deleted}
+        return _Outcome({"state": "stopped", "vms": deleted})
+
+    def _await_deploy(self, dep: Deployment) -> bool:
+        """Wait until the deployment's deploy job has ended (asking it to cancel first if it
+        has not been asked): a stop never races the VMs a deploy launches. A dead worker's job
+        ends when its lease expires. True if there was a deploy to wait for."""
+        if not dep.job_id:
+            return False
+        deadline = time.monotonic() + self.deploy_wait_s
+        waited = False
+        while True:
+            with self.factory() as s, s.begin():
+                self._requeue_expired(s, (JOB_KIND,))
+                try:
+                    deploy = jobs.get(s, dep.job_id)
+                except NotFound:
+                    return waited
+                if deploy.state not in jobs.FINISHED and not deploy.cancel_requested:
+                    deploy = jobs.cancel(s, deploy.id, now=self._now())
+            if deploy.state in jobs.FINISHED:
+                return waited
+            if not waited:
+                waited = True
+                self.records.event(
+                    dep.id, "stop", f"waiting for the deploy (job {deploy.id}) to stop and "
+                    "delete what it created", job_id=deploy.id,
+                )  # fmt: skip
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"the deploy job {deploy.id} of deployment {dep.id} did not stop within "
+                    f"{self.deploy_wait_s:.0f} s of its cancel request",
+                    suggestion="check the deployer's log; the stop is retried",
+                )
+            time.sleep(0.1)
+
+    def _stop_attempt_failed(
+        self, s: Session, dep_id: str, after: jobs.Job, error: dict[str, Any]
+    ) -> None:
+        """Record a failed stop attempt in the job's own transaction: an event while the job
+        will be retried (the deployment stays ``stopping``), ``failed`` once it will not."""
+        now = self._now()
+        message = str(error.get("message", ""))
+        if after.state == jobs.JobState.QUEUED:
+            retry_in = max(after.not_before - now, 0.0)
+            cp.add_event(s, dep_id, "stop", f"stop attempt {after.attempts}/{after.max_attempts} "
+                         f"failed: {message}; retrying in {retry_in:.0f} s", now=now,
+                         data={"error": error, "attempt": after.attempts,
+                               "max_attempts": after.max_attempts, "retrying": True})  # fmt: skip
+            return
+        if cp.get_deployment(s, dep_id, tenant_id=None).state != "stopping":
+            return  # it failed before moving the deployment: nothing of it to record as failed
+        cp.record_state(s, dep_id, "failed", now=now, error=error)
+        cp.add_event(s, dep_id, "failed", f"stop failed: {message}", now=now,
+                     data={"error": error, "attempt": after.attempts, "final": True})  # fmt: skip
+
+    def _requeue_expired(self, s: Session, kinds: tuple[str, ...]) -> None:
+        """Jobs whose worker stopped heartbeating go back to the queue (or fail for good); a
+        stop job's fate is the deployment's, recorded as :meth:`_stop_attempt_failed` does."""
+        for job in jobs.requeue_expired(s, now=self._now(), kinds=kinds):
+            if job.kind != STOP_JOB_KIND or job.state == jobs.JobState.CANCELLED:
+                continue
+            dep_id = str(job.payload.get("deployment_id", ""))
+            lost = UnkeyError(
+                f"the stop's worker stopped heartbeating (crashed or stalled) on attempt "
+                f"{job.attempts}/{job.max_attempts}",
+                retryable=True,
+                details={"job_id": job.id},
+            )
+            with contextlib.suppress(NotFound):
+                self._stop_attempt_failed(s, dep_id, job, lost.to_dict())
 
     def start(self) -> None:
         def loop() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.errors import UnkeyError
-from .api import Builds, Deployments, DeployRequest, LaunchedVm, Vms
+from ..core.errors import IllegalTransition, UnkeyError
+from .api import Builds, Deployments, DeployRequest, Interrupted, Interruption, LaunchedVm, Vms
 
 
 def run_deploy(
@@ -15,24 +15,43 @@ def run_deploy(
     deployments: Deployments,
     *,
     current_state: str = "accepted",
+    interruption: Interruption | None = None,
 ) -> list[LaunchedVm]:
     """Build the image, then launch every replica; every step lands in the event stream.
 
     ``current_state`` is where a previous attempt left the deployment (a retried job after a
     worker crash): the build is cached by image digest, so resuming rebuilds cheaply.
 
+    ``interruption`` is the user's stop: checked at every step and progress event, it raises
+    :class:`.api.Interrupted` (so does a move of the deployment the lifecycle refuses: someone
+    else, the user's stop, moved it). Then nothing is recorded: the caller deletes what was
+    created (:func:`wind_down`) and the stop job owns the deployment.
+
     Raises the service's error (a core.errors.UnkeyError) after recording the deployment as
-    failed with that error's code and message, so the worker can decide to retry or not.
+    failed with that error's code and message, so the worker can decide to retry or not; unless
+    the stop was requested meanwhile (``interruption.confirmed()``): a step that failed because
+    the deployment is being torn down (its VM deleted under the launch) is Interrupted.
     """
     dep = req.deployment_id
+    stop = interruption or Interruption()
 
     def progress(phase: str, message: str, /, **data: Any) -> None:
         deployments.event(dep, phase, message, **data)
+        if stop.build_id is None and phase == "build" and data.get("build_id"):
+            stop.build_id = str(data["build_id"])
+        stop.check()
+
+    def move(state: str, **fields: Any) -> None:
+        stop.check()
+        try:
+            deployments.set_state(dep, state, **fields)
+        except IllegalTransition as exc:
+            # the user cancelled or stopped the deployment since the job was claimed; it is
+            # theirs now, never recorded failed by us
+            raise Interrupted(f"deployment {dep} was moved under the deploy: {exc}") from exc
 
     if current_state != "deploying":
-        # outside the try: an IllegalTransition here means the user cancelled or stopped the
-        # deployment after the job was claimed; it is theirs now, never recorded failed
-        deployments.set_state(dep, "building")
+        move("building")
     try:
         deployments.event(dep, "build", f"building {req.image}")
         asset = builds.build(req, progress)
@@ -44,9 +63,10 @@ def run_deploy(
             build_id=asset.build_id,
             rootfs_bytes=asset.rootfs_bytes,
         )
-        deployments.set_state(dep, "deploying", asset_id=asset.asset_id)
+        move("deploying", asset_id=asset.asset_id)
         launched = []
         for replica in range(req.replicas):
+            stop.check()
             vm = vms.launch(req, asset, replica, progress)
             launched.append(vm)
             deployments.event(
@@ -58,13 +78,54 @@ def run_deploy(
                 url=vm.url,
             )
         url = launched[0].url if launched else None
-        deployments.set_state(dep, "running", url=url)
+        move("running", url=url)
         deployments.event(dep, "done", f"deployment running at {url}", url=url)
         return launched
     except UnkeyError as exc:
+        if stop.confirmed():
+            raise Interrupted(f"deployment {dep} was stopped ({exc.message})") from exc
         deployments.set_state(dep, "failed", error=exc.to_dict())
         deployments.event(dep, "failed", exc.message, error=exc.to_dict())
         raise
+
+
+def wind_down(
+    deployment_id: str,
+    builds: Builds,
+    vms: Vms,
+    deployments: Deployments,
+    *,
+    interruption: Interruption,
+    why: Interrupted,
+) -> list[str]:
+    """After :class:`.api.Interrupted`: cancel the deploy's build if it still runs for this
+    deployment only, then delete every VM the deploy created and wait until each is gone (its
+    process, cgroup, network, jail, asset lease and capacity freed). Returns the deleted VMs.
+
+    Records no state (``stopping`` belongs to the stop job, which deletes whatever this could
+    not); a failure to delete is an event, not an error, for the same reason."""
+    dep = deployment_id
+
+    def progress(phase: str, message: str, /, **data: Any) -> None:
+        deployments.event(dep, phase, message, **data)
+
+    deployments.event(dep, "stop", f"deploy interrupted: {why}")
+    if interruption.build_id is not None:
+        try:
+            if builds.cancel(interruption.build_id, dep):
+                deployments.event(dep, "build", f"build {interruption.build_id} cancelled",
+                                  build_id=interruption.build_id)  # fmt: skip
+        except UnkeyError as exc:
+            deployments.event(dep, "build", f"could not cancel build {interruption.build_id}: "
+                              f"{exc.message}", build_id=interruption.build_id)  # fmt: skip
+    try:
+        return vms.stop_all(dep, progress)
+    except UnkeyError as exc:
+        deployments.event(
+            dep, "stop", f"the interrupted deploy's VMs are not all deleted yet ({exc.message});"
+            " the stop job deletes them", error=exc.to_dict(),
+        )  # fmt: skip
+        return []
 
 
 def run_stop(
@@ -79,9 +140,11 @@ def run_stop(
 
     Safe to run again (a retried stop job after a worker crash or a failed attempt): VMs
     already deleted are gone from the list and those being deleted are waited for; a
-    deployment that a failed attempt left ``failed`` goes back to ``stopping`` first.
+    deployment left ``failed`` goes back to ``stopping`` first.
 
-    Raises the error after recording the deployment ``failed`` with it, like :func:`run_deploy`.
+    Raises the error and records nothing of it: whether the deployment is ``failed`` depends on
+    whether its stop job will be retried, which only the worker knows (a stop that will be
+    retried keeps the deployment ``stopping``, so whoever waits for it waits for the outcome).
     """
     dep = deployment_id
 
@@ -92,14 +155,9 @@ def run_stop(
         return []
     if current_state != "stopping":
         deployments.set_state(dep, "stopping")  # failed -> stopping; anything else is illegal
-    try:
-        deleted = vms.stop_all(dep, progress)
-        deployments.set_state(dep, "stopped")
-        # a retried stop may find the VMs gone already (deleted after the last attempt gave up)
-        what = f"{len(deleted)} VMs deleted" if deleted else "no VMs left"
-        deployments.event(dep, "done", f"deployment stopped ({what})", vms=deleted)
-        return deleted
-    except UnkeyError as exc:
-        deployments.set_state(dep, "failed", error=exc.to_dict())
-        deployments.event(dep, "failed", f"stop failed: {exc.message}", error=exc.to_dict())
-        raise
+    deleted = vms.stop_all(dep, progress)
+    deployments.set_state(dep, "stopped")
+    # a retried stop may find the VMs gone already (deleted after the last attempt gave up)
+    what = f"{len(deleted)} VMs deleted" if deleted else "no VMs left"
+    deployments.event(dep, "done", f"deployment stopped ({what})", vms=deleted)
+    return deleted

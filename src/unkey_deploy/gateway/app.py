@@ -372,6 +372,18 @@ def stop_deployment(
             cp.add_event(session, dep.id, "stop", "stop requested again: the last stop job ended "
                          "without finishing", now=now,
                          data={"request_id": request_id, "job_id": job.id})  # fmt: skip
+        elif action == "interrupt":
+            # its deploy job is live: asked to cancel here (its worker stops at its next step
+            # and deletes what it created); the stop job waits for it to end, then finishes
+            if deploy_job is not None and deploy_job.state == jobs.JobState.RUNNING:
+                jobs.cancel(session, deploy_job.id, now=now)
+            job = jobs.enqueue(session, STOP_JOB_KIND, _stop_payload(dep.id, principal, request_id),
+                               now=now, dedupe_key=dep.id)  # fmt: skip
+            cp.add_event(session, dep.id, "stop", f"stop requested while {dep.state}: the deploy "
+                         "is interrupted, then the deployment's VMs deleted", now=now,
+                         data={"request_id": request_id, "job_id": job.id,
+                               "deploy_job_id": dep.job_id})  # fmt: skip
+            dep = cp.record_state(session, dep.id, "stopping", now=now)
         elif action == "stop":
             if dep.state in ("building", "deploying"):
                 # its deploy job ended without finishing it: nothing moves it any more
@@ -508,7 +520,10 @@ def _routes(router: APIRouter) -> None:
                 "description": "nothing left to stop: cancelled now (it was accepted, no worker "
                 "had started it), or already stopped or cancelled",
             },
-            202: {"description": "stopping: a stop job deletes the deployment's VMs"},
+            202: {
+                "description": "stopping: a stop job deletes the deployment's VMs (a deploy in "
+                "progress is interrupted first)"
+            },
             **ERRORS,
         },
         tags=["deployments"],
@@ -521,9 +536,11 @@ def _routes(router: APIRouter) -> None:
     ) -> Response:
         """Tear a deployment down. ``accepted`` (not started yet) becomes ``cancelled`` at once
         (200); ``running`` or ``failed`` becomes ``stopping`` and a stop job deletes its VMs,
-        then it is ``stopped`` (202; follow ``/events``). ``building``/``deploying`` is 409:
-        stop it once it is running or failed. Stopping again is harmless: the current
-        deployment, no second job."""
+        then it is ``stopped`` (202; follow ``/events``). ``building``/``deploying`` becomes
+        ``stopping`` too (202): the deploy is interrupted at its next step (its build
+        cancelled, whatever VM it created deleted), then the stop job finishes. A stop attempt
+        that fails and will be retried leaves it ``stopping``; ``failed`` means the stop has
+        finally failed. Stopping again is harmless: the current deployment, no second job."""
         st = state_of(request)
         work = functools.partial(
             stop_deployment,

@@ -10,10 +10,15 @@ Deployment lifecycle (a named :class:`IllegalTransition` for every other move)::
         \\           \\            \\          \\           \\
          `-----------`------------`----------`-----------`--> failed --(retry)--> building
     accepted -> cancelled                                       failed --(stop)--> stopping
+                building/deploying --(stop: the deploy is interrupted)--> stopping
 
 A user's stop (:func:`stop_action`, ``DELETE /v1/deployments/{id}``) cancels an ``accepted``
 deployment at once, moves a ``running`` or ``failed`` one to ``stopping`` (a ``stop`` job then
-deletes its VMs), and is refused while a deploy is building or deploying.
+deletes its VMs), and interrupts a ``building`` or ``deploying`` one: ``stopping`` at once, its
+deploy job asked to cancel (its worker stops at its next step and deletes what it created, its
+build included), and a ``stop`` job that first waits for that deploy job to end. Nothing moves
+a deployment out of ``stopping`` but its stop job: to ``stopped``, or ``failed`` once the stop
+job has finally failed (a failed attempt that will be retried leaves it ``stopping``).
 
 The ``deployment_events`` table is append-only: any service adds progress with
 :func:`add_event` (or :class:`DeploymentRecords`), and the gateway streams it as server-sent
@@ -76,8 +81,8 @@ itself is done)."""
 
 _TRANSITIONS: dict[str, frozenset[str]] = {
     "accepted": frozenset({"building", "failed", "cancelled"}),
-    "building": frozenset({"building", "deploying", "failed"}),
-    "deploying": frozenset({"deploying", "running", "failed"}),
+    "building": frozenset({"building", "deploying", "failed", "stopping"}),
+    "deploying": frozenset({"deploying", "running", "failed", "stopping"}),
     "running": frozenset({"stopping", "deploying", "failed"}),
     "stopping": frozenset({"stopped", "failed"}),
     "stopped": frozenset(),
@@ -626,19 +631,21 @@ def record_state(
     return dep
 
 
-StopAction = Literal["cancel", "stop", "none"]
-"""What a user's stop does: ``cancel`` (nothing started yet: ``cancelled`` at once), ``stop``
-(``stopping``, and a ``stop`` job deletes the VMs) or ``none`` (already stopping or over)."""
+StopAction = Literal["cancel", "interrupt", "stop", "none"]
+"""What a user's stop does: ``cancel`` (nothing started yet: ``cancelled`` at once), ``interrupt``
+(a deploy is building or deploying: ``stopping``, its deploy job asked to cancel, and a ``stop``
+job deletes the VMs once that job has ended), ``stop`` (``stopping``, and a ``stop`` job deletes
+the VMs) or ``none`` (already stopping or over)."""
 
 
 def stop_action(deployment_id: str, state: str, *, deploy_job_live: bool) -> StopAction:
     """The pure decision behind ``DELETE /v1/deployments/{id}``.
 
     ``deploy_job_live``: the deployment's deploy job is still queued or running. A deploy in
-    ``building``/``deploying`` is its job's to finish (a stop now would race the VMs it is
-    launching), so that is IllegalTransition, unless the job has ended without finishing the
-    deployment (its worker ran out of attempts): then nothing moves it any more and it is
-    stopped (the caller records it ``failed`` first, the lifecycle's way to ``stopping``).
+    ``building``/``deploying`` whose job lives is interrupted (the job's worker stops at its
+    next step and deletes whatever it created); one whose job has ended without finishing the
+    deployment (its worker ran out of attempts) is moved by nothing any more, so it is stopped
+    (the caller records it ``failed`` first, with why, the lifecycle's way to ``stopping``).
     """
     if state == "accepted":
         return "cancel"
@@ -647,16 +654,8 @@ def stop_action(deployment_id: str, state: str, *, deploy_job_live: bool) -> Sto
     if state in ("stopping", "stopped", "cancelled"):
         return "none"
     if state in ("building", "deploying"):
-        if not deploy_job_live:
-            return "stop"
-        raise IllegalTransition(
-            f"deployment {deployment_id} is {state}: it cannot be stopped until its deploy "
-            "finishes",
-            suggestion=f"stop it once it is running or failed (`unkey deployments show "
-            f"{deployment_id}` shows its state)",
-            details={"deployment_id": deployment_id, "state": state},
-        )
-    raise InvalidInput(f"unknown deployment state {state!r}")
+        return "interrupt" if deploy_job_live else "stop"
+    raise InvalidInput(f"unknown deployment state {state!r} of deployment {deployment_id}")
 
 
 def add_event(

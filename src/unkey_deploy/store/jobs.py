@@ -94,6 +94,7 @@ class Job:
     dedupe_key: str | None
     created_at: float
     updated_at: float
+    not_before: float = 0.0  # a re-queued job is not claimed before this (its retry backoff)
 
     @classmethod
     def of(cls, row: JobRow) -> Job:
@@ -113,6 +114,7 @@ class Job:
             dedupe_key=row.dedupe_key,
             created_at=row.created_at,
             updated_at=row.updated_at,
+            not_before=row.not_before,
         )
 
 
