@@ -11,7 +11,8 @@ from unkey_deploy.billing.queries import BillingQueries
 from unkey_deploy.clickhouse.api import Storage
 from unkey_deploy.core.clock import FakeClock
 
-from .reference import RawSample, reference_invoices
+from .reference import RawSample, reference_invoices, series_hours
+from .scenarios import Series, raw_of
 
 
 def directory(terms: dict[str, tuple[Decimal, Decimal]]) -> MemoryDirectory:
@@ -39,3 +40,33 @@ def assert_bills_match(
 
 def month(t_ns: int) -> str:
     return datetime.fromtimestamp(t_ns // 10**9, UTC).strftime("%Y-%m")
+
+
+def hourly(storage: Storage) -> dict[tuple[str, str, int], dict[str, int]]:
+    """billing_hourly as read (FINAL): quantities per VM instance and hour (zero rows too)."""
+    rows = storage.query(
+        "SELECT vm_id, instance_id, toUnixTimestamp(hour) AS h, cpu_time_ns, mem_byte_ns, "
+        "net_rx_bytes + net_tx_bytes AS net, sample_count FROM billing_hourly FINAL"
+    )
+    return {
+        (r["vm_id"], r["instance_id"], int(r["h"]) // 3600): {
+            "cpu": int(r["cpu_time_ns"]),
+            "mem": int(r["mem_byte_ns"]),
+            "net": int(r["net"]),
+            "n": int(r["sample_count"]),
+        }
+        for r in rows
+    }
+
+
+def assert_hours_match(storage: Storage, series: list[Series]) -> None:
+    """Every billing_hourly row equals the reference's hour (an hour without valid samples may
+    only hold a zero row, left by a recomputation)."""
+    want: dict[tuple[str, str, int], dict[str, int]] = {}
+    for s in series:
+        hours, _v, _i = series_hours(raw_of([s]))
+        for h, u in hours.items():
+            want[(s.key.vm_id, s.key.instance_id, h)] = dict(u)
+    got = hourly(storage)
+    zero = {"cpu": 0, "mem": 0, "net": 0, "n": 0}
+    assert {k: v for k, v in got.items() if v != zero} == want

@@ -21,8 +21,7 @@ from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.metering.codec import Encoder, samples_to_array
 from unkey_deploy.metering.model import Batch
 
-from .harness import assert_bills_match, directory
-from .reference import series_hours
+from .harness import assert_bills_match, assert_hours_match, directory, hourly
 from .scenarios import Series, make_series, raw_of, to_batches
 
 HOUR = 3_600_000_000_000
@@ -58,36 +57,6 @@ def _series(seed: int, start: int) -> list[Series]:
         make_series(rng, "cust_a", "vm_2", "i1", start + 30 * 10**9, 2400, vcpus=1),
         make_series(rng, "cust_b", "vm_3", "i1", start - 10**11, 3600, vcpus=4, invalid_every=173),
     ]
-
-
-def _hourly(storage: ChdbStorage) -> dict[tuple[str, str, int], dict[str, int]]:
-    """billing_hourly as read (FINAL): quantities per VM instance and hour (zero rows too)."""
-    rows = storage.query(
-        "SELECT vm_id, instance_id, toUnixTimestamp(hour) AS h, cpu_time_ns, mem_byte_ns, "
-        "net_rx_bytes + net_tx_bytes AS net, sample_count FROM billing_hourly FINAL"
-    )
-    return {
-        (r["vm_id"], r["instance_id"], int(r["h"]) // 3600): {
-            "cpu": int(r["cpu_time_ns"]),
-            "mem": int(r["mem_byte_ns"]),
-            "net": int(r["net"]),
-            "n": int(r["sample_count"]),
-        }
-        for r in rows
-    }
-
-
-def assert_hours_match(storage: ChdbStorage, series: list[Series]) -> None:
-    """Every billing_hourly row equals the reference's hour (an hour without valid samples may
-    only hold a zero row, left by a recomputation)."""
-    want: dict[tuple[str, str, int], dict[str, int]] = {}
-    for s in series:
-        hours, _v, _i = series_hours(raw_of([s]))
-        for h, u in hours.items():
-            want[(s.key.vm_id, s.key.instance_id, h)] = dict(u)
-    got = _hourly(storage)
-    zero = {"cpu": 0, "mem": 0, "net": 0, "n": 0}
-    assert {k: v for k, v in got.items() if v != zero} == want
 
 
 def _replays(caplog: pytest.LogCaptureFixture) -> int:
@@ -137,9 +106,9 @@ def test_batch_held_past_the_timeout_then_delivered_corrects_its_hours(
         "SELECT skipped, checkpoint FROM billing_series_state FINAL WHERE vm_id = 'vm_1'"
     )
     assert state == [{"skipped": [], "checkpoint": ""}]
-    before = _hourly(storage)
+    before = hourly(storage)
     out = agg.process([Incoming(9, batches[2], redelivered=True)])
-    assert out.ack == [9] and _hourly(storage) == before
+    assert out.ack == [9] and hourly(storage) == before
 
 
 @pytest.mark.parametrize(("seed", "size"), [(12, 600), (31, 250), (47, 130)])

@@ -43,6 +43,15 @@ dropped and a skipped batch that still comes is quarantined (``arrived_after_hor
 hole already holds the hole's counters, so the late batch adds no raw rows there.
 The commit order above holds (replay batches are written before the states).
 
+Memory
+------
+Every VM boot is a new series, so the in-memory states would grow forever. A series with no
+batch received or held for ``series_idle_s`` loses its in-memory state (checked every quarter
+of that): its state is in storage, and its next batch (a late one too) reads it back, exactly as
+after a restart. Its id goes into the set of series known to have a stored state, so it is read
+back rather than taken for a new series. A series touched by the previous flush is kept whatever
+its age: that flush's commit (which writes the state) may still be running.
+
 Hot path: one ``clean`` (numpy) per series per flush and Arrow columns built with numpy; no
 per-sample Python.
 """
@@ -53,6 +62,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -101,6 +111,8 @@ _STATE_COLS = (
     "checkpoint",
 )
 REASON_ALLOCATION = "allocation_changed"
+# A series' in-memory state is dropped after this long without a batch (it stays in storage).
+SERIES_IDLE_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +190,10 @@ class SeriesState:
     acc: HourUsage = field(default_factory=HourUsage)
     skipped: set[int] = field(default_factory=set)  # seqs applied around, not yet arrived
     checkpoint: Checkpoint | None = None
+    # in memory only (for eviction): when a batch of the series was last received or held
+    # (monotonic s), and in which prepare()
+    seen: float = 0.0
+    prepared_in: int = 0
 
     def snapshot(self, since_ns: int) -> Checkpoint:
         return Checkpoint(self.last_seq, self.last, self.hour, self.acc.copy(), since_ns)
@@ -229,24 +245,31 @@ class Aggregator:
         pricing_version: str = "v1",
         hold_timeout_s: float = 120.0,
         late_horizon_s: float = LATE_HORIZON_S,
+        series_idle_s: float = SERIES_IDLE_S,
         monotonic: Any = time.monotonic,
         wall_ns: Callable[[], int] = time.time_ns,
         versioner: Versioner | None = None,
     ) -> None:
         pricing.price_sheet(pricing_version, "standard")  # fail fast on an unknown version
+        if not series_idle_s > 0:
+            raise InvalidInput(f"series_idle_s must be > 0, not {series_idle_s}")
         self.storage = storage
         self.directory = directory
         self.pricing_version = pricing_version
         self.hold_timeout_s = hold_timeout_s
         self.late_horizon_s = late_horizon_s
+        self.series_idle_s = series_idle_s
         self._mono = monotonic
         self._wall = wall_ns
         self._versions = versioner or Versioner()
         self._states: dict[str, SeriesState] = {}
         # hash() of every series with a state in storage when it was read (once, then after
-        # each forget()): a series not in it is new and needs no query. Without it every flush
-        # of new series waited for the storage lock held by the previous flush's commit.
+        # each forget()), and of every series evicted since: a series in neither this nor
+        # _states is new and needs no query. Without it every flush of new series waited for
+        # the storage lock held by the previous flush's commit.
         self._stored: set[int] | None = None
+        self._prepares = 0  # prepare() calls so far
+        self._last_sweep = -math.inf
         self._held: dict[str, dict[int, _Held]] = defaultdict(dict)
         # replay batches prepared but maybe not committed yet (commit runs beside prepare)
         self._pending_replay: dict[str, dict[int, bytes]] = defaultdict(dict)
@@ -255,8 +278,9 @@ class Aggregator:
 
     def _stored_series(self) -> set[int]:
         """Which series had a state in storage (by hash: a collision only costs a query).
-        Series whose state this process wrote since are in ``_states``; one aggregator per
-        installation writes states (docs/operations.md), so this set stays a superset."""
+        Series whose state this process wrote since are in ``_states`` or, once evicted, added
+        here; one aggregator per installation writes states (docs/operations.md), so this set
+        stays a superset."""
         if self._stored is None:
             tbl = self.storage.query_arrow(
                 f"SELECT DISTINCT concat(vm_id, ':', instance_id) AS sid FROM {STATE_TABLE}"  # noqa: S608
@@ -325,6 +349,39 @@ class Aggregator:
         ]
         return "(" + ",".join(vals) + ")"
 
+    @property
+    def series_in_memory(self) -> int:
+        """How many series states are held in memory (bounded by the series seen within about
+        ``series_idle_s``)."""
+        return len(self._states)
+
+    def _evict_idle(self, now: float) -> None:
+        """Drop the in-memory state of series idle for more than ``series_idle_s`` (module
+        docstring, "Memory"). Runs in prepare(), never beside another prepare()."""
+        if now - self._last_sweep < self.series_idle_s / 4:
+            return
+        self._last_sweep = now
+        prev = self._prepares - 1  # the flush whose commit may still be running
+        idle = [
+            sid
+            for sid, st in self._states.items()
+            if now - st.seen > self.series_idle_s
+            and st.prepared_in < prev
+            and sid not in self._held
+            and not self._pending_replay.get(sid)
+        ]
+        # None: not read yet; the read will see these series (their states are committed)
+        stored = self._stored
+        for sid in idle:
+            del self._states[sid]
+            if stored is not None:
+                stored.add(hash(sid))
+        # commit() empties these per batch (from its thread) but leaves the series' dict
+        for sid in [s for s, d in self._pending_replay.items() if not d]:
+            self._pending_replay.pop(sid, None)
+        if idle:
+            log.info("evicted %d idle series (%d kept in memory)", len(idle), len(self._states))
+
     def forget(self) -> None:
         """Drop in-memory state (as a restart would)."""
         self._states.clear()
@@ -347,6 +404,7 @@ class Aggregator:
         redelivered: set[str] = set()
         now = self._mono()
         now_ns = self._wall()
+        self._prepares += 1
         for it in items:
             try:
                 b = decode_array(it.data, strict=False)
@@ -391,6 +449,7 @@ class Aggregator:
                 # the same batch twice: keep one copy (unacked, so it survives a crash)
                 out.ack.append(old.item.handle)
             self._held[sid][b.seq] = _Held(it, b, old.since if old else now)
+        self._evict_idle(now)  # before loading: a series with a batch in hand is kept
         if not self._held:
             return Prepared(out, quarantine=quarantine)
         self._load_states(h.batch.key for hs in self._held.values() for h in hs.values())
@@ -400,6 +459,7 @@ class Aggregator:
         late: dict[str, list[_Held]] = {}
         for sid, held in list(self._held.items()):
             st = self._states[sid]
+            st.seen, st.prepared_in = now, self._prepares
             cp = st.checkpoint
             if cp is not None and now_ns - cp.since_ns > self.late_horizon_s * 1e9:
                 log.warning("series %s: gave up waiting for batches %s", sid, sorted(st.skipped))

@@ -213,7 +213,11 @@ async def start_in_process(
     if directory is None:
         directory = SqlDirectory(factory)
     agg = await asyncio.to_thread(
-        Aggregator, storage, directory, pricing_version=settings.billing.pricing_version
+        Aggregator,
+        storage,
+        directory,
+        pricing_version=settings.billing.pricing_version,
+        series_idle_s=settings.billing.series_idle_s,
     )
     queries = BillingQueries(storage, directory, clock, InvoiceLedger(factory, clock))
     stop = asyncio.Event()

@@ -9,12 +9,13 @@ Environment overrides use ``UNKEY_<SECTION>__<KEY>`` (e.g. ``UNKEY_GATEWAY__PORT
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import Problem, ValidationFailed
 
@@ -61,6 +62,13 @@ class AssetsConfig(_Section):
     s3_region: str = "us-east-1"
 
 
+DEFAULT_EGRESS_DENY = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4",
+    "240.0.0.0/4", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8",
+)  # fmt: skip
+
+
 class MetaldConfig(_Section):
     driver: Literal["auto", "qemu", "firecracker", "sandbox"] = "auto"
     host_id: str | None = None
@@ -83,10 +91,32 @@ class MetaldConfig(_Section):
     # Sandbox hosts (root): network namespaces with their veth pair and address kept ready ahead
     # of boots (three `ip` commands and a lease off the boot path). 0: made during the boot.
     netns_pool: int = Field(0, ge=0, le=64)
+    # Destinations guests may not reach through the host's NAT (private, shared-address,
+    # link-local incl. cloud metadata at 169.254.169.254, multicast, reserved), IPv4 and IPv6
+    # CIDRs; ``egress_allow`` makes exceptions (e.g. a private resolver or registry). The VM
+    # links themselves are always closed to each other and to the host, whatever these say.
+    egress_deny: list[str] = Field(default_factory=lambda: list(DEFAULT_EGRESS_DENY))
+    egress_allow: list[str] = Field(default_factory=list)
     # Root: turn on the kernel's cgroup ``favordynmods`` for the host at start (Linux >= 6.0), so
     # moving a VM's first process into its cgroup costs ~0.1 ms instead of an RCU grace period
     # (~10 ms, a whole sandbox app start); forks and exits host-wide get slightly dearer.
     cgroup_favordynmods: bool = True
+
+    @field_validator("egress_deny", "egress_allow", mode="before")
+    @classmethod
+    def _cidr_list(cls, v: Any) -> Any:
+        """A list of CIDRs; from the environment a comma-separated string ("" is none)."""
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        if isinstance(v, list | tuple):
+            out = []
+            for x in v:
+                try:
+                    out.append(str(ipaddress.ip_network(str(x), strict=False)))
+                except ValueError as exc:
+                    raise ValueError(f"{x!r} is not an IPv4/IPv6 network (CIDR): {exc}") from exc
+            return out
+        return v
 
 
 class MeteringConfig(_Section):
@@ -109,6 +139,9 @@ class BillingConfig(_Section):
     clickhouse_url: str | None = None
     cluster: str | None = None
     pricing_version: str = "v1"
+    # The aggregator drops a series' in-memory state after this long without a batch (it stays
+    # in the usage store and is read back if the series sends again); bounds its memory.
+    series_idle_s: float = Field(300.0, gt=0)
     # Run the aggregator inside gatewayd (required with embedded chDB: one process owns it).
     # gatewayd always serves usage queries; turn this off only with a ClickHouse server URL.
     embedded_in_gateway: bool = True
