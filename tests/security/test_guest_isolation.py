@@ -1,4 +1,5 @@
-"""Guests cannot reach the host's control ports nor another tenant's VM.
+"""Guests cannot reach the host's control ports, another tenant's VM, nor the private networks
+and cloud metadata address beyond the host; they do reach public addresses through its NAT.
 
 Worst case for the host: its control services (gatewayd, nats-server, the /metrics endpoints)
 listen on every interface rather than on 127.0.0.1, so only metald's nftables rules stand
@@ -6,9 +7,11 @@ between a guest and them. The host is a metald agent in a network namespace of i
 only its rules apply, not those of other metalds on this machine) with stand-in listeners on
 those ports; it boots real sandbox VMs of two tenants. From inside the guest's network
 namespace (where the guest's processes live) every address of the host, IPv4 and IPv6, is
-tried on those ports, and the other tenant's VM on its app port. The host itself reaches all of
-them (they really answer), and with metald's table removed the guest reaches them too (so the
-test can fail).
+tried on those ports, and the other tenant's VM on its app port. Beyond the host, two more
+namespaces stand for the networks it routes to: a private LAN (10.123.0.0/24, which also holds
+the cloud metadata address 169.254.169.254) and the public internet (198.51.100.0/24), each with
+a listener. The host itself reaches all of them (they really answer), and with metald's table
+removed the guest reaches them too (so the test can fail).
 """
 
 from __future__ import annotations
@@ -94,11 +97,18 @@ class Host:
         self.url = f"sqlite:///{tmp / 'control.db'}"
         self.ports = {name: 20000 + i for i, name in enumerate(SERVICES)}
         self.procs: list[subprocess.Popen[str]] = []
+        # networks beyond the host: name -> (netns, host side /24 address, far side address)
+        token = secrets.token_hex(3)
+        self.beyond = {
+            "lan": (f"unkl-{token}", "10.123.0.1", "10.123.0.2"),
+            "public": (f"unkp-{token}", "198.51.100.1", "198.51.100.2"),
+        }
+        self.beyond_port = 20080
 
-    def _spawn(self, *argv: str, log: str) -> subprocess.Popen[str]:
+    def _spawn(self, *argv: str, log: str, ns: str | None = None) -> subprocess.Popen[str]:
         with open(self.tmp / log, "w") as errlog:
             proc = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{self.ns}", sys.executable, *argv],
+                ["nsenter", f"--net=/run/netns/{ns or self.ns}", sys.executable, *argv],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog, text=True,
             )  # fmt: skip
         self.procs.append(proc)
@@ -113,6 +123,24 @@ class Host:
         upgrade(make_engine(self.url))
         ls = self._spawn("-c", _LISTEN, *map(str, self.ports.values()), log="listen.log")
         assert ls.stdout and ls.stdout.readline().startswith("LISTENING")
+        for i, (name, (ns, near, far)) in enumerate(self.beyond.items()):
+            link = f"ext{i}{self.ns[-6:]}"  # (never "unk*": the name of VM links)
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            script = (f"link add {link} type veth peer name eth0 netns {ns}\n"
+                      f"addr add {near}/24 dev {link}\nlink set {link} up\n")  # fmt: skip
+            subprocess.run(["ip", "-n", self.ns, "-batch", "-"], input=script, text=True,
+                           check=True)  # fmt: skip
+            far_script = f"link set lo up\naddr add {far}/24 dev eth0\nlink set eth0 up\n"
+            far_script += f"route add default via {near}\n"
+            if name == "lan":  # the cloud metadata service lives on the provider's network
+                far_script += "addr add 169.254.169.254/32 dev eth0\n"
+            subprocess.run(["ip", "-n", ns, "-batch", "-"], input=far_script, text=True,
+                           check=True)  # fmt: skip
+            if name == "lan":
+                subprocess.run(["ip", "-n", self.ns, "route", "add", "169.254.169.254/32",
+                                "via", far], check=True)  # fmt: skip
+            srv = self._spawn("-c", _LISTEN, str(self.beyond_port), log=f"{name}.log", ns=ns)
+            assert srv.stdout and srv.stdout.readline().startswith("LISTENING")
         agent = self._spawn(
             "-m", "unkey_deploy.metald.agent", "--database-url", self.url,
             "--state-dir", str(self.tmp / "h1"), "--host-name", "h1", "--subnet", self.subnet,
@@ -135,6 +163,8 @@ class Host:
             for f in (proc.stdin, proc.stdout):
                 if f:
                     f.close()
+        for ns, _, _ in self.beyond.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, check=False)
 
     def addresses(self) -> list[str]:
@@ -164,9 +194,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
             h.stop()
 
 
-def test_guest_cannot_reach_host_control_ports_nor_another_tenant(
-    host: Host, tmp_path: Path
-) -> None:
+def test_guest_reaches_only_its_app_clients_and_public_networks(host: Host, tmp_path: Path) -> None:
     engine = make_engine(host.url)
     sched = Scheduler(engine)
     rootfs = build_test_rootfs(tmp_path / "rootfs.ext4", port=8080)
@@ -185,23 +213,31 @@ def test_guest_cannot_reach_host_control_ports_nor_another_tenant(
     assert f"{guest.net.host_ip}:{host.ports['gatewayd']}" in control
     assert any(t.startswith("[fe80") for t in control), "IPv6 link-local tried too"
     neighbour = f"{other.net.guest_ip}:8080"
+    port = host.beyond_port
+    lan, public = host.beyond["lan"][2], host.beyond["public"][2]
+    private = [f"{lan}:{port}", f"169.254.169.254:{port}"]
+    internet = f"{public}:{port}"
 
-    # the host reaches its services on its IPv4 addresses, and the other VM
+    # the host reaches its services on its IPv4 addresses, the other VM and the networks beyond
     v4 = [t for t in control if not t.startswith("[")]
-    from_host = probe([*v4, neighbour], netns=host.ns)
+    from_host = probe([*v4, neighbour, *private, internet], netns=host.ns)
     assert set(from_host.values()) == {"connected"}, from_host
 
-    from_guest = probe([*control, neighbour], netns=ns)
+    from_guest = probe([*control, neighbour, *private, internet], netns=ns)
     reached = {t: r for t, r in from_guest.items() if r == "connected"}
-    assert reached == {}, f"the guest reached {reached}"
-    assert set(from_guest) == {*control, neighbour}
+    # the public network only, through the host's NAT
+    assert reached == {internet: "connected"}, f"the guest reached {reached}"
+    assert set(from_guest) == {*control, neighbour, *private, internet}
+    # private destinations are refused at once (an app fails fast instead of hanging)
+    assert {from_guest[t] for t in private} == {"ConnectionRefusedError"}, from_guest
 
     # control: without metald's rules the guest does reach the host's services and the VM
     tag = hashlib.sha1(f"{host.host_id}|{host.subnet}".encode(), usedforsecurity=False)
     subprocess.run(["ip", "netns", "exec", host.ns, "nft", "delete", "table", "inet",
                     f"unkey_{tag.hexdigest()[:8]}"], check=True)  # fmt: skip
     own_link = f"{guest.net.host_ip}:{host.ports['nats']}"
-    assert probe([own_link, neighbour], netns=ns) == {own_link: "connected", neighbour: "connected"}
+    opened = probe([own_link, neighbour, private[0]], netns=ns)
+    assert opened == {own_link: "connected", neighbour: "connected", private[0]: "connected"}
 
     for vm in vms:
         sched.delete(vm.vm_id)

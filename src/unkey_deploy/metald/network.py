@@ -4,9 +4,11 @@ Design (root): every VM gets its own point-to-point /30 out of ``MetaldConfig.su
 side ``.1``, guest ``.2`` — on its own link: a tap (qemu, firecracker) or a veth pair into a
 per-VM network namespace (sandbox). There is no shared bridge, so VMs share no L2 segment; an
 nftables table owned by this metald drops forwarding between VM links (tenants cannot reach each
-other), drops new connections from VMs to the host itself, and masquerades VM traffic leaving by
-any other interface (NAT; the operator enables ``net.ipv4.ip_forward``, metald never flips host
-sysctls). The app's port is reachable from the host at ``<guest ip>:<port>``.
+other), drops new connections from VMs to the host itself, rejects VM traffic to the private,
+link-local (cloud metadata) and reserved ranges of ``MetaldConfig.egress_deny`` (exceptions:
+``egress_allow``), and masquerades VM traffic leaving by any other interface (NAT; the operator
+enables ``net.ipv4.ip_forward``, metald never flips host sysctls). The app's port is reachable
+from the host at ``<guest ip>:<port>``.
 
 Without root: QEMU user-mode networking with the app port forwarded from 127.0.0.1 (qemu), or
 the host's network (sandbox).
@@ -25,6 +27,7 @@ import secrets
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -139,9 +142,34 @@ class IpAllocator:
 class HostNetwork:
     """Creates and removes VM links and this metald's nftables table."""
 
-    def __init__(self, subnet: str, table: str) -> None:
+    def __init__(
+        self,
+        subnet: str,
+        table: str,
+        *,
+        egress_deny: Sequence[str] = (),
+        egress_allow: Sequence[str] = (),
+    ) -> None:
         self.subnet = str(ipaddress.IPv4Network(subnet))
         self.table = table
+        self.egress_deny = [ipaddress.ip_network(n, strict=False) for n in egress_deny]
+        self.egress_allow = [ipaddress.ip_network(n, strict=False) for n in egress_allow]
+
+    def _egress_rules(self) -> str:
+        """Forward-chain rules for connections VMs open to other networks: ``egress_allow``
+        first, then ``egress_deny`` (rejected at once, so an app sees "unreachable" rather
+        than a hang)."""
+        p = IFACE_PREFIX
+        # replies (to a client on a private network that reached the app) always pass
+        lines = [f'    iifname "{p}*" ct state established,related accept']
+        for verdict, nets in (("accept", self.egress_allow), ("reject", self.egress_deny)):
+            for fam in ("ip", "ip6"):
+                cidrs = [str(n) for n in nets if (n.version == 4) == (fam == "ip")]
+                if cidrs:
+                    lines.append(
+                        f'    iifname "{p}*" {fam} daddr {{ {", ".join(cidrs)} }} {verdict}'
+                    )
+        return "\n".join(lines)
 
     def ruleset(self) -> str:
         t, p = self.table, IFACE_PREFIX
@@ -150,6 +178,7 @@ table inet {t} {{
   chain forward {{
     type filter hook forward priority 0; policy accept;
     iifname "{p}*" oifname "{p}*" drop
+{self._egress_rules()}
   }}
   chain input {{
     type filter hook input priority 0; policy accept;

@@ -769,7 +769,14 @@ class Metald(Scheduler):
             event(log, "cgroup favordynmods", state=self.cgroups.favor_dynmods())
         self.ips = IpAllocator(engine, self.host_id, config.subnet)
         self.network = (
-            HostNetwork(config.subnet, table=f"unkey_{self._tag()}") if self.root else None
+            HostNetwork(
+                config.subnet,
+                table=f"unkey_{self._tag()}",
+                egress_deny=config.egress_deny,
+                egress_allow=config.egress_allow,
+            )
+            if self.root
+            else None
         )
         self._stop_evt = threading.Event()
         self._last_heartbeat = self.clock.monotonic()
