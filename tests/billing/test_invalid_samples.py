@@ -158,3 +158,47 @@ def test_samples_sent_again_under_new_seqs_are_ignored_without_quarantine(
     assert sorted(out.ack) == [2, 3]
     assert int(storage.query("SELECT count() AS n FROM metrics_quarantine")[0]["n"]) == 0
     assert_bills_match(storage, raw_of([s]), TERMS)
+
+
+def test_a_cfs_burst_over_100_percent_is_quarantined_and_its_cpu_billed_with_the_next_sample(
+    storage: ChdbStorage,
+) -> None:
+    # A busy 4-vCPU guest sampled every ~100 ms, unaligned with the 100 ms CFS period: a window
+    # now and then holds a little more than vcpus x dt of CPU (a burst, 5 ms per vCPU here) and
+    # the next one as much less. BILLING.md "Cleaning" 3 makes any sample over 100 % against
+    # the previous valid one invalid, with no tolerance (changing that is a change of what a
+    # bill means: BILLING.md and a new pricing version, see docs/billing.md), so the burst is
+    # quarantined; the next sample is valid against the last valid one and carries its CPU.
+    rng = random.Random(24)
+    vcpus = 4
+    s = make_series(rng, "cust_a", "vm_cfs", "i1", MONTH_EDGE_NS, 1200, vcpus=vcpus)
+    x = list(s.samples)
+    cpu, t_prev, bursts = 0, x[0].t, []
+    for i in range(1, len(x)):
+        dt = x[i].t - t_prev
+        used = vcpus * dt  # 100 % busy
+        if i % 50 == 0:
+            used += vcpus * 5_000_000
+            bursts.append(i)
+        elif i % 50 == 1:
+            used -= vcpus * 5_000_000
+        cpu += used
+        t_prev = x[i].t
+        x[i] = dataclasses.replace(x[i], cpu_time_ns=cpu)
+    x[0] = dataclasses.replace(x[0], cpu_time_ns=0)
+    s = Series(s.key, x)
+    agg = Aggregator(storage, directory(TERMS))
+    out = agg.process([Incoming(b.seq, _lenient(b)) for b in to_batches(s)])
+    assert sorted(out.ack) == [0, 1]
+    rows = storage.query(
+        "SELECT toUnixTimestamp64Nano(timestamp) AS t, reason FROM metrics_quarantine ORDER BY t"
+    )
+    assert [(int(r["t"]), r["reason"]) for r in rows] == [
+        (x[i].t, "cpu_over_100_percent") for i in bursts
+    ]
+    billed = storage.query(
+        "SELECT sum(cpu_time_ns) AS cpu, sum(sample_count) AS n FROM billing_hourly FINAL"
+    )[0]
+    assert int(billed["cpu"]) == x[-1].cpu_time_ns  # all CPU used, to the ns: nothing lost
+    assert int(billed["n"]) == len(x) - len(bursts)
+    assert_bills_match(storage, raw_of([s]), TERMS)
