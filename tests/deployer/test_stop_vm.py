@@ -400,6 +400,7 @@ def test_stop_while_deploying_interrupts_the_health_wait_and_leaves_nothing(
     assert stopped.out.strip() == "stopped"
     assert f"deployment {dep_id} is stopping" in stopped.err
     assert "deploy interrupted" in stopped.err, stopped.err
+    assert f"deleting {vm.vm_id}: the deploy is interrupted" in stopped.err
     assert f"deployment {dep_id} is stopped" in stopped.err
 
     with platform.gateway.client(owner.key) as client:

@@ -203,3 +203,14 @@ def test_a_failed_stop_records_nothing_failed_itself() -> None:
     assert rec.states == [] and rec.events == []
     run_stop("dep_1", Vms(), rec, current_state="failed")
     assert [s for s, _ in rec.states] == ["stopping", "stopped"]
+
+
+def test_a_failure_racing_the_users_stop_is_never_recorded_over_it() -> None:
+    """The launch failed and the job showed no cancel yet, but the stop committed before the
+    failure could be written: the deploy's ``failed`` (only from building/deploying) is refused,
+    and that is an interruption, not a failure."""
+    rec = Recorder(refuse=frozenset({"failed"}))
+    with pytest.raises(Interrupted, match="moved under the deploy"):
+        run_deploy(request(), Builds(), Vms(error=VmError("health check timed out")), rec)
+    assert [s for s, _ in rec.states] == ["building", "deploying"]
+    assert "failed" not in [p for p, _, _ in rec.events]

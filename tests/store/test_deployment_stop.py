@@ -121,3 +121,19 @@ def test_a_deploy_at_work_can_be_stopped_and_never_resumed(
         cp.record_state(s, dep.id, "stopped", now=6.0)
         states = [e.data["state"] for e in cp.events_after(s, dep.id) if e.phase == "state"]
         assert states[-2:] == ["stopping", "stopped"]
+
+
+def test_a_deploys_failure_is_recorded_only_while_it_deploys(
+    factory: sessionmaker[Session],
+) -> None:
+    """``only_from``: the deploy's own failure never lands over a user's stop."""
+    with db.transaction(factory) as s:
+        dep = _deployment(s, "only-from")
+        cp.record_state(s, dep.id, "building", now=2.0)
+        cp.record_state(s, dep.id, "stopping", now=3.0)  # the user's stop
+        with pytest.raises(IllegalTransition, match="is stopping \\(not building or deploying\\)"):
+            cp.record_state(s, dep.id, "failed", now=4.0, error={"code": "vm_error"},
+                            only_from=("building", "deploying"))  # fmt: skip
+        assert cp.get_deployment(s, dep.id, tenant_id=None).state == "stopping"
+        cp.record_state(s, dep.id, "failed", now=5.0, only_from=("stopping",))  # the stop job's
+        assert cp.get_deployment(s, dep.id, tenant_id=None).state == "failed"

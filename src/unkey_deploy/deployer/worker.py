@@ -195,7 +195,9 @@ class DeployWorker:
                         self.records.event(dep_id, "build", f"build {build_id} cancelled",
                                            build_id=build_id)  # fmt: skip
                 if interruption.is_set():
-                    self.vms.abort(dep_id)
+                    for vm_id in self.vms.abort(dep_id):
+                        self.records.event(dep_id, "vm", f"deleting {vm_id}: the deploy is "
+                                           "interrupted", vm_id=vm_id)  # fmt: skip
             except UnkeyError as exc:  # the database or metald hiccuped: the next look retries
                 event(log, "deploy watcher", level=logging.WARNING, error=str(exc),
                       deployment_id=dep_id)  # fmt: skip

@@ -7,6 +7,8 @@ from typing import Any
 from ..core.errors import IllegalTransition, UnkeyError
 from .api import Builds, Deployments, DeployRequest, Interrupted, Interruption, LaunchedVm, Vms
 
+_DEPLOYING = ("building", "deploying")  # the states in which a deploy may record its failure
+
 
 def run_deploy(
     req: DeployRequest,
@@ -84,7 +86,10 @@ def run_deploy(
     except UnkeyError as exc:
         if stop.confirmed():
             raise Interrupted(f"deployment {dep} was stopped ({exc.message})") from exc
-        deployments.set_state(dep, "failed", error=exc.to_dict())
+        try:  # a stop committed since that look moved it: then it is the stop's, not failed
+            deployments.set_state(dep, "failed", error=exc.to_dict(), only_from=_DEPLOYING)
+        except IllegalTransition as moved:
+            raise Interrupted(f"deployment {dep} was moved under the deploy: {moved}") from exc
         deployments.event(dep, "failed", exc.message, error=exc.to_dict())
         raise
 

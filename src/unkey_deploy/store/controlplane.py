@@ -32,6 +32,7 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, cast
@@ -593,13 +594,21 @@ def set_state(
     url: str | None = None,
     asset_id: str | None = None,
     error: dict[str, Any] | None = None,
+    only_from: Collection[str] | None = None,
 ) -> Deployment:
-    """Move a deployment to ``state``; raises IllegalTransition for a move the lifecycle forbids."""
+    """Move a deployment to ``state``; raises IllegalTransition for a move the lifecycle forbids,
+    or (with ``only_from``) from a state the caller does not expect: a deploy records its own
+    failure only while it is still building or deploying, never over a user's stop."""
     if state not in _TRANSITIONS:
         raise InvalidInput(f"unknown deployment state {state!r}")
     row = session.get(DeploymentRow, deployment_id, with_for_update=True)
     if row is None:
         raise NotFound(f"deployment {deployment_id} not found")
+    if only_from is not None and row.state not in only_from:
+        raise IllegalTransition(
+            f"deployment {deployment_id} is {row.state} (not {' or '.join(sorted(only_from))}):"
+            f" {state} not recorded"
+        )
     if state not in _TRANSITIONS[row.state]:
         raise IllegalTransition(f"deployment {deployment_id} cannot go from {row.state} to {state}")
     row.state = state
@@ -623,10 +632,12 @@ def record_state(
     url: str | None = None,
     asset_id: str | None = None,
     error: dict[str, Any] | None = None,
+    only_from: Collection[str] | None = None,
 ) -> Deployment:
     """:func:`set_state` plus its ``state`` event (phase ``state``, ``data.state``), which every
     move of a deployment appends so its event stream (and ``unkey logs``) shows the lifecycle."""
-    dep = set_state(session, deployment_id, state, now=now, url=url, asset_id=asset_id, error=error)
+    dep = set_state(session, deployment_id, state, now=now, url=url, asset_id=asset_id,
+                    error=error, only_from=only_from)  # fmt: skip
     add_event(session, deployment_id, "state", f"state: {state}", now=now, data={"state": state})
     return dep
 
@@ -770,6 +781,7 @@ class DeploymentRecords:
                 url=fields.get("url"),
                 asset_id=fields.get("asset_id"),
                 error=fields.get("error"),
+                only_from=fields.get("only_from"),
             )
 
     def event(self, deployment_id: str, phase: str, message: str, /, **data: Any) -> None:
