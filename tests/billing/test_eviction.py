@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from unkey_deploy.billing.aggregator import Aggregator, Incoming
+from unkey_deploy.billing.aggregator import Aggregator, Incoming, SeriesHashes
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.core.errors import InvalidInput
 from unkey_deploy.metering.codec import Encoder, samples_to_array
@@ -73,6 +73,26 @@ def test_idle_series_leave_memory_and_only_recent_ones_stay(storage: ChdbStorage
     # an evicted series is known to have a stored state: it is read back, not taken as new
     assert agg._stored is not None
     assert hash("vm_0:i0") in agg._stored and "vm_0:i0" not in agg._states
+
+
+def test_the_set_of_stored_series_is_exact_across_merges() -> None:
+    # what the aggregator asks it: is this series (by hash) known to have a stored state?
+    rng = random.Random(43)
+    ids = [f"vm_{i}:i{rng.randrange(10**6)}" for i in range(20_000)]
+    first, later, never = ids[:6000], ids[6000:15000], ids[15000:]
+    got = SeriesHashes(hash(x) for x in first)
+    want = {hash(x) for x in first}
+    for x in later:  # evicted series, one by one: several merges into the sorted part
+        got.add(hash(x))
+        want.add(hash(x))
+    extremes = [-(2**63), 2**63 - 1, 0]
+    got.add(extremes[0])
+    want.add(extremes[0])
+    probe = [hash(x) for x in ids] + extremes
+    assert got.contains(probe) == [h in want for h in probe]
+    assert len(got) == len(want) and sum(got.contains([hash(x) for x in never])) == 0
+    assert hash(later[-1]) in got and hash(never[0]) not in got and "x" not in got
+    assert SeriesHashes().contains([1, 2]) == [False, False]
 
 
 def test_series_idle_s_must_be_positive(storage: ChdbStorage) -> None:
