@@ -95,6 +95,7 @@ def test_fail_retries_with_backoff_and_cancel(factory: sessionmaker[Session], ki
     with db.transaction(factory) as s:
         retried = jobs.fail(s, job.id, "w", "registry 503", now=2.0, backoff_s=10)
     assert retried.state is jobs.JobState.QUEUED
+    assert retried.not_before == 12.0  # the snapshot says when the retry comes (now + backoff)
     assert jobs.claim(factory, [kind], "w", now=5.0) is None  # backing off
     running = jobs.claim(factory, [kind], "w", now=13.0)
     assert running is not None

@@ -9,7 +9,8 @@ The route decision: ``POST /v1/deploy`` validates the app spec, enriches it (cus
 request id, timestamp), records the deployment (state ``accepted``) and enqueues a ``deploy`` job
 (:mod:`unkey_deploy.store.jobs`) in the same transaction; the deploy workflow consumes it.
 ``DELETE /v1/deployments/{id}`` is the way back: it cancels an accepted deployment, or records it
-``stopping`` and enqueues a ``stop`` job (the deployer deletes its VMs), in one transaction.
+``stopping`` and enqueues a ``stop`` job (the deployer deletes its VMs; a deploy still at work
+has its job asked to cancel first), in one transaction.
 
 Operator routes (admin token): customers, and the metald hosts (``GET /v1/hosts``,
 ``DELETE /v1/hosts/{id}`` forgets a lost host) through metald's :class:`Scheduler` over the same
@@ -343,8 +344,10 @@ def stop_deployment(
     write_lock: contextlib.AbstractContextManager[Any] | None = None,
 ) -> tuple[int, Json]:
     """A user's stop, in one transaction (the decision is :func:`cp.stop_action`); returns
-    (status, body): 202 while a stop job deletes the VMs, 200 once there is nothing left to do
-    (cancelled now, or already stopped/cancelled). Another tenant's deployment is NotFound."""
+    (status, body): 202 while a stop job deletes the VMs (after interrupting a deploy at work:
+    its job's ``cancel_requested`` is set in the same transaction as ``stopping``, which is what
+    lets the deploy tell a stop from a failure), 200 once there is nothing left to do (cancelled
+    now, or already stopped/cancelled). Another tenant's deployment is NotFound."""
     write_lock = write_lock or contextlib.nullcontext()
     with write_lock, db.transaction(factory) as session:
         dep = cp.get_deployment(
