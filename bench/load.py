@@ -25,7 +25,8 @@ the simulator produced. ``samples_lost`` = produced samples with no row, ``sampl
 rows beyond one per produced sample (plus any simulated sample quarantined).
 
 ``errors`` counts HTTP answers other than 2xx, transport errors, deploys that did not reach
-``running`` and stops that did not reach ``stopped``; ``p99_ms`` is over every HTTP request.
+``running``, stops that did not reach ``stopped`` and a failed ``unkey dev down --purge-vms``;
+``p99_ms`` is over every HTTP request.
 Last line: ``RESULT errors=... p99_ms=... samples_lost=... samples_duplicated=... ...``.
 """
 
@@ -38,7 +39,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -97,16 +97,11 @@ class LocalStack:
         if p.returncode != 0:
             raise SystemExit(f"`unkey dev up` failed: {p.stderr}")
 
-    def down(self) -> None:
-        """Stop the services gracefully (the aggregator commits what it holds), VMs purged."""
-        pid_file = self.data_dir / "run" / "metald.pid"
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text().split()[0])
-            os.kill(pid, signal.SIGUSR1)
-            deadline = time.monotonic() + 60
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        self.cli("dev", "down", "--data-dir", str(self.data_dir))
+    def down(self) -> str | None:
+        """``unkey dev down --purge-vms``: the services stop gracefully (the aggregator commits
+        what it holds), metald deleting its VMs first. Returns why it failed, or None."""
+        p = self.cli("dev", "down", "--purge-vms", "--data-dir", str(self.data_dir))
+        return None if p.returncode == 0 else f"`unkey dev down --purge-vms`: {p.stderr.strip()}"
 
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{int((self.data_dir / 'nats' / 'port').read_text())}"
@@ -389,7 +384,10 @@ def main() -> None:
     try:
         st.up()
         out = asyncio.run(run(st, args))
-        st.down()  # gatewayd's chDB is ours to read once it stopped
+        problem = st.down()  # gatewayd's chDB is ours to read once it stopped
+        if problem is not None:
+            out["errors"] += 1
+            out["error_examples"].append(problem)
         store = ChdbStorage(st.data_dir / "clickhouse")
         try:
             lost, dup = compare(store, out["fleet"], out["ticks"], out["shift"])

@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import jwt
 import pytest
-from sqlalchemy import select
 
 from unkey_deploy.core.errors import RateLimited, ValidationFailed
 from unkey_deploy.gateway.tls import client_context
 from unkey_deploy.store import controlplane as cp
 from unkey_deploy.store import db, jobs
+from unkey_deploy.testing.deploys import DeployDriver, Drive
 from unkey_deploy.testing.gateway import UNKEY, RunningGateway, new_customer
 from unkey_deploy.testing.gateway import TestCustomer as Customer
 from unkey_deploy.testing.gateway import run_unkey as unkey
@@ -263,9 +263,9 @@ def test_customers_update_sets_tier_discount_credits(gateway: RunningGateway) ->
 
 
 def _deploy_and_drive(
-    gateway: RunningGateway, c: Customer, app: Path, drive: object
+    gateway: RunningGateway, drive_deploy: DeployDriver, c: Customer, app: Path, drive: Drive
 ) -> tuple[int, str, str]:
-    """Run `unkey deploy --wait` and, once its deployment exists, call ``drive(records, id)``."""
+    """Run `unkey deploy --wait --json` and, once its deployment exists, ``drive`` it."""
     proc = subprocess.Popen(
         [str(UNKEY), "deploy", str(app), "--wait", "--json"],
         env=gateway.cli_env(c.key),
@@ -273,30 +273,13 @@ def _deploy_and_drive(
         stderr=subprocess.PIPE,
         text=True,
     )
-    engine = db.make_engine(gateway.database_url)
-    try:
-        factory = db.session_factory(engine)
-        dep_id = None
-        for _ in range(400):
-            with factory() as s:
-                dep_id = s.scalars(
-                    select(cp.DeploymentRow.id).where(cp.DeploymentRow.customer_id == c.id)
-                ).first()
-            if dep_id:
-                break
-            time.sleep(0.05)
-        assert dep_id, "the CLI did not create the deployment"
-        drive(cp.DeploymentRecords(factory), dep_id)  # type: ignore[operator]
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        engine.dispose()
+    _dep_id, out, err = drive_deploy(proc, c, drive)
     return proc.returncode, out, err
 
 
-def test_deploy_wait_follows_the_event_stream(gateway: RunningGateway, tmp_path: Path) -> None:
+def test_deploy_wait_follows_the_event_stream(
+    gateway: RunningGateway, drive_deploy: DeployDriver, tmp_path: Path
+) -> None:
     c = new_customer(gateway)
 
     def drive(records: cp.DeploymentRecords, dep_id: str) -> None:
@@ -305,7 +288,8 @@ def test_deploy_wait_follows_the_event_stream(gateway: RunningGateway, tmp_path:
         records.set_state(dep_id, "deploying", asset_id="ast_x")
         records.set_state(dep_id, "running", url="http://10.1.0.2:8080")
 
-    code, out, err = _deploy_and_drive(gateway, c, _write_app(tmp_path, name="waiter"), drive)
+    app = _write_app(tmp_path, name="waiter")
+    code, out, err = _deploy_and_drive(gateway, drive_deploy, c, app, drive)
     assert code == 0, err
     assert "pulling ghcr.io/acme/waiter:1.0" in err and " is running" in err
     dep = json.loads(out)
@@ -313,7 +297,7 @@ def test_deploy_wait_follows_the_event_stream(gateway: RunningGateway, tmp_path:
 
 
 def test_deploy_wait_reports_failure_with_its_exit_code(
-    gateway: RunningGateway, tmp_path: Path
+    gateway: RunningGateway, drive_deploy: DeployDriver, tmp_path: Path
 ) -> None:
     c = new_customer(gateway)
     error = {"code": "image_error", "message": "manifest unknown", "retryable": False}
@@ -322,7 +306,8 @@ def test_deploy_wait_reports_failure_with_its_exit_code(
         records.set_state(dep_id, "building")
         records.set_state(dep_id, "failed", error=error)
 
-    code, _out, err = _deploy_and_drive(gateway, c, _write_app(tmp_path, name="broken"), drive)
+    app = _write_app(tmp_path, name="broken")
+    code, _out, err = _deploy_and_drive(gateway, drive_deploy, c, app, drive)
     assert code == 10, err  # ImageError's exit code
     assert "manifest unknown" in err
     with gateway.client(c.key) as client:

@@ -11,14 +11,11 @@ import pty
 import re
 import subprocess
 import threading
-import time
 from pathlib import Path
-
-from sqlalchemy import select
 
 from unkey_deploy.cli.output import EventRenderer
 from unkey_deploy.store import controlplane as cp
-from unkey_deploy.store import db
+from unkey_deploy.testing.deploys import DeployDriver
 from unkey_deploy.testing.gateway import UNKEY, RunningGateway, new_customer
 from unkey_deploy.testing.gateway import TestCustomer as Customer
 from unkey_deploy.testing.gateway import run_unkey as unkey
@@ -70,7 +67,7 @@ def _drive(records: cp.DeploymentRecords, dep_id: str) -> None:
 
 
 def _deploy(
-    gateway: RunningGateway, c: Customer, app: Path, *, tty: bool
+    gateway: RunningGateway, drive_deploy: DeployDriver, c: Customer, app: Path, *, tty: bool
 ) -> tuple[int, str, str, str]:
     """`unkey deploy APP --wait` with stderr on a pseudo-terminal (``tty``) or a pipe; returns
     (exit code, stdout, stderr, deployment id)."""
@@ -101,27 +98,10 @@ def _deploy(
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-    engine = db.make_engine(gateway.database_url)
     try:
-        factory = db.session_factory(engine)
-        dep_id = None
-        for _ in range(400):
-            with factory() as s:
-                dep_id = s.scalars(
-                    select(cp.DeploymentRow.id).where(cp.DeploymentRow.customer_id == c.id)
-                ).first()
-            if dep_id:
-                break
-            time.sleep(0.05)
-        assert dep_id, "the CLI did not create the deployment"
-        time.sleep(0.3)  # let the CLI attach to the stream: the bars then animate
-        _drive(cp.DeploymentRecords(factory), dep_id)
-        out, err = proc.communicate(timeout=60)
+        # a pause before driving lets the CLI attach to the stream: the bars then animate
+        dep_id, out, err = drive_deploy(proc, c, _drive, settle_s=0.3)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        engine.dispose()
         if reader is not None:
             reader.join(10)
             os.close(master)
@@ -130,10 +110,10 @@ def _deploy(
 
 
 def test_deploy_wait_on_a_terminal_draws_progress_bars_and_ends_with_the_url(
-    gateway: RunningGateway, tmp_path: Path
+    gateway: RunningGateway, drive_deploy: DeployDriver, tmp_path: Path
 ) -> None:
     c = new_customer(gateway)
-    code, out, err, _ = _deploy(gateway, c, _app(tmp_path, "bars"), tty=True)
+    code, out, err, _ = _deploy(gateway, drive_deploy, c, _app(tmp_path, "bars"), tty=True)
     assert code == 0, err
     assert out == f"{URL}\n"
     assert ANSI.search(err), "a terminal gets a live display"
@@ -152,10 +132,10 @@ def test_deploy_wait_on_a_terminal_draws_progress_bars_and_ends_with_the_url(
 
 
 def test_deploy_wait_without_a_terminal_prints_plain_throttled_lines(
-    gateway: RunningGateway, tmp_path: Path
+    gateway: RunningGateway, drive_deploy: DeployDriver, tmp_path: Path
 ) -> None:
     c = new_customer(gateway)
-    code, out, err, _ = _deploy(gateway, c, _app(tmp_path, "plain"), tty=False)
+    code, out, err, _ = _deploy(gateway, drive_deploy, c, _app(tmp_path, "plain"), tty=False)
     assert code == 0, err
     assert out == f"{URL}\n"
     assert "\x1b" not in err, "no escape codes in CI logs"
@@ -177,10 +157,10 @@ def test_deploy_wait_without_a_terminal_prints_plain_throttled_lines(
 
 
 def test_deployments_events_summarises_progress_and_json_keeps_every_event(
-    gateway: RunningGateway, tmp_path: Path
+    gateway: RunningGateway, drive_deploy: DeployDriver, tmp_path: Path
 ) -> None:
     c = new_customer(gateway)
-    code, _out, err, dep_id = _deploy(gateway, c, _app(tmp_path, "events"), tty=False)
+    code, _out, err, dep_id = _deploy(gateway, drive_deploy, c, _app(tmp_path, "events"), tty=False)
     assert code == 0, err
 
     r = unkey(gateway, "deployments", "events", dep_id, api_key=c.key)

@@ -3,8 +3,10 @@ customer -> ``unkey deploy --wait`` -> the app answers from its VM -> samples ->
 aggregator -> chDB -> ``unkey bill`` shows a non-zero cost that equals an independent reference
 computed from every raw batch in the stream (tests/billing/reference.py, BILLING.md).
 
-Each test starts its own stack in a tmp data dir on free ports, with 5 s metering batches, and
-stops it (VMs purged, leftover processes of that data dir killed) whatever happens.
+Each test starts its own stack in a tmp data dir on free ports and a reserved subnet, with 5 s
+metering batches, and stops it with ``unkey dev down --purge-vms`` whatever happens. The test
+itself purges its stack running a few VMs that way and checks nothing of them is left on the
+host: no process, cgroup, mount, network namespace or nftables table.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -38,8 +39,12 @@ from unkey_deploy.bus import connect
 from unkey_deploy.core import config as core_config
 from unkey_deploy.core.net import free_port
 from unkey_deploy.dev.example import push_hello
+from unkey_deploy.dev.stack import recorded_vms
+from unkey_deploy.metald.api import Scheduler
 from unkey_deploy.metering.codec import decode
 from unkey_deploy.metering.stream import STREAM_NAME, consumer_spec
+from unkey_deploy.store import db
+from unkey_deploy.testing.subnets import reserved_subnet
 
 REPO = Path(__file__).resolve().parents[2]
 UNKEY = [sys.executable, "-m", "unkey_deploy.cli.main"]
@@ -65,7 +70,7 @@ def _poll(what: str, fn: Callable[[], T | None], timeout_s: float, every_s: floa
 class Stack:
     """One local stack driven only through the real ``unkey`` CLI, like a user would."""
 
-    def __init__(self, tmp: Path, driver: str) -> None:
+    def __init__(self, tmp: Path, driver: str, subnet: str) -> None:
         # "unkey" in the path: `dev status`/`dev down` only trust pids whose command line says
         # unkey (dev/stack.py _is_ours), and nats-server/registry only name the data dir.
         # Not under pytest's tmp (0700): metald runs the VMs as `nobody`, which must reach the
@@ -75,7 +80,7 @@ class Stack:
         self.data_dir = self.root / "unkey-stack"
         self.data_dir.mkdir(mode=0o755)
         self.port = free_port()
-        third = random.randrange(0, 256)  # keep parallel stacks apart
+        self.subnet = subnet
         self.env = {
             k: v
             for k, v in os.environ.items()
@@ -86,7 +91,7 @@ class Stack:
             UNKEY_CONFIG_HOME=str(tmp / "config"),
             UNKEY_METERING__BATCH_SAMPLES="50",
             UNKEY_METALD__DRIVER=driver,
-            UNKEY_METALD__SUBNET=f"10.{random.randrange(64, 250)}.{third}.0/24",
+            UNKEY_METALD__SUBNET=subnet,
         )
         self.api_key: str | None = None
 
@@ -152,31 +157,22 @@ class Stack:
         except (OSError, ValueError, IndexError):
             return None
 
-    def down(self) -> None:
-        """Purge the VMs (SIGUSR1 to metald), stop the stack, then kill whatever of this data
-        dir is still running (a VMM, a service that ignored SIGTERM)."""
-        pid = self.pid("metald")
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
-            deadline = time.monotonic() + 60
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+    def down(self) -> subprocess.CompletedProcess[str] | None:
+        """``unkey dev down --purge-vms`` (None if it hung), then kill whatever of this data dir
+        is still running (a service that ignored SIGTERM), so a failed test leaves nothing."""
+        proc = None
         with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(
-                [*UNKEY, "dev", "down", "--data-dir", str(self.data_dir)],
-                cwd=REPO,
-                env=self.env,
-                capture_output=True,
-                timeout=120,
-                check=False,
-            )
+            proc = subprocess.run(
+                [*UNKEY, "dev", "down", "--purge-vms", "--data-dir", str(self.data_dir)],
+                cwd=REPO, env=self.env, capture_output=True, text=True, timeout=240, check=False,
+            )  # fmt: skip
         for pid in self.leftovers():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while self.leftovers() and time.monotonic() < deadline:
             time.sleep(0.1)
+        return proc
 
     def leftovers(self) -> list[int]:
         """Processes whose command line, environment or working dir is in this stack's data dir."""
@@ -214,21 +210,90 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def stack_factory(tmp_path: Path) -> Iterator[Callable[[str], Stack]]:
     started: list[Stack] = []
+    with contextlib.ExitStack() as subnets:
 
-    def make(driver: str) -> Stack:
-        st = Stack(tmp_path, driver)
-        started.append(st)
-        return st
+        def make(driver: str) -> Stack:
+            st = Stack(tmp_path, driver, subnets.enter_context(reserved_subnet()))
+            started.append(st)
+            return st
 
-    yield make
-    for st in started:
-        st.down()
-        assert st.leftovers() == [], "processes of the stack survived `dev down` and SIGKILL"
-        for _ in range(20):  # a service's last write may land while we delete
-            shutil.rmtree(st.root, ignore_errors=True)
-            if not st.root.exists():
-                break
-            time.sleep(0.5)
+        yield make
+        for st in started:
+            st.down()
+            assert st.leftovers() == [], "processes of the stack survived `dev down` and SIGKILL"
+            for _ in range(20):  # a service's last write may land while we delete
+                shutil.rmtree(st.root, ignore_errors=True)
+                if not st.root.exists():
+                    break
+                time.sleep(0.5)
+
+
+def _on_host(vm_ids: list[str], subnet: str, cgroup_parents: set[str]) -> dict[str, list[str]]:
+    """What of these VMs, and of the metald that ran them on ``subnet``, exists on the host now:
+    processes whose command line names a VM (bwrap, qemu: ``-name``), cgroup directories named
+    after a VM or in ``cgroup_parents`` (metald's parent of its VMs' cgroups), mounts under
+    /run/unkey-metald/<vm>, network namespaces of a VM, and the nftables tables of the subnet
+    (the NAT table masquerades it; its filter table bears the same name without ``_nat``)."""
+    ulids = [v.removeprefix("vm_").lower() for v in vm_ids]
+
+    def ours(text: str) -> bool:
+        return any(u in text.lower() for u in ulids)
+
+    procs = []
+    for p in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if p.name.isdigit() and ours(cmd):
+                procs.append(f"{p.name} {cmd[:120]}")
+    cgroups = [str(Path(d) / n) for d, subdirs, _ in os.walk("/sys/fs/cgroup") for n in subdirs
+               if ours(n) or str(Path(d) / n) in cgroup_parents]  # fmt: skip
+    mounts = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
+              if "/run/unkey-metald/" in ln and ours(ln.split()[1])]  # fmt: skip
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    netns = [ln.split()[0] for ln in listed.stdout.splitlines() if ln and ours(ln.split()[0])]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
+    nft = []
+    for fam, name in (ln.split()[1:3] for ln in tables.stdout.splitlines() if ln.strip()):
+        rules = subprocess.run(["nft", "list", "table", fam, name], capture_output=True,
+                               text=True, check=False).stdout  # fmt: skip
+        if f"ip saddr {subnet} " in rules:
+            nft.append(f"{fam} {name}")
+            inet = name.removesuffix("_nat")
+            if f"table inet {inet}\n" in tables.stdout + "\n":
+                nft.append(f"inet {inet}")
+    return {"processes": procs, "cgroups": cgroups, "mounts": mounts, "netns": netns, "nft": nft}
+
+
+def _purge_leaves_nothing(st: Stack, *, driver: str, vms: int) -> None:
+    """``unkey dev down --purge-vms`` on the running stack, which runs ``vms`` VMs: nothing of
+    them is left on the host afterwards (checked against what was there before the purge)."""
+    settings = core_config.load(environ=st.env)
+    engine = db.make_engine(settings.resolved_database_url)
+    try:
+        vm_ids = [str(v.vm_id) for v in Scheduler(engine).list()]
+    finally:
+        engine.dispose()
+    assert len(vm_ids) == vms == recorded_vms(settings), vm_ids
+    before = _on_host(vm_ids, st.subnet, set())
+    # the check sees what a VM holds: each VM's process and cgroup, and the stack's tables;
+    # a sandbox also its rootfs mounts and its network namespace (QEMU uses a tap)
+    expected = ("processes", "cgroups", "mounts", "netns", "nft") if driver == "sandbox" else (
+        "processes", "cgroups", "nft")  # fmt: skip
+    for what in expected:
+        assert before[what], f"no {what} of the VMs seen before the purge: {before}"
+    assert all(any(v.lower() in c.lower() for c in before["cgroups"]) for v in vm_ids), before
+    parents = {str(Path(c).parent) for c in before["cgroups"]}
+    assert all("/unkey-metald-" in p for p in parents), parents
+
+    t0 = time.monotonic()
+    proc = st.down()
+    assert proc is not None, "`unkey dev down --purge-vms` hung"
+    assert proc.returncode == 0, proc.stderr
+    assert "metald" in proc.stderr, proc.stderr
+    after = _on_host(vm_ids, st.subnet, parents)
+    assert after == {k: [] for k in after}, (
+        f"left on the host after `dev down --purge-vms` ({time.monotonic() - t0:.1f} s): {after}"
+    )
 
 
 # -- the independent reference ----------------------------------------------------------------
@@ -330,7 +395,8 @@ def _bill_view(inv: dict[str, Any]) -> dict[str, Any]:
 # -- the journey ------------------------------------------------------------------------------
 
 
-def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> None:
+def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> str:
+    """The journey; returns the app's image reference."""
     api_url = st.up()
     assert api_url == f"https://127.0.0.1:{st.port}"
 
@@ -392,13 +458,16 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> N
     events = st.unkey("deployments", "events", dep["id"])
     assert "running" in events
 
-    # usage reaches ClickHouse (5 s batches -> JetStream -> aggregator in gatewayd -> chDB)
-    def vm_with_samples() -> dict[str, Any] | None:
+    # usage reaches ClickHouse (5 s batches -> JetStream -> aggregator in gatewayd -> chDB),
+    # the downloads above with the batch of the samples taken after them
+    def vm_with_downloads() -> dict[str, Any] | None:
         body = st.unkey_json("usage", "--since", "1h")
-        vms = [v for v in body.get("vms", []) if int(v.get("samples", 0)) > 0]
+        vms = [v for v in body.get("vms", []) if int(v.get("samples", 0)) > 0
+               and int(v["network_rx_bytes"]) + int(v["network_tx_bytes"])
+               >= 2 * (BIG_MIB << 20)]  # fmt: skip
         return vms[0] if vms else None
 
-    vm = _poll("`unkey usage` to show samples of the VM", vm_with_samples, timeout_s=120)
+    vm = _poll("`unkey usage` to show the VM's samples and downloads", vm_with_downloads, 120)
     vm_id = vm["vm_id"]
     # the running VM holds a lease on its rootfs asset, so asset gc can never delete it
     asset_ids = [json.loads(line)["data"].get("asset_id") for line in
@@ -406,7 +475,6 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> N
     asset_id = next(a for a in asset_ids if a)
     assets = open_assets(core_config.load(environ=st.env))
     assert vm_id in {lease.holder for lease in assets.leases(asset_id)}
-    assert int(vm["network_rx_bytes"]) + int(vm["network_tx_bytes"]) >= 2 * (BIG_MIB << 20)
 
     # the bill equals the reference over every raw batch in the stream; new batches keep
     # arriving while the VM runs, so poll until a bill and a stream snapshot agree
@@ -486,14 +554,25 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> N
     denied = st.unkey_fails("logs", dep["id"], api_key=other["secret"])
     assert denied.returncode == 4, denied.stderr
     assert "not found" in denied.stderr
+    return ref
 
 
 @pytest.mark.timeout(300)
 def test_journey_sandbox(stack_factory: Callable[[str], Stack], tmp_path: Path) -> None:
-    _journey(stack_factory("sandbox"), tmp_path, driver="sandbox", deploy_timeout_s=180)
+    st = stack_factory("sandbox")
+    ref = _journey(st, tmp_path, driver="sandbox", deploy_timeout_s=180)
+    # two more VMs (the same image: its asset is built already), then the purge
+    more = tmp_path / "more.yaml"
+    more.write_text(f"name: e2e-more\nimage: {ref}\nresources: {{cpu: 1, memory: 64MiB}}\n"
+                    "port: 8080\nreplicas: 2\n")  # fmt: skip
+    dep = st.unkey_json("deploy", str(more), "--wait", timeout_s=180)
+    assert dep["state"] == "running", dep
+    _purge_leaves_nothing(st, driver="sandbox", vms=3)
 
 
 @pytest.mark.qemu
 @pytest.mark.timeout(300)
 def test_journey_qemu(stack_factory: Callable[[str], Stack], tmp_path: Path) -> None:
-    _journey(stack_factory("qemu"), tmp_path, driver="qemu", deploy_timeout_s=240)
+    st = stack_factory("qemu")
+    _journey(st, tmp_path, driver="qemu", deploy_timeout_s=240)
+    _purge_leaves_nothing(st, driver="qemu", vms=1)
