@@ -54,3 +54,20 @@ def test_every_service_reads_the_config_file_named_in_the_environment(tmp_path: 
     with pytest.raises(errors.ValidationFailed) as exc:
         config.load(environ={"UNKEY_CONFIG_FILE": str(tmp_path / "missing.toml")})
     assert "missing.toml" in exc.value.message
+
+
+def test_network_lists_read_from_toml_and_env_and_name_a_bad_entry(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[metald]\negress_allow = ["10.0.0.53"]\nguest_dns = ["10.0.0.53"]\n')
+    s = config.load(f)
+    assert s.metald.egress_allow == ["10.0.0.53/32"] and s.metald.guest_dns == ["10.0.0.53"]
+    assert "169.254.0.0/16" in s.metald.egress_deny  # the cloud metadata address, by default
+    s = config.load(
+        environ={"UNKEY_METALD__EGRESS_DENY": "", "UNKEY_METALD__GUEST_DNS": "::1, 9.9.9.9"}
+    )
+    assert s.metald.egress_deny == [] and s.metald.guest_dns == ["::1", "9.9.9.9"]
+    assert config.load(environ={}).metald.guest_dns is None  # None: the host's own
+    with pytest.raises(errors.ValidationFailed) as exc:
+        config.load(environ={"UNKEY_METALD__EGRESS_DENY": "10.0.0.0/8,10.0.0.300/32"})
+    assert exc.value.problems[0].loc == "metald.egress_deny"
+    assert "'10.0.0.300/32' is not a network" in exc.value.problems[0].msg

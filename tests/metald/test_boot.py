@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -148,7 +149,7 @@ def test_sandbox_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, roo
 
 @pytest.mark.qemu
 def test_qemu_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, rootfs: Path) -> None:
-    md = make_metald("qemu")
+    md = make_metald("qemu", guest_dns=["192.0.2.53", "2001:db8::53"])
     caps = md.status()["drivers"]["qemu"]
     assert caps["available"] and caps["accel"] in ("tcg", "kvm")
     vm_id, trace = _boot_and_check(md, rootfs, timeout=90)
@@ -165,6 +166,11 @@ def test_qemu_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, rootfs
     assert uid_line.split()[1] != "0"
     console = Path(trace.rt.log_path).read_text(errors="replace")
     assert "UNKEY_TEST_APP: serving on port 8080" in console
+    # the guest's resolvers were written into its disk (metald.guest_dns)
+    disk = md.jails.path(vm_id) / "rootfs.ext4"
+    cat = ["debugfs", "-R", "cat /etc/resolv.conf", str(disk)]
+    resolv = subprocess.run(cat, capture_output=True, text=True, check=True).stdout
+    assert resolv == "nameserver 192.0.2.53\nnameserver 2001:db8::53\n"
     md.delete(vm_id)
     trace.assert_gone()
     assert md.list() == []
@@ -349,7 +355,7 @@ def test_qemu_user_mode_networking(tmp_path: Path, kernel) -> None:  # type: ign
 @pytest.mark.kvm
 @pytest.mark.qemu
 def test_qemu_under_kvm_when_it_really_works(make_metald: MetaldFactory, rootfs: Path) -> None:
-    md = make_metald("qemu")
+    md = make_metald("qemu", guest_dns=["192.0.2.53", "2001:db8::53"])
     caps = md.status()["drivers"]["qemu"]
     if caps["accel"] != "kvm":
         pytest.skip(f"KVM cannot boot a guest on this host ({caps['reason']}); TCG is used")

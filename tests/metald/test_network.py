@@ -10,7 +10,13 @@ import pytest
 from sqlalchemy import Engine
 
 from unkey_deploy.core.errors import ResourceExhausted
-from unkey_deploy.metald.network import HostNetwork, IpAllocator, iface_name, netns_name
+from unkey_deploy.metald.network import (
+    HostNetwork,
+    IpAllocator,
+    host_nameservers,
+    iface_name,
+    netns_name,
+)
 
 
 def test_leases_are_unique_stable_and_persisted(engine: Engine) -> None:
@@ -102,3 +108,18 @@ def test_zstd_assets_decompress_to_sparse_files(tmp_path: Path) -> None:
     decompress_zstd_sparse(packed, out)
     assert out.read_bytes() == raw.read_bytes()
     assert out.stat().st_blocks * 512 < 4 << 20, "zeros must become holes"
+
+
+def test_host_nameservers_skip_local_stubs(tmp_path: Path) -> None:
+    resolv, upstream = tmp_path / "resolv.conf", tmp_path / "upstream.conf"
+    resolv.write_text(
+        "# comment\nsearch example.org\nnameserver 10.0.0.2\nnameserver ::1\n"
+        "nameserver fe80::1%eth0\nnameserver 2001:db8::1\noptions edns0\n"
+    )
+    assert host_nameservers(resolv, upstream) == ["10.0.0.2", "2001:db8::1"]
+    # systemd-resolved: the stub is the host's own; its upstream servers are what guests use
+    resolv.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\n")
+    upstream.write_text("nameserver 192.0.2.1\nnameserver 192.0.2.2\n")
+    assert host_nameservers(resolv, upstream) == ["192.0.2.1", "192.0.2.2"]
+    upstream.unlink()
+    assert host_nameservers(resolv, upstream) == []

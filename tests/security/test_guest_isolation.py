@@ -27,7 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy import Engine
 
+from unkey_deploy.metald import models
 from unkey_deploy.metald.api import CreateVm, Scheduler, Vm, VmState
 from unkey_deploy.metald.network import netns_name
 from unkey_deploy.store.db import make_engine, upgrade
@@ -139,12 +142,14 @@ class Host:
             if name == "lan":
                 subprocess.run(["ip", "-n", self.ns, "route", "add", "169.254.169.254/32",
                                 "via", far], check=True)  # fmt: skip
-            srv = self._spawn("-c", _LISTEN, str(self.beyond_port), log=f"{name}.log", ns=ns)
+            ports = [str(self.beyond_port), *(["53"] if name == "lan" else [])]
+            srv = self._spawn("-c", _LISTEN, *ports, log=f"{name}.log", ns=ns)
             assert srv.stdout and srv.stdout.readline().startswith("LISTENING")
         agent = self._spawn(
             "-m", "unkey_deploy.metald.agent", "--database-url", self.url,
             "--state-dir", str(self.tmp / "h1"), "--host-name", "h1", "--subnet", self.subnet,
             "--driver", "sandbox", "--cpus", "4", "--memory-mib", "2048", "--interval", "0.05",
+            "--guest-dns", self.beyond["lan"][2],  # a resolver on the private LAN
             log="agent.log",
         )  # fmt: skip
         line = agent.stdout.readline() if agent.stdout else ""
@@ -194,6 +199,14 @@ def host(tmp_path: Path) -> Iterator[Host]:
             h.stop()
 
 
+def _guest_pid(engine: Engine, vm_id: str) -> int:
+    with engine.connect() as c:
+        row = c.execute(sa.select(models.vms.c.runtime).where(models.vms.c.vm_id == vm_id)).one()
+    # the sandbox's pid 1 (bwrap's child; bwrap itself stays in the host's root)
+    bwrap = int(row.runtime["pid"])
+    return int(Path(f"/proc/{bwrap}/task/{bwrap}/children").read_text().split()[0])
+
+
 def test_guest_reaches_only_its_app_clients_and_public_networks(host: Host, tmp_path: Path) -> None:
     engine = make_engine(host.url)
     sched = Scheduler(engine)
@@ -217,17 +230,21 @@ def test_guest_reaches_only_its_app_clients_and_public_networks(host: Host, tmp_
     lan, public = host.beyond["lan"][2], host.beyond["public"][2]
     private = [f"{lan}:{port}", f"169.254.169.254:{port}"]
     internet = f"{public}:{port}"
+    resolver = f"{lan}:53"  # the guests' name server (metald.guest_dns) is on the LAN
 
     # the host reaches its services on its IPv4 addresses, the other VM and the networks beyond
     v4 = [t for t in control if not t.startswith("[")]
-    from_host = probe([*v4, neighbour, *private, internet], netns=host.ns)
+    from_host = probe([*v4, neighbour, *private, internet, resolver], netns=host.ns)
     assert set(from_host.values()) == {"connected"}, from_host
 
-    from_guest = probe([*control, neighbour, *private, internet], netns=ns)
+    from_guest = probe([*control, neighbour, *private, internet, resolver], netns=ns)
     reached = {t: r for t, r in from_guest.items() if r == "connected"}
-    # the public network only, through the host's NAT
-    assert reached == {internet: "connected"}, f"the guest reached {reached}"
-    assert set(from_guest) == {*control, neighbour, *private, internet}
+    # the public network, through the host's NAT, and its name server's port 53 only
+    assert reached == {internet: "connected", resolver: "connected"}, f"the guest reached {reached}"
+    assert set(from_guest) == {*control, neighbour, *private, internet, resolver}
+    # and the guest is told to use it
+    pid = _guest_pid(engine, guest.vm_id)
+    assert Path(f"/proc/{pid}/root/etc/resolv.conf").read_text() == f"nameserver {lan}\n"
     # private destinations are refused at once (an app fails fast instead of hanging)
     assert {from_guest[t] for t in private} == {"ConnectionRefusedError"}, from_guest
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +69,22 @@ DEFAULT_EGRESS_DENY = (
 )  # fmt: skip
 
 
+def _each(v: Any, parse: Callable[[str], str], what: str) -> Any:
+    """Validate (and normalise) each item of a list setting; from the environment the list is a
+    comma-separated string ("" is empty). Anything else is left to the field's own type."""
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    if not isinstance(v, list | tuple):
+        return v
+    out = []
+    for x in v:
+        try:
+            out.append(parse(str(x)))
+        except ValueError as exc:
+            raise ValueError(f"{x!r} is not {what}: {exc}") from exc
+    return out
+
+
 class MetaldConfig(_Section):
     driver: Literal["auto", "qemu", "firecracker", "sandbox"] = "auto"
     host_id: str | None = None
@@ -97,26 +113,24 @@ class MetaldConfig(_Section):
     # links themselves are always closed to each other and to the host, whatever these say.
     egress_deny: list[str] = Field(default_factory=lambda: list(DEFAULT_EGRESS_DENY))
     egress_allow: list[str] = Field(default_factory=list)
+    # Name servers written to each VM's /etc/resolv.conf (and let through egress_deny on port
+    # 53). None: the host's own, from /etc/resolv.conf (systemd-resolved's upstream servers when
+    # that names its local stub, which guests cannot reach); []: none.
+    guest_dns: list[str] | None = None
     # Root: turn on the kernel's cgroup ``favordynmods`` for the host at start (Linux >= 6.0), so
     # moving a VM's first process into its cgroup costs ~0.1 ms instead of an RCU grace period
     # (~10 ms, a whole sandbox app start); forks and exits host-wide get slightly dearer.
     cgroup_favordynmods: bool = True
 
+    @field_validator("guest_dns", mode="before")
+    @classmethod
+    def _ip_list(cls, v: Any) -> Any:
+        return _each(v, lambda x: str(ipaddress.ip_address(x)), "an IP address")
+
     @field_validator("egress_deny", "egress_allow", mode="before")
     @classmethod
     def _cidr_list(cls, v: Any) -> Any:
-        """A list of CIDRs; from the environment a comma-separated string ("" is none)."""
-        if isinstance(v, str):
-            v = [x.strip() for x in v.split(",") if x.strip()]
-        if isinstance(v, list | tuple):
-            out = []
-            for x in v:
-                try:
-                    out.append(str(ipaddress.ip_network(str(x), strict=False)))
-                except ValueError as exc:
-                    raise ValueError(f"{x!r} is not an IPv4/IPv6 network (CIDR): {exc}") from exc
-            return out
-        return v
+        return _each(v, lambda x: str(ipaddress.ip_network(x, strict=False)), "a network (CIDR)")
 
 
 class MeteringConfig(_Section):

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=0.1)
     ap.add_argument("--lost-after", type=float, default=30.0, help="host_lost_after_s")
     ap.add_argument("--meter-file", type=Path)
+    ap.add_argument(
+        "--guest-dns", help="comma-separated name servers for the guests (default: the host's)"
+    )
     args = ap.parse_args(argv)
     cfg = MetaldConfig(
         driver=args.driver,
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_mib=args.memory_mib,
         stop_timeout_s=1.0,
         host_lost_after_s=args.lost_after,
+        guest_dns=args.guest_dns,
     )
     engine = make_engine(args.database_url)
     kernel = find_kernel(args.kernel_dir) if args.kernel_dir else None

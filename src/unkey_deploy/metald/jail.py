@@ -153,6 +153,45 @@ def merge_env_tree(root: Path, env: dict[str, str]) -> None:
     path.write_bytes(render_env({**current, **env}))
 
 
+RESOLV_CONF = "/etc/resolv.conf"
+
+
+def render_resolv(servers: list[str]) -> bytes:
+    return "".join(f"nameserver {s}\n" for s in servers).encode()
+
+
+def write_resolv_tree(root: Path, servers: list[str]) -> None:
+    """Give an unpacked tree (the sandbox's per-VM overlay) ``servers`` as its resolvers; a
+    symlink there (images often point it at a resolver daemon's file) is replaced."""
+    if not servers:
+        return
+    path = root / RESOLV_CONF.lstrip("/")
+    path.parent.mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)
+    path.write_bytes(render_resolv(servers))
+    path.chmod(0o644)
+
+
+def inject_resolv(image: Path, servers: list[str]) -> None:
+    """:func:`write_resolv_tree` inside an ext4 image (``debugfs``, no mount)."""
+    if servers:
+        _debugfs_write(image, RESOLV_CONF, render_resolv(servers), mkdir="/etc")
+
+
+def _debugfs_write(image: Path, path: str, data: bytes, *, mkdir: str | None = None) -> None:
+    """Replace (or create) the file ``path`` of an ext4 image with ``data``."""
+    tmp = image.with_name(f"{Path(path).name}.tmp")
+    tmp.write_bytes(data)
+    try:
+        cmds = (f"mkdir {mkdir}\n" if mkdir else "") + f"rm {path}\nwrite {tmp} {path}\n"
+        proc = subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input=cmds,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if proc.returncode != 0 or "Allocated inode" not in proc.stdout + proc.stderr:
+            raise VmError(f"cannot write {path} into {image}: {proc.stderr.strip()[-300:]}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def inject_env(image: Path, env: dict[str, str]) -> None:
     """Add/override ``env`` in ``/.vminit/env`` inside an ext4 image, without mounting it
     (``debugfs``; works without root). Images without ``/.vminit`` are left alone."""
@@ -167,13 +206,4 @@ def inject_env(image: Path, env: dict[str, str]) -> None:
         ["debugfs", "-R", f"cat {ENV_FILE}", str(image)], capture_output=True, check=False
     )
     current = parse_env(cur.stdout) if cur.returncode == 0 else {}
-    tmp = image.with_name("env.tmp")
-    tmp.write_bytes(render_env({**current, **env}))
-    try:
-        cmds = f"rm {ENV_FILE}\nwrite {tmp} {ENV_FILE}\n"
-        proc = subprocess.run(["debugfs", "-w", "-f", "-", str(image)], input=cmds,
-                              capture_output=True, text=True, check=False)  # fmt: skip
-        if proc.returncode != 0 or "Allocated inode" not in proc.stdout + proc.stderr:
-            raise VmError(f"cannot write {ENV_FILE} into {image}: {proc.stderr.strip()[-300:]}")
-    finally:
-        tmp.unlink(missing_ok=True)
+    _debugfs_write(image, ENV_FILE, render_env({**current, **env}))

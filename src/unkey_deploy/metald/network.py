@@ -64,6 +64,28 @@ def _ip(args: list[str], batch: str | None = None, netns: str | None = None) -> 
         raise VmError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-400:]}")
 
 
+def host_nameservers(
+    resolv: Path = Path("/etc/resolv.conf"),
+    upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
+) -> list[str]:
+    """The host's name servers a guest can use: those of ``resolv``, or of systemd-resolved's
+    ``upstream`` file when ``resolv`` names only local (loopback) stubs, which a guest cannot
+    reach (its connections to the host are dropped, and 127.x is the guest's own)."""
+    for f in (resolv, upstream):
+        found = []
+        with contextlib.suppress(OSError):
+            for line in f.read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    with contextlib.suppress(ValueError):
+                        ip = ipaddress.ip_address(parts[1].split("%")[0])
+                        if not ip.is_loopback and not ip.is_link_local:
+                            found.append(str(ip))
+        if found:
+            return found
+    return []
+
+
 class IpAllocator:
     """Leases /30 slots of ``subnet`` to VMs on one host, persisted in the database."""
 
@@ -149,11 +171,13 @@ class HostNetwork:
         *,
         egress_deny: Sequence[str] = (),
         egress_allow: Sequence[str] = (),
+        dns: Sequence[str] = (),
     ) -> None:
         self.subnet = str(ipaddress.IPv4Network(subnet))
         self.table = table
         self.egress_deny = [ipaddress.ip_network(n, strict=False) for n in egress_deny]
         self.egress_allow = [ipaddress.ip_network(n, strict=False) for n in egress_allow]
+        self.dns = [ipaddress.ip_address(a) for a in dns]
 
     def _egress_rules(self) -> str:
         """Forward-chain rules for connections VMs open to other networks: ``egress_allow``
@@ -162,6 +186,11 @@ class HostNetwork:
         p = IFACE_PREFIX
         # replies (to a client on a private network that reached the app) always pass
         lines = [f'    iifname "{p}*" ct state established,related accept']
+        for fam in ("ip", "ip6"):  # the guests' name servers (guest_dns), on port 53 only
+            dns = [str(a) for a in self.dns if (a.version == 4) == (fam == "ip")]
+            if dns:
+                lines.append(f'    iifname "{p}*" {fam} daddr {{ {", ".join(dns)} }} '
+                             "meta l4proto { tcp, udp } th dport 53 accept")  # fmt: skip
         for verdict, nets in (("accept", self.egress_allow), ("reject", self.egress_deny)):
             for fam in ("ip", "ip6"):
                 cidrs = [str(n) for n in nets if (n.version == 4) == (fam == "ip")]

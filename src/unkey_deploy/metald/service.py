@@ -86,9 +86,16 @@ from . import models
 from .cgroups import CgroupManager, VmCgroup
 from .drivers.base import DriverCapabilities, NetAttachment, VmDriver, VmRuntime, VmSpec
 from .drivers.qemu import VMM_OVERHEAD_BYTES
-from .jail import Jails, inject_env
+from .jail import Jails, inject_env, inject_resolv
 from .kernel import KernelPaths, find_kernel
-from .network import HostNetwork, IpAllocator, NetnsPool, iface_name, netns_name
+from .network import (
+    HostNetwork,
+    IpAllocator,
+    NetnsPool,
+    host_nameservers,
+    iface_name,
+    netns_name,
+)
 from .placement import HostView, PlacementRequest, place
 from .select import select_driver
 from .states import ACTIVE, VmState, check_action, transition
@@ -768,12 +775,15 @@ class Metald(Scheduler):
         if config.cgroup_favordynmods:
             event(log, "cgroup favordynmods", state=self.cgroups.favor_dynmods())
         self.ips = IpAllocator(engine, self.host_id, config.subnet)
+        # the guests' name servers (NAT'd links only: user-mode QEMU has its own, see _dns)
+        self.guest_dns = host_nameservers() if config.guest_dns is None else config.guest_dns
         self.network = (
             HostNetwork(
                 config.subnet,
                 table=f"unkey_{self._tag()}",
                 egress_deny=config.egress_deny,
                 egress_allow=config.egress_allow,
+                dns=self.guest_dns,
             )
             if self.root
             else None
@@ -905,11 +915,22 @@ class Metald(Scheduler):
     def _spec(self, r: Any, net: NetAttachment, *, instance_id: str, workdir: Path, rootfs: Path,
               kernel: KernelPaths | None, cgroup: VmCgroup | None) -> VmSpec:  # fmt: skip
         return VmSpec(
+            dns=self._dns(net),
             vm_id=VmId(r.vm_id), instance_id=InstanceId(instance_id),
             customer_id=CustomerId(r.customer_id), vcpus=r.vcpus, memory_bytes=r.memory_bytes,
             port=r.port, workdir=workdir, rootfs=rootfs, net=net, kernel=kernel, cgroup=cgroup,
             env=dict(r.env or {}),
         )  # fmt: skip
+
+    def _dns(self, net: NetAttachment) -> tuple[str, ...]:
+        """Name servers for a guest on ``net``: the host's (let through its NAT) on a VM link;
+        QEMU's user-mode network's own resolver; none on the host's network (the sandbox
+        without root), where the image's resolv.conf stays."""
+        if net.mode in ("netns", "tap"):
+            return tuple(self.guest_dns)
+        if net.mode == "user":
+            return ("10.0.2.3",)
+        return ()
 
     def _row(self, vm_id: str) -> Any:
         with self.engine.connect() as c:
@@ -956,9 +977,10 @@ class Metald(Scheduler):
                 vm_id, Path(r.rootfs), kernel=self.kernel if copy else None,
                 copy_rootfs=copy, with_vmlinux=self.driver.name == "firecracker",
             )  # fmt: skip
-            if copy and r.env:
+            if copy:
                 # the guest's init reads its environment from the image (builder contract)
-                inject_env(disk, dict(r.env))
+                inject_env(disk, dict(r.env or {}))
+                inject_resolv(disk, list(self._dns(net)))
             spec = self._spec(r, net, instance_id=instance_id, workdir=jail, rootfs=disk,
                               kernel=jk, cgroup=cg)  # fmt: skip
             self.driver.create(spec)

@@ -80,6 +80,8 @@ class VmSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     # unprivileged uid/gid the VMM runs as when metald is root (None: keep ours)
     run_as: tuple[int, int] | None = None
+    # name servers for the guest's /etc/resolv.conf (empty: the image's own is left alone)
+    dns: tuple[str, ...] = ()
 
     @property
     def log_path(self) -> Path:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ...core.errors import VmError
 from .. import linux
-from ..jail import merge_env_tree
+from ..jail import merge_env_tree, write_resolv_tree
 from .base import (
     DriverCapabilities,
     VmRuntime,
@@ -148,6 +148,7 @@ class SandboxDriver:
             if not (merged / ".vminit").exists():
                 _run(["debugfs", "-R", f"rdump / {merged}", str(spec.rootfs)])
             merge_env_tree(merged, dict(spec.env))
+            write_resolv_tree(merged, list(spec.dns))
             _mount_points(merged)
             return merged, []
         lower, upper, work = (base / d for d in ("lower", "upper", "work"))
@@ -175,6 +176,7 @@ class SandboxDriver:
                     raise VmError(f"cannot mount the overlay at {merged}: {exc}") from exc
             mounts.append(str(merged))
             merge_env_tree(merged, dict(spec.env))  # lands in the per-VM upper layer
+            write_resolv_tree(merged, list(spec.dns))  # so does this
             _mount_points(merged)
         except (VmError, OSError):
             self._unmount(mounts)
