@@ -120,10 +120,11 @@ class DeployWorker:
         dep_id = str(job.payload["deployment_id"])
         done = threading.Event()
         interruption = Interruption(lambda: self._cancel_requested(job.id))
-        watcher = threading.Thread(target=self._watch, args=(job, dep_id, interruption, done),
+        # filled in below; the watcher logs with the same ids (a thread of its own: no context)
+        ids: dict[str, Any] = {"deployment_id": dep_id, "job_kind": job.kind}
+        watcher = threading.Thread(target=self._watch, args=(job, interruption, done, ids),
                                    name=f"hb-{job.id}", daemon=True)  # fmt: skip
         watcher.start()
-        ids: dict[str, Any] = {"deployment_id": dep_id, "job_kind": job.kind}
         try:
             dep = self.records.get(dep_id)
             ids.update(request_id=dep.request_id, customer_id=dep.customer_id)
@@ -163,13 +164,18 @@ class DeployWorker:
             return jobs.get(s, job_id).cancel_requested
 
     def _watch(
-        self, job: jobs.Job, dep_id: str, interruption: Interruption, done: threading.Event
+        self,
+        job: jobs.Job,
+        interruption: Interruption,
+        done: threading.Event,
+        ids: dict[str, Any],
     ) -> None:
         """Heartbeat the job every third of its lease; for a deploy job, also look for a
         cancel request every ``cancel_poll_s`` and interrupt the deploy once there is one:
         cancel its build and ask for its VMs' deletion (again on every look, so a VM a launch
         creates meanwhile goes too), which ends a launch waiting for its VM at once."""
         deploy = job.kind == JOB_KIND
+        dep_id = str(ids["deployment_id"])
         beat_every = self.lease_s / 3
         last_beat = time.monotonic()
         while not done.wait(min(self.cancel_poll_s, beat_every) if deploy else beat_every):
@@ -188,8 +194,9 @@ class DeployWorker:
                     continue
                 if seen.cancel_requested and not interruption.is_set():
                     interruption.set()
-                    event(log, "stop requested: interrupting the deploy",
-                          deployment_id=dep_id, build_id=interruption.build_id)  # fmt: skip
+                    with bound(**ids):
+                        event(log, "stop requested: interrupting the deploy",
+                              build_id=interruption.build_id)  # fmt: skip
                     build_id = interruption.build_id
                     if build_id is not None and self.builds.cancel(build_id, dep_id):
                         self.records.event(dep_id, "build", f"build {build_id} cancelled",
@@ -198,9 +205,11 @@ class DeployWorker:
                     for vm_id in self.vms.abort(dep_id):
                         self.records.event(dep_id, "vm", f"deleting {vm_id}: the deploy is "
                                            "interrupted", vm_id=vm_id)  # fmt: skip
-            except UnkeyError as exc:  # the database or metald hiccuped: the next look retries
-                event(log, "deploy watcher", level=logging.WARNING, error=str(exc),
-                      deployment_id=dep_id)  # fmt: skip
+            except Exception as exc:
+                # the database or metald hiccuped, or the lease is lost: the watcher must outlive
+                # it (the next look retries), like the worker loop outlives a job's bug
+                with bound(**ids):
+                    event(log, "job watcher", level=logging.WARNING, error=repr(exc))
 
     # -- deploy ---------------------------------------------------------------------------------
     def _run_deploy(self, dep: Deployment, attempt: int, interruption: Interruption) -> _Outcome:
