@@ -386,3 +386,70 @@ def test_stop_on_postgres(tmp_path: Path, postgres_fresh_url: str) -> None:
         finally:
             scheduler.close()
             engine.dispose()
+
+
+def _stopping(w: World, c: Customer) -> tuple[str, jobs.Job]:
+    """A failed deployment the user stopped: ``stopping``, its stop job queued."""
+    dep_id = _deploy(w, c)["id"]
+    w.records.set_state(dep_id, "building")
+    w.records.set_state(dep_id, "failed", error={"code": "x", "message": "y"})
+    assert _stop(w, c, dep_id).status_code == 202
+    (stop_job,) = _jobs(w, "stop", dep_id)
+    return dep_id, stop_job
+
+
+def _claimed_by_a_dying_worker(w: World, job_id: str, worker: str) -> None:
+    """Claimed long ago by a worker that died: its lease is long expired."""
+    claimed = jobs.claim(w.factory, ["stop"], worker, now=10.0, lease_s=1.0)
+    assert claimed is not None and claimed.id == job_id
+
+
+def test_a_stop_whose_worker_died_is_retried_while_the_deployment_stays_stopping(
+    world: World,
+) -> None:
+    c = new_customer(world.gw)
+    dep_id, stop_job = _stopping(world, c)
+    _claimed_by_a_dying_worker(world, stop_job.id, "dead-1")
+    assert world.worker.run_once()  # its requeue pass records the lost attempt, then the retry
+    with world.factory() as s:
+        done = jobs.get(s, stop_job.id)
+    assert done.state == jobs.JobState.SUCCEEDED and done.attempts == 2
+    assert world.records.get(dep_id).state == "stopped"
+    events = _events(world, dep_id)
+    states = [e.data.get("state") for e in events if e.phase == "state"]
+    assert states == ["building", "failed", "stopping", "stopped"]  # never failed again
+    (lost,) = [e for e in events if e.data.get("retrying")]
+    assert lost.phase == "stop" and lost.message == (
+        "stop attempt 1/3 failed: the stop's worker stopped heartbeating (crashed or stalled);"
+        " retrying in 0 s"
+    )
+
+
+def test_a_stop_whose_last_attempt_died_leaves_the_deployment_failed_for_good(
+    world: World,
+) -> None:
+    """``failed`` after a stop means no attempt is left: recorded by the worker that finds the
+    last attempt's lease expired. A new stop then finishes it."""
+    c = new_customer(world.gw)
+    dep_id, stop_job = _stopping(world, c)
+    for attempt in (1, 2):  # re-queued by some process that is not a deployer worker
+        _claimed_by_a_dying_worker(world, stop_job.id, f"dead-{attempt}")
+        with world.factory() as s, s.begin():
+            (requeued,) = jobs.requeue_expired(s, now=20.0, kinds=["stop"])
+        assert requeued.state == jobs.JobState.QUEUED
+        assert world.records.get(dep_id).state == "stopping"
+    _claimed_by_a_dying_worker(world, stop_job.id, "dead-3")
+    assert world.worker.run_once() is False  # nothing left to claim: the job failed for good
+    with world.factory() as s:
+        assert jobs.get(s, stop_job.id).state == jobs.JobState.FAILED
+    dep = world.records.get(dep_id)
+    assert dep.state == "failed" and dep.error is not None
+    assert dep.error["message"] == "the stop's worker stopped heartbeating (crashed or stalled)"
+    assert dep.error["details"] == {"job_id": stop_job.id}
+    last = _events(world, dep_id)[-1]
+    assert last.phase == "failed" and last.data["final"] is True
+    assert last.message.startswith("stop failed: the stop's worker stopped heartbeating")
+    again = _stop(world, c, dep_id)
+    assert again.status_code == 202 and again.json()["deployment"]["state"] == "stopping"
+    _run_until_idle(world)
+    assert world.records.get(dep_id).state == "stopped"

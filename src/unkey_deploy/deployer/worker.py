@@ -311,8 +311,7 @@ class DeployWorker:
                 continue
             dep_id = str(job.payload.get("deployment_id", ""))
             lost = UnkeyError(
-                f"the stop's worker stopped heartbeating (crashed or stalled) on attempt "
-                f"{job.attempts}/{job.max_attempts}",
+                "the stop's worker stopped heartbeating (crashed or stalled)",
                 retryable=True,
                 details={"job_id": job.id},
             )
