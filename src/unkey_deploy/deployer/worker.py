@@ -21,6 +21,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,14 +121,15 @@ class DeployWorker:
         dep_id = str(job.payload["deployment_id"])
         done = threading.Event()
         interruption = Interruption(lambda: self._cancel_requested(job.id))
-        # filled in below; the watcher logs with the same ids (a thread of its own: no context)
         ids: dict[str, Any] = {"deployment_id": dep_id, "job_kind": job.kind}
-        watcher = threading.Thread(target=self._watch, args=(job, interruption, done, ids),
-                                   name=f"hb-{job.id}", daemon=True)  # fmt: skip
+        # the watcher logs with the same ids (a thread has no log context of its own): it reads
+        # the latest binding of ``ids``, which is replaced, never changed in place
+        watcher = threading.Thread(target=self._watch, name=f"hb-{job.id}", daemon=True,
+                                   args=(job, dep_id, interruption, done, lambda: ids))  # fmt: skip
         watcher.start()
         try:
             dep = self.records.get(dep_id)
-            ids.update(request_id=dep.request_id, customer_id=dep.customer_id)
+            ids = {**ids, "request_id": dep.request_id, "customer_id": dep.customer_id}
             with bound(**ids):
                 if job.kind == STOP_JOB_KIND:
                     outcome = self._run_stop(dep, job.attempts)
@@ -166,16 +168,16 @@ class DeployWorker:
     def _watch(
         self,
         job: jobs.Job,
+        dep_id: str,
         interruption: Interruption,
         done: threading.Event,
-        ids: dict[str, Any],
+        ids: Callable[[], dict[str, Any]],
     ) -> None:
         """Heartbeat the job every third of its lease; for a deploy job, also look for a
         cancel request every ``cancel_poll_s`` and interrupt the deploy once there is one:
         cancel its build and ask for its VMs' deletion (again on every look, so a VM a launch
         creates meanwhile goes too), which ends a launch waiting for its VM at once."""
         deploy = job.kind == JOB_KIND
-        dep_id = str(ids["deployment_id"])
         beat_every = self.lease_s / 3
         last_beat = time.monotonic()
         while not done.wait(min(self.cancel_poll_s, beat_every) if deploy else beat_every):
@@ -194,7 +196,7 @@ class DeployWorker:
                     continue
                 if seen.cancel_requested and not interruption.is_set():
                     interruption.set()
-                    with bound(**ids):
+                    with bound(**ids()):
                         event(log, "stop requested: interrupting the deploy",
                               build_id=interruption.build_id)  # fmt: skip
                     build_id = interruption.build_id
@@ -208,7 +210,7 @@ class DeployWorker:
             except Exception as exc:
                 # the database or metald hiccuped, or the lease is lost: the watcher must outlive
                 # it (the next look retries), like the worker loop outlives a job's bug
-                with bound(**ids):
+                with bound(**ids()):
                     event(log, "job watcher", level=logging.WARNING, error=repr(exc))
 
     # -- deploy ---------------------------------------------------------------------------------
