@@ -472,6 +472,8 @@ class Stack:
             _port_file(self.data_dir, name).unlink(missing_ok=True)
 
     def up(self, *, timeout_s: float = 120.0) -> list[ServiceStatus]:
+        """Start each service that is not running and wait until it is healthy; raises
+        Unavailable naming a service that did not come up, or that exited by the end."""
         self.prepare()
         for spec in self.services:
             if not self._wanted(spec) or self.pid(spec.name) is not None:
@@ -505,7 +507,17 @@ class Stack:
                         f"see {log_path}:\n{_tail(log_path)}",
                     )
                 time.sleep(0.1)
-        return self.status()
+        statuses = self.status()
+        # one that became healthy and exited since (e.g. metald, failing to recover a VM)
+        wanted = {spec.name for spec in self.services if self._wanted(spec)}
+        dead = [st.name for st in statuses if st.name in wanted and not st.running]
+        if dead:
+            raise Unavailable(
+                f"{', '.join(dead)} exited after starting",
+                suggestion="".join(f"see {self._log_file(n)}:\n{_tail(self._log_file(n))}\n"
+                                   for n in dead).rstrip(),
+            )  # fmt: skip
+        return statuses
 
     def down(self, *, purge_vms: bool = False) -> list[str]:
         """Stop every running service, last started first; returns the names stopped.

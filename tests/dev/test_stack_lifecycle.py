@@ -1,9 +1,10 @@
-"""`unkey dev down --purge-vms` (dev/stack.Stack.down) waits for a service's purge as long as its
-``purge_timeout_s`` says (metald's: as long as the VMs recorded need), not its ordinary stop
-timeout; a purge cut short by SIGKILL is an error naming it, never a silent success.
+"""The local stack's lifecycle (dev/stack.Stack) with small real processes as its services.
 
-The service here is a small real process that purges (sleeps) on SIGUSR1; a real metald purging
-real sandbox VMs is tests/e2e/test_journey.py (nothing of them left after `dev down --purge-vms`).
+`unkey dev down --purge-vms` waits for a service's purge as long as its ``purge_timeout_s`` says
+(metald's: as long as the VMs recorded need), not its ordinary stop timeout; a purge cut short
+by SIGKILL is an error naming it, never a silent success. `unkey dev up` names a service that
+exited after it became healthy. A real metald purging real sandbox VMs is
+tests/e2e/test_journey.py (nothing of them left after `dev down --purge-vms`).
 """
 
 from __future__ import annotations
@@ -90,3 +91,28 @@ def test_a_purge_cut_short_is_an_error_naming_it(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert not (stack.data_dir / "purged").exists()
     assert not (stack.data_dir / "run" / "metald.pid").exists()
+
+
+def test_up_names_a_service_that_exited_after_it_became_healthy(tmp_path: Path) -> None:
+    """Like a metald that starts, then fails recovering a VM: `dev up` must not say all is up."""
+    data = tmp_path / "stack"
+    settings = core_config.load(environ={"UNKEY_DATA_DIR": str(data)})
+    # healthy at once, gone a moment later (while the next service is still starting)
+    brief = [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+             "Path(sys.argv[1], 'brief-ready').write_text(''); time.sleep(0.3); sys.exit(3)",
+             str(data)]  # fmt: skip
+    slow = [sys.executable, "-c", "import sys, time; from pathlib import Path; time.sleep(1.5); "
+            "Path(sys.argv[1], 'slow-ready').write_text(''); time.sleep(60)",
+            str(data)]  # fmt: skip
+    stack = Stack(settings, [
+        ServiceSpec("metald", lambda _s: brief, lambda _s: (data / "brief-ready").exists()),
+        ServiceSpec("deployer", lambda _s: slow, lambda _s: (data / "slow-ready").exists()),
+    ])  # fmt: skip
+    try:
+        with pytest.raises(Unavailable) as exc:
+            stack.up(timeout_s=30)
+        assert exc.value.message == "metald exited after starting"
+        assert str(stack.data_dir / "logs" / "metald.log") in (exc.value.suggestion or "")
+    finally:
+        stack.down()
+    assert stack.pid("deployer") is None
