@@ -46,6 +46,7 @@ from unkey_deploy.dev.example import REPO as HELLO_REPO
 from unkey_deploy.dev.example import hello_image
 from unkey_deploy.gateway.tls import client_context
 from unkey_deploy.testing import images
+from unkey_deploy.testing.subnets import reserved_subnet
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.xdist_group("faults-stack")]
 
@@ -141,7 +142,8 @@ def _up(st: Stack) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("faults")
-    st = Stack(tmp, "sandbox")
+    subnet = contextlib.ExitStack()
+    st = Stack(tmp, "sandbox", subnet.enter_context(reserved_subnet()))
     try:
         _up(st)
         created = st.unkey_json("customers", "create", f"faults-{uuid.uuid4().hex[:8]}")
@@ -156,6 +158,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         st.down()
         leftovers = st.leftovers()
         shutil.rmtree(st.root, ignore_errors=True)
+        subnet.close()
     assert leftovers == [], "processes of the stack survived `dev down` and SIGKILL"
 
 
