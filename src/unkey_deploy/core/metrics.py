@@ -104,7 +104,7 @@ FLUSH_SECONDS = Histogram(
 # -- deployer -----------------------------------------------------------------------------------
 DEPLOYS = Counter(
     "unkey_deployer_deploys",
-    "Deploy attempts finished, by outcome (ready, failed)",
+    "Deploy attempts finished, by outcome (ready, failed, interrupted by a stop)",
     ["outcome"],
     registry=DEPLOYER,
 )
@@ -126,7 +126,7 @@ for _outcome in ("succeeded", "cached", "failed", "retrying", "cancelled"):
     BUILDS_FINISHED.labels(_outcome)
 for _outcome in ("ok", "failed"):
     VM_BOOTS.labels(_outcome)
-for _outcome in ("ready", "failed"):
+for _outcome in ("ready", "failed", "interrupted"):
     DEPLOYS.labels(_outcome)
 for _outcome in ("stopped", "failed"):
     STOPS.labels(_outcome)
