@@ -389,3 +389,53 @@ def test_metering_loop_real_collector_to_consumer(cgroups: Cgroups, tmp_path: Pa
         asyncio.run(main())
     finally:
         server.stop()
+
+
+def test_metering_restart_continues_series_and_a_refused_one_stops_no_other(
+    cgroups: Cgroups, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """metald restarting with its VMs running: the loop stops without retiring (partial batches
+    spooled) and the next one continues every series, nothing sampled twice or lost. A series
+    billaged refuses (retired while its VM ran on) is logged and skipped; the others go on."""
+    proc = cgroups.spawn("import time\nwhile True: sum(range(10**5)); time.sleep(0.01)\n")
+    time.sleep(0.2)
+    keys = [_key("restart0"), _key("restart1"), _key("restart2")]
+    targets = [MeterTarget(key=k, pid=proc.pid, cgroup_v1_cpuacct_dir=cgroups.cpuacct,
+                           cgroup_v1_memory_dir=cgroups.memory) for k in keys]  # fmt: skip
+    spool = tmp_path / "spool"
+
+    async def run_loop(seconds: float) -> None:
+        b = Billaged(spool, batch_samples=4)
+        loop = MeteringLoop(Collector(), b, lambda: targets, targets_every=5)
+        stop = asyncio.Event()
+        task = asyncio.create_task(loop.run(stop, retire=False))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await task
+        await b.close()
+
+    async def main() -> None:
+        await run_loop(0.55)  # ~6 samples a series: one full batch, a partial one spooled
+        b = Billaged(spool, batch_samples=4)
+        b.stop(keys[0])  # as a metald of before this fix did on SIGTERM
+        await b.close()
+        await run_loop(0.55)
+
+    with caplog.at_level("ERROR", logger="unkey.metering"):
+        asyncio.run(main())
+    b = Billaged(spool, batch_samples=4)
+    by_series: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for _, _, item in b.spool.pending(1000):
+        d = codec.decode_array(item.data)
+        by_series.setdefault(d.key.vm_id, []).append((d.seq, d.samples))
+    asyncio.run(b.close())
+    for vm_id in ("vm_restart1", "vm_restart2"):  # continued across the restart
+        batches = sorted(by_series[vm_id], key=lambda x: x[0])
+        assert [seq for seq, _ in batches] == list(range(len(batches)))
+        ts = np.concatenate([s[:, 0] for _, s in batches])
+        assert len(ts) >= 9, "both runs sampled it"
+        assert (np.diff(ts) > 0).all(), "no sample twice, time only forward"
+    # the refused series has only what the first run sampled; its refusal is logged
+    first_run = sum(len(s) for _, s in by_series["vm_restart0"])
+    assert 3 <= first_run < len(np.concatenate([s for _, s in by_series["vm_restart1"]]))
+    assert any("VM not metered" in r.getMessage() for r in caplog.records)

@@ -4,9 +4,11 @@ The host agent (:class:`~.service.Metald`) boots, watches and recovers this host
 metering loop samples every running VM instance every 100 ms (``meter_targets``) and hands the
 samples to billaged, which spools and publishes 60 s batches to JetStream.
 
-SIGTERM stops metering (partial batches are flushed and spooled) and closes the agent; VMs keep
-running and are recovered by the next start, as after a crash. SIGUSR1 (``unkey dev down
---purge-vms``) stops and deletes this host's VMs first.
+SIGTERM stops metering (partial batches are spooled, every series stays open) and closes the
+agent; VMs keep running and are recovered by the next start, whose metering continues their
+series. SIGUSR1 (``unkey dev down --purge-vms``) deletes this host's VMs first, metering each
+until it is gone (its series then ends), then stops; a VM the purge could not delete goes on
+being metered by the next start.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     md.start()
     print(f"metald: host {md.host_id} driver {md.driver.name}", file=sys.stderr, flush=True)
     purge = False
+    purged = False
 
     async def run() -> None:
         nonlocal purge
@@ -52,11 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def purge_then_stop() -> None:
+            nonlocal purged
+            try:
+                # in a thread: the metering loop goes on sampling each VM until it is deleted
+                await asyncio.to_thread(md.shutdown)
+                purged = True
+            finally:
+                stop.set()
 
         def purge_and_stop() -> None:
             nonlocal purge
-            purge = True
-            stop.set()
+            if not purge:
+                purge = True
+                tasks.add(loop.create_task(purge_then_stop()))
 
         loop.add_signal_handler(signal.SIGUSR1, purge_and_stop)
         nats_url = settings.bus.nats_url
@@ -66,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             await stop.wait()
             return
         metering = build_metering(settings, md.meter_targets, nats_url)
-        await metering.run(stop)
+        # never retire series on the way out: VMs still running (a restart, a purge cut
+        # short) are metered on by the next start; deleted ones were retired as they went
+        await metering.run(stop, retire=False)
 
     asyncio.run(run())
-    if purge:
-        md.shutdown()
-    else:
+    if purge and not purged:
+        md.shutdown()  # the purge failed or was interrupted: once more, errors shown
+    elif not purge:
         md.close()
     return 0
 

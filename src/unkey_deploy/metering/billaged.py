@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +237,20 @@ class Billaged:
     def ingest_one(self, key: SeriesKey, row: Samples) -> bool:
         s = self.slot(key)
         return self.ingest(np.array([s]), np.asarray(row, dtype=np.int64).reshape(1, NCOLS)) == 1
+
+    def checkpoint(self, keys: Iterable[SeriesKey]) -> None:
+        """Spool the partial batches of ``keys`` now, the series staying open: a metering loop
+        that stops while its VMs keep running (metald restarting) publishes what it sampled,
+        and the next one continues each series where this one left it (next seq, last
+        sample). Unknown keys are ignored."""
+        slots = [s for k in keys if (s := self._slot_of.get(series_name(k.vm_id, k.instance_id)))
+                 is not None]  # fmt: skip
+        if not slots:
+            return
+        try:
+            self._flush(np.array(slots))
+        except OSError as exc:
+            raise self._disk_error(exc) from exc
 
     def stop(self, key: SeriesKey) -> None:
         """The VM instance stopped: flush its partial batch and retire the series."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -16,11 +17,15 @@ import numpy as np
 from ..bus.interface import Bus
 from ..bus.jetstream import connect
 from ..core.config import Settings
+from ..core.errors import InvalidInput
+from ..core.log import event
+from ..core.log import get as get_logger
 from .billaged import Billaged
 from .collector import Collector
 from .model import MeterTarget, SeriesKey
 
 TargetsFn = Callable[[], Iterable[MeterTarget]]
+log = get_logger("metering")
 
 
 class MeteringLoop:
@@ -39,12 +44,16 @@ class MeteringLoop:
         self.interval_s = interval_s
         self.targets_every = targets_every
         self._slots: dict[SeriesKey, int] = {}
+        # targets billaged refused (e.g. a series retired while its VM kept running): logged
+        # once each and skipped, so one bad series never stops the host's metering
+        self._refused: set[SeriesKey] = set()
         self._ticks = 0
 
     def refresh_targets(self) -> None:
         for key in self.collector.set_targets(self.targets()):
             self.billaged.stop(key)
             self._slots.pop(key, None)
+            self._refused.discard(key)
 
     def tick(self) -> int:
         """One sweep: read every target, hand the samples to billaged. Returns samples taken."""
@@ -55,16 +64,33 @@ class MeteringLoop:
         if not keys:
             return 0
         slots = np.empty(len(keys), dtype=np.int64)
+        ok = np.ones(len(keys), dtype=bool)
         for i, k in enumerate(keys):
             s = self._slots.get(k)
             if s is None:
-                s = self._slots[k] = self.billaged.slot(k)
+                if k in self._refused:
+                    ok[i] = False
+                    continue
+                try:
+                    s = self._slots[k] = self.billaged.slot(k)
+                except InvalidInput as exc:
+                    self._refused.add(k)
+                    ok[i] = False
+                    event(log, "VM not metered", logging.ERROR, vm_id=k.vm_id,
+                          instance_id=k.instance_id, customer_id=k.customer_id,
+                          error=exc.message)  # fmt: skip
+                    continue
             slots[i] = s
-        return self.billaged.ingest(slots, rows)
+        if not ok.all():
+            slots, rows = slots[ok], rows[ok]
+        return self.billaged.ingest(slots, rows) if len(slots) else 0
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, *, retire: bool = True) -> None:
         """Sample every ``interval_s`` on a fixed schedule (no drift) until ``stop`` is set,
-        publishing in the background; then stop every series and close."""
+        publishing in the background; then close. ``retire``: the VMs are gone for good, so
+        every series is stopped; otherwise (metald restarting, its VMs running on) only
+        their partial batches are spooled and the next loop continues each series (a
+        retired series cannot be continued: its instance would go unmetered)."""
         loop = asyncio.get_running_loop()
         publisher = asyncio.create_task(self.billaged.run_publisher())
         next_at = loop.time()
@@ -82,8 +108,13 @@ class MeteringLoop:
                 finally:
                     waiter.cancel()
         finally:
-            for key in self.collector.keys:
-                self.billaged.stop(key)
+            with contextlib.suppress(Exception):  # VMs deleted since the last look end here
+                self.refresh_targets()
+            if retire:
+                for key in self.collector.keys:
+                    self.billaged.stop(key)
+            else:
+                self.billaged.checkpoint(self.collector.keys)
             self.collector.close()
             self.billaged.stop_publisher()
             try:
