@@ -236,6 +236,34 @@ def test_metald_kill9_vms_survive_and_are_recovered(env: Env) -> None:
     assert _get(env.dep["url"]) == 200
 
 
+def test_metald_sigterm_restart_vms_survive_and_metering_goes_on(env: Env) -> None:
+    """A graceful restart (an upgrade): the VM runs on, the next metald re-attaches it and its
+    metering continues the same series (the exact count below allows a gap only while metald
+    was down). A metald that retired the series on SIGTERM died at its next start."""
+    dep_id = env.dep["id"]
+    before = [v for v in env.vms(dep_id) if v["state"] == "running"]
+    assert len(before) == 1, env.vms(dep_id)
+    pid = env.st.pid("metald")
+    assert pid is not None
+    stopped = time.time_ns()
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while _alive(pid):
+        assert time.monotonic() < deadline, "metald ignored SIGTERM"
+        time.sleep(0.05)
+    assert _get(env.dep["url"]) == 200, "the VM stopped with its supervisor"
+    env.restart()
+    env.downtimes.append((stopped, time.time_ns()))
+    time.sleep(3)  # some ticks of metering and a reconcile pass
+    new_pid = env.st.pid("metald")
+    assert new_pid is not None and _alive(new_pid), "metald died after its restart"
+    after = env.vms(dep_id)
+    assert [(v["vm_id"], v["instance_id"], v["state"]) for v in after] == [
+        (before[0]["vm_id"], before[0]["instance_id"], "running")
+    ], after
+    assert after[0]["runtime"]["pid"] == before[0]["runtime"]["pid"]
+
+
 # -- aggregator (gatewayd) and nats-server, then the exact count ------------------------------
 
 
