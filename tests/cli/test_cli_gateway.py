@@ -296,6 +296,25 @@ def test_deploy_wait_follows_the_event_stream(
     assert dep["state"] == "running" and dep["url"] == "http://10.1.0.2:8080"
 
 
+def test_deploy_wait_fails_when_the_deployment_is_stopped_before_it_runs(
+    gateway: RunningGateway, drive_deploy: DeployDriver, tmp_path: Path
+) -> None:
+    c = new_customer(gateway)
+
+    def drive(records: cp.DeploymentRecords, dep_id: str) -> None:
+        records.set_state(dep_id, "building")
+        records.set_state(dep_id, "deploying", asset_id="ast_x")
+        records.set_state(dep_id, "stopping")
+        records.event(dep_id, "stop", "stop requested")
+        records.set_state(dep_id, "stopped")
+
+    app = _write_app(tmp_path, name="stopped-early")
+    code, out, err = _deploy_and_drive(gateway, drive_deploy, c, app, drive)
+    assert code == 5, err  # Conflict: the deploy did not end running
+    assert "was stopped before it ran" in err and "unkey deployments show" in err
+    assert out == ""  # no URL, no deployment printed as if it had worked
+
+
 def test_deploy_wait_reports_failure_with_its_exit_code(
     gateway: RunningGateway, drive_deploy: DeployDriver, tmp_path: Path
 ) -> None:

@@ -18,6 +18,7 @@ from rich.markup import escape
 from .. import appspec
 from ..core import config as core_config
 from ..core.errors import (
+    Conflict,
     DeadlineExceeded,
     InvalidInput,
     Unavailable,
@@ -101,6 +102,8 @@ def deploy(
     """Validate FILE (app.yaml) and deploy it.
 
     Prints the deployment's id (with --wait: the app's URL once it runs; --json: the deployment).
+    With --wait the exit code says how it ended: 0 running, the error's code when it failed,
+    5 (conflict) when it was stopped before it ran.
     """
     try:
         spec = appspec.load_file(file)
@@ -135,6 +138,14 @@ def deploy(
             dep = client.get_deployment(dep["id"])["deployment"]
             if end.get("state") == "failed" or dep["state"] == "failed":
                 raise from_dict(dep.get("error") or {"message": "deployment failed"})
+            if dep["state"] != "running":
+                # stopped (or cancelled) by someone while it was on its way: it never ran
+                raise Conflict(
+                    f"deployment {dep['id']} was {dep['state']} before it ran",
+                    details={"deployment_id": dep["id"], "state": dep["state"]},
+                    suggestion=f"see who stopped it: `unkey deployments show {dep['id']}`;"
+                    " deploy again to run it",
+                )
             err.print(f"deployment {dep['id']} is {dep['state']}", highlight=False, markup=False)
     if as_json:
         print_json(dep)
