@@ -299,6 +299,36 @@ def test_a_deploy_stuck_after_its_job_gave_up_can_be_stopped(world: World) -> No
     assert world.records.get(dep["id"]).state == "stopped"
 
 
+def test_a_deploy_whose_last_attempt_died_fails_its_deployment(world: World) -> None:
+    """Nothing would move a deployment whose deploy job's last worker died: the worker that
+    finds that lease expired fails it, saying why (before, it stayed building for ever)."""
+    c = new_customer(world.gw)
+    dep = _deploy(world, c)
+    world.records.set_state(dep["id"], "building")
+    (deploy_job,) = _jobs(world, "deploy", dep["id"])
+    for attempt in range(1, deploy_job.max_attempts + 1):
+        claimed = jobs.claim(world.factory, ["deploy"], f"dead-{attempt}", now=10.0, lease_s=1.0)
+        assert claimed is not None and claimed.id == deploy_job.id
+        if attempt < deploy_job.max_attempts:  # re-queued by some other process
+            with world.factory() as s, s.begin():
+                (requeued,) = jobs.requeue_expired(s, now=20.0, kinds=["deploy"])
+            assert requeued.state == jobs.JobState.QUEUED
+            assert world.records.get(dep["id"]).state == "building"
+    assert world.worker.run_once() is False  # its requeue pass fails the job for good
+    with world.factory() as s:
+        assert jobs.get(s, deploy_job.id).state == jobs.JobState.FAILED
+    failed = world.records.get(dep["id"])
+    assert failed.state == "failed" and failed.error is not None
+    assert failed.error["message"].startswith("the deploy's worker stopped heartbeating")
+    assert failed.error["details"] == {"job_id": deploy_job.id}
+    last = _events(world, dep["id"])[-1]
+    assert last.phase == "failed" and last.data["final"] is True
+    # a stop then finishes it, as for any failed deployment
+    assert _stop(world, c, dep["id"]).status_code == 202
+    _run_until_idle(world)
+    assert world.records.get(dep["id"]).state == "stopped"
+
+
 def test_stopping_whose_stop_job_died_gets_a_new_one(world: World) -> None:
     """A stop job whose worker died on its last attempt leaves the deployment stopping: the
     next stop starts a new job instead of answering "already stopping" forever."""

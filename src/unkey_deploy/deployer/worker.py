@@ -13,6 +13,10 @@ A failed stop attempt that will be retried leaves the deployment ``stopping`` (a
 so); it is recorded ``failed``, in the transaction that fails the job for good, only when no
 attempt is left (or the error is not retryable), or when a worker finds that the stop job's
 last worker lost its lease on the last attempt. So ``failed`` after a stop is final.
+
+A deploy job whose last attempt's worker died fails its deployment the same way (found by any
+worker's requeue pass; the VMs that worker may have booted are deleted): nothing else would
+ever move it out of ``building``/``deploying``.
 """
 
 from __future__ import annotations
@@ -112,7 +116,8 @@ class DeployWorker:
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue had nothing for us."""
         with self.factory() as s, s.begin():
-            self._requeue_expired(s, JOB_KINDS)
+            abandoned = self._requeue_expired(s, JOB_KINDS)
+        self._abandon(abandoned)
         job = jobs.claim(
             self.factory, JOB_KINDS, self.worker_id, now=self._now(), lease_s=self.lease_s
         )
@@ -262,13 +267,16 @@ class DeployWorker:
         waited = False
         while True:
             with self.factory() as s, s.begin():
-                self._requeue_expired(s, (JOB_KIND,))
+                abandoned = self._requeue_expired(s, (JOB_KIND,))
                 try:
                     deploy = jobs.get(s, dep.job_id)
                 except NotFound:
-                    return waited
-                if deploy.state not in jobs.FINISHED and not deploy.cancel_requested:
+                    deploy = None
+                if deploy and deploy.state not in jobs.FINISHED and not deploy.cancel_requested:
                     deploy = jobs.cancel(s, deploy.id, now=self._now())
+            self._abandon(abandoned)
+            if deploy is None:
+                return waited
             if deploy.state in jobs.FINISHED:
                 return waited
             if not waited:
@@ -305,10 +313,17 @@ class DeployWorker:
         cp.add_event(s, dep_id, "failed", f"stop failed: {message}", now=now,
                      data={"error": error, "attempt": after.attempts, "final": True})  # fmt: skip
 
-    def _requeue_expired(self, s: Session, kinds: tuple[str, ...]) -> None:
+    def _requeue_expired(self, s: Session, kinds: tuple[str, ...]) -> list[str]:
         """Jobs whose worker stopped heartbeating go back to the queue (or fail for good); a
-        stop job's fate is the deployment's, recorded as :meth:`_stop_attempt_failed` does."""
+        stop job's fate is the deployment's, recorded as :meth:`_stop_attempt_failed` does; a
+        deploy job that failed for good fails its deployment. Returns the deployments whose VMs
+        the caller must delete once this transaction is committed (:meth:`_abandon`)."""
+        abandoned: list[str] = []
         for job in jobs.requeue_expired(s, now=self._now(), kinds=kinds):
+            if job.kind == JOB_KIND and job.state == jobs.JobState.FAILED:
+                if self._deploy_lost(s, job):
+                    abandoned.append(str(job.payload.get("deployment_id", "")))
+                continue
             if job.kind != STOP_JOB_KIND or job.state == jobs.JobState.CANCELLED:
                 continue
             dep_id = str(job.payload.get("deployment_id", ""))
@@ -319,6 +334,41 @@ class DeployWorker:
             )
             with contextlib.suppress(NotFound):
                 self._stop_attempt_failed(s, dep_id, job, lost.to_dict())
+        return abandoned
+
+    def _deploy_lost(self, s: Session, job: jobs.Job) -> bool:
+        """The deploy job's last worker stopped heartbeating on its last attempt: nothing will
+        move its deployment any more, so it fails (in the job's transaction), saying why. True
+        if it was recorded (the VMs that worker may have booted are then the caller's to
+        delete)."""
+        dep_id = str(job.payload.get("deployment_id", ""))
+        now = self._now()
+        error = UnkeyError(
+            f"the deploy's worker stopped heartbeating (crashed or stalled) on its last attempt"
+            f" ({job.attempts}/{job.max_attempts})",
+            retryable=False, details={"job_id": job.id},
+        ).to_dict()  # fmt: skip
+        try:
+            cp.record_state(s, dep_id, "failed", now=now, error=error,
+                            only_from=("accepted", "building", "deploying"))  # fmt: skip
+        except (NotFound, IllegalTransition):
+            return False  # stopped, or over, meanwhile: not the deploy's to record
+        cp.add_event(s, dep_id, "failed", f"deploy failed: {error['message']}", now=now,
+                     data={"error": error, "attempt": job.attempts, "final": True})  # fmt: skip
+        metrics.DEPLOYS.labels("failed").inc()
+        return True
+
+    def _abandon(self, deployment_ids: list[str]) -> None:
+        """Delete the VMs of deployments whose deploy was lost (after the transaction that
+        failed them: metald has its own)."""
+        for dep_id in deployment_ids:
+            try:
+                for vm_id in self.vms.abort(dep_id):
+                    self.records.event(dep_id, "vm", f"deleting {vm_id}: its deploy was lost",
+                                       vm_id=vm_id)  # fmt: skip
+            except UnkeyError as exc:
+                event(log, "deleting a lost deploy's VMs", level=logging.WARNING,
+                      deployment_id=dep_id, error=exc.to_dict())  # fmt: skip
 
     def start(self) -> None:
         def loop() -> None:
