@@ -9,6 +9,7 @@ tests/e2e/test_journey.py (nothing of them left after `dev down --purge-vms`).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,13 @@ from pathlib import Path
 import pytest
 
 from unkey_deploy.core import config as core_config
+from unkey_deploy.core.config import MetaldConfig
 from unkey_deploy.core.errors import Unavailable
 from unkey_deploy.dev.stack import ServiceSpec, Stack
+from unkey_deploy.metald.service import CreateVm, Metald
+from unkey_deploy.store import db
+from unkey_deploy.testing.rootfs import build_test_rootfs
+from unkey_deploy.testing.subnets import reserved_subnet
 
 # SIGUSR1: "purge" for argv[2] seconds, then say so and exit; SIGTERM: exit at once
 SERVICE = """
@@ -116,3 +122,27 @@ def test_up_names_a_service_that_exited_after_it_became_healthy(tmp_path: Path) 
     finally:
         stack.down()
     assert stack.pid("deployer") is None
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a real metald records the VM)")
+def test_a_purge_without_metald_running_says_the_vms_were_not_purged(tmp_path: Path) -> None:
+    stack = _stack(tmp_path, purge_s=0.0, budget_s=30)
+    stack.down()  # metald is not running any more
+    engine = db.make_engine(stack.settings.resolved_database_url)
+    db.upgrade(engine)
+    with reserved_subnet() as subnet:
+        md = Metald(MetaldConfig(driver="sandbox", subnet=subnet, host_name="purge-test"), engine,
+                    tmp_path / "metald")  # fmt: skip
+        try:
+            md.create_vm(CreateVm("dep_p", "cust_p", build_test_rootfs(tmp_path / "r.ext4")))
+            with pytest.raises(Unavailable) as exc:
+                stack.down(purge_vms=True)
+            assert exc.value.message.startswith(
+                "metald was not running, so the 1 VM(s) the stack records were not purged"
+            )
+            assert "unkey dev up" in (exc.value.suggestion or "")
+        finally:
+            md.shutdown()
+            engine.dispose()
+    assert stack.down(purge_vms=True) == []  # nothing recorded, nothing running: fine

@@ -531,6 +531,12 @@ class Stack:
         """
         stopped = []
         cut_short: list[tuple[str, str]] = []  # (service, what happened)
+        # a purge needs its service: one not running purges nothing (said below)
+        absent = [
+            s.name
+            for s in self.services
+            if purge_vms and s.purge_timeout_s is not None and self.pid(s.name) is None
+        ]
         for spec in reversed(self.services):
             pid = self.pid(spec.name)
             if pid is None:
@@ -559,6 +565,14 @@ class Stack:
                 suggestion="run `unkey dev up`, then `unkey dev down --purge-vms` again (the "
                 "next metald recovers the VMs left); see "
                 + ", ".join(str(self._log_file(n)) for n, _ in cut_short),
+            )
+        if absent and (n := recorded_vms(self.settings)):
+            raise Unavailable(
+                f"{' and '.join(absent)} was not running, so the {n} VM(s) the stack records "
+                f"were not purged (they may still run and hold cgroups, mounts, links); "
+                f"stopped: {', '.join(stopped) or 'nothing'}",
+                suggestion="run `unkey dev up` (metald recovers its VMs), then `unkey dev down "
+                "--purge-vms` again",
             )
         return stopped
 
