@@ -10,9 +10,32 @@ from unkey_deploy.billing.customers import CustomerInfo, MemoryDirectory
 from unkey_deploy.billing.queries import BillingQueries
 from unkey_deploy.clickhouse.api import Storage
 from unkey_deploy.core.clock import FakeClock
+from unkey_deploy.metering.codec import Encoder, samples_to_array
+from unkey_deploy.metering.model import Batch
 
 from .reference import RawSample, reference_invoices, series_hours
 from .scenarios import Series, raw_of
+
+HOUR = 3_600_000_000_000
+# two customers' pricing terms (discount %, credits): one with both, one with neither
+TERMS = {"cust_a": (Decimal("7.50"), Decimal("0.03")), "cust_b": (Decimal(0), Decimal(0))}
+HOLD = 120.0  # the aggregator's hold timeout in these tests
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def encode(b: Batch) -> bytes:
+    """As billaged would, but letting invalid samples through (they are quarantined one by one
+    by the aggregator, see test_invalid_samples.py)."""
+    return Encoder().encode_array(b.key, b.seq, samples_to_array(b.samples), check=False)
 
 
 def directory(terms: dict[str, tuple[Decimal, Decimal]]) -> MemoryDirectory:

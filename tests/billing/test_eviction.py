@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +16,20 @@ import pytest
 from unkey_deploy.billing.aggregator import Aggregator, Incoming, SeriesHashes
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.core.errors import InvalidInput
-from unkey_deploy.metering.codec import Encoder, samples_to_array
-from unkey_deploy.metering.model import Batch
 
-from .harness import assert_bills_match, assert_hours_match, directory
+from .harness import (
+    HOLD,
+    HOUR,
+    TERMS,
+    Clock,
+    assert_bills_match,
+    assert_hours_match,
+    directory,
+    encode,
+)
 from .scenarios import Series, make_series, raw_of, to_batches
 
-HOUR = 3_600_000_000_000
-TERMS = {"cust_a": (Decimal("7.50"), Decimal("0.03")), "cust_b": (Decimal(0), Decimal(0))}
-HOLD = 120.0
 IDLE = 300.0
-
-
-class Clock:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def encode(b: Batch) -> bytes:
-    # invalid samples go through to the aggregator (quarantined one by one)
-    return Encoder().encode_array(b.key, b.seq, samples_to_array(b.samples), check=False)
 
 
 def test_idle_series_leave_memory_and_only_recent_ones_stay(storage: ChdbStorage) -> None:

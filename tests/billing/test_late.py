@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import random
 import time
-from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
@@ -18,31 +17,19 @@ import pytest
 from unkey_deploy.billing.aggregator import Aggregator, Incoming
 from unkey_deploy.clickhouse.api import BillingHourlyRow
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
-from unkey_deploy.metering.codec import Encoder, samples_to_array
-from unkey_deploy.metering.model import Batch
 
-from .harness import assert_bills_match, assert_hours_match, directory, hourly
+from .harness import (
+    HOLD,
+    HOUR,
+    TERMS,
+    Clock,
+    assert_bills_match,
+    assert_hours_match,
+    directory,
+    encode,
+    hourly,
+)
 from .scenarios import Series, make_series, raw_of, to_batches
-
-HOUR = 3_600_000_000_000
-TERMS = {"cust_a": (Decimal("7.50"), Decimal("0.03")), "cust_b": (Decimal(0), Decimal(0))}
-HOLD = 120.0
-
-
-class Clock:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def encode(b: Batch) -> bytes:
-    """As billaged would, but letting invalid samples through (they are quarantined one by one
-    by the aggregator, see test_invalid_samples.py)."""
-    return Encoder().encode_array(b.key, b.seq, samples_to_array(b.samples), check=False)
 
 
 def _recent_start() -> int:
