@@ -147,6 +147,32 @@ def test_sandbox_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, roo
     assert md.list() == []
 
 
+def test_sandbox_vms_of_one_image_share_its_read_only_mount(
+    make_metald: MetaldFactory, rootfs: Path
+) -> None:
+    """One read-only mount of an image per host, whatever the number of its VMs (its pages are
+    cached once); each VM writes in its own layer; the mount goes with the last VM."""
+    md = make_metald("sandbox")
+    vms = []
+    for who in ("first", "second"):
+        vm = md.create_vm(CreateVm("dep_share", "cust_a", rootfs, memory_bytes=64 << 20,
+                                   env={"WHO": who}))  # fmt: skip
+        md.boot(vm.vm_id)
+        vms.append(md.wait_ready(vm.vm_id, timeout=10))
+    images = [VmRuntime.from_json(md._row(v.vm_id).runtime).extra["image"] for v in vms]
+    assert images[0] == images[1] is not None
+    image = Path(images[0])
+    assert _mounts_under(image) == [str(image)], "one mount of the image for both VMs"
+    for vm, who in zip(vms, ("first", "second"), strict=True):  # each its own writable layer
+        env = httpx.get(md.endpoint(vm.vm_id) + "/cgi-bin/env", timeout=5).text
+        assert f"WHO={who}\n" in env
+    md.delete(vms[0].vm_id)
+    assert _mounts_under(image) == [str(image)], "the other VM still stands on it"
+    assert httpx.get(md.endpoint(vms[1].vm_id) + "/", timeout=5).status_code == 200
+    md.delete(vms[1].vm_id)
+    assert _mounts_under(image) == [] and not image.exists(), "the image mount outlived its VMs"
+
+
 @pytest.mark.qemu
 def test_qemu_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, rootfs: Path) -> None:
     md = make_metald("qemu", guest_dns=["192.0.2.53", "2001:db8::53"])

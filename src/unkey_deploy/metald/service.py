@@ -86,6 +86,7 @@ from . import models
 from .cgroups import CgroupManager, VmCgroup
 from .drivers.base import DriverCapabilities, NetAttachment, VmDriver, VmRuntime, VmSpec
 from .drivers.qemu import VMM_OVERHEAD_BYTES
+from .drivers.sandbox import SandboxDriver
 from .jail import Jails, inject_env, inject_resolv
 from .kernel import KernelPaths, find_kernel
 from .network import (
@@ -1176,6 +1177,8 @@ class Metald(Scheduler):
             elif vm.state == VmState.LOST:
                 self._forget_lost(vm.vm_id)
         self._free_orphans()
+        if isinstance(self.driver, SandboxDriver):
+            self.driver.release_unused_images()
 
     def _forget_lost(self, vm_id: str) -> None:
         """This host was declared lost while it had ``vm_id`` (now replaced elsewhere or

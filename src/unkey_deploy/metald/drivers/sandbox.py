@@ -3,8 +3,10 @@
 For hosts without a usable VMM. Isolation is by Linux namespaces, not hardware virtualisation,
 so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="namespaces"``.
 
-* Root file system: as root, the VM's ext4 image is loop-mounted read-only and an overlay with a
-  per-VM writable upper directory goes on top (copy-on-write, nothing copied). Without root, the
+* Root file system: as root, the VM's ext4 image is loop-mounted read-only once per host
+  (``<run_dir>/images/<id>``, shared by every VM of that image: its pages are cached once, and
+  it is unmounted when its last VM goes) and an overlay with a per-VM writable upper directory
+  goes on top (copy-on-write, nothing copied). Without root, the
   tree is extracted with ``debugfs -R "rdump / <dir>"`` (no mount needed).
 * Processes: ``bwrap`` with new user, pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
   and /tmp, started as an unprivileged host uid (``setpriv``), so even "root" in the sandbox
@@ -20,11 +22,14 @@ so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ...core.errors import VmError
@@ -76,6 +81,19 @@ def process_tree(pid: int) -> list[int]:
         tree.append(p)
         todo += _children(p)
     return tree
+
+
+def _overlays_on(lower: Path) -> list[str]:
+    """Mount points of the overlays whose lower layer is ``lower``."""
+    out = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            f = line.split()
+            if len(f) >= 4 and f[2] == "overlay":
+                for opt in f[3].split(","):
+                    if opt.startswith("lowerdir=") and str(lower) in opt[9:].split(":"):
+                        out.append(f[1])
+    return out
 
 
 def is_mounted(path: Path) -> bool:
@@ -138,8 +156,9 @@ class SandboxDriver:
     def create(self, spec: VmSpec) -> None:
         spec.workdir.mkdir(parents=True, exist_ok=True)
 
-    def _tree_dir(self, spec: VmSpec) -> tuple[Path, list[str]]:
-        """Make the VM's root tree available; returns it and the mounts made (innermost last)."""
+    def _tree_dir(self, spec: VmSpec) -> tuple[Path, list[str], Path | None]:
+        """Make the VM's root tree available; returns it, the mounts made for this VM only
+        (innermost last) and the shared image mount it stands on (root only)."""
         base = self.base_dir(spec.vm_id) if self.root else spec.workdir
         base.mkdir(parents=True, exist_ok=True, mode=0o755)
         merged = base / "root"
@@ -150,38 +169,95 @@ class SandboxDriver:
             merge_env_tree(merged, dict(spec.env))
             write_resolv_tree(merged, list(spec.dns))
             _mount_points(merged)
-            return merged, []
-        lower, upper, work = (base / d for d in ("lower", "upper", "work"))
-        for d in (lower, upper, work):
+            return merged, [], None
+        upper, work = base / "upper", base / "work"
+        for d in (upper, work):
             d.mkdir(exist_ok=True)
         mounts: list[str] = []
+        lower: Path | None = None
         try:
-            # mount(2) directly (two fork+execs of util-linux less on the boot path); the
-            # command is the fallback for kernels without LOOP_CONFIGURE (< 5.8)
-            if not is_mounted(lower):
-                try:
-                    linux.mount_ext4_ro(str(spec.rootfs), str(lower))
-                except linux.Unsupported:
-                    # noload: never replay the journal of an image we only read
-                    _run(["mount", "-t", "ext4", "-o", "loop,ro,noload", str(spec.rootfs),
-                          str(lower)])  # fmt: skip
-                except OSError as exc:
-                    raise VmError(f"cannot mount {spec.rootfs}: {exc}") from exc
-            mounts.append(str(lower))
-            if not is_mounted(merged):
-                opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
-                try:
-                    linux.mount("overlay", str(merged), "overlay", 0, opts)
-                except OSError as exc:
-                    raise VmError(f"cannot mount the overlay at {merged}: {exc}") from exc
+            # under the images lock: a shared image mount is only ever unmounted when no
+            # overlay stands on it, checked under the same lock (see _release_image)
+            with self._images_lock():
+                lower = self._image(spec.rootfs)
+                if not is_mounted(merged):
+                    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+                    try:
+                        linux.mount("overlay", str(merged), "overlay", 0, opts)
+                    except OSError as exc:
+                        raise VmError(f"cannot mount the overlay at {merged}: {exc}") from exc
             mounts.append(str(merged))
             merge_env_tree(merged, dict(spec.env))  # lands in the per-VM upper layer
             write_resolv_tree(merged, list(spec.dns))  # so does this
             _mount_points(merged)
         except (VmError, OSError):
             self._unmount(mounts)
+            if lower is not None:
+                self._release_image(lower)
             raise
-        return merged, mounts
+        return merged, mounts, lower
+
+    # -- images: each rootfs mounted read-only once per host, under every VM of it -----------
+    def _images_dir(self) -> Path:
+        d = self.run_dir / "images"
+        d.mkdir(parents=True, exist_ok=True, mode=0o755)
+        return d
+
+    @contextlib.contextmanager
+    def _images_lock(self) -> Iterator[None]:
+        """Host-wide (every metald on the host shares ``run_dir``): image mounts and the
+        overlays on them change only under it."""
+        fd = os.open(self._images_dir() / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _image(self, rootfs: Path) -> Path:
+        """The image's shared read-only mount (made if need be; call under the lock). One mount
+        per image, whatever the number of its VMs: its pages are cached once, and a boot of an
+        image already running skips the loop device and the ext4 mount. Keyed by the file's
+        identity, so a file replaced at the same path is a new image."""
+        st = rootfs.stat()
+        ident = f"{rootfs.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+        lower = (
+            self._images_dir()
+            / hashlib.sha1(ident.encode(), usedforsecurity=False).hexdigest()[:16]
+        )
+        if is_mounted(lower):
+            return lower
+        lower.mkdir(exist_ok=True, mode=0o755)
+        # mount(2) directly (two fork+execs of util-linux less on the boot path); the command
+        # is the fallback for kernels without LOOP_CONFIGURE (< 5.8)
+        try:
+            linux.mount_ext4_ro(str(rootfs), str(lower))
+        except linux.Unsupported:
+            # noload: never replay the journal of an image we only read
+            _run(["mount", "-t", "ext4", "-o", "loop,ro,noload", str(rootfs), str(lower)])
+        except OSError as exc:
+            raise VmError(f"cannot mount {rootfs}: {exc}") from exc
+        return lower
+
+    def _release_image(self, lower: Path) -> None:
+        """Unmount a shared image mount no overlay stands on any more (and its loop device)."""
+        with self._images_lock():
+            if _overlays_on(lower):
+                return
+            self._unmount([str(lower)])
+            if not is_mounted(lower):
+                with contextlib.suppress(OSError):
+                    lower.rmdir()
+
+    def release_unused_images(self) -> None:
+        """Unmount every shared image no VM stands on (what a metald that died between a VM's
+        deletion and its image's release left)."""
+        images = self.run_dir / "images"
+        if not self.root or not images.is_dir():
+            return
+        for lower in images.iterdir():
+            if lower.is_dir():
+                self._release_image(lower)
 
     def base_dir(self, vm_id: str) -> Path:
         return self.run_dir / vm_id
@@ -225,12 +301,14 @@ class SandboxDriver:
         return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
 
     def boot(self, spec: VmSpec) -> VmRuntime:
-        tree, mounts = self._tree_dir(spec)
+        tree, mounts, image = self._tree_dir(spec)
         try:
             pid = spawn(self.command(spec, tree), cgroup=spec.cgroup, log=spec.log_path,
                         cwd=spec.workdir)  # fmt: skip
         except OSError as exc:
             self._unmount(mounts)
+            if image is not None:
+                self._release_image(image)
             raise VmError(f"cannot start bwrap: {exc}") from exc
         start = pid_start_time(pid) or 0
         return VmRuntime(
@@ -243,6 +321,7 @@ class SandboxDriver:
             extra={
                 "cgroup": [str(p) for p in spec.cgroup.procs_files()] if spec.cgroup else [],
                 "base": str(self.base_dir(spec.vm_id)) if self.root else None,
+                "image": str(image) if image is not None else None,
             },
         )
 
@@ -289,6 +368,9 @@ class SandboxDriver:
         for m in runtime.mounts:
             if is_mounted(Path(m)):
                 raise VmError(f"cannot unmount {m}")
+        image = runtime.extra.get("image")
+        if image:
+            self._release_image(Path(image))
         base = runtime.extra.get("base")
         if base:
             shutil.rmtree(base, ignore_errors=True)
@@ -313,6 +395,9 @@ class SandboxDriver:
         return VmStats(cpu, mem, 0, 0)
 
     def recover(self, runtime: VmRuntime) -> bool:
-        return process_alive(runtime.pid, runtime.pid_start) and all(
-            is_mounted(Path(m)) for m in runtime.mounts
+        image = runtime.extra.get("image")
+        return (
+            process_alive(runtime.pid, runtime.pid_start)
+            and all(is_mounted(Path(m)) for m in runtime.mounts)
+            and (not image or is_mounted(Path(image)))
         )
