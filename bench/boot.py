@@ -5,8 +5,8 @@
 * ``sandbox``: metald ``create_vm`` + ``boot`` + ``wait_ready`` (loop+overlay mount, netns +
   veth, cgroup, bwrap as an unprivileged uid) vs a bare ``bwrap`` of the same tree (already
   extracted) on the host network, both until the first HTTP 200. ``sandbox`` takes a network
-  namespace made ahead of time (``MetaldConfig.netns_pool``); ``sandbox-cold`` makes it during
-  the boot (``netns_pool=0``).
+  namespace made ahead of time (``MetaldConfig.netns_pool``, the default); ``sandbox-cold``
+  makes it during the boot (``netns_pool=0``).
 * ``sandbox`` also against ``bare-isolated``: the same isolation metald gives a sandbox, done by
   one shell script as an operator would (``ip -batch`` for the netns + veth + addresses, ``mount``
   for the loop + overlay, the cgroup with its limits, then the very command line metald runs:
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         tree.mkdir()
         subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(build_image)], check=True,
                        capture_output=True)  # fmt: skip
-        # cold: the VM's netns + veth made during its boot (netns_pool=0, the default);
+        # cold: the VM's netns + veth made during its boot (netns_pool=0);
         # pooled: one made ahead of time is taken (MetaldConfig.netns_pool; refilled between
         # runs, as on a host whose boots are not back to back)
         # two hosts on one machine: each needs its own half of the subnet (slots are per host)
@@ -274,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
             str(n) for n in ipaddress.IPv4Network(args.subnet).subnets(prefixlen_diff=2)
         )
         cold = MetaldConfig(driver="sandbox", host_name="bench-sandbox-cold", subnet=half_a,
-                            cpus=256, memory_mib=65536, stop_timeout_s=0.2)  # fmt: skip
+                            cpus=256, memory_mib=65536, stop_timeout_s=0.2,
+                            netns_pool=0)  # fmt: skip
         cfg = cold.model_copy(
             update={"host_name": "bench-sandbox", "netns_pool": 2, "subnet": half_b}
         )

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from unkey_deploy.metald import models
 from unkey_deploy.metald.api import CreateVm, Scheduler, VmState
-from unkey_deploy.metald.network import netns_name
+from unkey_deploy.metald.network import POOL_PREFIX, netns_name
 from unkey_deploy.store.db import make_engine, upgrade
 
 pytestmark = pytest.mark.root
@@ -180,10 +180,13 @@ def test_three_hosts_place_boot_isolate_and_clean_up(hosts: Hosts, tmp_path: Pat
     # (other tests' VMs may be mounted under /run/unkey-metald right now: only ours count)
     assert not [v.vm_id for v in all_vms if f"/run/unkey-metald/{v.vm_id}/" in mounts]
     with engine.connect() as c:
-        assert c.execute(sa.select(models.ip_leases)).all() == []
+        leases = c.execute(sa.select(models.ip_leases)).all()
+    # what is left are the hosts' ready spares (metald.netns_pool), no VM's
+    assert [r for r in leases if not r.vm_id.startswith(POOL_PREFIX)] == []
     hosts.stop()
     with engine.connect() as c:
         assert c.execute(sa.select(models.hosts)).all() == [], "hosts deregister on shutdown"
+        assert c.execute(sa.select(models.ip_leases)).all() == [], "spares go with their host"
     own = Path("/proc/self/cgroup").read_text()
     assert "unkey-metald" not in own
     for hid in name_of:

@@ -74,7 +74,7 @@ def test_boot_takes_a_ready_link_and_the_pool_refills(
 
 
 def test_spares_of_a_dead_metald_are_reclaimed(make_metald: MetaldFactory) -> None:
-    md = make_metald("sandbox", name="h1")
+    md = make_metald("sandbox", name="h1", netns_pool=0)  # only the orphan below is a spare
     assert md.network is not None
     # a spare whose metald died (no close): its link and lease stay behind
     orphan = NetnsPool(md.network, md.ips, 1)
@@ -84,7 +84,7 @@ def test_spares_of_a_dead_metald_are_reclaimed(make_metald: MetaldFactory) -> No
     assert Path(f"/run/netns/{netns_name(pool_id)}").exists()
     md.close()
 
-    md2 = make_metald("sandbox", name="h1")  # the restart, same host
+    md2 = make_metald("sandbox", name="h1", netns_pool=0)  # the restart, same host
     assert md2.host_id == md.host_id
     assert md2.ips.leased(pooled=True) == {}
     assert not _iface_exists(iface_name(pool_id))
@@ -127,7 +127,7 @@ def test_spares_of_a_forgotten_host_are_removed_when_it_comes_back(
     (pool_id,) = md.ips.leased(pooled=True)
     _forget(md)
     assert _iface_exists(iface_name(pool_id))
-    md2 = make_metald("sandbox", name="h1")
+    md2 = make_metald("sandbox", name="h1", netns_pool=0)
     assert md2.host_id == md.host_id
     assert not _iface_exists(iface_name(pool_id))
     assert not Path(f"/run/netns/{netns_name(pool_id)}").exists()

@@ -945,7 +945,7 @@ class Metald(Scheduler):
             if self.driver.name == "qemu":
                 return NetAttachment(mode="user", host_port=free_port())
             return NetAttachment(mode="host")
-        if self.netns_pool is not None:
+        if self.netns_pool is not None and self.driver.name == "sandbox":
             att = self.netns_pool.take(vm_id)
             if att is not None:
                 return att
