@@ -42,6 +42,7 @@ import httpx
 import pytest
 
 from e2e.test_journey import Stack, _alive, _poll, _stream_samples  # tests/ is on sys.path
+from unkey_deploy.billing.service import ACK_WAIT_S
 from unkey_deploy.dev.example import REPO as HELLO_REPO
 from unkey_deploy.dev.example import hello_image
 from unkey_deploy.gateway.tls import client_context
@@ -317,9 +318,12 @@ def test_aggregator_and_nats_kill9_no_sample_lost_or_counted_twice(env: Env) -> 
     time.sleep(3)
     env.restart()
     env.kill9("nats-server")  # billaged keeps spooling; the aggregator reconnects
+    last_kill = time.monotonic()
     time.sleep(6)
     env.restart()
-    time.sleep(8)  # the spool drains, the aggregator catches up
+    # the spool drains, the aggregator catches up: a batch a killed process had fetched and
+    # not acknowledged comes back only after the ack wait, and the batches after it wait for it
+    time.sleep(max(8.0, ACK_WAIT_S + 5 - (time.monotonic() - last_kill)))
     streamed = _series(asyncio.run(_stream_samples(env.st.nats_url(), env.customer_id))[0])
     rows = _clickhouse_rows(env)
     counted = Counter(rows)

@@ -47,6 +47,9 @@ from .ledger import InvoiceLedger
 from .queries import BillingQueries
 
 log = logging.getLogger(__name__)
+# The aggregator's JetStream ack wait: a batch it fetched but did not acknowledge (it died, or
+# the store failed) is delivered again after this long; batches after it wait meanwhile.
+ACK_WAIT_S = 30.0
 
 
 @dataclass
@@ -64,7 +67,7 @@ async def run_consumer(
     *,
     bus_config: core_config.BusConfig | None = None,
     durable: str = "billing-aggregator",
-    ack_wait_s: float = 30.0,
+    ack_wait_s: float = ACK_WAIT_S,
     max_msgs: int = 2000,
     min_samples: int = 10_000,
     linger_s: float = 0.25,
@@ -201,7 +204,7 @@ async def start_in_process(
     storage: Storage | None = None,
     clock: Clock = SYSTEM_CLOCK,
     consume: bool = True,
-    ack_wait_s: float = 30.0,
+    ack_wait_s: float = ACK_WAIT_S,
 ) -> BillingRuntime:
     """Open the usage store (migrated), and start the aggregator's consumer on the running event
     loop when a NATS URL is known. For gatewayd: put ``runtime.queries`` on
@@ -233,7 +236,7 @@ async def start_in_process(
 
 
 def run_billing_service(
-    settings: core_config.Settings, *, nats_url: str | None = None, ack_wait_s: float = 30.0
+    settings: core_config.Settings, *, nats_url: str | None = None, ack_wait_s: float = ACK_WAIT_S
 ) -> None:
     """Run the aggregator in this process until SIGTERM/SIGINT (a process of its own)."""
 
