@@ -47,7 +47,7 @@ def test_favor_dynmods_sets_only_that_option() -> None:
 
 def test_metald_reports_favordynmods(make_metald: MetaldFactory) -> None:
     md = make_metald("sandbox")
+    # (not the host's flag itself here: the test above turns it off and on meanwhile)
     assert md.status()["cgroup_favordynmods"].startswith("on")
-    assert favordynmods_on()
     off = make_metald("sandbox", name="h2", cgroup_favordynmods=False)
     assert off.status()["cgroup_favordynmods"].startswith("not requested")
