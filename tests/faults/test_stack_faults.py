@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -41,11 +42,20 @@ from typing import Any
 import httpx
 import pytest
 
-from e2e.test_journey import Stack, _alive, _poll, _stream_samples  # tests/ is on sys.path
+from e2e.test_journey import (  # tests/ is on sys.path
+    Stack,
+    _alive,
+    _on_host,
+    _poll,
+    _stream_samples,
+)
 from unkey_deploy.billing.service import ACK_WAIT_S
+from unkey_deploy.core import config as core_config
 from unkey_deploy.dev.example import REPO as HELLO_REPO
 from unkey_deploy.dev.example import hello_image
 from unkey_deploy.gateway.tls import client_context
+from unkey_deploy.metald.api import Scheduler
+from unkey_deploy.store import db
 from unkey_deploy.testing import images
 from unkey_deploy.testing.subnets import reserved_subnet
 
@@ -156,11 +166,33 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         assert e.dep["state"] == "running", e.dep
         yield e
     finally:
+        vm_ids, parents = _vms_and_cgroup_parent(st)
         st.down()
         leftovers = st.leftovers()
+        # the VMs too: a VM's processes do not name the data dir, so st.leftovers() misses
+        # them; any VM cgroup left keeps metald's parent cgroup of this stack
+        on_host = _on_host(vm_ids, st.subnet, parents)
         shutil.rmtree(st.root, ignore_errors=True)
         subnet.close()
     assert leftovers == [], "processes of the stack survived `dev down` and SIGKILL"
+    assert parents, "metald's cgroup parent of the stack was not found: the check saw nothing"
+    assert on_host == {k: [] for k in on_host}, f"left on the host by the stack: {on_host}"
+
+
+def _vms_and_cgroup_parent(st: Stack) -> tuple[list[str], set[str]]:
+    """The VMs the stack records and metald's cgroup parent of its VMs (unkey-metald-<tag>,
+    the tag of dev/stack's metald: its host id and subnet)."""
+    settings = core_config.load(environ=st.env)
+    engine = db.make_engine(settings.resolved_database_url)
+    try:
+        vm_ids = [str(v.vm_id) for v in Scheduler(engine).list()]
+    finally:
+        engine.dispose()
+    host_id = (st.data_dir / "metald" / "host_id").read_text().strip()
+    tag = hashlib.sha1(f"{host_id}|{st.subnet}".encode(), usedforsecurity=False).hexdigest()[:8]
+    parents = {str(Path(d) / n) for d, subdirs, _ in os.walk("/sys/fs/cgroup") for n in subdirs
+               if n == f"unkey-metald-{tag}"}  # fmt: skip
+    return vm_ids, parents
 
 
 def _get(url: str) -> int:
