@@ -7,6 +7,7 @@ rejects what the spec rejects.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -158,6 +159,32 @@ def test_driver_against_a_fake_firecracker_process(tmp_path: Path, kernel: Kerne
     assert all(c["problems"] == [] for c in calls), calls
     assert calls[-1]["body"] == {"action_type": "SendCtrlAltDel"}
     assert not Path(rt.api_socket or "").exists()
+
+
+def test_a_failed_boot_leaves_no_process_nor_socket(tmp_path: Path, kernel: KernelPaths) -> None:
+    record = tmp_path / "requests.jsonl"  # on the fake's command line: how we find it
+    fake = tmp_path / "firecracker"
+    fake.write_text(
+        f"#!/bin/sh\nexec {sys.executable} -m unkey_deploy.testing.firecracker_api "
+        f'--spec {SPEC_PATH} --record {record} "$@"\n'
+    )
+    fake.chmod(0o755)
+    drv = FirecrackerDriver(kernel, tmp_path / "state", firecracker_bin=str(fake), jailer_bin=None)
+    spec = dataclasses.replace(_spec(tmp_path, kernel), net=NetAttachment(mode="host"))
+    drv.create(spec)
+    sock = drv.api_socket(spec)
+    with pytest.raises(VmError, match="needs a tap network attachment"):
+        drv.boot(spec)  # the process starts and opens its socket, then the plan is refused
+    assert not sock.exists(), "the API socket of a failed boot was left"
+    alive = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and str(record) in _cmd(p)]
+    assert alive == [], "the firecracker process of a failed boot survived"
+
+
+def _cmd(p: Path) -> str:
+    try:
+        return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_unavailable_without_binaries(tmp_path: Path, kernel: KernelPaths) -> None:

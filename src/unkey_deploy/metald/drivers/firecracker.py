@@ -252,14 +252,14 @@ class FirecrackerDriver:
         deadline = time.monotonic() + 10
         while not sock.exists():
             if not process_alive(rt.pid, rt.pid_start) or time.monotonic() > deadline:
-                self._kill(rt)
+                self.delete(rt)
                 raise VmError("firecracker did not open its API socket")
             time.sleep(0.005)
         try:
             for c in self.plan(spec):
                 self.call(sock, c)
         except (VmError, httpx.HTTPError) as exc:
-            self._kill(rt)
+            self.delete(rt)  # the process, its API socket, the jailer's chroot
             raise VmError(f"configuring firecracker failed: {exc}") from exc
         return rt
 
