@@ -209,9 +209,7 @@ class DeployWorker:
                         self.records.event(dep_id, "build", f"build {build_id} cancelled",
                                            build_id=build_id)  # fmt: skip
                 if interruption.is_set():
-                    for vm_id in self.vms.abort(dep_id):
-                        self.records.event(dep_id, "vm", f"deleting {vm_id}: the deploy is "
-                                           "interrupted", vm_id=vm_id)  # fmt: skip
+                    self._abort_vms(dep_id, "the deploy is interrupted")
             except Exception as exc:
                 # the database or metald hiccuped, or the lease is lost: the watcher must outlive
                 # it (the next look retries), like the worker loop outlives a job's bug
@@ -358,14 +356,17 @@ class DeployWorker:
         metrics.DEPLOYS.labels("failed").inc()
         return True
 
+    def _abort_vms(self, dep_id: str, why: str) -> None:
+        """Ask metald to delete the deployment's VMs (without waiting), an event for each."""
+        for vm_id in self.vms.abort(dep_id):
+            self.records.event(dep_id, "vm", f"deleting {vm_id}: {why}", vm_id=vm_id)
+
     def _abandon(self, deployment_ids: list[str]) -> None:
         """Delete the VMs of deployments whose deploy was lost (after the transaction that
         failed them: metald has its own)."""
         for dep_id in deployment_ids:
             try:
-                for vm_id in self.vms.abort(dep_id):
-                    self.records.event(dep_id, "vm", f"deleting {vm_id}: its deploy was lost",
-                                       vm_id=vm_id)  # fmt: skip
+                self._abort_vms(dep_id, "its deploy was lost")
             except UnkeyError as exc:
                 event(log, "deleting a lost deploy's VMs", level=logging.WARNING,
                       deployment_id=dep_id, error=exc.to_dict())  # fmt: skip
