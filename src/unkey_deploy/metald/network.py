@@ -86,6 +86,20 @@ def host_nameservers(
     return []
 
 
+def _per_family(
+    items: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address]
+    | Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> list[tuple[str, str]]:
+    """(nftables family keyword, the items as a set's elements) for IPv4 then IPv6, each only
+    when it has items."""
+    out = []
+    for fam, version in (("ip", 4), ("ip6", 6)):
+        mine = [str(i) for i in items if i.version == version]
+        if mine:
+            out.append((fam, ", ".join(mine)))
+    return out
+
+
 class IpAllocator:
     """Leases /30 slots of ``subnet`` to VMs on one host, persisted in the database."""
 
@@ -186,18 +200,12 @@ class HostNetwork:
         p = IFACE_PREFIX
         # replies (to a client on a private network that reached the app) always pass
         lines = [f'    iifname "{p}*" ct state established,related accept']
-        for fam in ("ip", "ip6"):  # the guests' name servers (guest_dns), on port 53 only
-            dns = [str(a) for a in self.dns if (a.version == 4) == (fam == "ip")]
-            if dns:
-                lines.append(f'    iifname "{p}*" {fam} daddr {{ {", ".join(dns)} }} '
-                             "meta l4proto { tcp, udp } th dport 53 accept")  # fmt: skip
+        # the guests' name servers (guest_dns), on port 53 only
+        lines += [f'    iifname "{p}*" {fam} daddr {{ {dns} }} meta l4proto {{ tcp, udp }} th '
+                  "dport 53 accept" for fam, dns in _per_family(self.dns)]  # fmt: skip
         for verdict, nets in (("accept", self.egress_allow), ("reject", self.egress_deny)):
-            for fam in ("ip", "ip6"):
-                cidrs = [str(n) for n in nets if (n.version == 4) == (fam == "ip")]
-                if cidrs:
-                    lines.append(
-                        f'    iifname "{p}*" {fam} daddr {{ {", ".join(cidrs)} }} {verdict}'
-                    )
+            lines += [f'    iifname "{p}*" {fam} daddr {{ {cidrs} }} {verdict}'
+                      for fam, cidrs in _per_family(nets)]  # fmt: skip
         return "\n".join(lines)
 
     def ruleset(self) -> str:
