@@ -129,7 +129,9 @@ def test_jailer_command(tmp_path: Path, kernel: KernelPaths) -> None:
     assert "cpu.cfs_quota_us=200000" in v1 and f"memory.limit_in_bytes={(256 + 64) << 20}" in v1
 
 
-def test_driver_against_a_fake_firecracker_process(tmp_path: Path, kernel: KernelPaths) -> None:
+def _fake_firecracker(tmp_path: Path, kernel: KernelPaths) -> tuple[FirecrackerDriver, Path]:
+    """The driver with our fake Firecracker (its API checked against the spec) as its binary,
+    and the file the fake records each request in."""
     record = tmp_path / "requests.jsonl"
     fake = tmp_path / "firecracker"
     fake.write_text(
@@ -138,6 +140,11 @@ def test_driver_against_a_fake_firecracker_process(tmp_path: Path, kernel: Kerne
     )
     fake.chmod(0o755)
     drv = FirecrackerDriver(kernel, tmp_path / "state", firecracker_bin=str(fake), jailer_bin=None)
+    return drv, record
+
+
+def test_driver_against_a_fake_firecracker_process(tmp_path: Path, kernel: KernelPaths) -> None:
+    drv, record = _fake_firecracker(tmp_path, kernel)
     spec = _spec(tmp_path, kernel)
     drv.create(spec)
     rt = drv.boot(spec)
@@ -162,14 +169,7 @@ def test_driver_against_a_fake_firecracker_process(tmp_path: Path, kernel: Kerne
 
 
 def test_a_failed_boot_leaves_no_process_nor_socket(tmp_path: Path, kernel: KernelPaths) -> None:
-    record = tmp_path / "requests.jsonl"  # on the fake's command line: how we find it
-    fake = tmp_path / "firecracker"
-    fake.write_text(
-        f"#!/bin/sh\nexec {sys.executable} -m unkey_deploy.testing.firecracker_api "
-        f'--spec {SPEC_PATH} --record {record} "$@"\n'
-    )
-    fake.chmod(0o755)
-    drv = FirecrackerDriver(kernel, tmp_path / "state", firecracker_bin=str(fake), jailer_bin=None)
+    drv, record = _fake_firecracker(tmp_path, kernel)  # record: on the fake's command line
     spec = dataclasses.replace(_spec(tmp_path, kernel), net=NetAttachment(mode="host"))
     drv.create(spec)
     sock = drv.api_socket(spec)
@@ -200,14 +200,7 @@ def test_metald_with_the_firecracker_driver(
 ) -> None:
     """metald prepares the jail (kernel, vmlinux, rootfs copy), a tap, a cgroup, and drives the
     (fake) Firecracker through a full boot and teardown; every request passes the spec."""
-    record = tmp_path / "requests.jsonl"
-    fake = tmp_path / "firecracker"
-    fake.write_text(
-        f"#!/bin/sh\nexec {sys.executable} -m unkey_deploy.testing.firecracker_api "
-        f'--spec {SPEC_PATH} --record {record} "$@"\n'
-    )
-    fake.chmod(0o755)
-    drv = FirecrackerDriver(kernel, tmp_path / "state", firecracker_bin=str(fake), jailer_bin=None)
+    drv, record = _fake_firecracker(tmp_path, kernel)
     md = make_metald("sandbox")  # any driver to build it, then swap in firecracker
     md.driver = drv
     image = build_test_rootfs(tmp_path / "img.ext4")
