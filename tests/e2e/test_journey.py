@@ -192,6 +192,14 @@ class Stack:
                 continue
         return [pid for pid in out if _alive(pid)]
 
+    def vm_ids(self) -> list[str]:
+        """Every VM the stack's database records."""
+        engine = db.make_engine(core_config.load(environ=self.env).resolved_database_url)
+        try:
+            return [str(v.vm_id) for v in Scheduler(engine).list()]
+        finally:
+            engine.dispose()
+
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{int((self.data_dir / 'nats' / 'port').read_text())}"
 
@@ -267,13 +275,8 @@ def _on_host(vm_ids: list[str], subnet: str, cgroup_parents: set[str]) -> dict[s
 def _purge_leaves_nothing(st: Stack, *, driver: str, vms: int) -> None:
     """``unkey dev down --purge-vms`` on the running stack, which runs ``vms`` VMs: nothing of
     them is left on the host afterwards (checked against what was there before the purge)."""
-    settings = core_config.load(environ=st.env)
-    engine = db.make_engine(settings.resolved_database_url)
-    try:
-        vm_ids = [str(v.vm_id) for v in Scheduler(engine).list()]
-    finally:
-        engine.dispose()
-    assert len(vm_ids) == vms == recorded_vms(settings), vm_ids
+    vm_ids = st.vm_ids()
+    assert len(vm_ids) == vms == recorded_vms(core_config.load(environ=st.env)), vm_ids
     before = _on_host(vm_ids, st.subnet, set())
     # the check sees what a VM holds: each VM's process and cgroup, and the stack's tables;
     # a sandbox also its rootfs mounts and its network namespace (QEMU uses a tap)

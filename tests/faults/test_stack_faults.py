@@ -50,12 +50,9 @@ from e2e.test_journey import (  # tests/ is on sys.path
     _stream_samples,
 )
 from unkey_deploy.billing.service import ACK_WAIT_S
-from unkey_deploy.core import config as core_config
 from unkey_deploy.dev.example import REPO as HELLO_REPO
 from unkey_deploy.dev.example import hello_image
 from unkey_deploy.gateway.tls import client_context
-from unkey_deploy.metald.api import Scheduler
-from unkey_deploy.store import db
 from unkey_deploy.testing import images
 from unkey_deploy.testing.subnets import reserved_subnet
 
@@ -182,17 +179,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 def _vms_and_cgroup_parent(st: Stack) -> tuple[list[str], set[str]]:
     """The VMs the stack records and metald's cgroup parent of its VMs (unkey-metald-<tag>,
     the tag of dev/stack's metald: its host id and subnet)."""
-    settings = core_config.load(environ=st.env)
-    engine = db.make_engine(settings.resolved_database_url)
-    try:
-        vm_ids = [str(v.vm_id) for v in Scheduler(engine).list()]
-    finally:
-        engine.dispose()
     host_id = (st.data_dir / "metald" / "host_id").read_text().strip()
     tag = hashlib.sha1(f"{host_id}|{st.subnet}".encode(), usedforsecurity=False).hexdigest()[:8]
     parents = {str(Path(d) / n) for d, subdirs, _ in os.walk("/sys/fs/cgroup") for n in subdirs
                if n == f"unkey-metald-{tag}"}  # fmt: skip
-    return vm_ids, parents
+    return st.vm_ids(), parents
 
 
 def _get(url: str) -> int:
