@@ -1,11 +1,13 @@
 """Sandbox links made ahead of boots (``MetaldConfig.netns_pool``): a boot takes a ready network
-namespace + veth + address instead of making them, the VM owns it like one made at boot (its
-name, its lease, removed on delete), the pool refills, and nothing of it outlives metald —
-neither on a clean shutdown nor after a metald that died (the next start reclaims), nor after
-an operator forgot the host (and its leases) while it was away."""
+namespace + veth + address instead of making them, with the VM's process already waiting in it
+(a ``Launcher``), the VM owns them like ones made at boot (its name, its lease, removed on
+delete), the pool refills, and nothing of it outlives metald — neither on a clean shutdown nor
+after a metald that died (the next start reclaims), nor after an operator forgot the host (and
+its leases) while it was away."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from unkey_deploy.core.errors import VmError
 from unkey_deploy.metald import models
+from unkey_deploy.metald.drivers.base import Launcher, VmRuntime
 from unkey_deploy.metald.network import NetnsPool, iface_name, netns_name
 from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
 from unkey_deploy.testing.rootfs import build_test_rootfs
@@ -25,6 +29,27 @@ pytestmark = pytest.mark.root
 
 def _iface_exists(name: str) -> bool:
     return Path(f"/sys/class/net/{name}").exists()
+
+
+def _in_netns(ns: str) -> list[int]:
+    """The processes whose network namespace is /run/netns/``ns``."""
+    want = os.stat(f"/run/netns/{ns}").st_ino
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.stat(d / "ns" / "net").st_ino == want:
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def _uids(pid: int) -> list[str]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return line.split()[1:]
+    raise AssertionError(f"no Uid line for {pid}")
 
 
 def test_boot_takes_a_ready_link_and_the_pool_refills(
@@ -41,6 +66,11 @@ def test_boot_takes_a_ready_link_and_the_pool_refills(
     assert len(spares) == 2 and md.ips.leased() == {}
     spare_ifaces = {iface_name(p) for p in spares}
     assert all(_iface_exists(i) for i in spare_ifaces)
+    # each spare has its VM's process waiting in its namespace, already the unprivileged user
+    waiting = {p: _in_netns(netns_name(p)) for p in spares}
+    assert all(len(pids) == 1 for pids in waiting.values()), waiting
+    launchers = {pids[0] for pids in waiting.values()}
+    assert all(_uids(pid) == ["65534"] * 4 for pid in launchers)
 
     vm = md.create_vm(CreateVm("dep_pool", "cust_a", image, memory_bytes=64 << 20, port=80))
     md.boot(vm.vm_id)
@@ -56,6 +86,13 @@ def test_boot_takes_a_ready_link_and_the_pool_refills(
     assert md.ips.leased() == {vm.vm_id: spares[taken]}
     assert httpx.get(md.endpoint(vm.vm_id) + "/", timeout=5).text == "unkey-test-app\n"
     assert md.endpoint(vm.vm_id).endswith(":80")
+    # the spare's waiting process became the VM's (bwrap), in the VM's cgroup, and its output
+    # is the VM's console log
+    rt = VmRuntime.from_json(md._row(vm.vm_id).runtime)
+    assert rt.pid == waiting[taken][0]
+    assert rt.pid in md.cgroups.paths_for(vm.vm_id).pids()
+    assert Path(rt.log_path) == md.jails.path(vm.vm_id) / "console.log"
+    assert "UNKEY_TEST_APP: serving on port 80" in Path(rt.log_path).read_text()
 
     assert pool.wait_full(timeout=20), "the pool refills after a take"
     assert len(md.ips.leased(pooled=True)) == 2
@@ -66,11 +103,58 @@ def test_boot_takes_a_ready_link_and_the_pool_refills(
     assert md.ips.leased() == {}
 
     left = md.ips.leased(pooled=True)
+    spare_pids = [pid for p in left for pid in _in_netns(netns_name(p))]
+    assert len(spare_pids) == 2
     md.shutdown()
     assert md.ips.leased(pooled=True) == {}
     for p in left:
         assert not _iface_exists(iface_name(p))
         assert not Path(f"/run/netns/{netns_name(p)}").exists()
+    for pid in spare_pids:
+        assert not Path(f"/proc/{pid}").exists(), f"spare's process {pid} left behind"
+    assert not list(md.jails.root.glob("pool_*")), "a spare's log left behind"
+
+
+def test_a_launcher_whose_start_failed_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    launcher = Launcher(["nsenter", "--net=/run/netns/unkey-no-such-netns", "--"], log=log)
+    pid = launcher.pid
+    deadline = time.monotonic() + 5
+    while launcher.alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not launcher.alive()
+    with pytest.raises(VmError, match=r"cannot start /bin/true.*console\.log"):
+        launcher.run(["/bin/true"], cgroup=None)
+    assert not Path(f"/proc/{pid}").exists()
+    assert "unkey-no-such-netns" in log.read_text()  # nsenter's own words, for the operator
+    with pytest.raises(VmError, match="used already"):
+        launcher.run(["/bin/true"], cgroup=None)
+
+
+def test_a_boot_whose_spare_process_was_killed_starts_one(
+    make_metald: MetaldFactory, tmp_path: Path
+) -> None:
+    image = build_test_rootfs(tmp_path / "img.ext4", port=8080)
+    md = make_metald("sandbox", netns_pool=1)
+    assert md.netns_pool is not None and md.netns_pool.wait_full(timeout=20)
+    (spare,) = md.ips.leased(pooled=True)
+    (pid,) = _in_netns(netns_name(spare))
+    os.kill(pid, 9)
+    vm = md.create_vm(CreateVm("dep_pool", "cust_a", image, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    assert md.get(vm.vm_id).net.host_iface == iface_name(spare)  # type: ignore[union-attr]
+    rt = VmRuntime.from_json(md._row(vm.vm_id).runtime)
+    assert rt.pid != pid and _in_netns(netns_name(vm.vm_id)) != []
+    assert "UNKEY_TEST_APP: serving on port 8080" in Path(rt.log_path).read_text()
+
+
+def test_an_unused_launcher_ends_with_its_input(tmp_path: Path) -> None:
+    # what happens to a spare's process when its metald dies: the pipe it waits on closes
+    launcher = Launcher([], log=tmp_path / "console.log")
+    assert launcher._proc is not None and launcher._proc.stdin is not None
+    launcher._proc.stdin.close()
+    assert launcher._proc.wait(timeout=5) == 0
 
 
 def test_spares_of_a_dead_metald_are_reclaimed(make_metald: MetaldFactory) -> None:

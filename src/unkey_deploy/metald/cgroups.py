@@ -6,8 +6,8 @@ and on the hybrid layout of our CI machines (v1 controllers + an almost empty v2
 for each controller (``<mount>/<own path>/unkey-metald/<vm_id>``), because on hosts like ours a
 process may only create memory cgroups inside its own subtree.
 
-Processes join by writing their pid to ``cgroup.procs`` *before* they exec the VMM (see
-:meth:`VmCgroup.join_prefix`), so every child the VMM forks is accounted too.
+metald writes the VM process's pid to ``cgroup.procs`` *before* it execs the VMM (see
+``drivers.base.Launcher``), so every child the VMM forks is accounted too.
 
 Joining is slow by default: a move between cgroups takes the kernel's global
 ``cgroup_threadgroup_rwsem`` for writing, and after an idle spell that first waits for an RCU
@@ -144,12 +144,6 @@ class VmCgroup:
 
     def procs_files(self) -> list[Path]:
         return [d / "cgroup.procs" for d in self.dirs()]
-
-    def join_prefix(self) -> list[str]:
-        """argv prefix that moves the process into this cgroup, then execs the rest."""
-        targets = " ".join(f"'{p}'" for p in self.procs_files())
-        script = f'for f in {targets}; do echo $$ > "$f" || exit 97; done; exec "$@"'
-        return ["/bin/sh", "-c", script, "unkey-cgjoin"]
 
     def pids(self) -> list[int]:
         seen: set[int] = set()

@@ -27,7 +27,7 @@ import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -38,7 +38,7 @@ from ..core.errors import ResourceExhausted, UnkeyError, VmError
 from ..core.log import event
 from ..core.log import get as get_logger
 from . import linux, models
-from .drivers.base import NetAttachment
+from .drivers.base import Launcher, NetAttachment
 
 _log = get_logger("metald.network")
 IFACE_PREFIX = "unk"
@@ -324,10 +324,15 @@ class NetnsPool:
     write and renames the namespace to the VM's (``netns_name(vm_id)``); the host end keeps the
     spare's interface name (recorded in the VM's NetAttachment like any other). A background
     thread refills the pool a moment after each take, so boots do not compete with it.
+    With ``warm``, each spare also gets the VM's process made ahead: ``warm(pool_id, link)``
+    returns a ``drivers.base.Launcher`` waiting in the spare's namespace (the sandbox's), which
+    :meth:`take` hands out with the link.
+
     :meth:`close` removes the spares; spares left by a metald that died are removed by
-    :meth:`reclaim` at the next start. With ``record_dir`` each spare is also recorded there (an
-    empty file named after it), so a host whose leases an operator deleted (forgot the host)
-    still finds its spares; :meth:`drop` removes the ready ones of a running pool."""
+    :meth:`reclaim` at the next start (their launchers exit when metald goes). With
+    ``record_dir`` each spare is also recorded there (an empty file named after it), so a host
+    whose leases an operator deleted (forgot the host) still finds its spares; :meth:`drop`
+    removes the ready ones of a running pool."""
 
     def __init__(
         self,
@@ -337,13 +342,15 @@ class NetnsPool:
         *,
         refill_delay: float = 0.3,
         record_dir: Path | None = None,
+        warm: Callable[[str, NetAttachment], Launcher | None] | None = None,
     ) -> None:
         self.network = network
         self.ips = ips
         self.size = size
         self.refill_delay = refill_delay
         self.record_dir = record_dir
-        self._ready: list[tuple[str, NetAttachment]] = []
+        self.warm = warm
+        self._ready: list[tuple[str, NetAttachment, Launcher | None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -366,8 +373,8 @@ class NetnsPool:
         slots may be handed out again); the pool refills with new leases."""
         with self._lock:
             spares, self._ready = self._ready, []
-        for pool_id, att in spares:
-            self._discard(pool_id, att)
+        for spare in spares:
+            self._discard(*spare)
         self._wake.set()
         return len(spares)
 
@@ -409,14 +416,19 @@ class NetnsPool:
             self.ips.release(pool_id)
             self._unrecord(pool_id)
             raise
+        try:
+            launcher = self.warm(pool_id, att) if self.warm is not None else None
+        except (OSError, VmError):
+            self._discard(pool_id, att, None)
+            raise
         with self._lock:
             if self._stop.is_set():
                 keep = False
             else:
-                self._ready.append((pool_id, att))
+                self._ready.append((pool_id, att, launcher))
                 keep = True
         if not keep:
-            self._discard(pool_id, att)
+            self._discard(pool_id, att, launcher)
 
     def _fill_loop(self) -> None:
         while not self._stop.is_set():
@@ -432,13 +444,14 @@ class NetnsPool:
                 event(_log, "netns pool refill", logging.WARNING, error=str(exc))
                 self._stop.wait(1.0)
 
-    def take(self, vm_id: str) -> NetAttachment | None:
-        """A ready link for ``vm_id`` (its lease and namespace now the VM's), or None when the
-        pool is empty (the caller then makes one at boot)."""
+    def take(self, vm_id: str) -> tuple[NetAttachment, Launcher | None] | None:
+        """A ready link for ``vm_id`` (its lease and namespace now the VM's) with its launcher
+        (``warm``), or None when the pool is empty (the caller then makes one at boot). The
+        caller owns the launcher: it runs it or discards it."""
         with self._lock:
             if not self._ready:
                 return None
-            pool_id, att = self._ready.pop(0)
+            pool_id, att, launcher = self._ready.pop(0)
         self._wake.set()
         ns = netns_name(vm_id)
         try:
@@ -446,20 +459,27 @@ class NetnsPool:
             linux.rename_bind_mount(f"/run/netns/{att.netns}", f"/run/netns/{ns}")
         except OSError as exc:
             event(_log, "netns pool take", logging.WARNING, vm_id=vm_id, error=str(exc))
-            self._discard(pool_id, att)
+            self._discard(pool_id, att, launcher)
             return None
         try:
             self.ips.reassign(pool_id, vm_id)
         except UnkeyError:
+            if launcher is not None:
+                launcher.discard()
             self.network.detach(NetAttachment(**{**att.__dict__, "netns": ns}))
             self.ips.release(pool_id)
             self._unrecord(pool_id)
             raise
         self._unrecord(pool_id)  # the VM's now (its own record names the links)
-        return NetAttachment(mode="netns", host_iface=att.host_iface, netns=ns,
-                             host_ip=att.host_ip, guest_ip=att.guest_ip)  # fmt: skip
+        taken = NetAttachment(mode="netns", host_iface=att.host_iface, netns=ns,
+                              host_ip=att.host_ip, guest_ip=att.guest_ip)  # fmt: skip
+        return taken, launcher
 
-    def _discard(self, pool_id: str, att: NetAttachment) -> None:
+    def _discard(self, pool_id: str, att: NetAttachment, launcher: Launcher | None) -> None:
+        if launcher is not None:
+            launcher.discard()
+            with contextlib.suppress(OSError):
+                launcher.log.unlink()
         with contextlib.suppress(VmError):
             self.network.detach(att)
         self.ips.release(pool_id)
@@ -474,5 +494,5 @@ class NetnsPool:
             self._thread = None
         with self._lock:
             spares, self._ready = self._ready, []
-        for pool_id, att in spares:
-            self._discard(pool_id, att)
+        for spare in spares:
+            self._discard(*spare)

@@ -50,7 +50,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
@@ -84,12 +83,20 @@ from ..core.net import free_port
 from ..metering.model import MeterTarget, SeriesKey
 from . import models
 from .cgroups import CgroupManager, VmCgroup
-from .drivers.base import DriverCapabilities, NetAttachment, VmDriver, VmRuntime, VmSpec
+from .drivers.base import (
+    DriverCapabilities,
+    Launcher,
+    NetAttachment,
+    VmDriver,
+    VmRuntime,
+    VmSpec,
+)
 from .drivers.qemu import VMM_OVERHEAD_BYTES
 from .drivers.sandbox import SandboxDriver
 from .jail import Jails, inject_env, inject_resolv
 from .kernel import KernelPaths, find_kernel
 from .network import (
+    POOL_PREFIX,
     HostNetwork,
     IpAllocator,
     NetnsPool,
@@ -99,7 +106,7 @@ from .network import (
 )
 from .placement import HostView, PlacementRequest, place
 from .select import select_driver
-from .states import ACTIVE, VmState, check_action, transition
+from .states import ACTIVE, VmState, check_action, sources, transition
 
 log = get_logger("metald")
 
@@ -235,9 +242,6 @@ class Scheduler:
         self.lost_after_s = lost_after_s
         self.leases = leases
         self._lock = threading.RLock()
-        # one client: building one per probe costs milliseconds (TLS context), more than a
-        # sandbox needs to boot
-        self._http = httpx.Client(trust_env=False, headers={"Connection": "close"})
 
     def host_views(self) -> list[HostView]:
         with self.engine.connect() as c:
@@ -409,11 +413,14 @@ class Scheduler:
 
     # -- queries -------------------------------------------------------------------------------
     def get(self, vm_id: str) -> Vm:
+        return _to_vm(self._row(vm_id))
+
+    def _row(self, vm_id: str) -> Any:
         with self.engine.connect() as c:
             r = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).first()
         if r is None:
             raise NotFound(f"VM {vm_id} not found")
-        return _to_vm(r)
+        return r
 
     def list(self, *, host_id: str | None = None, deployment_id: str | None = None) -> list[Vm]:
         q = sa.select(models.vms).order_by(models.vms.c.created_at)
@@ -437,22 +444,23 @@ class Scheduler:
         return _to_vm(self._transition(vm_id, target, **values))
 
     def _transition(self, vm_id: str, target: VmState, **values: Any) -> Any:
-        """:meth:`_set_state`, returning the VM's new row (one transaction, no second read)."""
+        """:meth:`_set_state`, returning the VM's new row. One ``UPDATE ... RETURNING``: the
+        row moves only from a state the machine allows (so of two writers racing, one wins and
+        the other gets IllegalTransition); when nothing moved, the row is read to say why."""
+        t = models.vms
         with self._lock, self.engine.begin() as c:
-            r = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).first()
-            if r is None:
-                raise NotFound(f"VM {vm_id} not found")
-            transition(vm_id, VmState(r.state), target)
-            res = c.execute(
-                models.vms.update()
-                .where(models.vms.c.vm_id == vm_id, models.vms.c.state == r.state)
+            r = c.execute(
+                t.update()
+                .where(t.c.vm_id == vm_id, t.c.state.in_(sources(target)))
                 .values(state=str(target), updated_at=self.clock.now().timestamp(), **values)
+                .returning(*t.c)
+            ).first()
+        if r is None:
+            now = self._row(vm_id)  # NotFound when there is no such VM
+            transition(vm_id, VmState(now.state), target)  # IllegalTransition from here
+            raise IllegalTransition(  # moved to a legal source state since our write
+                f"VM {vm_id} changed state concurrently; {now.state} -> {target} not applied"
             )
-            if res.rowcount != 1:  # another process moved it between our read and write
-                raise IllegalTransition(
-                    f"VM {vm_id} changed state concurrently; {r.state} -> {target} not applied"
-                )
-            new = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).one()
         event(log, "vm state", vm_id=vm_id, state=str(target), customer_id=r.customer_id,
               deployment_id=r.deployment_id)  # fmt: skip
         if target == VmState.PREPARING:
@@ -464,7 +472,7 @@ class Scheduler:
                 metrics.VM_BOOTS.labels("ok").inc()
         elif target == VmState.FAILED and _boot_started.pop(vm_id, None) is not None:
             metrics.VM_BOOTS.labels("failed").inc()
-        return new
+        return r
 
     def _update(self, vm_id: str, **values: Any) -> None:
         with self.engine.begin() as c:
@@ -491,12 +499,13 @@ class Scheduler:
                     "rootfs": str(Path(req.rootfs).resolve()), "env": dict(req.env),
                     "asset_id": req.asset_id,
                 }  # fmt: skip
-                host = self._place_and_insert(c, fields, desired="stopped", vm_id=vm_id)
+                row = self._place_and_insert(c, fields, desired="stopped", vm_id=vm_id)
         except BaseException:
             self._release_lease(req.asset_id, vm_id)
             raise
-        event(log, "vm created", vm_id=vm_id, host_id=host, deployment_id=req.deployment_id)
-        return self.get(vm_id)
+        event(log, "vm created", vm_id=vm_id, host_id=row.host_id,
+              deployment_id=req.deployment_id)  # fmt: skip
+        return _to_vm(row)
 
     def _lease(self, asset_id: str | None, vm_id: str) -> None:
         if asset_id is None:
@@ -519,20 +528,19 @@ class Scheduler:
 
     def _place_and_insert(
         self, c: sa.Connection, vm: Mapping[str, Any], *, desired: str, vm_id: VmId
-    ) -> str:
+    ) -> Any:
         """Place and record one VM (``vm``: deployment_id, customer_id, vcpus, memory_bytes,
         port, rootfs, env) inside the caller's transaction, which holds the hosts lock, so the
-        capacity read here is still true when the row lands."""
+        capacity read here is still true when the row lands. Returns the row."""
         req = PlacementRequest(vm["deployment_id"], vm["vcpus"], vm["memory_bytes"])
         host = place(req, self._host_views(c))
         now = self.clock.now().timestamp()
-        c.execute(
+        return c.execute(
             models.vms.insert().values(
                 vm_id=vm_id, host_id=host, state=str(VmState.PENDING), desired=desired,
                 created_at=now, updated_at=now, **{k: vm[k] for k in _VM_FIELDS},
-            )
-        )  # fmt: skip
-        return host
+            ).returning(*models.vms.c)
+        ).one()  # fmt: skip
 
     # -- host loss ----------------------------------------------------------------------------
     def sweep_lost_hosts(self) -> builtins.list[tuple[VmId, VmId | None]]:
@@ -592,7 +600,7 @@ class Scheduler:
                 try:
                     host = self._place_and_insert(
                         c, dict(r._mapping), desired="running", vm_id=new_id
-                    )
+                    ).host_id
                 except ResourceExhausted as exc:
                     event(log, "vm not rescheduled", logging.WARNING, vm_id=r.vm_id,
                           error=str(exc))  # fmt: skip
@@ -650,41 +658,22 @@ class Scheduler:
         """One HTTP GET of the app's ``path``: any HTTP answer below 500 means it is serving."""
         if vm.url is None:
             return False
-        try:
-            resp = self._http.get(vm.url + path, timeout=timeout)
-        except httpx.HTTPError:
-            return False
-        return resp.status_code < 500
+        status = http_status(vm.url, path, connect_timeout=0.1, timeout=timeout)
+        return status is not None and status < 500
 
     def _alive(self, vm_id: str) -> bool:
         return True  # only a host can tell; its reconciler marks dead VMs failed
-
-    @staticmethod
-    def _listening(vm: Vm) -> bool:
-        """Whether something accepts TCP connections at the VM's endpoint (a refused connect
-        costs ~50 us; an HTTP probe of a closed port ~10 times that)."""
-        if vm.url is None:
-            return False
-        hostport = vm.url.split("://", 1)[-1]
-        host, _, port = hostport.rpartition(":")
-        try:
-            # short: a guest still booting behind a tap answers nothing (no RST), and the next
-            # look comes a millisecond later anyway
-            with socket.create_connection((host, int(port)), timeout=0.1):
-                return True
-        except (OSError, ValueError):
-            return False
 
     def wait_ready(self, vm_id: str, timeout: float = 60.0, path: str = "/") -> Vm:
         """Wait until the app answers HTTP on ``path`` (then the VM is ``running``); raise
         VmError when it fails, DeadlineExceeded when ``timeout`` passes.
 
-        A local booting VM's port is watched every millisecond for the first second (a sandbox
-        app listens ~10 ms after its start) with a bare TCP connect, HTTP only once something
-        listens; the VM's row (state changes by others) and its process are read every 20 ms."""
+        A local booting VM is probed every half millisecond for the first second (a sandbox app
+        listens ~10 ms after its start; a refused connect costs ~50 us); the VM's row (state
+        changes by others) and its process are read every 20 ms."""
         start = time.monotonic()
         deadline = start + timeout
-        delay = 0.001
+        delay = 0.0005
         vm: Vm | None = None
         next_read = start
         while True:
@@ -705,12 +694,7 @@ class Scheduler:
                     self._on_dead(vm_id)
                     vm = None
                     continue
-            if (
-                vm.state == VmState.BOOTING
-                and local
-                and self._listening(vm)
-                and self.probe(vm, path=path)
-            ):
+            if vm.state == VmState.BOOTING and local and self.probe(vm, path=path):
                 with contextlib.suppress(IllegalTransition):
                     return self._set_state(vm_id, VmState.RUNNING)
                 vm = None  # moved meanwhile (stopped, failed...): read it again
@@ -728,7 +712,7 @@ class Scheduler:
         raise NotImplementedError
 
     def close(self) -> None:
-        self._http.close()
+        """Nothing to release here (a host's metald stops its loops in its own close)."""
 
     def wait_state(self, vm_id: str, states: set[VmState], timeout: float = 60.0) -> Vm:
         deadline = time.monotonic() + timeout
@@ -797,8 +781,10 @@ class Metald(Scheduler):
         if self.network is not None:
             self.network.setup()
             pool = NetnsPool(self.network, self.ips, config.netns_pool,
-                             record_dir=self.state_dir / "netns-pool")  # fmt: skip
+                             record_dir=self.state_dir / "netns-pool", warm=self._warm)  # fmt: skip
             pool.reclaim()  # spares of a metald of this host that died
+            for stale in self.jails.root.glob(f"{POOL_PREFIX}*.log"):  # their launchers' logs
+                stale.unlink(missing_ok=True)
             if self.driver.name == "sandbox" and config.netns_pool > 0:
                 self.netns_pool = pool
         self.register()
@@ -914,9 +900,10 @@ class Metald(Scheduler):
 
     # -- local work ---------------------------------------------------------------------------
     def _spec(self, r: Any, net: NetAttachment, *, instance_id: str, workdir: Path, rootfs: Path,
-              kernel: KernelPaths | None, cgroup: VmCgroup | None) -> VmSpec:  # fmt: skip
+              kernel: KernelPaths | None, cgroup: VmCgroup | None,
+              launcher: Launcher | None = None) -> VmSpec:  # fmt: skip
         return VmSpec(
-            dns=self._dns(net),
+            dns=self._dns(net), launcher=launcher,
             vm_id=VmId(r.vm_id), instance_id=InstanceId(instance_id),
             customer_id=CustomerId(r.customer_id), vcpus=r.vcpus, memory_bytes=r.memory_bytes,
             port=r.port, workdir=workdir, rootfs=rootfs, net=net, kernel=kernel, cgroup=cgroup,
@@ -933,27 +920,29 @@ class Metald(Scheduler):
             return ("10.0.2.3",)
         return ()
 
-    def _row(self, vm_id: str) -> Any:
-        with self.engine.connect() as c:
-            r = c.execute(sa.select(models.vms).where(models.vms.c.vm_id == vm_id)).first()
-        if r is None:
-            raise NotFound(f"VM {vm_id} not found")
-        return r
+    def _warm(self, pool_id: str, att: NetAttachment) -> Launcher | None:
+        """A pooled spare's VM process, made ahead (sandbox only; see NetnsPool)."""
+        if not isinstance(self.driver, SandboxDriver):
+            return None
+        self.jails.root.mkdir(parents=True, exist_ok=True)
+        # beside the jails: a boot renames it into its VM's jail as the console log
+        return self.driver.launcher(att, log=self.jails.root / f"{pool_id}.log")
 
-    def _attach(self, vm_id: str) -> NetAttachment:
+    def _attach(self, vm_id: str) -> tuple[NetAttachment, Launcher | None]:
+        """The VM's network link, and its launcher when a pooled spare comes with one."""
         if self.network is None:
             if self.driver.name == "qemu":
-                return NetAttachment(mode="user", host_port=free_port())
-            return NetAttachment(mode="host")
+                return NetAttachment(mode="user", host_port=free_port()), None
+            return NetAttachment(mode="host"), None
         if self.netns_pool is not None and self.driver.name == "sandbox":
-            att = self.netns_pool.take(vm_id)
-            if att is not None:
-                return att
+            taken = self.netns_pool.take(vm_id)
+            if taken is not None:
+                return taken
         slot = self.ips.lease(vm_id)
         host_ip, guest_ip = self.ips.addresses(slot)
         if self.driver.name == "sandbox":
-            return self.network.attach_netns(vm_id, host_ip, guest_ip)
-        return self.network.attach_tap(vm_id, host_ip, guest_ip)
+            return self.network.attach_netns(vm_id, host_ip, guest_ip), None
+        return self.network.attach_tap(vm_id, host_ip, guest_ip), None
 
     def _boot_local(self, vm_id: str, **values: Any) -> Vm:
         """Prepare and start the VM here (``values``: more columns for its ``preparing`` row).
@@ -962,6 +951,7 @@ class Metald(Scheduler):
         instance_id = new_instance_id()
         r = self._transition(vm_id, VmState.PREPARING, instance_id=instance_id, error=None,
                              driver=self.driver.name, **values)  # fmt: skip
+        launcher: Launcher | None = None
         try:
             # the cgroup first, then prime(): the kernel's wait for the VM's cgroup join runs
             # while the rest is prepared (see CgroupManager.prime; it blocks cgroup writes)
@@ -970,7 +960,7 @@ class Metald(Scheduler):
                 vm_id, vcpus=r.vcpus, memory_limit_bytes=r.memory_bytes + overhead
             )
             self.cgroups.prime()
-            net = self._attach(vm_id)
+            net, launcher = self._attach(vm_id)
             self._update(vm_id, net=net.__dict__)
             self._write_record(vm_id, net=net.__dict__)
             copy = self.driver.name != "sandbox"
@@ -983,7 +973,7 @@ class Metald(Scheduler):
                 inject_env(disk, dict(r.env or {}))
                 inject_resolv(disk, list(self._dns(net)))
             spec = self._spec(r, net, instance_id=instance_id, workdir=jail, rootfs=disk,
-                              kernel=jk, cgroup=cg)  # fmt: skip
+                              kernel=jk, cgroup=cg, launcher=launcher)  # fmt: skip
             self.driver.create(spec)
             rt = self.driver.boot(spec)
             self._write_record(vm_id, net=net.__dict__, runtime=rt.to_json())
@@ -995,9 +985,13 @@ class Metald(Scheduler):
                 self._update(vm_id, runtime=rt.to_json())
                 raise
         except UnkeyError as exc:
+            if launcher is not None:
+                launcher.discard()  # (run or discarded already: nothing)
             self._fail(vm_id, str(exc))
             raise
         except Exception as exc:
+            if launcher is not None:
+                launcher.discard()
             self._fail(vm_id, f"{type(exc).__name__}: {exc}")
             raise VmError(f"booting VM {vm_id} failed: {exc}") from exc
         return _to_vm(row)
@@ -1261,7 +1255,6 @@ class Metald(Scheduler):
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self._http.close()
         if self.netns_pool is not None:
             self.netns_pool.close()
         if self.network is not None and (
@@ -1285,6 +1278,34 @@ class Metald(Scheduler):
         shutil.rmtree(self.state_dir / "jails", ignore_errors=True)
         shutil.rmtree(self.state_dir / "vms", ignore_errors=True)
         shutil.rmtree(self.state_dir / "netns-pool", ignore_errors=True)
+
+
+def http_status(url: str, path: str, *, connect_timeout: float, timeout: float) -> int | None:
+    """The status of one ``GET path`` of ``url`` (``http://host:port``), or None when nothing
+    answers HTTP there. A bare HTTP/1.0 request on a socket, not an HTTP client: readiness is
+    polled every half millisecond while an app starts, and a client's request costs ~0.4 ms of
+    CPU (the app needs it then) where this costs ~0.1."""
+    hostport = url.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        # a short connect: a guest still booting behind a tap answers nothing (no RST), and
+        # the next look comes soon anyway
+        with socket.create_connection((host, int(port)), timeout=connect_timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+                      .encode())  # fmt: skip
+            head = b""
+            while b"\r\n" not in head and len(head) < 256:
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                head += chunk
+    except (OSError, ValueError):
+        return None
+    parts = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return None
+    return int(parts[1])
 
 
 def parse_vm_id(value: str) -> VmId:

@@ -56,6 +56,17 @@ ACTIONS: dict[str, frozenset[VmState]] = {
 ACTIVE: frozenset[VmState] = frozenset({S.PREPARING, S.BOOTING, S.RUNNING, S.STOPPING})
 
 
+_SOURCES: dict[VmState, tuple[str, ...]] = {
+    target: tuple(sorted(str(s) for s, nexts in TRANSITIONS.items() if target in nexts))
+    for target in VmState
+}
+
+
+def sources(target: VmState) -> tuple[str, ...]:
+    """The states from which ``target`` may be reached."""
+    return _SOURCES[target]
+
+
 def transition(vm_id: str, current: VmState, target: VmState) -> VmState:
     """Return ``target`` if ``current -> target`` is legal, else raise IllegalTransition."""
     if target not in TRANSITIONS[current]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -82,6 +83,9 @@ class VmSpec:
     run_as: tuple[int, int] | None = None
     # name servers for the guest's /etc/resolv.conf (empty: the image's own is left alone)
     dns: tuple[str, ...] = ()
+    # the VM's process made ahead of the boot (a pooled sandbox spare's), for the driver to run
+    # its command in instead of starting one; the driver discards what it does not use
+    launcher: Launcher | None = field(default=None, compare=False)
 
     @property
     def log_path(self) -> Path:
@@ -230,21 +234,80 @@ def kill_process(pid: int, start: int) -> None:
     reap(pid, wait=2.0)
 
 
+class Launcher:
+    """A VM's process started ahead of its command line: ``prefix`` (what puts it in its
+    namespaces as its user, e.g. ``nsenter``), then a shell that waits on its stdin for the one
+    command it will ``exec``. The process is in its own session, with stdout/stderr appended to
+    ``log`` and no pipe back to metald once it runs. :meth:`run` moves it into the VM's cgroup
+    (from metald: nothing has forked yet) and hands it the command.
+
+    :func:`spawn` is a launcher used at once. Made ahead of a boot (``NetnsPool``), it takes
+    starting the prefix and the shell (two programs, ~1.5 ms) off the boot path. An unused one
+    exits on its own when metald goes (end of its stdin) or is :meth:`discard` ed."""
+
+    def __init__(self, prefix: Sequence[str], *, log: Path, cwd: Path | str = "/") -> None:
+        self.log = Path(log)
+        with open(self.log, "ab") as out:
+            self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [*prefix, "/bin/sh", "-s"],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self.pid = self._proc.pid
+
+    def alive(self) -> bool:
+        """Whether it still waits for its command."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def adopt_log(self, path: Path) -> None:
+        """Make ``path`` the log (a rename of the file its output goes to: same file system)."""
+        self.log.replace(path)
+        self.log = Path(path)
+
+    def run(self, argv: Sequence[str], *, cgroup: VmCgroup | None) -> int:
+        """Join ``cgroup`` and exec ``argv`` (stdin: /dev/null); returns the pid."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            raise VmError(f"launcher {self.pid} was used already")
+        if proc.stdin is None:  # (always a pipe: made so in __init__)
+            raise VmError(f"launcher {self.pid} has no input")
+        try:
+            if cgroup is not None:
+                for f in cgroup.procs_files():
+                    f.write_text(str(self.pid))
+            proc.stdin.write(f"exec {shlex.join(argv)} </dev/null\n".encode())
+            proc.stdin.close()
+        except OSError as exc:  # it died (its prefix failed), or the cgroup is gone
+            _end(proc)
+            raise VmError(f"cannot start {argv[0]}: {exc}; see {self.log}") from exc
+        # Popen's handle is dropped on purpose: metald reaps with waitpid (reap()) and survives
+        # its own restarts, so the process must not depend on this object.
+        proc.returncode = 0  # silence the "still running" ResourceWarning when it is freed
+        return self.pid
+
+    def discard(self) -> None:
+        """End an unused launcher (idempotent; a used one is its VM's process: left alone)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _end(proc)
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        if proc.stdin is not None:
+            proc.stdin.close()  # a waiting shell exits at the end of its input
+    try:
+        proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def spawn(argv: list[str], *, cgroup: VmCgroup | None, log: Path, cwd: Path) -> int:
     """Start ``argv`` in its own session (it outlives metald), inside ``cgroup`` from its first
     instruction, with stdout/stderr appended to ``log``; returns the pid."""
-    full = [*cgroup.join_prefix(), *argv] if cgroup is not None else argv
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            full,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            start_new_session=True,
-            close_fds=True,
-        )
-    # Popen's handle is dropped on purpose: metald reaps with waitpid (reap()) and survives
-    # its own restarts, so the process must not depend on this object.
-    proc.returncode = 0  # silence the "still running" ResourceWarning when the object is freed
-    return proc.pid
+    return Launcher([], log=log, cwd=cwd).run(argv, cgroup=cgroup)

@@ -9,14 +9,17 @@ so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="
   goes on top (copy-on-write, nothing copied). Without root, the
   tree is extracted with ``debugfs -R "rdump / <dir>"`` (no mount needed).
 * Processes: ``bwrap`` with new user, pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
-  and /tmp, started as an unprivileged host uid (``setpriv``), so even "root" in the sandbox
-  has no capability on the host. ``--as-pid-1``: the image's init is PID 1 of its namespace,
+  and /tmp, started as an unprivileged host uid (``nsenter -S/-G`` into the VM's network
+  namespace, ``setpriv`` on the host network), so even "root" in the sandbox has no capability
+  on the host. The process is a ``drivers.base.Launcher``: on a pooled spare (metald's
+  ``NetnsPool``) it was started ahead of the boot and waits in the namespace, so the boot only
+  hands it the bwrap command line. ``--as-pid-1``: the image's init is PID 1 of its namespace,
   as in a VM, and reaps its children itself (bwrap's own reaper would be orphaned when bwrap
   exits, and on hosts whose PID 1 does not reap, like our CI machines, leak as a zombie).
   As root, each VM gets its own network namespace joined to the
   host by a veth pair (metald's network module creates it); without root the sandbox shares
   the host network and the app's port must be free.
-* Limits: the cgroup (CPU quota = vcpus, memory) is joined before bwrap starts.
+* Limits: the cgroup (CPU quota = vcpus, memory) is joined (by metald) before bwrap starts.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ from .. import linux
 from ..jail import merge_env_tree, write_resolv_tree
 from .base import (
     DriverCapabilities,
+    Launcher,
+    NetAttachment,
     VmRuntime,
     VmSpec,
     VmStats,
     pid_start_time,
     process_alive,
     reap,
-    spawn,
     wait_exit,
 )
 
@@ -272,7 +276,32 @@ class SandboxDriver:
                 subprocess.run(["umount", "-l", "-d", m], capture_output=True, check=False)
 
     def command(self, spec: VmSpec, tree: Path) -> list[str]:
-        """The bwrap command line (also used by the bench as the baseline)."""
+        """The whole command line (also used by the bench as the baseline)."""
+        return [*self.prefix(spec.net, spec.run_as), *self.bwrap_argv(spec, tree)]
+
+    def prefix(self, net: NetAttachment, run_as: tuple[int, int] | None = None) -> list[str]:
+        """What runs before bwrap: as root, enter the VM's network namespace and become the
+        unprivileged uid/gid (nothing without root)."""
+        if not self.root:
+            return []
+        uid, gid = run_as or self.run_as
+        if net.mode == "netns":
+            # nsenter drops to the unprivileged uid/gid itself once in the namespace (-S/-G:
+            # setgroups(0), setgid, setuid; no capability is left), one program less to start.
+            # (metald's network module lowered ip_unprivileged_port_start in this netns when it
+            # made it, so the unprivileged app may bind ports < 1024 there)
+            return ["nsenter", f"--net=/run/netns/{net.netns}", "-S", str(uid), "-G", str(gid),
+                    "--"]  # fmt: skip
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+
+    def launcher(self, net: NetAttachment, log: Path) -> Launcher:
+        """The VM's process made ahead of its boot, in ``net``'s namespace as the unprivileged
+        user, waiting for its bwrap command line (see ``drivers.base.Launcher``; made by
+        metald's ``NetnsPool`` for its spares). ``log`` must be on the file system of the jails:
+        the boot renames it to the VM's console log."""
+        return Launcher(self.prefix(net), log=log)
+
+    def bwrap_argv(self, spec: VmSpec, tree: Path) -> list[str]:
         env = {"PATH": _PATH, "HOSTNAME": spec.vm_id.replace("_", "-").lower()[:63]}
         env.update(spec.env)
         argv = [
@@ -288,24 +317,27 @@ class SandboxDriver:
             argv += ["--setenv", k, v]
         init = "/.vminit/init" if (tree / ".vminit" / "init").exists() else "/sbin/init"
         argv.append(init)
-        if not self.root:
-            return argv
-        uid, gid = spec.run_as or self.run_as
-        if spec.net.mode == "netns":
-            # nsenter drops to the unprivileged uid/gid itself once in the namespace (-S/-G:
-            # setgroups(0), setgid, setuid; no capability is left), one program less to start.
-            # (metald's network module lowered ip_unprivileged_port_start in this netns when it
-            # made it, so the unprivileged app may bind ports < 1024 there)
-            return ["nsenter", f"--net=/run/netns/{spec.net.netns}", "-S", str(uid), "-G",
-                    str(gid), "--", *argv]  # fmt: skip
-        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
+        return argv
 
     def boot(self, spec: VmSpec) -> VmRuntime:
         tree, mounts, image = self._tree_dir(spec)
+        argv = self.bwrap_argv(spec, tree)
+        launcher = spec.launcher
         try:
-            pid = spawn(self.command(spec, tree), cgroup=spec.cgroup, log=spec.log_path,
-                        cwd=spec.workdir)  # fmt: skip
-        except OSError as exc:
+            pid = None
+            if launcher is not None and spec.run_as in (None, self.run_as):
+                launcher.adopt_log(spec.log_path)
+                with contextlib.suppress(VmError):  # it died waiting (killed): start one
+                    pid = launcher.run(argv, cgroup=spec.cgroup)
+            if launcher is not None:
+                launcher.discard()  # (unless it runs) made for another user, or dead
+            if pid is None:
+                launcher = Launcher(self.prefix(spec.net, spec.run_as), log=spec.log_path,
+                                    cwd=spec.workdir)  # fmt: skip
+                pid = launcher.run(argv, cgroup=spec.cgroup)
+        except (OSError, VmError) as exc:
+            if launcher is not None:
+                launcher.discard()
             self._unmount(mounts)
             if image is not None:
                 self._release_image(image)
