@@ -273,3 +273,52 @@ def test_a_lost_host_is_forgotten_its_rows_leases_and_addresses_go(
         sched.forget_host("host_nosuch")
     sched.close()
     engine.dispose()
+
+
+def test_persisted_transitions_follow_the_state_machine_and_race_safely(
+    cluster_url: str, tmp_path: Path
+) -> None:
+    """The VM's row moves only along the state machine, whoever writes it: of several
+    processes moving one VM at once exactly one wins, the others get IllegalTransition."""
+    engine = make_engine(cluster_url)
+    upgrade(engine)
+    add_host(engine, "a", cpus=4, memory_mib=1024, at=time.time())
+    rootfs = tmp_path / "rootfs.ext4"
+    rootfs.write_bytes(b"\0" * 4096)
+    sched = Scheduler(engine)
+    vm = sched.create_vm(CreateVm("dep_t", "cust_a", rootfs, memory_bytes=64 * MIB))
+    assert vm.state == VmState.PENDING and sched.get(vm.vm_id) == vm  # read back as stored
+
+    with pytest.raises(IllegalTransition, match="cannot go from pending to running"):
+        sched._set_state(vm.vm_id, VmState.RUNNING)
+    with pytest.raises(NotFound):
+        sched._set_state("vm_doesnotexist", VmState.PREPARING)
+    moved = sched._set_state(vm.vm_id, VmState.PREPARING, error=None, driver="sandbox")
+    assert moved.state == VmState.PREPARING and moved.driver == "sandbox"
+    assert sched.get(vm.vm_id) == moved
+
+    n = 6
+    barrier = threading.Barrier(n)
+    won: list[VmState] = []
+    lost: list[Exception] = []
+
+    def one(target: VmState) -> None:
+        eng = make_engine(cluster_url)  # each its own process, in effect
+        try:
+            barrier.wait()
+            won.append(Scheduler(eng)._set_state(vm.vm_id, target).state)
+        except IllegalTransition as exc:
+            lost.append(exc)
+        finally:
+            eng.dispose()
+
+    # from preparing: booting, failed and stopping are each legal, but only one can happen
+    targets = [VmState.BOOTING, VmState.FAILED, VmState.STOPPING] * 2
+    threads = [threading.Thread(target=one, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(won) == 1 and len(lost) == n - 1, (won, lost)
+    assert sched.get(vm.vm_id).state == won[0]
+    engine.dispose()

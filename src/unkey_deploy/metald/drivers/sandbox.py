@@ -101,12 +101,9 @@ def _overlays_on(lower: Path) -> list[str]:
 
 
 def is_mounted(path: Path) -> bool:
-    target = str(path)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            if line.split()[1] == target:
-                return True
-    return False
+    """Whether a file system is mounted at ``path`` (the image and overlay mounts, each its own
+    device: two stats, where reading /proc/self/mounts costs ~0.1 ms on a busy host)."""
+    return os.path.ismount(path)
 
 
 class SandboxDriver:
