@@ -64,23 +64,37 @@ def test_idle_series_leave_memory_and_only_recent_ones_stay(storage: ChdbStorage
 
 
 def test_the_set_of_stored_series_is_exact_across_merges() -> None:
-    # what the aggregator asks it: is this series (by hash) known to have a stored state?
+    # what the aggregator asks it: is this series (by hash) known to have a stored state not
+    # retired by now? (each with when its state is retired, in s)
     rng = random.Random(43)
     ids = [f"vm_{i}:i{rng.randrange(10**6)}" for i in range(20_000)]
     first, later, never = ids[:6000], ids[6000:15000], ids[15000:]
-    got = SeriesHashes(hash(x) for x in first)
+    exp = {hash(x): rng.randrange(100, 200) for x in ids}
+    got = SeriesHashes((hash(x), exp[hash(x)]) for x in first)
     want = {hash(x) for x in first}
     for x in later:  # evicted series, one by one: several merges into the sorted part
-        got.add(hash(x))
+        got.add(hash(x), exp[hash(x)])
         want.add(hash(x))
     extremes = [-(2**63), 2**63 - 1, 0]
-    got.add(extremes[0])
+    got.add(extremes[0], 150)
     want.add(extremes[0])
+    exp[extremes[0]] = 150
     probe = [hash(x) for x in ids] + extremes
     assert got.contains(probe) == [h in want for h in probe]
+    assert got.contains(probe, 150) == [h in want and exp[h] >= 150 for h in probe]
     assert len(got) == len(want) and sum(got.contains([hash(x) for x in never])) == 0
     assert hash(later[-1]) in got and hash(never[0]) not in got and "x" not in got
     assert SeriesHashes().contains([1, 2]) == [False, False]
+    # a series written again keeps its latest expiry, wherever its entries are
+    h0 = hash(first[0])
+    got.add(h0, 10**6)
+    got.add(h0, 5)
+    assert got.contains([h0], 10**6) == [True]
+    # retired states are forgotten: only those not retired by then stay
+    gone = got.prune(150)
+    assert gone == sum(1 for h in want if exp[h] < 150 and h != h0)
+    assert len(got) == len(want) - gone
+    assert got.contains(probe) == [h in want and (exp[h] >= 150 or h == h0) for h in probe]
 
 
 def test_series_idle_s_must_be_positive(storage: ChdbStorage) -> None:

@@ -52,6 +52,29 @@ after a restart. Its id goes into the set of series known to have a stored state
 back rather than taken for a new series. A series touched by the previous flush is kept whatever
 its age: that flush's commit (which writes the state) may still be running.
 
+Retention: a series' state is **retired** ``series_retention_s`` (R, default 14 days: the
+7-day late horizon plus as much again; it must exceed the horizon) after both its newest sample
+and the last flush that wrote it (``expires_at``, written with every state and never moved
+earlier). Then it leaves the set of stored series (memory: only series active within R), the
+start-up read skips it, and ClickHouse drops its rows (TTL ``expires_at``, at merges). A retired
+series can no longer be placed exactly, so none of its batches may be taken for a new series
+(a redelivered seq 0 would be billed again, a later seq's counters from boot too). A series
+without a known state is **checked** when it holds a batch with samples older than R (every
+batch of a retired series up to its last applied one is that old: its newest sample is) or when
+its seq 0 did not come within the hold timeout (a retired series that sends again after R):
+
+1. its state still in storage (a merge has not dropped it yet) is read and used: exact;
+2. else, if ``billing_hourly`` (kept for ever: it is the bill) has a row of it, it was billed
+   and retired: every batch of it is quarantined (``series_retired``), acked, never billed;
+3. else it is new (e.g. a backfill of old usage never billed) and billed as such.
+
+So whether a batch is placed from a retired state still in storage or quarantined depends on
+when a merge drops the row, and both are correct: nothing is billed twice and nothing is lost
+(a quarantined batch is kept with its samples). A series seen only in quarantine (unknown
+customer, ...) has no billing row: its batches are cleaned again and quarantined again. A new
+series whose first batch is seq 0 with recent samples costs no query. A series waiting for a
+late batch keeps its state: the skip's flush set ``expires_at`` R > ``late_horizon_s`` ahead.
+
 Hot path: one ``clean`` (numpy) per series per flush and Arrow columns built with numpy; no
 per-sample Python.
 """
@@ -74,6 +97,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..clickhouse.api import BillingHourlyRow, Storage
+from ..core.config import BillingConfig
 from ..core.errors import InvalidInput
 from ..metering.codec import COLUMNS, DecodedBatch, Samples, decode_array, read_key
 from ..metering.model import SeriesKey
@@ -95,7 +119,11 @@ REASON_UNKNOWN_VM = "unknown_vm"
 REASON_INVALID_BATCH = "invalid_batch"
 REASON_TOO_LATE = "arrived_after_horizon"
 REASON_REPLAY = "replay_incomplete"
-LATE_HORIZON_S = 7 * 86_400.0
+REASON_RETIRED = "series_retired"
+LATE_HORIZON_S = BillingConfig.LATE_HORIZON_S
+# A series' state is retired this long after its newest sample and its last batch (module
+# docstring, "Memory"); billing.series_retention_s.
+SERIES_RETENTION_S: float = BillingConfig.model_fields["series_retention_s"].default
 _STATE_COLS = (
     "vm_id",
     "instance_id",
@@ -190,10 +218,16 @@ class SeriesState:
     acc: HourUsage = field(default_factory=HourUsage)
     skipped: set[int] = field(default_factory=set)  # seqs applied around, not yet arrived
     checkpoint: Checkpoint | None = None
+    # when the stored state is retired (unix s; never decreases); 0: nothing stored yet
+    expires_s: int = 0
     # in memory only (for eviction): when a batch of the series was last received or held
     # (monotonic s), and in which prepare()
     seen: float = 0.0
     prepared_in: int = 0
+    # in memory only, for a series without a state (last_seq < 0): ``checked``: storage says it
+    # is new; ``retired``: it was billed and its state retired, so its batches are quarantined
+    checked: bool = False
+    retired: bool = False
 
     def snapshot(self, since_ns: int) -> Checkpoint:
         return Checkpoint(self.last_seq, self.last, self.hour, self.acc.copy(), since_ns)
@@ -214,37 +248,72 @@ class _Held:
 
 
 class SeriesHashes:
-    """A set of ``hash()`` values of series ids, compact: it holds every series that ever had a
-    stored state, so it grows with every VM boot. A sorted int64 array takes 8 bytes a series (a
-    Python set of ints ~70 more); additions gather in a small set, merged in when it grows."""
+    """The ``hash()`` of every series id with a state in storage, each with when that state is
+    retired (unix s): compact, and bounded by the retention (``prune`` drops the retired ones).
+    Sorted int64 arrays take 16 bytes a series (a Python dict ~100 more); additions gather in a
+    small dict, merged in when it grows."""
 
     MERGE_AT = 4096
 
-    def __init__(self, hashes: Iterable[int] = ()) -> None:
-        self._sorted = np.unique(np.fromiter(hashes, dtype=np.int64))
-        self._recent: set[int] = set()
+    def __init__(self, items: Iterable[tuple[int, int]] = ()) -> None:
+        flat = np.fromiter((x for pair in items for x in pair), dtype=np.int64)
+        pairs = flat.reshape(-1, 2)
+        self._h, self._exp = self._latest(pairs[:, 0], pairs[:, 1])
+        self._recent: dict[int, int] = {}
 
-    def __len__(self) -> int:
-        return len(self._sorted) + len(self._recent)
+    @staticmethod
+    def _latest(h: np.ndarray, exp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted by hash, one entry per hash with its latest expiry."""
+        order = np.lexsort((exp, h))
+        h, exp = h[order], exp[order]
+        last = np.ones(len(h), dtype=bool)
+        last[:-1] = h[1:] != h[:-1]
+        return h[last], exp[last]
 
-    def add(self, h: int) -> None:
-        self._recent.add(h)
-        if len(self._recent) >= max(self.MERGE_AT, len(self._sorted) // 8):  # amortised
-            new = np.fromiter(self._recent, dtype=np.int64, count=len(self._recent))
-            self._sorted = np.union1d(self._sorted, new)
+    def _merge(self) -> None:
+        if self._recent:
+            new = np.fromiter(self._recent.items(), dtype=np.dtype((np.int64, 2)))
+            self._h, self._exp = self._latest(
+                np.concatenate([self._h, new[:, 0]]), np.concatenate([self._exp, new[:, 1]])
+            )
             self._recent.clear()
 
-    def contains(self, hashes: Sequence[int]) -> list[bool]:
-        """Membership of each of ``hashes``."""
+    def __len__(self) -> int:
+        self._merge()
+        return len(self._h)
+
+    def add(self, h: int, expires_s: int) -> None:
+        self._recent[h] = max(expires_s, self._recent.get(h, expires_s))
+        if len(self._recent) >= max(self.MERGE_AT, len(self._h) // 8):  # amortised
+            self._merge()
+
+    def contains(self, hashes: Sequence[int], now_s: int | None = None) -> list[bool]:
+        """Membership of each of ``hashes`` (with ``now_s``: only states not retired by then)."""
         if not hashes:
             return []
+        floor = -(2**63) if now_s is None else now_s
         q = np.asarray(hashes, dtype=np.int64)
-        i = np.minimum(np.searchsorted(self._sorted, q), max(len(self._sorted) - 1, 0))
-        found = self._sorted[i] == q if len(self._sorted) else np.zeros(len(q), dtype=bool)
-        return [bool(f) or h in self._recent for f, h in zip(found.tolist(), hashes, strict=True)]
+        if len(self._h):
+            i = np.minimum(np.searchsorted(self._h, q), len(self._h) - 1)
+            found = (self._h[i] == q) & (self._exp[i] >= floor)
+        else:
+            found = np.zeros(len(q), dtype=bool)
+        return [
+            bool(f) or self._recent.get(h, floor - 1) >= floor
+            for f, h in zip(found.tolist(), hashes, strict=True)
+        ]
 
     def __contains__(self, h: object) -> bool:
         return isinstance(h, int) and self.contains([h])[0]
+
+    def prune(self, now_s: int) -> int:
+        """Forget the states retired before ``now_s``; returns how many."""
+        self._merge()
+        keep = self._exp >= now_s
+        gone = len(keep) - int(keep.sum())
+        if gone:
+            self._h, self._exp = self._h[keep], self._exp[keep]
+        return gone
 
 
 def _sid(vm_id: str, instance_id: str) -> str:
@@ -280,6 +349,7 @@ class Aggregator:
         hold_timeout_s: float = 120.0,
         late_horizon_s: float = LATE_HORIZON_S,
         series_idle_s: float = SERIES_IDLE_S,
+        series_retention_s: float = SERIES_RETENTION_S,
         monotonic: Any = time.monotonic,
         wall_ns: Callable[[], int] = time.time_ns,
         versioner: Versioner | None = None,
@@ -287,20 +357,28 @@ class Aggregator:
         pricing.price_sheet(pricing_version, "standard")  # fail fast on an unknown version
         if not series_idle_s > 0:
             raise InvalidInput(f"series_idle_s must be > 0, not {series_idle_s}")
+        if not series_retention_s > late_horizon_s:
+            raise InvalidInput(
+                f"series_retention_s ({series_retention_s}) must exceed late_horizon_s "
+                f"({late_horizon_s}): a series waiting for a late batch keeps its state"
+            )
         self.storage = storage
         self.directory = directory
         self.pricing_version = pricing_version
         self.hold_timeout_s = hold_timeout_s
         self.late_horizon_s = late_horizon_s
         self.series_idle_s = series_idle_s
+        self.series_retention_s = series_retention_s
+        self._retention_ns = int(series_retention_s * 1e9)
         self._mono = monotonic
         self._wall = wall_ns
         self._versions = versioner or Versioner()
         self._states: dict[str, SeriesState] = {}
-        # hash() of every series with a state in storage when it was read (once, then after
-        # each forget()), and of every series evicted since: a series in neither this nor
-        # _states is new and needs no query. Without it every flush of new series waited for
-        # the storage lock held by the previous flush's commit.
+        # hash() of every series with a state in storage not yet retired when it was read (once,
+        # then after each forget()), and of every series evicted since, with when each state is
+        # retired: a series in neither this nor _states is new or retired (prepare() tells which
+        # when it matters) and needs no state query. Without it every flush of new series
+        # waited for the storage lock held by the previous flush's commit.
         self._stored: SeriesHashes | None = None
         self._prepares = 0  # prepare() calls so far
         self._last_sweep = -math.inf
@@ -311,36 +389,34 @@ class Aggregator:
     # -- state ----------------------------------------------------------------------------------
 
     def _stored_series(self) -> SeriesHashes:
-        """Which series had a state in storage (by hash: a collision only costs a query).
-        Series whose state this process wrote since are in ``_states`` or, once evicted, added
-        here; one aggregator per installation writes states (docs/operations.md), so this set
-        stays a superset."""
+        """Which series have a state in storage not yet retired (by hash: a collision only costs
+        a query). Series whose state this process wrote since are in ``_states`` or, once
+        evicted, added here; one aggregator per installation writes states
+        (docs/operations.md), so this set stays a superset of the stored states not retired."""
         if self._stored is None:
             tbl = self.storage.query_arrow(
-                f"SELECT DISTINCT concat(vm_id, ':', instance_id) AS sid FROM {STATE_TABLE}"  # noqa: S608
+                "SELECT concat(vm_id, ':', instance_id) AS sid, "  # noqa: S608 (constant table)
+                f"toInt64(max(toUnixTimestamp(expires_at))) AS exp FROM {STATE_TABLE} "
+                "WHERE toUnixTimestamp(expires_at) >= {now:Int64} GROUP BY sid",
+                {"now": self._wall() // 10**9},
             )
-            self._stored = SeriesHashes(hash(x) for x in tbl.column("sid").to_pylist())
+            self._stored = SeriesHashes(
+                zip(
+                    (hash(x) for x in tbl.column("sid").to_pylist()),
+                    tbl.column("exp").to_pylist(),
+                    strict=True,
+                )
+            )
         return self._stored
 
-    def _load_states(self, keys: Iterable[SeriesKey]) -> None:
-        want = {_sid(k.vm_id, k.instance_id): k for k in keys}
-        absent = [s for s in want if s not in self._states]
-        if not absent:
-            return
-        known = self._stored_series().contains([hash(sid) for sid in absent])
-        missing = []
-        for sid, stored in zip(absent, known, strict=True):
-            if stored:
-                missing.append(sid)
-            else:
-                self._states[sid] = SeriesState(key=want[sid])  # a new series
-        if not missing:
-            return
+    def _read_states(self, sids: list[str]) -> dict[str, SeriesState]:
+        """The stored states of these series that are still in storage (retired or not)."""
         cols = ", ".join(_STATE_COLS)
         rows = self.storage.query(  # constant column/table names; ids are bound
-            f"SELECT {cols} FROM {STATE_TABLE} FINAL "  # noqa: S608
+            f"SELECT {cols}, toInt64(toUnixTimestamp(expires_at)) AS expires_s "  # noqa: S608
+            f"FROM {STATE_TABLE} FINAL "
             "WHERE concat(vm_id, ':', instance_id) IN {ids:Array(String)}",
-            {"ids": missing},
+            {"ids": sids},
         )
         found = {}
         for r in rows:
@@ -359,9 +435,84 @@ class Aggregator:
             st.skipped = {int(x) for x in r["skipped"]}
             if r["checkpoint"]:
                 st.checkpoint = Checkpoint.from_json(str(r["checkpoint"]))
+            st.expires_s = int(r["expires_s"])
             found[sid] = st
+        return found
+
+    def _load_states(self, keys: Iterable[SeriesKey], now_s: int) -> None:
+        want = {_sid(k.vm_id, k.instance_id): k for k in keys}
+        absent = [s for s in want if s not in self._states]
+        if not absent:
+            return
+        known = self._stored_series().contains([hash(sid) for sid in absent], now_s)
+        missing = []
+        for sid, stored in zip(absent, known, strict=True):
+            if stored:
+                missing.append(sid)
+            else:
+                self._states[sid] = SeriesState(key=want[sid])  # new, or retired: see prepare()
+        if not missing:
+            return
+        found = self._read_states(missing)
         for sid in missing:
             self._states[sid] = found.get(sid) or SeriesState(key=want[sid])
+
+    def _check_unknown_if_needed(self, now: float, now_ns: int) -> None:
+        """Check (:meth:`_check_unknown`) the series without a known state that hold a batch
+        with samples older than the retention (a retired series' batches are all that old) or
+        whose seq 0 did not come within the hold timeout (a retired series' next batches)."""
+        cutoff = now_ns - self._retention_ns
+        check = []
+        for sid, held in self._held.items():
+            st = self._states[sid]
+            if st.last_seq >= 0 or st.checked or st.retired:
+                continue
+            old = any(
+                len(h.batch.samples) and h.batch.samples[0, 0] < cutoff for h in held.values()
+            )
+            gave_up = 0 not in held and any(
+                now - h.since >= self.hold_timeout_s for h in held.values()
+            )
+            if old or gave_up:
+                check.append(sid)
+        if check:
+            self._check_unknown(check)
+
+    def _check_unknown(self, sids: list[str]) -> None:
+        """Series without a known state whose batches could be a retired series' (module
+        docstring, "Memory"): a state still in storage is taken (placed exactly); else a series
+        that has billing rows was billed and retired (its batches are quarantined); else it is
+        new. Two queries for all of them; only for batches older than the retention or a
+        series whose seq 0 never came."""
+        found = self._read_states(sids)
+        self._states.update(found)
+        rest = [sid for sid in sids if sid not in found]
+        if not rest:
+            return
+        keys = [self._states[sid].key for sid in rest]
+        rows = self.storage.query(  # billing_hourly is kept for ever (it is the bill)
+            "SELECT DISTINCT concat(vm_id, ':', instance_id) AS sid FROM billing_hourly "
+            "WHERE customer_id IN {c:Array(String)} AND vm_id IN {v:Array(String)} "
+            "AND concat(vm_id, ':', instance_id) IN {ids:Array(String)}",
+            {
+                "c": sorted({k.customer_id for k in keys}),
+                "v": sorted({k.vm_id for k in keys}),
+                "ids": rest,
+            },
+        )
+        billed = {str(r["sid"]) for r in rows}
+        for sid in rest:
+            if sid in billed:
+                self._states[sid].retired = True
+                log.warning(
+                    "series %s: its state was retired (billed, then silent for %.0f s); "
+                    "its batches are quarantined (%s)",
+                    sid,
+                    self.series_retention_s,
+                    REASON_RETIRED,
+                )
+            else:
+                self._states[sid].checked = True
 
     def _state_values(self, st: SeriesState, version: int) -> str:
         k = st.key
@@ -379,6 +530,7 @@ class Aggregator:
             *(str(getattr(st.acc, f)) for f in FIELDS),
             "[" + ",".join(str(x) for x in sorted(st.skipped)) + "]",
             _esc(st.checkpoint.to_json() if st.checkpoint is not None else ""),
+            str(st.expires_s),
             str(version),
         ]
         return "(" + ",".join(vals) + ")"
@@ -389,9 +541,10 @@ class Aggregator:
         ``series_idle_s``)."""
         return len(self._states)
 
-    def _evict_idle(self, now: float) -> None:
-        """Drop the in-memory state of series idle for more than ``series_idle_s`` (module
-        docstring, "Memory"). Runs in prepare(), never beside another prepare()."""
+    def _evict_idle(self, now: float, now_s: int) -> None:
+        """Drop the in-memory state of series idle for more than ``series_idle_s`` or retired
+        (module docstring, "Memory"), and forget the stored states retired since. Runs in
+        prepare(), never beside another prepare()."""
         if now - self._last_sweep < self.series_idle_s / 4:
             return
         self._last_sweep = now
@@ -399,7 +552,7 @@ class Aggregator:
         idle = [
             sid
             for sid, st in self._states.items()
-            if now - st.seen > self.series_idle_s
+            if (now - st.seen > self.series_idle_s or 0 < st.expires_s < now_s)
             and st.prepared_in < prev
             and sid not in self._held
             and not self._pending_replay.get(sid)
@@ -407,14 +560,20 @@ class Aggregator:
         # None: not read yet; the read will see these series (their states are committed)
         stored = self._stored
         for sid in idle:
-            del self._states[sid]
-            if stored is not None:
-                stored.add(hash(sid))
+            st = self._states.pop(sid)
+            if stored is not None and st.expires_s >= now_s:  # 0: never stored
+                stored.add(hash(sid), st.expires_s)
+        retired = stored.prune(now_s) if stored is not None else 0
         # commit() empties these per batch (from its thread) but leaves the series' dict
         for sid in [s for s, d in self._pending_replay.items() if not d]:
             self._pending_replay.pop(sid, None)
-        if idle:
-            log.info("evicted %d idle series (%d kept in memory)", len(idle), len(self._states))
+        if idle or retired:
+            log.info(
+                "evicted %d idle series (%d kept in memory); %d stored states retired",
+                len(idle),
+                len(self._states),
+                retired,
+            )
 
     def forget(self) -> None:
         """Drop in-memory state (as a restart would)."""
@@ -483,17 +642,28 @@ class Aggregator:
                 # the same batch twice: keep one copy (unacked, so it survives a crash)
                 out.ack.append(old.item.handle)
             self._held[sid][b.seq] = _Held(it, b, old.since if old else now)
-        self._evict_idle(now)  # before loading: a series with a batch in hand is kept
+        now_s = now_ns // 10**9
+        self._evict_idle(now, now_s)  # before loading: a series with a batch in hand is kept
         if not self._held:
             return Prepared(out, quarantine=quarantine)
-        self._load_states(h.batch.key for hs in self._held.values() for h in hs.values())
+        self._load_states((h.batch.key for hs in self._held.values() for h in hs.values()), now_s)
+        self._check_unknown_if_needed(now, now_ns)
 
         # Pick, per series, the batches that can be applied now (in seq order).
         ready: dict[str, list[_Held]] = {}
         late: dict[str, list[_Held]] = {}
+        done_ids: list[str] = []
         for sid, held in list(self._held.items()):
             st = self._states[sid]
             st.seen, st.prepared_in = now, self._prepares
+            if st.retired:  # nothing of it can be placed: quarantined, never billed
+                for h in sorted(held.values(), key=lambda h: h.batch.seq):
+                    quarantine.extend(_q_batch(h.batch, REASON_RETIRED))
+                    out.ack.append(h.item.handle)
+                    done_ids.append(h.batch.batch_id)
+                    out.samples += len(h.batch.samples)
+                del self._held[sid]
+                continue
             cp = st.checkpoint
             if cp is not None and now_ns - cp.since_ns > self.late_horizon_s * 1e9:
                 log.warning("series %s: gave up waiting for batches %s", sid, sorted(st.skipped))
@@ -537,7 +707,6 @@ class Aggregator:
         billing: list[BillingHourlyRow] = []
         new_states: dict[str, SeriesState] = {}
         raw_ids: list[str] = []
-        done_ids: list[str] = []
         replay: list[tuple[SeriesKey, int, bytes]] = []
         # Pass 1: who may be billed (customer, VM, allocation); the rest is quarantined.
         jobs: list[tuple[SeriesState, list[_Held], CustomerInfo]] = []
@@ -640,8 +809,22 @@ class Aggregator:
         state_sql = None
         if new_states:
             v = self._versions.next()
+            for sid, st in new_states.items():
+                newest = max(
+                    (
+                        int(h.batch.samples[-1, 0])
+                        for h in (*ready.get(sid, ()), *late.get(sid, ()))
+                    ),
+                    default=0,
+                )
+                # never earlier than before (see the migration 009): R after the newest sample
+                # and after this batch, so a series that still sends keeps its state
+                st.expires_s = max(
+                    st.expires_s, (max(newest, now_ns) + self._retention_ns) // 10**9
+                )
+            cols = ", ".join((*_STATE_COLS, "expires_at", "version"))
             state_sql = (
-                f"INSERT INTO {STATE_TABLE} ({', '.join(_STATE_COLS)}, version) VALUES "  # noqa: S608 (numbers, or escaped by _esc)
+                f"INSERT INTO {STATE_TABLE} ({cols}) VALUES "  # noqa: S608 (numbers, or escaped by _esc)
                 + ",".join(self._state_values(st, v) for st in new_states.values())
             )
         return Prepared(

@@ -221,6 +221,7 @@ async def start_in_process(
         directory,
         pricing_version=settings.billing.pricing_version,
         series_idle_s=settings.billing.series_idle_s,
+        series_retention_s=settings.billing.series_retention_s,
     )
     queries = BillingQueries(storage, directory, clock, InvoiceLedger(factory, clock))
     stop = asyncio.Event()

@@ -13,7 +13,7 @@ import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -157,9 +157,24 @@ class BillingConfig(_Section):
     # The aggregator drops a series' in-memory state after this long without a batch (it stays
     # in the usage store and is read back if the series sends again); bounds its memory.
     series_idle_s: float = Field(300.0, gt=0)
+    # A skipped batch still applied (by a replay) this long after the aggregator gave up waiting.
+    LATE_HORIZON_S: ClassVar[float] = 7 * 86_400.0
+    # A series' state is retired (memory and usage store) this long after its newest sample and
+    # its last batch; a batch of a retired series is quarantined, never billed. Must exceed
+    # LATE_HORIZON_S: a series waiting for a late batch keeps its state.
+    series_retention_s: float = 14 * 86_400.0
     # Run the aggregator inside gatewayd (required with embedded chDB: one process owns it).
     # gatewayd always serves usage queries; turn this off only with a ClickHouse server URL.
     embedded_in_gateway: bool = True
+
+    @field_validator("series_retention_s")
+    @classmethod
+    def _retention_exceeds_the_late_horizon(cls, v: float) -> float:
+        if not v > cls.LATE_HORIZON_S:
+            raise ValueError(
+                f"must exceed the late horizon ({cls.LATE_HORIZON_S:.0f} s = 7 days), got {v}"
+            )
+        return v
 
 
 class MetricsConfig(_Section):
