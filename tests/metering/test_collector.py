@@ -439,3 +439,40 @@ def test_metering_restart_continues_series_and_a_refused_one_stops_no_other(
     first_run = sum(len(s) for _, s in by_series["vm_restart0"])
     assert 3 <= first_run < len(np.concatenate([s for _, s in by_series["vm_restart1"]]))
     assert any("VM not metered" in r.getMessage() for r in caplog.records)
+
+
+def test_metering_goes_on_when_its_targets_cannot_be_read(
+    cgroups: Cgroups, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The control-plane database away for a moment (the targets lookup raises): the VMs
+    already known are sampled on, the failure is logged, and the next lookup that works
+    applies (a VM gone meanwhile ends its series then)."""
+    proc = cgroups.spawn("import time\nwhile True: sum(range(10**5)); time.sleep(0.01)\n")
+    time.sleep(0.2)
+    keys = [_key("dbaway0"), _key("dbaway1")]
+    targets = [MeterTarget(key=k, pid=proc.pid, cgroup_v1_cpuacct_dir=cgroups.cpuacct,
+                           cgroup_v1_memory_dir=cgroups.memory) for k in keys]  # fmt: skip
+    answers: list[list[MeterTarget] | Exception] = [
+        targets, RuntimeError("database is locked"), RuntimeError("database is locked"),
+        targets[:1],
+    ]  # fmt: skip
+
+    def lookup() -> list[MeterTarget]:
+        a = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    b = Billaged(tmp_path / "spool", batch_samples=1000)
+    loop = MeteringLoop(Collector(), b, lookup, targets_every=1)
+    with caplog.at_level("WARNING", logger="unkey.metering"):
+        assert loop.tick() == 2  # both known
+        assert loop.tick() == 2  # lookup failed: both still sampled
+        assert loop.tick() == 2
+        assert b.series_count == 2
+        assert loop.tick() == 1  # it works again: dbaway1's VM is gone, its series ends
+    assert b.series_count == 1
+    failed = [r for r in caplog.records if r.getMessage() == "metering targets not refreshed"]
+    assert len(failed) == 2
+    loop.collector.close()
+    asyncio.run(b.close())

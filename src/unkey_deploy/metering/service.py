@@ -55,10 +55,20 @@ class MeteringLoop:
             self._slots.pop(key, None)
             self._refused.discard(key)
 
+    def _try_refresh(self, when: str) -> None:
+        """:meth:`refresh_targets`, logging a failure (e.g. the control-plane database away for
+        a moment) and keeping the targets known: sampling needs no database, and a VM that
+        went meanwhile ends its series at the next refresh that works."""
+        try:
+            self.refresh_targets()
+        except Exception as exc:
+            event(log, "metering targets not refreshed", logging.WARNING, when=when,
+                  error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+
     def tick(self) -> int:
         """One sweep: read every target, hand the samples to billaged. Returns samples taken."""
         if self._ticks % self.targets_every == 0:
-            self.refresh_targets()
+            self._try_refresh("tick")
         self._ticks += 1
         keys, rows = self.collector.sample()
         if not keys:
@@ -108,8 +118,7 @@ class MeteringLoop:
                 finally:
                     waiter.cancel()
         finally:
-            with contextlib.suppress(Exception):  # VMs deleted since the last look end here
-                self.refresh_targets()
+            self._try_refresh("stop")  # VMs deleted since the last look end here
             if retire:
                 for key in self.collector.keys:
                     self.billaged.stop(key)
