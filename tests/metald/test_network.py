@@ -123,3 +123,13 @@ def test_host_nameservers_skip_local_stubs(tmp_path: Path) -> None:
     assert host_nameservers(resolv, upstream) == ["192.0.2.1", "192.0.2.2"]
     upstream.unlink()
     assert host_nameservers(resolv, upstream) == []
+
+
+def test_host_nameservers_for_a_guest_on_the_host_network(tmp_path: Path) -> None:
+    # the sandbox without root shares the host's network, loopback included: the local stub
+    # is its resolver too (a scoped link-local address stays as written)
+    resolv, upstream = tmp_path / "resolv.conf", tmp_path / "upstream.conf"
+    resolv.write_text("nameserver 127.0.0.53\nnameserver fe80::1%eth0\noptions edns0\n")
+    upstream.write_text("nameserver 192.0.2.1\n")
+    assert host_nameservers(resolv, upstream, host_network=True) == ["127.0.0.53", "fe80::1%eth0"]
+    assert host_nameservers(resolv, upstream) == ["192.0.2.1"]

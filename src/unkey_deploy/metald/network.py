@@ -67,10 +67,14 @@ def _ip(args: list[str], batch: str | None = None, netns: str | None = None) -> 
 def host_nameservers(
     resolv: Path = Path("/etc/resolv.conf"),
     upstream: Path = Path("/run/systemd/resolve/resolv.conf"),
+    *,
+    host_network: bool = False,
 ) -> list[str]:
     """The host's name servers a guest can use: those of ``resolv``, or of systemd-resolved's
     ``upstream`` file when ``resolv`` names only local (loopback) stubs, which a guest cannot
-    reach (its connections to the host are dropped, and 127.x is the guest's own)."""
+    reach (its connections to the host are dropped, and 127.x is the guest's own). With
+    ``host_network`` (a guest on the host's own network, loopback included) the local stubs
+    are kept: they are the host's resolvers there too."""
     for f in (resolv, upstream):
         found = []
         with contextlib.suppress(OSError):
@@ -79,8 +83,8 @@ def host_nameservers(
                 if len(parts) >= 2 and parts[0] == "nameserver":
                     with contextlib.suppress(ValueError):
                         ip = ipaddress.ip_address(parts[1].split("%")[0])
-                        if not ip.is_loopback and not ip.is_link_local:
-                            found.append(str(ip))
+                        if host_network or not (ip.is_loopback or ip.is_link_local):
+                            found.append(parts[1] if host_network else str(ip))
         if found:
             return found
     return []

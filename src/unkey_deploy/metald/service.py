@@ -762,6 +762,11 @@ class Metald(Scheduler):
         self.ips = IpAllocator(engine, self.host_id, config.subnet)
         # the guests' name servers (NAT'd links only: user-mode QEMU has its own, see _dns)
         self.guest_dns = host_nameservers() if config.guest_dns is None else config.guest_dns
+        # for guests on the host's own network (the sandbox without root): the host's resolvers
+        # as they are, local stubs included (the same loopback)
+        self.host_net_dns = (
+            host_nameservers(host_network=True) if config.guest_dns is None else config.guest_dns
+        )
         self.network = (
             HostNetwork(
                 config.subnet,
@@ -912,13 +917,13 @@ class Metald(Scheduler):
 
     def _dns(self, net: NetAttachment) -> tuple[str, ...]:
         """Name servers for a guest on ``net``: the host's (let through its NAT) on a VM link;
-        QEMU's user-mode network's own resolver; none on the host's network (the sandbox
-        without root), where the image's resolv.conf stays."""
+        QEMU's user-mode network's own resolver; the host's as they are on the host's own
+        network (the sandbox without root)."""
         if net.mode in ("netns", "tap"):
             return tuple(self.guest_dns)
         if net.mode == "user":
             return ("10.0.2.3",)
-        return ()
+        return tuple(self.host_net_dns)
 
     def _warm(self, pool_id: str, att: NetAttachment) -> Launcher | None:
         """A pooled spare's VM process, made ahead (sandbox only; see NetnsPool)."""
