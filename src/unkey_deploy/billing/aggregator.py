@@ -307,13 +307,16 @@ class SeriesHashes:
         return isinstance(h, int) and self.contains([h])[0]
 
     def prune(self, now_s: int) -> int:
-        """Forget the states retired before ``now_s``; returns how many."""
-        self._merge()
+        """Forget the states retired before ``now_s`` (a pass over the array, no sort); returns
+        how many entries went."""
         keep = self._exp >= now_s
         gone = len(keep) - int(keep.sum())
         if gone:
             self._h, self._exp = self._h[keep], self._exp[keep]
-        return gone
+        stale = [h for h, e in self._recent.items() if e < now_s]
+        for h in stale:
+            del self._recent[h]
+        return gone + len(stale)
 
 
 def _sid(vm_id: str, instance_id: str) -> str:
