@@ -16,7 +16,8 @@ import pytest
 
 from unkey_deploy.core.errors import IllegalTransition
 from unkey_deploy.metald import models
-from unkey_deploy.metald.drivers.base import VmRuntime
+from unkey_deploy.metald.drivers.base import VmRuntime, reap
+from unkey_deploy.metald.drivers.sandbox import _children
 from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
 from unkey_deploy.metald.states import VmState
 
@@ -33,6 +34,15 @@ def _mounts_under(path: Path) -> list[str]:
     ]
 
 
+def _zombie_of_init(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+    return state == "Z" and ppid == "1"
+
+
 class Trace:
     """What a booted VM holds on the host, recorded so we can check it is all gone later."""
 
@@ -47,6 +57,16 @@ class Trace:
         self.state_dir = md.state_dir
         self.pids = md.cgroups.paths_for(vm_id).pids()
 
+    def kill_guest(self) -> None:
+        """SIGKILL what runs inside the sandbox, sparing the launcher's shell and bwrap (they
+        exit once it is gone; killed with it, bwrap would leave its pid 1 a zombie of the
+        host's init)."""
+        outside = {self.rt.pid, *_children(self.rt.pid)}
+        for pid in self.pids:
+            if pid not in outside:
+                with contextlib.suppress(ProcessLookupError):  # httpd's per-request children
+                    os.kill(pid, signal.SIGKILL)
+
     def assert_present(self) -> None:
         assert Path(f"/proc/{self.rt.pid}").exists()
         assert self.pids, "the VM's processes should be in its cgroup"
@@ -57,8 +77,13 @@ class Trace:
             assert Path(f"/run/netns/{self.netns}").exists()
         assert self.jail.is_dir()
 
-    def assert_gone(self) -> None:
+    def assert_gone(self, *, orphan_zombies: bool = False) -> None:
+        """Nothing of the VM is left. ``orphan_zombies``: its processes may remain as zombies
+        of the host's init (they run nothing; an init that reaps, unlike this test machine's,
+        collects them), what killing a sandbox's bwrap from outside leaves."""
         for pid in [self.rt.pid, *self.pids]:
+            if orphan_zombies and _zombie_of_init(pid):
+                continue
             assert not Path(f"/proc/{pid}").exists(), f"process {pid} is still there"
         assert not any(d.exists() for d in self.cgroup_dirs), "cgroup left behind"
         if self.iface:
@@ -220,12 +245,8 @@ def test_dead_vm_is_marked_failed_and_freed(make_metald: MetaldFactory, rootfs: 
     md.boot(vm.vm_id)
     md.wait_ready(vm.vm_id, timeout=10)
     trace = Trace(md, vm.vm_id)
-    # the guest dies (its init and everything under it); the VMM process (bwrap) then exits.
-    # (Killing bwrap at the same instant would orphan the init to the host's PID 1.)
-    for pid in trace.pids:
-        if pid != trace.rt.pid:
-            with contextlib.suppress(ProcessLookupError):  # httpd's per-request children
-                os.kill(pid, signal.SIGKILL)
+    # the guest dies (its init and everything under it); bwrap and its launcher then exit.
+    trace.kill_guest()
     # the kill is asynchronous: the reconciler notices on one of its next passes
     deadline = time.monotonic() + 10
     while md.get(vm.vm_id).state != VmState.FAILED and time.monotonic() < deadline:
@@ -236,6 +257,34 @@ def test_dead_vm_is_marked_failed_and_freed(make_metald: MetaldFactory, rootfs: 
     assert failed.error and "exited" in failed.error
     trace.assert_gone()
     assert md.ips.leased() == {}
+
+
+@pytest.mark.parametrize("victim", ["bwrap", "launcher"])
+def test_a_sandbox_dies_with_its_bwrap_or_launcher(
+    make_metald: MetaldFactory, rootfs: Path, victim: str
+) -> None:
+    """Killing only the sandbox's bwrap, or only the shell that launched it (the pid metald
+    records), takes the whole sandbox down at once, as killing a VMM does its VM: nothing of
+    it runs on unnoticed, even with no metald to clean up."""
+    md = make_metald("sandbox")
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    trace = Trace(md, vm.vm_id)
+    (bwrap,) = _children(trace.rt.pid)
+    assert Path(f"/proc/{bwrap}/comm").read_text().strip() == "bwrap"
+    assert len(trace.pids) >= 3  # the shell, bwrap, the guest (its init execs its app)
+    os.kill(bwrap if victim == "bwrap" else trace.rt.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while md.cgroups.paths_for(vm.vm_id).pids() and time.monotonic() < deadline:
+        reap(trace.rt.pid)  # (metald's child: a zombie until reaped)
+        time.sleep(0.01)
+    assert md.cgroups.paths_for(vm.vm_id).pids() == [], "the sandbox outlived its bwrap"
+    while md.get(vm.vm_id).state != VmState.FAILED and time.monotonic() < deadline + 5:
+        md.reconcile()
+        time.sleep(0.02)
+    assert md.get(vm.vm_id).state == VmState.FAILED
+    trace.assert_gone(orphan_zombies=True)
 
 
 def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) -> None:
@@ -249,14 +298,11 @@ def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) ->
     trace_b = Trace(md, b.vm_id)
     md.close()  # metald goes away; its VMs keep running
     assert md.network is not None and md.network.has_rules()  # their NAT and isolation stay
-    for pid in trace_b.pids:
-        if pid != trace_b.rt.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    trace_b.kill_guest()
     deadline = time.monotonic() + 5
     while Path(f"/proc/{trace_b.rt.pid}/stat").exists() and time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(trace_b.rt.pid, os.WNOHANG)  # bwrap was a child of this process
+            os.waitpid(trace_b.rt.pid, os.WNOHANG)  # the launcher was a child of this process
         time.sleep(0.01)
     time.sleep(0.05)
     md2 = make_metald("sandbox", name="h1")

@@ -202,9 +202,12 @@ def host(tmp_path: Path) -> Iterator[Host]:
 def _guest_pid(engine: Engine, vm_id: str) -> int:
     with engine.connect() as c:
         row = c.execute(sa.select(models.vms.c.runtime).where(models.vms.c.vm_id == vm_id)).one()
-    # the sandbox's pid 1 (bwrap's child; bwrap itself stays in the host's root)
-    bwrap = int(row.runtime["pid"])
-    return int(Path(f"/proc/{bwrap}/task/{bwrap}/children").read_text().split()[0])
+    # the sandbox's pid 1: below the launcher's shell (the VM's pid) and bwrap, which both stay
+    # in the host's root
+    pid = int(row.runtime["pid"])
+    while Path(f"/proc/{pid}/comm").read_text().strip() in ("sh", "bwrap"):
+        pid = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+    return pid
 
 
 def test_guest_reaches_only_its_app_clients_and_public_networks(host: Host, tmp_path: Path) -> None:

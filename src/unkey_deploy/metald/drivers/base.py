@@ -268,8 +268,11 @@ class Launcher:
         self.log.replace(path)
         self.log = Path(path)
 
-    def run(self, argv: Sequence[str], *, cgroup: VmCgroup | None) -> int:
-        """Join ``cgroup`` and exec ``argv`` (stdin: /dev/null); returns the pid."""
+    def run(self, argv: Sequence[str], *, cgroup: VmCgroup | None, supervise: bool = False) -> int:
+        """Join ``cgroup`` and exec ``argv`` (stdin: /dev/null); returns the pid. With
+        ``supervise`` the shell runs ``argv`` as its child instead and waits for it, exiting
+        with its status: a parent for a command that must die with its parent (bwrap
+        ``--die-with-parent``) but outlive metald."""
         proc, self._proc = self._proc, None
         if proc is None:
             raise VmError(f"launcher {self.pid} was used already")
@@ -279,7 +282,8 @@ class Launcher:
             if cgroup is not None:
                 for f in cgroup.procs_files():
                     f.write_text(str(self.pid))
-            proc.stdin.write(f"exec {shlex.join(argv)} </dev/null\n".encode())
+            how = "" if supervise else "exec "
+            proc.stdin.write(f"{how}{shlex.join(argv)} </dev/null\n".encode())
             proc.stdin.close()
         except OSError as exc:  # it died (its prefix failed), or the cgroup is gone
             _end(proc)

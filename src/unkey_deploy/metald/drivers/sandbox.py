@@ -11,9 +11,12 @@ so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="
 * Processes: ``bwrap`` with new user, pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
   and /tmp, started as an unprivileged host uid (``nsenter -S/-G`` into the VM's network
   namespace, ``setpriv`` on the host network), so even "root" in the sandbox has no capability
-  on the host. The process is a ``drivers.base.Launcher``: on a pooled spare (metald's
-  ``NetnsPool``) it was started ahead of the boot and waits in the namespace, so the boot only
-  hands it the bwrap command line. ``--as-pid-1``: the image's init is PID 1 of its namespace,
+  on the host. The VM's process (the pid metald records) is a ``drivers.base.Launcher``'s
+  shell, bwrap its child: on a pooled spare (metald's ``NetnsPool``) it was started ahead of
+  the boot and waits in the namespace, so the boot only hands it the bwrap command line. bwrap
+  runs with ``--die-with-parent``: killing the shell or bwrap takes the whole sandbox down at
+  once (as killing a VMM does its VM), and the shell outlives metald, so the VM does too.
+  ``--as-pid-1``: the image's init is PID 1 of its namespace,
   as in a VM, and reaps its children itself (bwrap's own reaper would be orphaned when bwrap
   exits, and on hosts whose PID 1 does not reap, like our CI machines, leak as a zombie).
   As root, each VM gets its own network namespace joined to the
@@ -308,8 +311,10 @@ class SandboxDriver:
             "--bind", str(tree), "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             "--new-session", "--clearenv",
         ]  # fmt: skip
-        if spec.net.mode == "host" and not self.root:
-            argv.append("--die-with-parent")
+        # bwrap and the sandbox die with bwrap's parent, the launcher's shell (which outlives
+        # metald): whichever of the three is killed, the sandbox goes with it, as a VM with
+        # its VMM
+        argv.append("--die-with-parent")
         for k, v in sorted(env.items()):
             argv += ["--setenv", k, v]
         init = "/.vminit/init" if (tree / ".vminit" / "init").exists() else "/sbin/init"
@@ -325,13 +330,13 @@ class SandboxDriver:
             if launcher is not None and spec.run_as in (None, self.run_as):
                 launcher.adopt_log(spec.log_path)
                 with contextlib.suppress(VmError):  # it died waiting (killed): start one
-                    pid = launcher.run(argv, cgroup=spec.cgroup)
+                    pid = launcher.run(argv, cgroup=spec.cgroup, supervise=True)
             if launcher is not None:
                 launcher.discard()  # (unless it runs) made for another user, or dead
             if pid is None:
                 launcher = Launcher(self.prefix(spec.net, spec.run_as), log=spec.log_path,
                                     cwd=spec.workdir)  # fmt: skip
-                pid = launcher.run(argv, cgroup=spec.cgroup)
+                pid = launcher.run(argv, cgroup=spec.cgroup, supervise=True)
         except (OSError, VmError) as exc:
             if launcher is not None:
                 launcher.discard()
@@ -351,6 +356,8 @@ class SandboxDriver:
                 "cgroup": [str(p) for p in spec.cgroup.procs_files()] if spec.cgroup else [],
                 "base": str(self.base_dir(spec.vm_id)) if self.root else None,
                 "image": str(image) if image is not None else None,
+                # pid is the launcher's shell, bwrap its child (older runtimes: pid is bwrap)
+                "supervisor": True,
             },
         )
 
@@ -365,14 +372,25 @@ class SandboxDriver:
 
     def stop(self, runtime: VmRuntime, timeout: float) -> None:
         # PID 1 of the sandbox only gets signals it has a handler for, so TERM goes to everyone
-        # inside and the app decides; whatever is left after ``timeout`` is killed. bwrap itself
-        # is spared: it exits (and reaps) when its child does.
+        # inside and the app decides; whatever is left after ``timeout`` is killed. The
+        # launcher's shell and bwrap are spared: they exit when the sandbox does (and a bwrap
+        # that dies first takes the sandbox with it, ungracefully).
+        spared = self._outside(runtime)
         for pid in self._pids(runtime):
-            if pid != runtime.pid:
+            if pid not in spared:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGTERM)
         wait_exit(runtime.pid, runtime.pid_start, timeout)
         self._kill(runtime)
+
+    @staticmethod
+    def _outside(rt: VmRuntime) -> set[int]:
+        """The VM's processes outside its sandbox: the launcher's shell and bwrap (older
+        runtimes: bwrap alone)."""
+        outside = {rt.pid}
+        if rt.extra.get("supervisor"):
+            outside.update(_children(rt.pid))
+        return outside
 
     def _kill(self, rt: VmRuntime) -> None:
         deadline = time.monotonic() + 5
@@ -380,8 +398,10 @@ class SandboxDriver:
             pids = self._pids(rt)
             if not pids:
                 break
-            inner = [p for p in pids if p != rt.pid]
-            # children first (bwrap reaps them), then bwrap itself once they are gone
+            outside = self._outside(rt)
+            inner = [p for p in pids if p not in outside]
+            # the sandbox first (bwrap reaps it: killed with it, its pid 1 would be left a
+            # zombie of the host's init), then the shell and bwrap once it is gone
             for pid in inner or pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
