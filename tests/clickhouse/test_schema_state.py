@@ -121,3 +121,16 @@ def test_cluster_ddl_shards_the_new_tables_by_customer() -> None:
     assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/" in text
     assert "ENGINE = Distributed('c1', currentDatabase(), billing_replay_batches_local, " in text
     assert "ALTER TABLE billing_series_state_local ON CLUSTER 'c1' ADD COLUMN IF NOT EXISTS" in text
+    # the Distributed table gets the column too, or inserts naming it fail after an upgrade
+    assert "ALTER TABLE billing_series_state ON CLUSTER 'c1' ADD COLUMN IF NOT EXISTS" in text
+
+
+def test_cluster_alters_change_columns_on_both_tables_and_ttls_on_the_storage_only() -> None:
+    (mig,) = [m for m in load_migrations() if m.version == "009"]
+    out = [r for stmt in mig.statements for r in render(stmt, "c1")]
+    adds = [r for r in out if "ADD COLUMN IF NOT EXISTS expires_at" in r]
+    assert [r.split(" ON CLUSTER")[0] for r in adds] == [
+        "ALTER TABLE billing_series_state_local", "ALTER TABLE billing_series_state",
+    ]  # fmt: skip
+    ttls = [r for r in out if "MODIFY TTL" in r]
+    assert [r.split(" ON CLUSTER")[0] for r in ttls] == ["ALTER TABLE billing_series_state_local"]

@@ -11,6 +11,8 @@ into cluster DDL when ``BillingConfig.cluster`` is set:
   a key, and the rollup chain of a VM stays on one node;
 - materialized views read and write the ``_local`` tables (they fire on the node that stores the
   inserted block);
+- ``ALTER TABLE x`` changes ``x_local``; a column change (``ADD/DROP/MODIFY/RENAME COLUMN``)
+  also changes the Distributed ``x``, whose inserts name the columns;
 - :data:`GLOBAL_TABLES` (``processed_batches``) are replicated to every node of the cluster
   (one replica set, no shard in the path) instead of sharded: any aggregator can check any batch;
 - ``non_replicated_deduplication_window`` becomes ``replicated_deduplication_window``.
@@ -45,6 +47,7 @@ _CREATE_MV_RE = re.compile(
     re.IGNORECASE,
 )
 _ALTER_RE = re.compile(r"^ALTER TABLE (?P<name>\w+)\b", re.IGNORECASE)
+_COLUMN_ALTER_RE = re.compile(r"\s*(ADD|DROP|MODIFY|RENAME|COMMENT) COLUMN\b", re.IGNORECASE)
 _ENGINE_RE = re.compile(
     r"ENGINE = (?P<engine>MergeTree|ReplacingMergeTree|AggregatingMergeTree|SummingMergeTree)"
     r"(?:\((?P<args>[^)]*)\))?"
@@ -148,9 +151,15 @@ def render(sql: str, cluster: str | None) -> list[str]:
 
     m = _ALTER_RE.match(sql)
     if m:
-        name = m["name"]
-        local = name if name in GLOBAL_TABLES else f"{name}_local"
-        return [f"ALTER TABLE {local} {on}{sql[m.end() :]}"]
+        name, rest = m["name"], sql[m.end() :]
+        if name in GLOBAL_TABLES:
+            return [f"ALTER TABLE {name} {on}{rest}"]
+        out = [f"ALTER TABLE {name}_local {on}{rest}"]
+        if _COLUMN_ALTER_RE.match(rest):
+            # the Distributed table has the columns too (inserts name them); TTLs, settings
+            # and the like belong to the storage only
+            out.append(f"ALTER TABLE {name} {on}{rest}")
+        return out
 
     raise InvalidInput(f"cannot render for a cluster, unknown statement: {sql[:80]!r}")
 
