@@ -753,6 +753,8 @@ class Metald(Scheduler):
         else:
             self.capabilities = {driver.name: driver.capabilities()}
         self.driver: VmDriver = driver
+        if isinstance(driver, SandboxDriver):
+            driver.image_keep_s = config.image_keep_s
         self.host_id = config.host_id or self._stable_host_id()
         self.host_name = config.host_name or socket.gethostname()
         self.jails = Jails(self.state_dir / "jails")
@@ -1207,6 +1209,8 @@ class Metald(Scheduler):
                 self.sweep_lost_hosts()
             except UnkeyError as exc:
                 event(log, "sweep lost hosts", logging.WARNING, error=str(exc))
+        if isinstance(self.driver, SandboxDriver):  # images kept past their last VM
+            self.driver.release_unused_images(idle_for=self.config.image_keep_s)
         vms = self.list(host_id=self.host_id)
         for state in VmState:
             metrics.VMS.labels(str(state)).set(sum(1 for vm in vms if vm.state == state))
@@ -1262,6 +1266,8 @@ class Metald(Scheduler):
             self._thread = None
         if self.netns_pool is not None:
             self.netns_pool.close()
+        if isinstance(self.driver, SandboxDriver):  # the kept ones no VM stands on
+            self.driver.release_unused_images()
         if self.network is not None and (
             remove_network or not any(vm.state in ACTIVE for vm in self.list(host_id=self.host_id))
         ):
@@ -1275,6 +1281,8 @@ class Metald(Scheduler):
                 self.delete(vm.vm_id)
         if self.network is not None:
             self.network.teardown()
+        if isinstance(self.driver, SandboxDriver):  # kept by the deletions above
+            self.driver.release_unused_images()
         for d in self.cgroups.paths_for("x").dirs():
             with contextlib.suppress(OSError):
                 d.parent.rmdir()

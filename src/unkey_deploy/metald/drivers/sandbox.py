@@ -4,9 +4,10 @@ For hosts without a usable VMM. Isolation is by Linux namespaces, not hardware v
 so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="namespaces"``.
 
 * Root file system: as root, the VM's ext4 image is loop-mounted read-only once per host
-  (``<run_dir>/images/<id>``, shared by every VM of that image: its pages are cached once, and
-  it is unmounted when its last VM goes) and an overlay with a per-VM writable upper directory
-  goes on top (copy-on-write, nothing copied). Without root, the
+  (``<run_dir>/images/<id>``, shared by every VM of that image: its pages are cached once; kept
+  ``image_keep_s`` after its last VM goes, so the next VM of it finds it mounted and cached,
+  then unmounted, and unused ones when metald stops) and an overlay with a per-VM writable
+  upper directory goes on top (copy-on-write, nothing copied). Without root, the
   tree is extracted with ``debugfs -R "rdump / <dir>"`` (no mount needed).
 * Processes: ``bwrap`` with new user, pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
   and /tmp, started as an unprivileged host uid (``nsenter -S/-G`` into the VM's network
@@ -119,6 +120,8 @@ class SandboxDriver:
     ) -> None:
         self.run_as = run_as
         self.root = os.geteuid() == 0
+        # seconds an image stays mounted after its last VM (metald sets metald.image_keep_s)
+        self.image_keep_s = 0.0
         # Mount points live under a root-owned, world-traversable directory: the unprivileged
         # bwrap must be able to reach the tree, whatever the permissions of metald's state dir.
         self.run_dir = run_dir or Path("/run/unkey-metald")
@@ -230,6 +233,7 @@ class SandboxDriver:
             / hashlib.sha1(ident.encode(), usedforsecurity=False).hexdigest()[:16]
         )
         if is_mounted(lower):
+            self._idle_since(lower).unlink(missing_ok=True)  # in use again
             return lower
         lower.mkdir(exist_ok=True, mode=0o755)
         # mount(2) directly (two fork+execs of util-linux less on the boot path); the command
@@ -243,25 +247,46 @@ class SandboxDriver:
             raise VmError(f"cannot mount {rootfs}: {exc}") from exc
         return lower
 
-    def _release_image(self, lower: Path) -> None:
-        """Unmount a shared image mount no overlay stands on any more (and its loop device)."""
+    @staticmethod
+    def _idle_since(lower: Path) -> Path:
+        """Marker of a kept image no VM stands on: its mtime says since when (host-wide)."""
+        return lower.with_name(lower.name + ".idle")
+
+    def _release_image(self, lower: Path, *, keep: bool = True) -> None:
+        """An image mount a VM no longer stands on: unmounted (and its loop device) once no
+        overlay stands on it, or, with ``keep`` and :attr:`image_keep_s`, kept mounted and
+        marked idle from now (:meth:`release_unused_images` unmounts it when that is over)."""
         with self._images_lock():
             if _overlays_on(lower):
+                return
+            if keep and self.image_keep_s > 0 and is_mounted(lower):
+                self._idle_since(lower).touch()
                 return
             self._unmount([str(lower)])
             if not is_mounted(lower):
                 with contextlib.suppress(OSError):
                     lower.rmdir()
+                self._idle_since(lower).unlink(missing_ok=True)
 
-    def release_unused_images(self) -> None:
-        """Unmount every shared image no VM stands on (what a metald that died between a VM's
-        deletion and its image's release left)."""
+    def release_unused_images(self, *, idle_for: float = 0.0) -> None:
+        """Unmount every shared image no VM stands on, with ``idle_for``: only those idle
+        (their last VM gone) that long. Also what a metald that died between a VM's deletion
+        and its image's release left."""
         images = self.run_dir / "images"
         if not self.root or not images.is_dir():
             return
+        now = time.time()
         for lower in images.iterdir():
-            if lower.is_dir():
-                self._release_image(lower)
+            if not lower.is_dir():
+                continue
+            if idle_for > 0:
+                try:
+                    since = self._idle_since(lower).stat().st_mtime
+                except FileNotFoundError:
+                    continue  # in use (or being mounted): not idle
+                if now - since < idle_for:
+                    continue
+            self._release_image(lower, keep=False)
 
     def base_dir(self, vm_id: str) -> Path:
         return self.run_dir / vm_id
