@@ -104,6 +104,17 @@ def _per_family(
     return out
 
 
+# a boot's lease hand-over (NetnsPool.take), built once (see metald.service._SELECT_VM)
+_REASSIGN = (
+    models.ip_leases.update()
+    .where(
+        models.ip_leases.c.host_id == sa.bindparam("p_host"),
+        models.ip_leases.c.vm_id == sa.bindparam("p_old"),
+    )
+    .values(vm_id=sa.bindparam("p_new"), leased_at=sa.bindparam("p_at"))
+)
+
+
 class IpAllocator:
     """Leases /30 slots of ``subnet`` to VMs on one host, persisted in the database."""
 
@@ -168,12 +179,10 @@ class IpAllocator:
 
     def reassign(self, old: str, new: str) -> None:
         """Hand ``old``'s lease (same slot) to ``new`` in one write."""
-        t = models.ip_leases
         with self.engine.begin() as c:
             res = c.execute(
-                t.update()
-                .where(t.c.host_id == self.host_id, t.c.vm_id == old)
-                .values(vm_id=new, leased_at=time.time())
+                _REASSIGN,
+                {"p_host": self.host_id, "p_old": old, "p_new": new, "p_at": time.time()},
             )
         if res.rowcount != 1:
             raise VmError(f"no address lease {old} on host {self.host_id} to hand to {new}")
