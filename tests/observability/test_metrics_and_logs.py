@@ -2,22 +2,18 @@
 metrics, and one deploy can be followed across gatewayd, the deployer, builderd and metald by
 grepping their JSON logs for the deploy's request_id / deployment_id / build_id / vm_id.
 
-One real stack in a tmp data dir on free ports, driven through the real ``unkey`` CLI, with the
-sandbox VM driver; stopped (VMs purged) whatever happens.
+One real stack (tests/e2e's CLI-driven ``Stack``: its own data dir, free ports and reserved
+subnet) with the sandbox VM driver; stopped (VMs purged) whatever happens, and checked to leave
+no process behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +21,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from unkey_deploy.core.net import free_port
+from e2e import test_journey  # tests/ is on sys.path
+from e2e.test_journey import Stack
 from unkey_deploy.dev.example import push_hello
 from unkey_deploy.gateway.tls import client_context
 
-REPO = Path(__file__).resolve().parents[2]
-UNKEY = [sys.executable, "-m", "unkey_deploy.cli.main"]
+# the e2e journey's stacks (same teardown: purged, no process left, data dir removed)
+stack_factory = test_journey.stack_factory
 
 pytestmark = [pytest.mark.root]
 
@@ -49,76 +46,14 @@ OWN_METRICS = {
 }
 
 
-class Stack:
-    def __init__(self, tmp: Path) -> None:
-        # "unkey" in the path: `dev down` only trusts pids whose command line says unkey
-        self.data_dir = tmp / "unkey-obs"
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("UNKEY_")}
-        env.update(
-            UNKEY_DATA_DIR=str(self.data_dir),
-            UNKEY_CONFIG_HOME=str(tmp / "config"),
-            UNKEY_METALD__DRIVER="sandbox",
-            UNKEY_METALD__SUBNET=f"10.{random.randrange(64, 250)}.{random.randrange(256)}.0/24",
-        )
-        self.env = env
-        self.api_key: str | None = None
-
-    def unkey(self, *args: str, timeout_s: float = 120) -> str:
-        env = dict(self.env)
-        if self.api_key:
-            env["UNKEY_API_KEY"] = self.api_key
-        proc = subprocess.run([*UNKEY, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout_s, check=False, stdin=subprocess.DEVNULL)  # fmt: skip
-        assert proc.returncode == 0, (
-            f"`unkey {' '.join(args)}` exited {proc.returncode}\n"
-            f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-4000:]}"
-        )
-        return proc.stdout
-
-    def down(self) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run([*UNKEY, "dev", "down", "--purge-vms", "--data-dir", str(self.data_dir)],
-                           cwd=REPO, env=self.env, capture_output=True, timeout=120,
-                           check=False)  # fmt: skip
-        for pid in self.leftovers():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-    def leftovers(self) -> list[int]:
-        """Processes whose command line or environment names this stack's data dir."""
-        needle = str(self.data_dir.resolve()).encode()
-        out = []
-        for p in Path("/proc").iterdir():
-            if not p.name.isdigit() or int(p.name) == os.getpid():
-                continue
-            try:
-                if needle in (p / "cmdline").read_bytes() or needle in (p / "environ").read_bytes():
-                    out.append(int(p.name))
-            except OSError:
-                continue
-        return out
-
-    def log_lines(self, service: str) -> list[dict[str, Any]]:
-        """The JSON lines of a service's log (plain lines, e.g. a startup banner, skipped)."""
-        out = []
-        for line in (self.data_dir / "logs" / f"{service}.log").read_text().splitlines():
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    out.append(json.loads(line))
-        return out
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    st = Stack(tmp_path)
-    try:
-        yield st
-    finally:
-        st.down()
-        deadline = time.monotonic() + 10
-        while st.leftovers() and time.monotonic() < deadline:
-            time.sleep(0.1)
+def _log_lines(st: Stack, service: str) -> list[dict[str, Any]]:
+    """The JSON lines of a service's log (plain lines, e.g. a startup banner, skipped)."""
+    out = []
+    for line in (st.data_dir / "logs" / f"{service}.log").read_text().splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+    return out
 
 
 def _scrape(url: str, **kw: Any) -> dict[str, Any]:
@@ -146,10 +81,10 @@ def _metrics_urls(st: Stack) -> dict[str, str]:
 
 
 def test_every_service_serves_metrics_and_one_deploy_is_followed_across_logs(
-    stack: Stack, tmp_path: Path
+    stack_factory: Callable[[str], Stack], tmp_path: Path
 ) -> None:
-    st = stack
-    st.unkey("dev", "up", "--data-dir", str(st.data_dir), "--port", str(st.port), timeout_s=180)
+    st = stack_factory("sandbox")
+    st.up()
     ca = client_context(st.data_dir / "tls" / "gateway.crt")
     urls = _metrics_urls(st)
     assert set(urls) == set(OWN_METRICS)
@@ -166,8 +101,7 @@ def test_every_service_serves_metrics_and_one_deploy_is_followed_across_logs(
     www = tmp_path / "www"
     www.mkdir()
     (www / "index.html").write_text("<h1>observability</h1>\n")
-    registry = f"127.0.0.1:{int((st.data_dir / 'registry' / 'port').read_text())}"
-    ref = push_hello(registry, www)
+    ref = push_hello(st.registry(), www)
     created = json.loads(st.unkey("customers", "create", f"obs-{uuid.uuid4().hex[:8]}", "--json"))
     customer_id = created["customer"]["id"]
     st.api_key = created["secret"]
@@ -180,25 +114,25 @@ def test_every_service_serves_metrics_and_one_deploy_is_followed_across_logs(
 
     # follow it: the deployer names its request, builderd carries it with the build id,
     # gatewayd logged the request that created it, metald the VM of the deployment
-    deployer = [e for e in st.log_lines("deployer") if e.get("deployment_id") == dep_id]
+    deployer = [e for e in _log_lines(st, "deployer") if e.get("deployment_id") == dep_id]
     assert deployer, "no deployer log line names the deployment"
     request_id = deployer[0]["request_id"]
     assert request_id and all(e["customer_id"] == customer_id for e in deployer), deployer
     assert {e["event"] for e in deployer} >= {"deploy started", "build queued", "deploy ready"}
     build_id = next(e["build_id"] for e in deployer if e["event"] == "build queued")
 
-    gateway = [e for e in st.log_lines("gatewayd") if e.get("request_id") == request_id]
+    gateway = [e for e in _log_lines(st, "gatewayd") if e.get("request_id") == request_id]
     assert gateway, f"gatewayd logged nothing for request {request_id}"
     assert all(e["service"] == "gatewayd" for e in gateway)
 
-    builder = [e for e in st.log_lines("builderd") if e.get("build_id") == build_id]
+    builder = [e for e in _log_lines(st, "builderd") if e.get("build_id") == build_id]
     assert {e["event"] for e in builder} >= {"build started"}, builder
     assert builder[-1]["event"] in ("build succeeded", "build cached"), builder
     for e in builder:
         assert (e["request_id"], e["deployment_id"], e["customer_id"]) == (
             request_id, dep_id, customer_id), e  # fmt: skip
 
-    metald = [e for e in st.log_lines("metald") if e.get("deployment_id") == dep_id]
+    metald = [e for e in _log_lines(st, "metald") if e.get("deployment_id") == dep_id]
     assert any(e["event"] == "vm state" and e["state"] == "running" for e in metald), metald
     assert all(e["vm_id"].startswith("vm_") and e["customer_id"] == customer_id for e in metald)
 
