@@ -55,11 +55,11 @@ def make_metald(
     made: list[Metald] = []
 
     def factory(driver: str, name: str = "h1", **kw: object) -> Metald:
+        kw.setdefault("stop_timeout_s", 0.5)
         cfg = MetaldConfig(
             driver=driver,  # type: ignore[arg-type]
             host_name=name,
             subnet=subnet,
-            stop_timeout_s=0.5,
             **kw,  # type: ignore[arg-type]
         )
         md = Metald(cfg, engine, tmp_path / f"metald-{name}", kernel=kernel)

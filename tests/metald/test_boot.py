@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from unkey_deploy.core.errors import IllegalTransition
 from unkey_deploy.metald import models
@@ -338,6 +339,46 @@ def test_a_sandbox_dies_with_its_bwrap_or_launcher(
         time.sleep(0.02)
     assert md.get(vm.vm_id).state == VmState.FAILED
     trace.assert_gone(orphan_zombies=True)
+
+
+def test_a_host_stops_vms_all_at_once_and_keeps_heartbeating(
+    make_metald: MetaldFactory, rootfs: Path
+) -> None:
+    """Deleting several VMs whose apps ignore SIGTERM (each waits ``stop_timeout_s``, then is
+    killed): the host stops them all at once, and its reconcile loop heartbeats meanwhile (a
+    host silent for ``host_lost_after_s`` is declared lost and its VMs are replaced)."""
+    md = make_metald("sandbox", stop_timeout_s=1.5, host_lost_after_s=2.0)  # beats every 0.2 s
+    vms = []
+    for _ in range(3):
+        vm = md.create_vm(CreateVm("dep_stop", "cust_a", rootfs, memory_bytes=64 << 20))
+        md.boot(vm.vm_id)
+        vms.append(md.wait_ready(vm.vm_id, timeout=10).vm_id)
+
+    def heartbeat() -> float:
+        h = models.hosts
+        with md.engine.connect() as c:
+            q = sa.select(h.c.heartbeat_at).where(h.c.host_id == md.host_id)
+            return float(c.execute(q).scalar_one())
+
+    def states() -> list[VmState]:
+        return [vm.state for vm in md.list()]
+
+    md.start(interval=0.05)
+    sched = Scheduler(md.engine)
+    for vm_id in vms:
+        sched.delete(vm_id)
+    deadline = time.monotonic() + 5
+    while states() != [VmState.STOPPING] * 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert states() == [VmState.STOPPING] * 3, "the three stop at once"
+    beat = heartbeat()
+    while heartbeat() == beat and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert heartbeat() > beat and VmState.STOPPING in states(), "no heartbeat while stopping"
+    while md.list() and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
+    assert md.list() == []
+    sched.close()
 
 
 def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) -> None:

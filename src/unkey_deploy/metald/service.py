@@ -46,7 +46,8 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +111,9 @@ from .select import select_driver
 from .states import ACTIVE, VmState, check_action, sources, transition
 
 log = get_logger("metald")
+
+# VMs stopped or deleted at once by one host (each may wait stop_timeout_s for its app)
+STOP_WORKERS = 64
 
 # monotonic time each VM's boot began in this process (for the boot-seconds histogram)
 _boot_started: dict[str, float] = {}
@@ -806,6 +810,12 @@ class Metald(Scheduler):
             else None
         )
         self._stop_evt = threading.Event()
+        # VMs whose stop/delete runs off the reconcile pass (see _in_background)
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
+        self._work: set[Future[None]] = set()
+        self._workers = ThreadPoolExecutor(max_workers=STOP_WORKERS,
+                                           thread_name_prefix="metald-stop")  # fmt: skip
         self._last_heartbeat = self.clock.monotonic()
         self._last_sweep = self.clock.monotonic()
         self._thread: threading.Thread | None = None
@@ -1223,7 +1233,53 @@ class Metald(Scheduler):
         event(log, "lost vm forgotten", logging.WARNING, vm_id=vm_id, host_id=self.host_id)
 
     def reconcile(self) -> None:
-        """One pass: converge this host's VMs to their desired state; detect dead VMs."""
+        """One pass: converge this host's VMs to their desired state; detect dead VMs. Returns
+        once the stops and deletions it started are done (the background loop does not wait
+        for them: :meth:`_pass`)."""
+        self._pass()
+        self._drain()
+
+    def _drain(self) -> None:
+        with self._busy_lock:
+            work = list(self._work)
+        wait(work)
+
+    def _in_background(self, vm_id: str, work: Callable[[], object]) -> None:
+        """Run a VM's stop or deletion off the reconcile pass: it may wait ``stop_timeout_s``
+        for the app, and a pass (which also heartbeats: a host silent for ``lost_after_s`` is
+        declared lost) must not wait for the stops of many VMs one after the other. One at a
+        time per VM; up to STOP_WORKERS VMs at once."""
+        with self._busy_lock:
+            if vm_id in self._busy:
+                return
+            self._busy.add(vm_id)
+
+        def run() -> None:
+            try:
+                work()
+            except UnkeyError as exc:
+                event(log, "reconcile", logging.WARNING, vm_id=vm_id, error=str(exc))
+            except Exception as exc:
+                event(log, "reconcile", logging.ERROR, vm_id=vm_id,
+                      error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            finally:
+                with self._busy_lock:
+                    self._busy.discard(vm_id)
+
+        try:
+            fut = self._workers.submit(run)
+        except RuntimeError:  # closed: a pass called after close() does its work itself
+            run()
+            return
+        with self._busy_lock:
+            self._work.add(fut)
+        fut.add_done_callback(self._work_done)
+
+    def _work_done(self, fut: Future[None]) -> None:
+        with self._busy_lock:
+            self._work.discard(fut)
+
+    def _pass(self) -> None:
         now = self.clock.monotonic()
         if now - self._last_heartbeat >= self.lost_after_s / 10:
             self.heartbeat()
@@ -1240,6 +1296,9 @@ class Metald(Scheduler):
         for state in VmState:
             metrics.VMS.labels(str(state)).set(sum(1 for vm in vms if vm.state == state))
         for vm in vms:
+            with self._busy_lock:
+                if vm.vm_id in self._busy:
+                    continue  # its stop or deletion is under way
             try:
                 self._reconcile_one(vm)
             except UnkeyError as exc:
@@ -1253,28 +1312,33 @@ class Metald(Scheduler):
             self._fail(vm.vm_id, "the VM process exited" + self._log_tail(vm.vm_id))
             return
         if vm.desired == "deleted":
-            if vm.state in (VmState.BOOTING, VmState.RUNNING, VmState.PREPARING):
-                self._stop_local(vm.vm_id)
-            if self.get(vm.vm_id).state in (VmState.PENDING, VmState.STOPPED, VmState.FAILED):
-                self._delete_local(vm.vm_id)
+            self._in_background(vm.vm_id, lambda: self._converge_deleted(vm.vm_id))
             return
         if vm.desired == "running" and vm.state in (VmState.PENDING, VmState.STOPPED):
             self._boot_local(vm.vm_id)
         elif vm.desired == "stopped" and vm.state in (VmState.BOOTING, VmState.RUNNING):
-            self._stop_local(vm.vm_id)
+            self._in_background(vm.vm_id, lambda: self._stop_local(vm.vm_id))
         elif vm.state == VmState.BOOTING and self.probe(vm, timeout=0.2):
             with contextlib.suppress(IllegalTransition):
                 self._set_state(vm.vm_id, VmState.RUNNING)
 
+    def _converge_deleted(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        if vm.state in (VmState.BOOTING, VmState.RUNNING, VmState.PREPARING):
+            self._stop_local(vm_id)
+        if self.get(vm_id).state in (VmState.PENDING, VmState.STOPPED, VmState.FAILED):
+            self._delete_local(vm_id)
+
     def start(self, interval: float = 0.2) -> None:
-        """Run :meth:`reconcile` every ``interval`` seconds in a background thread."""
+        """Run a reconcile pass every ``interval`` seconds in a background thread (stops and
+        deletions run beside it: :meth:`_in_background`)."""
         if self._thread is not None:
             return
 
         def loop() -> None:
             while not self._stop_evt.wait(interval):
                 try:
-                    self.reconcile()
+                    self._pass()
                 except Exception as exc:  # keep the loop alive; the next pass retries
                     event(log, "reconcile loop", logging.ERROR, error=str(exc))
 
@@ -1289,6 +1353,8 @@ class Metald(Scheduler):
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        self._drain()  # stops and deletions under way finish
+        self._workers.shutdown(wait=True)
         if self.netns_pool is not None:
             self.netns_pool.close()
         if isinstance(self.driver, SandboxDriver):  # the kept ones no VM stands on
@@ -1301,9 +1367,12 @@ class Metald(Scheduler):
     def shutdown(self) -> None:
         """Delete every VM of this host and remove the host's network rules and cgroups."""
         self.close()
-        for vm in self.list(host_id=self.host_id):
-            with contextlib.suppress(UnkeyError):
-                self.delete(vm.vm_id)
+        # all at once: each may wait stop_timeout_s for its app
+        vms = self.list(host_id=self.host_id)
+        with ThreadPoolExecutor(max_workers=STOP_WORKERS, thread_name_prefix="metald-purge") as ex:
+            for fut in [ex.submit(self.delete, vm.vm_id) for vm in vms]:
+                with contextlib.suppress(UnkeyError):
+                    fut.result()
         if self.network is not None:
             self.network.teardown()
         if isinstance(self.driver, SandboxDriver):  # kept by the deletions above
