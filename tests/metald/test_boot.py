@@ -16,9 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from unkey_deploy.core.errors import IllegalTransition
+from unkey_deploy.core.procs import children
 from unkey_deploy.metald import models
 from unkey_deploy.metald.drivers.base import VmRuntime, reap
-from unkey_deploy.metald.drivers.sandbox import _children
 from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
 from unkey_deploy.metald.states import VmState
 
@@ -62,7 +62,7 @@ class Trace:
         """SIGKILL what runs inside the sandbox, sparing the launcher's shell and bwrap (they
         exit once it is gone; killed with it, bwrap would leave its pid 1 a zombie of the
         host's init)."""
-        outside = {self.rt.pid, *_children(self.rt.pid)}
+        outside = {self.rt.pid, *children(self.rt.pid)}
         for pid in self.pids:
             if pid not in outside:
                 with contextlib.suppress(ProcessLookupError):  # httpd's per-request children
@@ -325,7 +325,7 @@ def test_a_sandbox_dies_with_its_bwrap_or_launcher(
     md.boot(vm.vm_id)
     md.wait_ready(vm.vm_id, timeout=10)
     trace = Trace(md, vm.vm_id)
-    (bwrap,) = _children(trace.rt.pid)
+    (bwrap,) = children(trace.rt.pid)
     assert Path(f"/proc/{bwrap}/comm").read_text().strip() == "bwrap"
     assert len(trace.pids) >= 3  # the shell, bwrap, the guest (its init execs its app)
     os.kill(bwrap if victim == "bwrap" else trace.rt.pid, signal.SIGKILL)
@@ -416,8 +416,9 @@ def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) ->
 def test_sandbox_without_root_paths(tmp_path: Path) -> None:
     """The non-root code path: tree extracted with debugfs (no mount), host network."""
     from unkey_deploy.core.net import free_port as free_tcp_port
+    from unkey_deploy.core.procs import process_tree
     from unkey_deploy.metald.drivers.base import NetAttachment, VmSpec
-    from unkey_deploy.metald.drivers.sandbox import SandboxDriver, process_tree
+    from unkey_deploy.metald.drivers.sandbox import SandboxDriver
     from unkey_deploy.testing.rootfs import build_test_rootfs
 
     port = free_tcp_port()

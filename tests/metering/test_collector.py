@@ -206,6 +206,40 @@ def veth() -> Iterator[tuple[str, str, str, str]]:
         subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
+def test_without_cgroups_the_process_tree_is_metered() -> None:
+    """A host without cgroups (metald not root): the VM's pid is a launcher whose work runs in
+    its children (a sandbox's bwrap, init and app). Their CPU and memory count, and the CPU does
+    not drop when a child exits and its time moves into its parent."""
+    code = (
+        "import os, time\n"
+        "def burn(s):\n"
+        "    b = b'x' * (48 << 20)\n"
+        "    end = time.process_time() + s\n"
+        "    while time.process_time() < end: pass\n"
+        "kid = os.fork()\n"
+        "if kid == 0:\n"
+        "    burn(0.6); os._exit(0)\n"
+        "time.sleep(1.0)\n"  # the launcher itself idles, its child works then exits
+        "os.waitpid(kid, 0)\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    c = Collector()
+    try:
+        c.set_targets([MeterTarget(key=_key("tree"), pid=proc.pid)])
+        _, rows = _sample_for(c, 1.6)  # the child's 0.6 s of CPU, its exit and reaping
+    finally:
+        c.close()
+        launcher_cpu = _proc_cpu_ns(proc.pid)
+        proc.kill()
+        proc.wait()
+    cpu, mem = rows[:, 0, 1], rows[:, 0, 2]
+    assert (np.diff(cpu) >= 0).all(), "never down, across the child's exit"
+    assert cpu[-1] - cpu[0] >= 0.4e9, f"the child's CPU counted: {(cpu[-1] - cpu[0]) / 1e9}"
+    assert launcher_cpu < 0.3e9, "(the launcher's own CPU alone would be ~0)"
+    assert mem.max() > 48 << 20, "the child's memory counted while it ran"
+
+
 def test_network_bytes_grow_with_traffic(veth: tuple[str, str, str, str]) -> None:
     ns, host_if, host_ip, guest_ip = veth
     app = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "60"])

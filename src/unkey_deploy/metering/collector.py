@@ -4,13 +4,18 @@ What is read, per :class:`~unkey_deploy.metering.model.MeterTarget` (files stay 
 is one ``os.pread`` at offset 0, ~1 µs here):
 
 - **CPU time**: cgroup v2 ``cpu.stat`` ``usage_usec`` (x1000), else cgroup v1
-  ``cpuacct.usage`` (ns), else ``/proc/<pid>/stat`` utime+stime (clock ticks).
+  ``cpuacct.usage`` (ns), else (a host without cgroups: metald not root) the process tree
+  of the VM's pid, each process's utime+stime+cutime+cstime from ``/proc/<pid>/stat`` (clock
+  ticks; a reaped child's time moves into its parent's cutime). The sum may dip for one read
+  (a child reaped between the reads of it and of its parent), so it is held at its highest:
+  never taken for a counter reset.
 - **Memory** (gauge): the *working set*, as kubelet/cAdvisor define it: cgroup usage
   (v2 ``memory.current`` or v1 ``memory.usage_in_bytes``) minus ``inactive_file`` from
   ``memory.stat``. Page cache the VMM created by reading the disk image is charged to its cgroup
   but is reclaimable and is not the guest's memory, so it is not billed; active file pages stay
   in. ``memory.stat`` costs ~11 µs a read (10x the others), so it is re-read once a second and
-  the last value subtracted in between. Without a memory cgroup: ``/proc/<pid>/statm`` RSS.
+  the last value subtracted in between. Without a memory cgroup: the RSS of the VM's process
+  tree (``/proc/<pid>/statm``; pages shared between its processes count once per process).
   Clamped to 0..memory_total_bytes: VMM overhead above the allocation is ours, not billed.
 - **Network**: ``/sys/class/net/<host_iface>/statistics/{rx,tx}_bytes`` of the VM's tap/veth.
   The host side sees the VM's traffic mirrored: VM rx = host iface **tx**, VM tx = host rx.
@@ -45,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.clock import Clock, SystemClock
+from ..core.procs import process_tree
 from .codec import NCOLS, Samples
 from .model import MeterTarget, SeriesKey
 
@@ -57,6 +63,29 @@ def _open(path: Path | str) -> int | None:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+
+
+def _tree_cpu_ns(pid: int) -> int:
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as fh:
+                f = fh.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return ticks * 1_000_000_000 // _CLK_TCK
+
+
+def _tree_rss(pid: int) -> int:
+    pages = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/statm", "rb") as fh:
+                pages += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return pages * _PAGE
 
 
 def _pread_int(fd: int) -> int:
@@ -208,11 +237,10 @@ class VmReader:
             if target.cgroup_v1_cpuacct_dir and self._cpu_v2 is None
             else None
         )
-        self._proc_stat = (
-            self._fd(f"/proc/{target.pid}/stat")
-            if self._cpu_v2 is None and self._cpu_v1 is None
-            else None
-        )
+        # no CPU cgroup: the process tree's times (see the module docstring), held at their
+        # highest
+        self._tree_cpu = self._cpu_v2 is None and self._cpu_v1 is None
+        self._tree_cpu_high = 0
         self._mem: int | None = None
         self._memstat: int | None = None
         self._inactive_name = b"inactive_file"
@@ -223,7 +251,7 @@ class VmReader:
             self._mem = self._fd(target.cgroup_v1_memory_dir / "memory.usage_in_bytes")
             self._memstat = self._fd(target.cgroup_v1_memory_dir / "memory.stat")
             self._inactive_name = b"total_inactive_file"
-        self._statm = self._fd(f"/proc/{target.pid}/statm") if self._mem is None else None
+        self._tree_mem = self._mem is None
         self._rx = self._tx = None
         if target.host_iface:
             base = Path("/sys/class/net") / target.host_iface / "statistics"
@@ -266,15 +294,14 @@ class VmReader:
             cpu = _stat_value(self._cpu_v2, b"usage_usec", 256) * 1000
         elif self._cpu_v1 is not None:
             cpu = _pread_int(self._cpu_v1)
-        elif self._proc_stat is not None:
-            fields = os.pread(self._proc_stat, 1024, 0).rpartition(b")")[2].split()
-            cpu = (int(fields[11]) + int(fields[12])) * 1_000_000_000 // _CLK_TCK
+        elif self._tree_cpu and self.pidfd is not None:
+            cpu = self._tree_cpu_high = max(self._tree_cpu_high, _tree_cpu_ns(self.target.pid))
         else:
             cpu = 0
         if self._mem is not None:
             mem = _pread_int(self._mem) - self._inactive
-        elif self._statm is not None:
-            mem = int(os.pread(self._statm, 256, 0).split()[1]) * _PAGE
+        elif self._tree_mem and self.pidfd is not None:
+            mem = _tree_rss(self.target.pid)
         else:
             mem = 0
         rx = _pread_int(self._rx) if self._rx is not None else 0

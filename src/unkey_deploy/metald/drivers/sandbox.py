@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ...core.errors import VmError
+from ...core.procs import children, process_tree
 from .. import linux
 from ..jail import merge_env_tree, write_resolv_tree
 from .base import (
@@ -65,30 +66,11 @@ def _run(cmd: list[str]) -> None:
         raise VmError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-400:]}")
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                out += [int(x) for x in (task / "children").read_text().split()]
-    return out
-
-
 def _mount_points(tree: Path) -> None:
     """Create the directories bwrap mounts over (/proc, /dev, /tmp) when the image has none:
     bwrap runs unprivileged and could not create them in a root-owned tree."""
     for d in ("proc", "dev", "tmp"):
         (tree / d).mkdir(exist_ok=True)
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (from /proc/<pid>/task/*/children)."""
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += _children(p)
-    return tree
 
 
 def _overlays_on(lower: Path) -> list[str]:
@@ -414,7 +396,7 @@ class SandboxDriver:
         runtimes: bwrap alone)."""
         outside = {rt.pid}
         if rt.extra.get("supervisor"):
-            outside.update(_children(rt.pid))
+            outside.update(children(rt.pid))
         return outside
 
     def _kill(self, rt: VmRuntime) -> None:
