@@ -6,9 +6,12 @@ is one ``os.pread`` at offset 0, ~1 µs here):
 - **CPU time**: cgroup v2 ``cpu.stat`` ``usage_usec`` (x1000), else cgroup v1
   ``cpuacct.usage`` (ns), else (a host without cgroups: metald not root) the process tree
   of the VM's pid, each process's utime+stime+cutime+cstime from ``/proc/<pid>/stat`` (clock
-  ticks; a reaped child's time moves into its parent's cutime). The sum may dip for one read
-  (a child reaped between the reads of it and of its parent), so it is held at its highest:
-  never taken for a counter reset.
+  ticks; a reaped child's time moves into its parent's cutime). Parents are read before their
+  children, so a child reaped during a read is missed once (a dip) rather than counted twice;
+  the sum is held at its highest, never taken for a counter reset. (A read that lands inside
+  the kernel's reap itself, between the parent's cutime update and the child's removal, could
+  still count that child twice until the VM's usage catches up: bounded by one child's CPU, and
+  only here, without cgroups.)
 - **Memory** (gauge): the *working set*, as kubelet/cAdvisor define it: cgroup usage
   (v2 ``memory.current`` or v1 ``memory.usage_in_bytes``) minus ``inactive_file`` from
   ``memory.stat``. Page cache the VMM created by reading the disk image is charged to its cgroup
