@@ -98,6 +98,31 @@ def test_batch_held_past_the_timeout_then_delivered_corrects_its_hours(
     assert out.ack == [9] and hourly(storage) == before
 
 
+def test_a_batch_that_came_broken_is_not_waited_for(storage: ChdbStorage) -> None:
+    """A batch whose body is corrupt but whose header names it (quarantined whole) will not come
+    intact: the series goes on without it at once instead of holding its next batches for
+    ``hold_timeout_s``. Should it come intact after all (re-sent), it is a late batch."""
+    s = _series(13, _recent_start())[1]
+    batches = [encode(b) for b in to_batches(s)]  # 4 batches of 60 s
+    corrupt = bytearray(batches[1])
+    corrupt[-20] ^= 0xFF  # inside the zstd frame: the body fails its checksum
+    clock = Clock()  # never advances: no hold timeout can be what releases batches 2 and 3
+    agg = Aggregator(storage, directory(TERMS), hold_timeout_s=HOLD, monotonic=clock)
+    out = agg.process([Incoming(0, batches[0]), Incoming(1, bytes(corrupt))])
+    assert out.ack == [0] and out.term == [1]
+    out = agg.process([Incoming(2, batches[2]), Incoming(3, batches[3])])
+    assert sorted(out.ack) == [2, 3] and out.held == 0
+    (q,) = storage.query("SELECT batch_id, reason FROM metrics_quarantine")
+    assert q["batch_id"] == f"{s.key.vm_id}:{s.key.instance_id}:1"
+    assert q["reason"].startswith("invalid_batch: invalid metering batch: body: ")
+    assert_bills_match(storage, raw_of([Series(s.key, s.samples[:600] + s.samples[1200:])]), TERMS)
+    # re-sent intact: placed where it belongs, the bill becomes the whole series'
+    out = agg.process([Incoming(4, batches[1])])
+    assert out.ack == [4]
+    assert_bills_match(storage, raw_of([s]), TERMS)
+    assert_hours_match(storage, [s])
+
+
 @pytest.mark.parametrize(("seed", "size"), [(12, 600), (31, 250), (47, 130)])
 def test_random_order_with_skips_restarts_and_duplicates_bills_like_in_order(
     storage: ChdbStorage, caplog: pytest.LogCaptureFixture, seed: int, size: int

@@ -28,7 +28,8 @@ and give the same rows (billing rows win by version, raw rows are not sent twice
 
 Missing and late batches
 ------------------------
-A batch held longer than ``hold_timeout_s`` (its predecessor never came) is applied without the
+A batch held longer than ``hold_timeout_s`` (its predecessor never came), or at once when the
+missing ones all came broken (undecodable, header readable: quarantined), is applied without the
 missing ones: their seqs go into the state's ``skipped`` set, and the state just before the first
 of them is kept as the series' **checkpoint**. From then on every batch applied to the series is
 also stored as received (``billing_replay_batches``, only for such series). When a skipped batch
@@ -386,6 +387,9 @@ class Aggregator:
         self._prepares = 0  # prepare() calls so far
         self._last_sweep = -math.inf
         self._held: dict[str, dict[int, _Held]] = defaultdict(dict)
+        # seqs of batches that came undecodable but with a readable header (quarantined): a
+        # series' gap made only of these is applied around at once, not after hold_timeout_s
+        self._broken: dict[str, set[int]] = {}
         # replay batches prepared but maybe not committed yet (commit runs beside prepare)
         self._pending_replay: dict[str, dict[int, bytes]] = defaultdict(dict)
 
@@ -564,6 +568,7 @@ class Aggregator:
         stored = self._stored
         for sid in idle:
             st = self._states.pop(sid)
+            self._broken.pop(sid, None)
             if stored is not None and st.expires_s >= now_s:  # 0: never stored
                 stored.add(hash(sid), st.expires_s)
         retired = stored.prune(now_s) if stored is not None else 0
@@ -584,6 +589,7 @@ class Aggregator:
         self._stored = None
         self._held.clear()
         self._pending_replay.clear()
+        self._broken.clear()
 
     # -- processing -----------------------------------------------------------------------------
 
@@ -617,6 +623,7 @@ class Aggregator:
                         k.instance_id,
                         f"{k.vm_id}:{k.instance_id}:{seq}",
                     )
+                    self._broken.setdefault(_sid(k.vm_id, k.instance_id), set()).add(seq)
                 except InvalidInput:
                     pass
                 quarantine.append(
@@ -682,15 +689,20 @@ class Aggregator:
             while nxt in held:
                 run.append(held.pop(nxt))
                 nxt += 1
+            broken = self._broken.pop(sid, set())
             if held and not run:
                 oldest = min(held.values(), key=lambda h: h.since)
-                if now - oldest.since >= self.hold_timeout_s:
-                    first = min(held)
+                first = min(held)
+                # a gap of broken batches only (quarantined: they will not come intact) is not
+                # waited for; one that does come after all is a late batch (replayed, below)
+                gap_broken = set(range(st.last_seq + 1, first)) <= broken
+                if now - oldest.since >= self.hold_timeout_s or gap_broken:
                     log.warning(
-                        "series %s: batches %d..%d never arrived; applying %d without them",
+                        "series %s: batches %d..%d %s; applying %d without them",
                         sid,
                         st.last_seq + 1,
                         first - 1,
+                        "came broken (quarantined)" if gap_broken else "never arrived",
                         first,
                     )
                     if st.checkpoint is None:
@@ -700,6 +712,9 @@ class Aggregator:
                     while nxt in held:
                         run.append(held.pop(nxt))
                         nxt += 1
+            # broken seqs not reached yet (the series' state is behind them) wait for their gap
+            if broken := {q for q in broken if q > max(st.last_seq, nxt - 1)}:
+                self._broken[sid] = broken
             if run:
                 ready[sid] = run
             if not held:
