@@ -14,11 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import Engine
 
+from unkey_deploy.core.config import MetaldConfig
 from unkey_deploy.core.errors import IllegalTransition
 from unkey_deploy.core.procs import children
 from unkey_deploy.metald import models
-from unkey_deploy.metald.drivers.base import VmRuntime, reap
+from unkey_deploy.metald.drivers.base import VmRuntime, VmSpec, reap
+from unkey_deploy.metald.drivers.sandbox import SandboxDriver
+from unkey_deploy.metald.kernel import KernelPaths
 from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
 from unkey_deploy.metald.states import VmState
 
@@ -354,12 +358,6 @@ def test_a_host_stops_vms_all_at_once_and_keeps_heartbeating(
         md.boot(vm.vm_id)
         vms.append(md.wait_ready(vm.vm_id, timeout=10).vm_id)
 
-    def heartbeat() -> float:
-        h = models.hosts
-        with md.engine.connect() as c:
-            q = sa.select(h.c.heartbeat_at).where(h.c.host_id == md.host_id)
-            return float(c.execute(q).scalar_one())
-
     def states() -> list[VmState]:
         return [vm.state for vm in md.list()]
 
@@ -371,14 +369,61 @@ def test_a_host_stops_vms_all_at_once_and_keeps_heartbeating(
     while states() != [VmState.STOPPING] * 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert states() == [VmState.STOPPING] * 3, "the three stop at once"
-    beat = heartbeat()
-    while heartbeat() == beat and time.monotonic() < deadline:
+    beat = _heartbeat(md)
+    while _heartbeat(md) == beat and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert heartbeat() > beat and VmState.STOPPING in states(), "no heartbeat while stopping"
+    assert _heartbeat(md) > beat and VmState.STOPPING in states(), "no heartbeat while stopping"
     while md.list() and time.monotonic() < deadline + 10:
         time.sleep(0.05)
     assert md.list() == []
     sched.close()
+
+
+class _SlowBoot(SandboxDriver):
+    """The sandbox driver whose boot first takes a second (as a qemu boot copying a big rootfs
+    without reflinks does)."""
+
+    def boot(self, spec: VmSpec) -> VmRuntime:
+        time.sleep(1.0)
+        return super().boot(spec)
+
+
+def test_a_host_boots_vms_at_once_and_keeps_heartbeating(
+    tmp_path: Path, engine: Engine, subnet: str, kernel: KernelPaths, rootfs: Path
+) -> None:
+    """VMs the scheduler asks a host to boot (a deployment's replicas) boot side by side, and
+    the host's reconcile loop heartbeats meanwhile."""
+    cfg = MetaldConfig(driver="sandbox", host_name="h1", subnet=subnet, stop_timeout_s=0.5,
+                       host_lost_after_s=2.0)  # fmt: skip
+    md = Metald(cfg, engine, tmp_path / "md", kernel=kernel, driver=_SlowBoot())
+    sched = Scheduler(engine)
+    try:
+        vms = [sched.create_vm(CreateVm("dep_boot", "cust_a", rootfs, memory_bytes=64 << 20))
+               for _ in range(3)]  # fmt: skip
+        for vm in vms:
+            sched.boot(vm.vm_id)
+        beat = _heartbeat(md)
+        md.start(interval=0.05)
+        deadline = time.monotonic() + 10
+        while [v.state for v in md.list()] != [VmState.PREPARING] * 3:
+            assert time.monotonic() < deadline, "the three never prepared at once"
+            time.sleep(0.02)
+        while _heartbeat(md) == beat:
+            assert time.monotonic() < deadline, "no heartbeat while booting"
+            time.sleep(0.02)
+        assert VmState.PREPARING in [v.state for v in md.list()]
+        for vm in vms:
+            sched.wait_ready(vm.vm_id, timeout=20)  # another host's view: its agent's state
+    finally:
+        sched.close()
+        md.shutdown()
+
+
+def _heartbeat(md: Metald) -> float:
+    h = models.hosts
+    with md.engine.connect() as c:
+        q = sa.select(h.c.heartbeat_at).where(h.c.host_id == md.host_id)
+        return float(c.execute(q).scalar_one())
 
 
 def test_vms_survive_metald_restart(make_metald: MetaldFactory, rootfs: Path) -> None:

@@ -112,8 +112,8 @@ from .states import ACTIVE, VmState, check_action, sources, transition
 
 log = get_logger("metald")
 
-# VMs stopped or deleted at once by one host (each may wait stop_timeout_s for its app)
-STOP_WORKERS = 64
+# VMs booted, stopped or deleted at once by one host (a stop may wait stop_timeout_s)
+VM_WORKERS = 64
 
 # monotonic time each VM's boot began in this process (for the boot-seconds histogram)
 _boot_started: dict[str, float] = {}
@@ -810,12 +810,12 @@ class Metald(Scheduler):
             else None
         )
         self._stop_evt = threading.Event()
-        # VMs whose stop/delete runs off the reconcile pass (see _in_background)
+        # VMs whose boot/stop/delete runs off the reconcile pass (see _in_background)
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
         self._work: set[Future[None]] = set()
-        self._workers = ThreadPoolExecutor(max_workers=STOP_WORKERS,
-                                           thread_name_prefix="metald-stop")  # fmt: skip
+        self._workers = ThreadPoolExecutor(max_workers=VM_WORKERS,
+                                           thread_name_prefix="metald-vm")  # fmt: skip
         self._last_heartbeat = self.clock.monotonic()
         self._last_sweep = self.clock.monotonic()
         self._thread: threading.Thread | None = None
@@ -1234,8 +1234,8 @@ class Metald(Scheduler):
 
     def reconcile(self) -> None:
         """One pass: converge this host's VMs to their desired state; detect dead VMs. Returns
-        once the stops and deletions it started are done (the background loop does not wait
-        for them: :meth:`_pass`)."""
+        once the boots, stops and deletions it started are done (the background loop does not
+        wait for them: :meth:`_pass`)."""
         self._pass()
         self._drain()
 
@@ -1245,10 +1245,11 @@ class Metald(Scheduler):
         wait(work)
 
     def _in_background(self, vm_id: str, work: Callable[[], object]) -> None:
-        """Run a VM's stop or deletion off the reconcile pass: it may wait ``stop_timeout_s``
-        for the app, and a pass (which also heartbeats: a host silent for ``lost_after_s`` is
-        declared lost) must not wait for the stops of many VMs one after the other. One at a
-        time per VM; up to STOP_WORKERS VMs at once."""
+        """Run a VM's boot, stop or deletion off the reconcile pass: a stop may wait
+        ``stop_timeout_s`` for the app and a boot copies a rootfs, and a pass (which also
+        heartbeats: a host silent for ``lost_after_s`` is declared lost) must not wait for
+        those of many VMs one after the other. One at a time per VM; up to VM_WORKERS VMs at
+        once."""
         with self._busy_lock:
             if vm_id in self._busy:
                 return
@@ -1315,7 +1316,7 @@ class Metald(Scheduler):
             self._in_background(vm.vm_id, lambda: self._converge_deleted(vm.vm_id))
             return
         if vm.desired == "running" and vm.state in (VmState.PENDING, VmState.STOPPED):
-            self._boot_local(vm.vm_id)
+            self._in_background(vm.vm_id, lambda: self._boot_local(vm.vm_id))
         elif vm.desired == "stopped" and vm.state in (VmState.BOOTING, VmState.RUNNING):
             self._in_background(vm.vm_id, lambda: self._stop_local(vm.vm_id))
         elif vm.state == VmState.BOOTING and self.probe(vm, timeout=0.2):
@@ -1330,8 +1331,8 @@ class Metald(Scheduler):
             self._delete_local(vm_id)
 
     def start(self, interval: float = 0.2) -> None:
-        """Run a reconcile pass every ``interval`` seconds in a background thread (stops and
-        deletions run beside it: :meth:`_in_background`)."""
+        """Run a reconcile pass every ``interval`` seconds in a background thread (boots, stops
+        and deletions run beside it: :meth:`_in_background`)."""
         if self._thread is not None:
             return
 
@@ -1369,7 +1370,7 @@ class Metald(Scheduler):
         self.close()
         # all at once: each may wait stop_timeout_s for its app
         vms = self.list(host_id=self.host_id)
-        with ThreadPoolExecutor(max_workers=STOP_WORKERS, thread_name_prefix="metald-purge") as ex:
+        with ThreadPoolExecutor(max_workers=VM_WORKERS, thread_name_prefix="metald-purge") as ex:
             for fut in [ex.submit(self.delete, vm.vm_id) for vm in vms]:
                 with contextlib.suppress(UnkeyError):
                     fut.result()
