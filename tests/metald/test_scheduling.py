@@ -321,3 +321,33 @@ def test_persisted_transitions_follow_the_state_machine_and_race_safely(
     assert won == [VmState.BOOTING] and len(lost) == n - 1, (won, lost)
     assert sched.get(vm.vm_id).state == VmState.BOOTING
     engine.dispose()
+
+
+def test_host_views_sum_what_each_host_runs(cluster_url: str, tmp_path: Path) -> None:
+    """What placement reads, summed by the database: each host's used vCPUs and memory (deleted
+    VMs no longer count) and the replicas of each deployment, or of the one being placed."""
+    engine = make_engine(cluster_url)
+    upgrade(engine)
+    now = time.time()
+    a = add_host(engine, "a", cpus=16, memory_mib=4096, at=now)
+    rootfs = tmp_path / "rootfs.ext4"
+    rootfs.write_bytes(b"\0" * 4096)
+    sched = Scheduler(engine)
+    made = [
+        sched.create_vm(CreateVm(dep, "cust_a", rootfs, vcpus=v, memory_bytes=m * MIB))
+        for dep, v, m in [("dep_x", 1, 64), ("dep_x", 2, 128), ("dep_y", 4, 256), ("dep_z", 1, 64)]
+    ]
+    b = add_host(engine, "b", cpus=16, memory_mib=4096, at=now)  # empty: nothing placed yet
+    sched.delete(made[3].vm_id)  # dep_z's VM is being deleted: it no longer counts
+    views = {v.host_id: v for v in sched.host_views()}
+    assert (views[a].used_cpus, views[a].used_memory_bytes) == (7, 448 * MIB)
+    assert dict(views[a].replicas) == {"dep_x": 2, "dep_y": 1}
+    assert (views[b].used_cpus, views[b].used_memory_bytes, dict(views[b].replicas)) == (0, 0, {})
+    with engine.connect() as c:
+        one = {v.host_id: v for v in sched._host_views(c, "dep_x")}
+    assert (one[a].used_cpus, one[a].used_memory_bytes) == (7, 448 * MIB)
+    assert dict(one[a].replicas) == {"dep_x": 2} and dict(one[b].replicas) == {}
+    # and placement spreads dep_x's next replica to the host without one
+    assert sched.create_vm(CreateVm("dep_x", "cust_a", rootfs, memory_bytes=64 * MIB)).host_id == b
+    sched.close()
+    engine.dispose()

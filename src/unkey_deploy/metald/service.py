@@ -203,10 +203,25 @@ class Vm:
 _SELECT_VM = sa.select(models.vms).where(models.vms.c.vm_id == sa.bindparam("p_vm_id"))
 _INSERT_VM = models.vms.insert().returning(*models.vms.c)
 _SELECT_HOSTS = sa.select(models.hosts)
-# what placement counts against each host: every VM not being deleted
-_SELECT_PLACED = sa.select(
-    models.vms.c.host_id, models.vms.c.deployment_id, models.vms.c.vcpus, models.vms.c.memory_bytes
-).where(models.vms.c.desired != "deleted")
+# what placement counts against each host: every VM not being deleted, summed per host and
+# deployment, or per host with one deployment's VMs counted (Scheduler._host_views)
+_V = models.vms
+_USE_BY_DEPLOYMENT = (
+    sa.select(_V.c.host_id, _V.c.deployment_id, sa.func.count(), sa.func.sum(_V.c.vcpus),
+              sa.func.sum(_V.c.memory_bytes))
+    .where(_V.c.desired != "deleted")
+    .group_by(_V.c.host_id, _V.c.deployment_id)
+)  # fmt: skip
+_USE_BY_HOST = (
+    sa.select(
+        _V.c.host_id,
+        sa.func.sum(sa.case((_V.c.deployment_id == sa.bindparam("p_dep"), 1), else_=0)),
+        sa.func.sum(_V.c.vcpus),
+        sa.func.sum(_V.c.memory_bytes),
+    )
+    .where(_V.c.desired != "deleted")
+    .group_by(_V.c.host_id)
+)
 # the hosts lock (see Scheduler._lock_hosts)
 _LOCK_HOSTS_PG = (
     sa.select(models.hosts.c.host_id).order_by(models.hosts.c.host_id).with_for_update()
@@ -289,18 +304,25 @@ class Scheduler:
         fresh = now - h.heartbeat_at < self.lost_after_s
         return bool(h.schedulable) and h.lost_at is None and fresh
 
-    def _host_views(self, c: sa.Connection) -> list[HostView]:
+    def _host_views(self, c: sa.Connection, deployment_id: str | None = None) -> list[HostView]:
+        """Every host with what its VMs use, summed by the database (one row per host and
+        deployment, or per host when ``deployment_id`` is given: then ``replicas`` counts that
+        deployment's VMs only, all a placement reads), not one row per VM."""
         now = self.clock.now().timestamp()
         hosts = c.execute(_SELECT_HOSTS).all()
-        vms = c.execute(_SELECT_PLACED).all()
         used: dict[str, list[int]] = {}
         reps: dict[str, dict[str, int]] = {}
-        for v in vms:
-            u = used.setdefault(v.host_id, [0, 0])
-            u[0] += v.vcpus
-            u[1] += v.memory_bytes
-            r = reps.setdefault(v.host_id, {})
-            r[v.deployment_id] = r.get(v.deployment_id, 0) + 1
+        if deployment_id is None:
+            for host, dep, n, cpus, mem in c.execute(_USE_BY_DEPLOYMENT):
+                u = used.setdefault(host, [0, 0])
+                u[0] += int(cpus)
+                u[1] += int(mem)
+                reps.setdefault(host, {})[dep] = int(n)
+        else:
+            for host, n_dep, cpus, mem in c.execute(_USE_BY_HOST, {"p_dep": deployment_id}):
+                used[host] = [int(cpus), int(mem)]
+                if n_dep:
+                    reps[host] = {deployment_id: int(n_dep)}
         return [
             HostView(
                 host_id=h.host_id,
@@ -563,7 +585,7 @@ class Scheduler:
         port, rootfs, env) inside the caller's transaction, which holds the hosts lock, so the
         capacity read here is still true when the row lands. Returns the row."""
         req = PlacementRequest(vm["deployment_id"], vm["vcpus"], vm["memory_bytes"])
-        host = place(req, self._host_views(c))
+        host = place(req, self._host_views(c, req.deployment_id))
         now = self.clock.now().timestamp()
         return c.execute(
             _INSERT_VM,
