@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -213,47 +215,56 @@ def _mount_id(path: Path) -> str | None:
 
 
 def test_sandbox_image_is_kept_a_while_after_its_last_vm(
-    make_metald: MetaldFactory, rootfs: Path
+    tmp_path: Path, engine: Engine, subnet: str, kernel: KernelPaths, rootfs: Path
 ) -> None:
     """``image_keep_s``: the next VM of an image whose last VM just went finds it mounted (the
     same mount, its files cached); once idle that long it is unmounted, and an unused one goes
-    when metald stops."""
-    md = make_metald("sandbox", image_keep_s=0.5)
-    vm = md.create_vm(CreateVm("dep_keep", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(vm.vm_id)
-    md.wait_ready(vm.vm_id, timeout=10)
-    image = Path(VmRuntime.from_json(md._row(vm.vm_id).runtime).extra["image"])
-    first = _mount_id(image)
-    assert first is not None
-    md.delete(vm.vm_id)
-    assert _mount_id(image) == first, "kept after its last VM"
-    md.reconcile()  # not idle long enough yet
-    assert _mount_id(image) == first
+    when metald stops. (Its own run dir: image mounts are shared host-wide, and another metald
+    of the host, a parallel test's, that stops releases the unused ones.)"""
+    run_dir = Path(tempfile.mkdtemp(prefix="unkey-test-run-", dir="/run"))
+    run_dir.chmod(0o755)  # the unprivileged bwrap reaches the trees through it
+    cfg = MetaldConfig(driver="sandbox", host_name="h1", subnet=subnet, stop_timeout_s=0.5,
+                       image_keep_s=0.5)  # fmt: skip
+    md = Metald(cfg, engine, tmp_path / "md", kernel=kernel, driver=SandboxDriver(run_dir=run_dir))
+    try:
+        vm = md.create_vm(CreateVm("dep_keep", "cust_a", rootfs, memory_bytes=64 << 20))
+        md.boot(vm.vm_id)
+        md.wait_ready(vm.vm_id, timeout=10)
+        image = Path(VmRuntime.from_json(md._row(vm.vm_id).runtime).extra["image"])
+        first = _mount_id(image)
+        assert first is not None
+        md.delete(vm.vm_id)
+        assert _mount_id(image) == first, "kept after its last VM"
+        md.reconcile()  # not idle long enough yet
+        assert _mount_id(image) == first
 
-    again = md.create_vm(CreateVm("dep_keep", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(again.vm_id)
-    md.wait_ready(again.vm_id, timeout=10)
-    assert _mount_id(image) == first, "the next VM stands on the kept mount"
-    time.sleep(0.6)
-    md.reconcile()  # idle since? no: a VM stands on it
-    assert _mount_id(image) == first
-    assert httpx.get(md.endpoint(again.vm_id) + "/", timeout=5).status_code == 200
+        again = md.create_vm(CreateVm("dep_keep", "cust_a", rootfs, memory_bytes=64 << 20))
+        md.boot(again.vm_id)
+        md.wait_ready(again.vm_id, timeout=10)
+        assert _mount_id(image) == first, "the next VM stands on the kept mount"
+        time.sleep(0.6)
+        md.reconcile()  # idle since? no: a VM stands on it
+        assert _mount_id(image) == first
+        assert httpx.get(md.endpoint(again.vm_id) + "/", timeout=5).status_code == 200
 
-    md.delete(again.vm_id)
-    deadline = time.monotonic() + 5
-    while _mount_id(image) is not None and time.monotonic() < deadline:
-        md.reconcile()
-        time.sleep(0.05)
-    assert _mount_id(image) is None and not image.exists(), "released once idle 0.5 s"
+        md.delete(again.vm_id)
+        deadline = time.monotonic() + 5
+        while _mount_id(image) is not None and time.monotonic() < deadline:
+            md.reconcile()
+            time.sleep(0.05)
+        assert _mount_id(image) is None and not image.exists(), "released once idle 0.5 s"
 
-    # metald stopping (its VMs would run on) unmounts the kept images no VM stands on
-    vm3 = md.create_vm(CreateVm("dep_keep", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(vm3.vm_id)
-    md.wait_ready(vm3.vm_id, timeout=10)
-    md.delete(vm3.vm_id)
-    assert _mount_id(image) is not None
-    md.close()
-    assert _mount_id(image) is None
+        # metald stopping (its VMs would run on) unmounts the kept images no VM stands on
+        vm3 = md.create_vm(CreateVm("dep_keep", "cust_a", rootfs, memory_bytes=64 << 20))
+        md.boot(vm3.vm_id)
+        md.wait_ready(vm3.vm_id, timeout=10)
+        md.delete(vm3.vm_id)
+        assert _mount_id(image) is not None
+        md.close()
+        assert _mount_id(image) is None
+    finally:
+        md.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.mark.qemu
