@@ -68,9 +68,9 @@ def _open(path: Path | str) -> int | None:
         return None
 
 
-def _tree_cpu_ns(pid: int) -> int:
+def _tree_cpu_ns(tree: list[int]) -> int:
     ticks = 0
-    for p in process_tree(pid):
+    for p in tree:
         try:
             with open(f"/proc/{p}/stat", "rb") as fh:
                 f = fh.read().rpartition(b")")[2].split()
@@ -80,9 +80,9 @@ def _tree_cpu_ns(pid: int) -> int:
     return ticks * 1_000_000_000 // _CLK_TCK
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_rss(tree: list[int]) -> int:
     pages = 0
-    for p in process_tree(pid):
+    for p in tree:
         try:
             with open(f"/proc/{p}/statm", "rb") as fh:
                 pages += int(fh.read().split()[1])
@@ -293,18 +293,24 @@ class VmReader:
 
     def read_raw(self) -> list[int]:
         """[cpu_ns, mem, rx, tx, rd, wr] as the host reports them now (0 where unknown)."""
+        # no cgroup for CPU or for memory: the process tree, walked once for both
+        tree = (
+            process_tree(self.target.pid)
+            if (self._tree_cpu or self._tree_mem) and self.pidfd is not None
+            else []
+        )
         if self._cpu_v2 is not None:
             cpu = _stat_value(self._cpu_v2, b"usage_usec", 256) * 1000
         elif self._cpu_v1 is not None:
             cpu = _pread_int(self._cpu_v1)
-        elif self._tree_cpu and self.pidfd is not None:
-            cpu = self._tree_cpu_high = max(self._tree_cpu_high, _tree_cpu_ns(self.target.pid))
+        elif tree:
+            cpu = self._tree_cpu_high = max(self._tree_cpu_high, _tree_cpu_ns(tree))
         else:
             cpu = 0
         if self._mem is not None:
             mem = _pread_int(self._mem) - self._inactive
-        elif self._tree_mem and self.pidfd is not None:
-            mem = _tree_rss(self.target.pid)
+        elif tree:
+            mem = _tree_rss(tree)
         else:
             mem = 0
         rx = _pread_int(self._rx) if self._rx is not None else 0
