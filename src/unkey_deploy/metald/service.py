@@ -1321,7 +1321,7 @@ class Metald(Scheduler):
         for vm in vms:
             with self._busy_lock:
                 if vm.vm_id in self._busy:
-                    continue  # its stop or deletion is under way
+                    continue  # its boot, stop or deletion is under way
             try:
                 self._reconcile_one(vm)
             except UnkeyError as exc:
