@@ -80,13 +80,28 @@ def wait_http(url: str, timeout: float) -> None:
         time.sleep(0.0005)
 
 
-def bare_bwrap(tree: Path, port: int) -> float:
+def bare_tree(tree: Path, port: int) -> Path:
+    """The test image serving on ``port``, extracted to ``tree`` (what a bare bwrap binds)."""
+    image = build_test_rootfs(tree.with_suffix(".ext4"), port=port)
+    tree.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(image)], check=True,
+                   capture_output=True)  # fmt: skip
+    return tree
+
+
+def bare_bwrap_argv(tree: Path) -> list[str]:
+    """The bare command line: bwrap of ``tree`` on the host network, as an unprivileged uid."""
     argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--as-pid-1",
             "--unshare-ipc", "--unshare-uts", "--bind", str(tree), "/", "--proc", "/proc",
             "--dev", "/dev", "--tmpfs", "/tmp", "--new-session", "--die-with-parent",
             "--clearenv", "--setenv", "PATH", "/bin", "/.vminit/init"]  # fmt: skip
     if os.geteuid() == 0:
         argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *argv]
+    return argv
+
+
+def bare_bwrap(tree: Path, port: int) -> float:
+    argv = bare_bwrap_argv(tree)
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -272,11 +287,7 @@ def run(args: argparse.Namespace) -> int:
 
         # -- sandbox
         bport = free_port()
-        tree = tmp / "tree"
-        build_image = build_test_rootfs(tmp / "bare.ext4", port=bport)
-        tree.mkdir()
-        subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(build_image)], check=True,
-                       capture_output=True)  # fmt: skip
+        tree = bare_tree(tmp / "bare", bport)
         # sandbox: metald's defaults: a netns + veth made ahead is taken (netns_pool; refilled
         # between runs, as on a host whose boots are not back to back) and the image is still
         # mounted from the previous run's VM (image_keep_s: a restart, scale-out or redeploy of

@@ -34,13 +34,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from boot import HTTP, wait_http  # noqa: E402
+from boot import bare_bwrap_argv, bare_tree, ours, wait_http  # noqa: E402
 
 from unkey_deploy.core.config import MetaldConfig  # noqa: E402
 from unkey_deploy.core.net import free_port  # noqa: E402
 from unkey_deploy.core.procs import children  # noqa: E402
 from unkey_deploy.metald.kernel import prepare_kernel  # noqa: E402
-from unkey_deploy.metald.service import CreateVm, Metald  # noqa: E402
+from unkey_deploy.metald.service import Metald  # noqa: E402
 from unkey_deploy.store.db import make_engine, upgrade  # noqa: E402
 from unkey_deploy.testing.rootfs import build_test_rootfs  # noqa: E402
 
@@ -50,18 +50,7 @@ def bare(tmp: Path, n: int, grace: float) -> float:
     procs = []
     for i in range(n):
         port = free_port()
-        tree = tmp / f"bare{i}"
-        image = build_test_rootfs(tmp / f"bare{i}.ext4", port=port)
-        tree.mkdir()
-        subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(image)], check=True,
-                       capture_output=True)  # fmt: skip
-        argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
-                "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--bind", str(tree), "/",
-                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--new-session",
-                "--die-with-parent", "--clearenv", "--setenv", "PATH", "/bin",
-                "/.vminit/init"]  # fmt: skip
-        if os.geteuid() == 0:
-            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *argv]
+        argv = bare_bwrap_argv(bare_tree(tmp / f"bare{i}", port))
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_http(f"http://127.0.0.1:{port}/", 10)
     t0 = time.perf_counter()
@@ -76,18 +65,6 @@ def bare(tmp: Path, n: int, grace: float) -> float:
             p.kill()
         p.wait()
     return time.perf_counter() - t0
-
-
-def boot(md: Metald, image: Path, n: int) -> list[str]:
-    ids = []
-    for _ in range(n):
-        vm = md.create_vm(CreateVm("dep_stop", "cust_bench", image, memory_bytes=64 << 20))
-        md.boot(vm.vm_id)
-        md.wait_ready(vm.vm_id, timeout=20)
-        if HTTP.get(md.endpoint(vm.vm_id) + "/", timeout=5).status_code != 200:
-            raise RuntimeError(f"{vm.vm_id} does not answer 200")
-        ids.append(vm.vm_id)
-    return ids
 
 
 def main() -> int:
@@ -114,11 +91,12 @@ def main() -> int:
             upgrade(engine)
             md = Metald(cfg, engine, tmp / f"stop{run}", kernel=kernel)
             try:
-                (vm_id,) = boot(md, image, 1)
+                _, vm_id = ours(md, image, 20)
                 t0 = time.perf_counter()
                 md.stop(vm_id)
                 one.append(time.perf_counter() - t0)
-                boot(md, image, args.vms)
+                for _ in range(args.vms):
+                    ours(md, image, 20)
                 t0 = time.perf_counter()
                 md.shutdown()
                 purge.append(time.perf_counter() - t0)
@@ -134,9 +112,9 @@ def main() -> int:
             one_bare.append(bare(base_dir / "one", 1, args.stop_timeout))
             purge_bare.append(bare(base_dir, args.vms, args.stop_timeout))
     lines = []
-    for case, ours, base in (("stop-one", one, one_bare), ("purge", purge, purge_bare)):
-        m, b = statistics.median(ours), statistics.median(base)
-        print(f"{case}: ours {[round(x, 2) for x in ours]} s, bare {[round(x, 2) for x in base]} s",
+    for case, mine, base in (("stop-one", one, one_bare), ("purge", purge, purge_bare)):
+        m, b = statistics.median(mine), statistics.median(base)
+        print(f"{case}: ours {[round(x, 2) for x in mine]} s, bare {[round(x, 2) for x in base]} s",
               file=sys.stderr)  # fmt: skip
         n = 1 if case == "stop-one" else args.vms
         lines.append(f"RESULT case={case} vms={n} stop_timeout_s={args.stop_timeout} "
