@@ -3,14 +3,16 @@ duplicates, late batches and restarts."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import random
 import time
 from decimal import Decimal
 
 from unkey_deploy.billing.aggregator import Aggregator, Incoming
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
-from unkey_deploy.metering.codec import encode
+from unkey_deploy.metering.codec import Encoder, encode, samples_to_array
 
 from .harness import assert_bills_match, directory
 from .scenarios import MONTH_EDGE_NS, make_series, raw_of, to_batches
@@ -139,3 +141,24 @@ def test_allocation_change_within_an_instance_is_quarantined(storage: ChdbStorag
     rows = storage.query("SELECT reason, count() AS n FROM metrics_quarantine GROUP BY reason")
     assert [(r["reason"], int(r["n"])) for r in rows] == [("allocation_changed", 600)]
     assert_bills_match(storage, raw_of([dataclasses.replace(s, samples=s.samples[:600])]), TERMS)
+
+
+def test_a_batch_claiming_more_vcpus_than_storage_holds_is_quarantined_not_a_crash(
+    storage: ChdbStorage,
+) -> None:
+    # metrics_raw.vcpus is UInt16: a header claiming 70000 vCPUs (hostile or corrupt, from a
+    # known customer) used to raise OverflowError out of prepare(), which killed the consumer
+    # loop (it only survives UnkeyError) and came back with every redelivery.
+    rng = random.Random(9)
+    good = make_series(rng, "cust_a", "vm_1", "i1", MONTH_EDGE_NS, 600)
+    huge = make_series(rng, "cust_a", "vm_2", "i1", MONTH_EDGE_NS, 600, vcpus=70_000)
+    bad = Encoder().encode_array(
+        huge.key, 0, samples_to_array(huge.samples), check=False
+    )  # as a producer that skips the encoder's check would send it
+    agg = Aggregator(storage, directory(TERMS))
+    out = agg.process([Incoming("good", encode(to_batches(good)[0])), Incoming("bad", bad)])
+    assert out.ack == ["good"] and out.term == ["bad"]
+    rows = storage.query("SELECT reason, sample_json FROM metrics_quarantine")
+    assert len(rows) == 1 and "vcpus: must be 1..65535, got 70000" in rows[0]["reason"]
+    assert base64.b64decode(json.loads(rows[0]["sample_json"])["data_base64"]) == bad  # kept
+    assert_bills_match(storage, raw_of([good]), TERMS)

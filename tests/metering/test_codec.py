@@ -127,6 +127,8 @@ def test_impossible_values_are_named() -> None:
     assert _problem(_bytes(over)).startswith("memory_used_bytes[2]")
     assert "vm_id" in _problem(_bytes(vm_id="vm:with:colons"))
     assert "vcpus" in _problem(_bytes(vcpus=0))
+    # stored as UInt16 (metrics_raw): a header claiming more is refused, not stored wrapped
+    assert _problem(_bytes(vcpus=70_000)) == "vcpus: must be 1..65535, got 70000"
 
 
 def test_encoder_refuses_what_the_decoder_would_reject() -> None:

@@ -55,6 +55,9 @@ COUNTER_COLS = (1, 3, 4, 5, 6)
 # what a decoder will allocate for a hostile message.
 MAX_SAMPLES = 65_536
 MAX_ID_LEN = 128
+# The header carries vcpus as u32, but every store of it is 16 bits (metrics_raw.vcpus and the
+# rollups' vcpus_max are UInt16): more is no real VM, and would not fit where it is written.
+MAX_VCPUS = 0xFFFF
 # Ids travel in NATS subjects and in the batch id "<vm>:<instance>:<seq>".
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -119,8 +122,8 @@ def check_key(key: SeriesKey) -> list[Problem]:
             problems.append(
                 Problem(loc=name, msg=f"must be 1-128 of [A-Za-z0-9_-], got {value!r:.80}")
             )
-    if not 1 <= key.vcpus <= 0xFFFFFFFF:
-        problems.append(Problem(loc="vcpus", msg=f"must be >= 1, got {key.vcpus}"))
+    if not 1 <= key.vcpus <= MAX_VCPUS:
+        problems.append(Problem(loc="vcpus", msg=f"must be 1..{MAX_VCPUS}, got {key.vcpus}"))
     if not 1 <= key.memory_total_bytes < 2**63:
         problems.append(
             Problem(loc="memory_total_bytes", msg=f"must be >= 1, got {key.memory_total_bytes}")
