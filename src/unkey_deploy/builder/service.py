@@ -510,7 +510,9 @@ class BuildService:
                 self._wake.clear()
 
     @contextlib.contextmanager
-    def _heartbeat(self, job: jobs.Job, worker: str, cancel: threading.Event) -> Iterator[None]:
+    def _heartbeat(
+        self, job: jobs.Job, worker: str, cancel: threading.Event, lost: threading.Event
+    ) -> Iterator[None]:
         done = threading.Event()
 
         def beat() -> None:
@@ -521,6 +523,7 @@ class BuildService:
                     if j.cancel_requested:
                         cancel.set()
                 except UnkeyError:  # lost the lease (e.g. stalled past it): stop the build
+                    lost.set()
                     cancel.set()
                     return
 
@@ -568,6 +571,7 @@ class BuildService:
     ) -> str:
         """Run one attempt of a build; returns its outcome (succeeded, cached, cancelled, ...)."""
         cancel = threading.Event()
+        lost = threading.Event()  # the heartbeat found the job is no longer ours
         scratch = self.work_dir / build_id / f"attempt-{job.attempts}"
 
         def log(line: str) -> None:
@@ -589,7 +593,7 @@ class BuildService:
         throttle = ProgressThrottle(record_progress)
 
         try:
-            with self._heartbeat(job, worker, cancel):
+            with self._heartbeat(job, worker, cancel, lost):
                 log(f"attempt {job.attempts}/{job.max_attempts} on {worker}")
                 options = BuildOptions.from_dict(json.loads(opts_raw))
                 resolved = self.source.resolve(image, log)
@@ -619,8 +623,10 @@ class BuildService:
                 self._finish(job, worker, build_id, asset, cached=False)
                 return "succeeded"
         except Cancelled:
+            if lost.is_set():
+                return self._abandoned(job, worker, build_id)
             # clean up before the state says cancelled: whoever waits may look right away
-            shutil.rmtree(self.work_dir / build_id, ignore_errors=True)
+            self._remove_scratch(build_id, job.attempts)
             with transaction(self.factory) as s:
                 self._log(s, build_id, "cancelled")
                 jobs.acknowledge_cancel(s, job.id, worker, now=self._now())
@@ -631,7 +637,28 @@ class BuildService:
             return self._failed(job, worker, build_id, UnkeyError(f"internal error: {exc!r}",
                                                                  retryable=True))  # fmt: skip
         finally:
-            shutil.rmtree(self.work_dir / build_id, ignore_errors=True)
+            self._remove_scratch(build_id, job.attempts)
+
+    def _remove_scratch(self, build_id: str, attempt: int) -> None:
+        """Remove this attempt's scratch directory and any earlier attempt's (left by a worker
+        that crashed), then the build's directory once empty. Never a later attempt's: when
+        this worker lost its lease, another one may be running the next attempt right now."""
+        build_dir = self.work_dir / build_id
+        with contextlib.suppress(FileNotFoundError):
+            for d in build_dir.iterdir():
+                n = d.name.removeprefix("attempt-")
+                if not (n.isdigit() and int(n) > attempt):
+                    shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: a later attempt is running
+            build_dir.rmdir()
+
+    def _abandoned(self, job: jobs.Job, worker: str, build_id: str) -> str:
+        """This worker lost the job's lease (it stalled past it): the queue gave the job to
+        another attempt or finished it, so nothing of the job is this worker's to change."""
+        self.log_line(build_id, f"attempt {job.attempts} on {worker} lost its lease; stopped")
+        corelog.event(_log, "build attempt abandoned: lease lost", logging.WARNING,
+                      attempt=job.attempts, worker=worker)  # fmt: skip
+        return "abandoned"
 
     def _cached(self, key: str, customer: str, build_id: str, image: str) -> Asset | None:
         """The requester's own live asset built under ``key``, if any; else, when another
@@ -683,16 +710,19 @@ class BuildService:
                           result={"asset_id": asset.asset_id, "cached": cached})  # fmt: skip
 
     def _failed(self, job: jobs.Job, worker: str, build_id: str, exc: UnkeyError) -> str:
-        with transaction(self.factory) as s:
-            after = jobs.fail(s, job.id, worker, exc.message, now=self._now(),
-                              retryable=exc.retryable, backoff_s=1.0)  # fmt: skip
-            retrying = after.state == jobs.JobState.QUEUED
-            self._log(s, build_id, f"{'error (will retry)' if retrying else 'failed'}: "
-                                   f"{exc.code}: {exc.message}")  # fmt: skip
-            row = s.get(BuildRow, build_id)
-            if row is not None and not retrying:
-                row.error = json.dumps(exc.to_dict())
-                row.updated_at = self._now()
+        try:
+            with transaction(self.factory) as s:
+                after = jobs.fail(s, job.id, worker, exc.message, now=self._now(),
+                                  retryable=exc.retryable, backoff_s=1.0)  # fmt: skip
+                retrying = after.state == jobs.JobState.QUEUED
+                self._log(s, build_id, f"{'error (will retry)' if retrying else 'failed'}: "
+                                       f"{exc.code}: {exc.message}")  # fmt: skip
+                row = s.get(BuildRow, build_id)
+                if row is not None and not retrying:
+                    row.error = json.dumps(exc.to_dict())
+                    row.updated_at = self._now()
+        except IllegalTransition:  # the job is no longer ours: its lease ran out meanwhile
+            return self._abandoned(job, worker, build_id)
         corelog.event(_log, "build attempt failed", logging.WARNING, error=exc.code,
                       message=exc.message, retrying=retrying)  # fmt: skip
         return "retrying" if retrying else "failed"
