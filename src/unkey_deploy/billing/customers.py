@@ -4,17 +4,19 @@ over the control-plane store and an in-memory one for unit tests."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..core.errors import NotFound
+from ..core.errors import NotFound, Unavailable
 from ..store import controlplane as cp
 
 
@@ -58,8 +60,25 @@ class MemoryDirectory:
         self._customers[info.customer_id] = info
 
 
+@contextlib.contextmanager
+def _db_errors(what: str) -> Iterator[None]:
+    """A control-plane database that cannot answer (down, locked, unreachable) is Unavailable:
+    the aggregator's loop then leaves the messages unacked and tries again (any other error
+    would end the loop)."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise Unavailable(
+            f"billing: cannot read {what} from the control-plane database: "
+            f"{type(exc).__name__}: {exc}",
+            suggestion="check that the control-plane database (database_url) is reachable",
+            retryable=True,
+        ) from exc
+
+
 class SqlDirectory:
-    """Reads the control-plane store (SQLite or PostgreSQL), cached for ``ttl_s``.
+    """Reads the control-plane store (SQLite or PostgreSQL), cached for ``ttl_s``. Database
+    failures raise :class:`~unkey_deploy.core.errors.Unavailable`.
 
     A VM is unknown when metald has it on record (``metald_vms``) for ANOTHER customer (spoofed
     or misrouted usage). metald deletes a VM's record when the VM is deleted, and its last
@@ -81,7 +100,7 @@ class SqlDirectory:
             if hit and now - hit[0] < self._ttl:
                 return hit[1]
         info: CustomerInfo | None
-        with self._factory() as s:
+        with _db_errors(f"customer {customer_id}"), self._factory() as s:
             try:
                 c = cp.get_customer(s, customer_id)
                 info = CustomerInfo(
@@ -105,7 +124,7 @@ class SqlDirectory:
             hit = self._vm_cache.get((customer_id, vm_id))
             if hit and now - hit[0] < self._ttl:
                 return hit[1]
-        with self._factory() as s:
+        with _db_errors(f"VM {vm_id}"), self._factory() as s:
             if self._has_vms is None:
                 self._has_vms = inspect(s.get_bind()).has_table("metald_vms")
             if not self._has_vms:

@@ -1,0 +1,79 @@
+"""The aggregator's consumer loop rides out outages of what it reads: nothing is acked while a
+flush cannot be computed, and everything is billed once the outage is over."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from decimal import Decimal
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from unkey_deploy.billing.aggregator import Aggregator
+from unkey_deploy.billing.customers import SqlDirectory
+from unkey_deploy.billing.service import LoopStats, run_consumer
+from unkey_deploy.bus.jetstream import connect
+from unkey_deploy.bus.server import NatsServer
+from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
+from unkey_deploy.core.config import BusConfig
+from unkey_deploy.metering import stream as mstream
+from unkey_deploy.metering.codec import encode
+from unkey_deploy.store import controlplane as cp
+from unkey_deploy.store import db
+
+from .harness import assert_bills_match
+from .scenarios import make_series, raw_of, to_batches
+
+HOUR = 3_600_000_000_000
+
+
+def test_a_control_plane_database_outage_does_not_stop_the_consumer(
+    tmp_path: Path, storage: ChdbStorage, nats_server: NatsServer
+) -> None:
+    # The control-plane database (customers, VMs) is down when the batches come: the directory
+    # raised SQLAlchemy's OperationalError, which is no UnkeyError, so it went through the loop
+    # and ended the consumer task for good (billing stopped until a restart).
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    engine = db.make_engine(f"sqlite:///{ready / 'control.db'}")
+    db.upgrade(engine)
+    with Session(engine) as s:
+        c = cp.create_customer(s, "acme", now=time.time())
+        s.commit()
+    engine.dispose()
+    live = tmp_path / "live"  # where the directory looks: absent until the "outage" ends
+    directory = SqlDirectory(db.session_factory(db.make_engine(f"sqlite:///{live / 'control.db'}")))
+    live.rmdir()  # make_engine made it: without it, SQLite cannot open the database file
+    rng = random.Random(3)
+    start = time.time_ns() // HOUR * HOUR - HOUR
+    series = make_series(rng, c.id, "vm_1", "i1", start, 1800)
+
+    async def run() -> LoopStats:
+        bus = await connect(nats_server.url)
+        await bus.ensure_stream(mstream.stream_spec(BusConfig()))
+        for b in to_batches(series):
+            await bus.publish(mstream.batch_message(c.id, b.batch_id, encode(b), len(b.samples)))
+        agg = Aggregator(storage, directory)
+        stop = asyncio.Event()
+        stats = LoopStats()
+        task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
+        try:
+            await asyncio.sleep(3)  # fetched, failed on the database, not acked
+            assert not task.done(), task.exception()
+            assert stats.acked == 0
+            ready.rename(live)  # the database is back
+            deadline = time.monotonic() + 60
+            while stats.samples < len(series.samples) and time.monotonic() < deadline:
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await bus.close()
+        return stats
+
+    stats = asyncio.run(run())
+    assert stats.samples == len(series.samples) and stats.termed == 0
+    assert_bills_match(storage, raw_of([series]), {c.id: (Decimal(0), Decimal(0))})
