@@ -11,7 +11,9 @@ import base64
 import contextlib
 import http.server
 import os
+import socket
 import stat
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -201,6 +203,9 @@ def test_huge_manifest_from_registry_is_refused(pushed: Pushed) -> None:
 # -- a proxy in front of the registry: faults and blob redirects ------------------------------
 
 
+RESET = 0  # a fault "status": reset the connection instead of answering
+
+
 @dataclass
 class ProxyState:
     upstream: str
@@ -238,6 +243,12 @@ class _Front(http.server.BaseHTTPRequestHandler):
         for i, (part, status) in enumerate(st.faults):
             if part in self.path:
                 del st.faults[i]
+                if status == RESET:  # the connection drops (TCP RST) before any answer
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))  # fmt: skip
+                    self.connection.close()
+                    self.close_connection = True
+                    return
                 self._send(status, {"Retry-After": "2"} if status == 429 else {}, b"busy")
                 return
         if st.redirect_blobs and "/blobs/sha256:" in self.path:
@@ -340,6 +351,24 @@ def test_retries_5xx_and_429_with_backoff_and_retry_after(proxy: ProxyState) -> 
         assert img.manifest_digest
     assert sleeps == [0.25, 2.0, 0.25]  # backoff, Retry-After, backoff (per request)
     assert client.stats["retries"] == 3
+
+
+def test_a_connection_reset_is_retried_like_other_network_errors(proxy: ProxyState) -> None:
+    """A flaky network or a restarting registry resets connections (ECONNRESET while waiting
+    for the answer): the request is retried, and when that never stops, an ImageError says so
+    (it used to escape as a raw httpx.ReadError, never retried)."""
+    front = proxy.front
+    proxy.faults = [("/manifests/", RESET), ("/blobs/", RESET)]
+    sleeps: list[float] = []
+    client = RegistryClient(credentials={front: CREDS}, sleep=sleeps.append)
+    with client, resolve(f"{front}/test/multi:latest", client=client) as img:
+        assert img.manifest_digest
+    assert sleeps == [0.25, 0.25] and client.stats["retries"] == 2
+    proxy.faults = [("/manifests/", RESET)] * 3
+    client = RegistryClient(credentials={front: CREDS}, sleep=sleeps.append, retries=2)
+    with client, pytest.raises(ImageError, match="registry unreachable") as info:
+        resolve(f"{front}/test/multi:latest", client=client)
+    assert info.value.retryable
 
 
 def test_gives_up_after_retries(proxy: ProxyState) -> None:

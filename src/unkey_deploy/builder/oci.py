@@ -383,10 +383,11 @@ class RegistryClient:
                 req = self._http.build_request(method, url, headers=headers)
                 resp = self._http.send(req, stream=True)
             except (
-                httpx.ConnectError,
-                httpx.ConnectTimeout,
+                # refused, reset (ECONNRESET while waiting for the answer), timed out, or the
+                # server hung up mid-answer: all worth another try
+                httpx.NetworkError,
+                httpx.TimeoutException,
                 httpx.RemoteProtocolError,
-                httpx.ReadTimeout,
             ) as e:
                 if attempt >= self._retries:
                     raise ImageError(
@@ -436,8 +437,12 @@ class RegistryClient:
                 redirects += 1
                 if not loc or redirects > 5:
                     raise ImageError(f"registry redirect loop or missing Location for {url}")
-                new = urljoin(url, loc)
-                if urlsplit(new).scheme not in ("http", "https"):
+                try:
+                    new = urljoin(url, loc)
+                    scheme = urlsplit(new).scheme
+                except ValueError as e:  # e.g. "http://[bad": not a URL at all
+                    raise ImageError(f"registry redirected to an invalid URL {loc!r:.200}") from e
+                if scheme not in ("http", "https"):
                     raise ImageError(f"registry redirected to an unsupported URL {new!r}")
                 url = new
                 continue
