@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 
 import httpx
+import pytest
 
 from unkey_deploy.builder.oci import Descriptor, Reference, RegistryClient
+from unkey_deploy.core.errors import ImageError
 
 BLOB = b"layer bytes" * 100
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -57,3 +59,10 @@ def test_same_origin_redirect_keeps_credentials_other_hosts_get_none() -> None:
     assert same[-1][1] is not None and same[-1][1].startswith("Basic ")
     other = _pull("https://cdn.example/storage/blob")
     assert other[-1] == ("https://cdn.example/storage/blob", None)
+
+
+def test_a_malformed_redirect_location_is_an_image_error() -> None:
+    """A registry's Location header is outside input: one that is no URL at all gives an
+    ImageError naming it (it used to escape as a bare ValueError)."""
+    with pytest.raises(ImageError, match=r"redirected to an invalid URL 'http://\[bad/blob'"):
+        _pull("http://[bad/blob")
