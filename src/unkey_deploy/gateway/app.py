@@ -145,9 +145,24 @@ class RequestContext:
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
 
+        received = 0
+
+        async def receive_capped() -> Message:
+            # A body without Content-Length (chunked) is counted as it comes: past the cap the
+            # read fails (FastAPI passes an HTTPException through) instead of buffering it all.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise StarletteHTTPException(
+                        413, f"request body is larger than {self.max_body} bytes"
+                    )
+            return message
+
         with log.bound(request_id=rid):
             try:
-                await self.app(scope, receive, send_wrapper)
+                await self.app(scope, receive_capped, send_wrapper)
             finally:
                 route = scope.get("route")
                 path = getattr(route, "path", "unmatched")
