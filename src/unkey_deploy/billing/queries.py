@@ -30,16 +30,18 @@ from .invoice import (
 )
 from .ledger import Billed, BilledSoFar, InvoiceLedger
 
-# usage per month and price sheet, from the same scope as the monthly bill (chq.SQL_MONTHLY)
+# usage per month and price sheet, from the same scope as the monthly bill (chq.SQL_MONTHLY).
+# UInt64 columns are summed as Decimal128: ClickHouse's sum() of a UInt64 is a UInt64 and wraps
+# past 2^64 (a month of ~7,000 busy vCPUs is more CPU ns than that).
 SQL_INVOICE_TOTALS = chq.BILLING_SCOPE.sql(
     """
     formatDateTime(toStartOfMonth(hour), '%Y-%m') AS month,
     pricing_version,
-    toString(sum(cpu_time_ns)) AS cpu_time_ns,
+    toString(sum(toDecimal128(cpu_time_ns, 0))) AS cpu_time_ns,
     toString(sum(mem_byte_ns)) AS mem_byte_ns,
-    toString(sum(net_rx_bytes) + sum(net_tx_bytes)) AS net_bytes,
+    toString(sum(toDecimal128(net_rx_bytes, 0)) + sum(toDecimal128(net_tx_bytes, 0))) AS net_bytes,
     toString(sum(storage_byte_ns)) AS storage_byte_ns,
-    toString(sum(gap_ns)) AS gap_ns""",
+    toString(sum(toDecimal128(gap_ns, 0))) AS gap_ns""",
     "GROUP BY month, pricing_version\nORDER BY month, pricing_version",
 )
 

@@ -1,0 +1,60 @@
+"""An invoice's quantities are the exact sums of the month's billing_hourly rows, however large
+the customer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
+
+from unkey_deploy.billing import pricing
+from unkey_deploy.billing.queries import BillingQueries
+from unkey_deploy.clickhouse.api import BillingHourlyRow
+from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
+from unkey_deploy.core.clock import FakeClock
+
+from .harness import directory
+
+HOUR_NS = 3_600_000_000_000
+
+
+def test_a_month_of_more_than_2_pow_64_cpu_ns_is_billed_exactly(storage: ChdbStorage) -> None:
+    # 120 VMs of 64 vCPUs busy all November: 5.5M vCPU-hours, 1.99e19 CPU ns, more than a
+    # UInt64 holds. ClickHouse's sum() of a UInt64 column is a UInt64 and wraps: the invoice
+    # billed 0.4M vCPU-hours ($20k) instead of 5.5M ($276k).
+    cpu = 64 * HOUR_NS
+    net = 3 * 2**30
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    sheet = pricing.price_sheet("v1", "standard")
+    rows = [
+        BillingHourlyRow(
+            customer_id="cust_a",
+            vm_id=f"vm_{v}",
+            instance_id="i1",
+            hour=start + timedelta(hours=h),
+            cpu_time_ns=cpu,
+            mem_byte_ns=0,
+            net_rx_bytes=net,
+            net_tx_bytes=0,
+            disk_read_bytes=0,
+            disk_write_bytes=0,
+            gap_ns=0,
+            sample_count=36_000,
+            storage_byte_ns=0,
+            cost=pricing.hour_cost(sheet, cpu, 0, net),
+            pricing_version="v1",
+            version=1,
+        )
+        for v in range(120)
+        for h in range(30 * 24)
+    ]
+    storage.upsert_billing_hourly(rows)
+    q = BillingQueries(storage, directory({"cust_a": (Decimal(0), Decimal(0))}), FakeClock())
+    inv = q.invoice("cust_a", "2026-11")
+    lines = {ln.item: ln for ln in inv.lines}
+    vcpu_hours = Fraction(len(rows) * cpu, HOUR_NS)
+    assert vcpu_hours == 5_529_600
+    assert lines["vcpu"].quantity == Decimal("5529600.000000")
+    assert lines["vcpu"].amount == Decimal("276480.00")
+    assert lines["network"].amount == Decimal("25920.00")  # 259,200 GB x $0.10
+    assert inv.total == Decimal("302400.00")
