@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import http.server
 import os
 import socket
@@ -218,6 +219,7 @@ class ProxyState:
     blob_seen: list[tuple[str, str | None]] = field(default_factory=list)
     front: str = ""
     basic: str | None = None  # when set, the front itself demands this Basic Authorization
+    gzip: bool = False  # answer gzip-encoded when the client accepts it (a compressing proxy)
 
 
 class _Front(http.server.BaseHTTPRequestHandler):
@@ -258,9 +260,11 @@ class _Front(http.server.BaseHTTPRequestHandler):
         h = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "authorization")}
         r = httpx.get(st.upstream + self.path, headers=h)
         keep = ("content-type", "www-authenticate", "docker-content-digest")
-        self._send(
-            r.status_code, {k: v for k, v in r.headers.items() if k.lower() in keep}, r.content
-        )
+        out = {k: v for k, v in r.headers.items() if k.lower() in keep}
+        body = r.content
+        if st.gzip and "gzip" in self.headers.get("Accept-Encoding", "") and r.status_code == 200:
+            out["Content-Encoding"], body = "gzip", gzip.compress(body, mtime=0)
+        self._send(r.status_code, out, body)
 
 
 class _Storage(_Front):
@@ -369,6 +373,20 @@ def test_a_connection_reset_is_retried_like_other_network_errors(proxy: ProxySta
     with client, pytest.raises(ImageError, match="registry unreachable") as info:
         resolve(f"{front}/test/multi:latest", client=client)
     assert info.value.retryable
+
+
+def test_a_proxy_that_compresses_answers_gets_no_chance_to(
+    proxy: ProxyState, tmp_path: Path
+) -> None:
+    """Digests are over the registry's stored bytes, so the client must ask for them as they
+    are: it announced "Accept-Encoding: gzip, deflate, zstd" (httpx's default) yet hashed the
+    raw answer, and a proxy or CDN honouring that (gzip on for JSON) broke every pull with a
+    digest mismatch."""
+    proxy.gzip = True
+    front = proxy.front
+    with resolve(f"{front}/test/multi:latest", credentials={front: CREDS}) as img:
+        extract_image(img, tmp_path)
+    check_multilayer_tree(tmp_path)
 
 
 def test_gives_up_after_retries(proxy: ProxyState) -> None:

@@ -349,7 +349,11 @@ class RegistryClient:
         self._max_backoff = max_backoff_s
         self._sleep = sleep
         timeout = httpx.Timeout(self.config.registry_timeout_s, connect=10.0)
-        self._http = httpx.Client(timeout=timeout, follow_redirects=False, transport=transport)
+        # Digests and sizes are of the bytes as stored: no transfer encoding (httpx asks for
+        # gzip/deflate/zstd by default, and a compressing proxy or CDN would then hand us
+        # bytes whose digest is not the descriptor's).
+        self._http = httpx.Client(timeout=timeout, follow_redirects=False, transport=transport,
+                                  headers={"Accept-Encoding": "identity"})  # fmt: skip
         # Authorization header per (registry, repository) scope, set after a challenge.
         self._auth: dict[tuple[str, str], str] = {}
         # Counters tests and logs use: requests, 401 challenges, tokens fetched.
