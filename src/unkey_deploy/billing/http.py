@@ -22,7 +22,8 @@ from .queries import BillingQueries
 
 router = APIRouter(tags=["billing"])
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+# at most 31 days in seconds has 7 digits; more digits are out of range, not a number to parse
+_DURATION = re.compile(r"^([0-9]{1,8})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_SINCE_S = 31 * 86400
 
@@ -32,7 +33,8 @@ def parse_since(value: str) -> float:
     m = _DURATION.match(value.strip())
     if not m:
         raise InvalidInput(
-            f"since {value!r} is not a duration", suggestion="use e.g. 30m, 6h or 7d"
+            f"since {value!r:.40} is not a duration of at most 31d",
+            suggestion="use e.g. 30m, 6h or 7d",
         )
     secs = int(m.group(1)) * _UNIT_S[m.group(2)]
     if not 0 < secs <= MAX_SINCE_S:
