@@ -19,10 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from unkey_deploy.core.config import MetaldConfig
-from unkey_deploy.core.errors import IllegalTransition
+from unkey_deploy.core.errors import IllegalTransition, VmError
 from unkey_deploy.core.procs import children
 from unkey_deploy.metald import models
-from unkey_deploy.metald.drivers.base import VmRuntime, VmSpec, reap
+from unkey_deploy.metald.drivers.base import VmRuntime, VmSpec, process_alive, reap
 from unkey_deploy.metald.drivers.sandbox import SandboxDriver
 from unkey_deploy.metald.kernel import KernelPaths
 from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
@@ -326,6 +326,104 @@ def test_dead_vm_is_marked_failed_and_freed(make_metald: MetaldFactory, rootfs: 
     assert failed.error and "exited" in failed.error
     trace.assert_gone()
     assert md.ips.leased() == {}
+
+
+def test_a_sandbox_writes_no_more_than_a_vm_could(make_metald: MetaldFactory, rootfs: Path) -> None:
+    """What a sandbox writes to its root file system (where it may: its root owns no file of
+    the image, so the image's world-writable directories), and to its /tmp, is bounded (half
+    its memory each, as a tmpfs in a VM of that memory) and held in memory charged to the VM:
+    an app writing more gets "No space left on device", never a host's disk."""
+    md = make_metald("sandbox")
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    trace = Trace(md, vm.vm_id)
+    cg = md.cgroups.paths_for(vm.vm_id)
+    url = md.endpoint(vm.vm_id)
+    for f in ("/var/tmp/fill", "/tmp/fill"):
+        before = cg.memory_bytes()
+        out = httpx.get(f"{url}/cgi-bin/write?48:{f}", timeout=30).text
+        assert "No space left on device" in out and "exit=1" in out, out
+        size = int(out.split("size=")[1])
+        assert 31 << 20 <= size <= 32 << 20, out
+        assert cg.memory_bytes() - before >= 30 << 20, "the VM's writes are not its memory"
+        out = httpx.get(f"{url}/cgi-bin/write?0:{f}", timeout=30).text  # empty it again
+        assert "exit=0" in out and "size=0" in out, out
+    md.delete(vm.vm_id)
+    trace.assert_gone()
+
+
+@pytest.mark.parametrize("fault", ["database", "disk"])
+def test_a_boot_failing_after_its_vm_started_leaves_nothing_running(
+    make_metald: MetaldFactory, rootfs: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """The write that records a started VM fails (the database away for a moment, or a full
+    disk for the local record): the boot fails and says why, and the VM it had started does
+    not run on untracked."""
+    md = make_metald("sandbox")
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    started: list[VmRuntime] = []
+    boot = md.driver.boot
+
+    def seen_boot(spec: VmSpec) -> VmRuntime:
+        started.append(boot(spec))
+        return started[-1]
+
+    monkeypatch.setattr(md.driver, "boot", seen_boot)
+    if fault == "database":
+        transition = md._transition
+
+        def failing(vm_id: str, target: VmState, **values: object) -> object:
+            if target == VmState.BOOTING:
+                raise sa.exc.OperationalError("UPDATE metald_vms", {}, Exception("disk I/O error"))
+            return transition(vm_id, target, **values)
+
+        monkeypatch.setattr(md, "_transition", failing)
+    else:
+        write = md._write_record
+
+        def full(vm_id: str, **values: object) -> None:
+            if "runtime" in values:
+                raise OSError(28, "No space left on device")
+            write(vm_id, **values)
+
+        monkeypatch.setattr(md, "_write_record", full)
+    with pytest.raises(VmError, match=r"disk I/O error|No space left"):
+        md.boot(vm.vm_id)
+    (rt,) = started
+    assert md.get(vm.vm_id).state == VmState.FAILED
+    assert not process_alive(rt.pid, rt.pid_start), "the started VM runs on"
+    assert md.cgroups.paths_for(vm.vm_id).pids() == []
+    assert not any(d.exists() for d in md.cgroups.paths_for(vm.vm_id).dirs())
+    assert _mounts_under(Path(rt.extra["base"])) == [], "mount left behind"
+    assert md.ips.leased() == {}
+
+
+def test_a_boot_cut_short_by_a_crash_is_freed_by_the_next_metald(
+    make_metald: MetaldFactory, rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """metald dies in a boot after the sandbox's file systems were mounted and before its
+    runtime was recorded anywhere: the next metald of the host frees them, found by the VM's
+    id (and the VM is failed)."""
+    md = make_metald("sandbox")
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    sandbox = md.driver
+    assert isinstance(sandbox, SandboxDriver)
+
+    def crash(spec: VmSpec) -> VmRuntime:
+        sandbox._tree_dir(spec)
+        raise SystemExit("metald killed")
+
+    monkeypatch.setattr(sandbox, "boot", crash)
+    with pytest.raises(SystemExit):
+        md.boot(vm.vm_id)
+    base = sandbox.base_dir(vm.vm_id)
+    assert _mounts_under(base), "the crash should have left the mounts"
+    again = make_metald("sandbox")  # the same host, restarted
+    assert again.get(vm.vm_id).state == VmState.FAILED
+    assert _mounts_under(base) == [], "mount left behind"
+    assert not base.exists()
+    assert not any(d.exists() for d in again.cgroups.paths_for(vm.vm_id).dirs())
 
 
 @pytest.mark.parametrize("victim", ["bwrap", "launcher"])

@@ -1016,6 +1016,7 @@ class Metald(Scheduler):
         r = self._transition(vm_id, VmState.PREPARING, instance_id=instance_id, error=None,
                              driver=self.driver.name, **values)  # fmt: skip
         launcher: Launcher | None = None
+        rt: VmRuntime | None = None
         try:
             # the cgroup first, then prime(): the kernel's wait for the VM's cgroup join runs
             # while the rest is prepared (see CgroupManager.prime; it blocks cgroup writes)
@@ -1041,24 +1042,31 @@ class Metald(Scheduler):
             self.driver.create(spec)
             rt = self.driver.boot(spec)
             self._write_record(vm_id, net=net.__dict__, runtime=rt.to_json())
-            try:
-                row = self._transition(vm_id, VmState.BOOTING, runtime=rt.to_json())
-            except IllegalTransition:
-                # stopped or failed while it was being prepared: whoever did it found no
-                # process to stop; recorded, _fail below stops this one
-                self._update(vm_id, runtime=rt.to_json())
-                raise
+            row = self._transition(vm_id, VmState.BOOTING, runtime=rt.to_json())
         except UnkeyError as exc:
-            if launcher is not None:
-                launcher.discard()  # (run or discarded already: nothing)
+            self._abandon(vm_id, launcher, rt)
             self._fail(vm_id, str(exc))
             raise
         except Exception as exc:
-            if launcher is not None:
-                launcher.discard()
+            self._abandon(vm_id, launcher, rt)
             self._fail(vm_id, f"{type(exc).__name__}: {exc}")
             raise VmError(f"booting VM {vm_id} failed: {exc}") from exc
         return _to_vm(row)
+
+    def _abandon(self, vm_id: str, launcher: Launcher | None, rt: VmRuntime | None) -> None:
+        """A boot that failed: end its launcher (unless it ran) and the VM's process if it
+        started. Its runtime may be recorded nowhere (the write that failed was the one to
+        record it, e.g. a full disk, the database away, or the VM stopped meanwhile), so the
+        release that follows would not find it: it would run on, untracked."""
+        if launcher is not None:
+            launcher.discard()  # (run or discarded already: nothing)
+        if rt is None:
+            return
+        try:
+            self.driver.delete(rt)
+        except UnkeyError as exc:
+            event(log, "vm not stopped", logging.ERROR, vm_id=vm_id, pid=rt.pid,
+                  error=str(exc))  # fmt: skip
 
     def _release(self, vm_id: str) -> None:
         """Free everything the VM holds on this host (idempotent)."""
@@ -1074,11 +1082,13 @@ class Metald(Scheduler):
         """Stop the VM's process and remove its cgroup, links, address lease, jail and local
         record (idempotent); returns the problems left."""
         errors: builtins.list[str] = []
-        if runtime:
-            try:
+        try:
+            if runtime:
                 self.driver.delete(VmRuntime.from_json(runtime))
-            except UnkeyError as exc:
-                errors.append(str(exc))
+            else:
+                self.driver.remove_leftovers(vm_id)
+        except UnkeyError as exc:
+            errors.append(str(exc))
         cg = self.cgroups.paths_for(vm_id)
         try:
             cg.remove()

@@ -8,7 +8,8 @@ builder's init is a static C binary):
   there),
 * in ``burn`` mode starts ``burn_cpus`` busy loops (for metering tests),
 * serves ``/www`` with ``busybox httpd -f -p <port>``: ``/`` answers ``unkey-test-app``,
-  ``/cgi-bin/env`` prints the environment, ``/cgi-bin/hostname`` the hostname.
+  ``/cgi-bin/env`` prints the environment, ``/cgi-bin/hostname`` the hostname,
+  ``/cgi-bin/write?<MiB>:<file>`` writes a file of that size (how much the app may write).
 
 Build cost: one ``mkfs.ext4 -d`` of a ~2 MB tree, ~20-50 ms.
 """
@@ -46,6 +47,15 @@ exec busybox httpd -f -p "${PORT}" -h /www
 _INDEX = "unkey-test-app\n"
 _CGI_ENV = "#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\nenv\n"
 _CGI_HOSTNAME = "#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\nbusybox hostname\n"
+# ?<MiB>:<file>: writes that many MiB of zeros to <file> (kept), then says what dd said, its
+# exit status and the file's size
+_CGI_WRITE = r"""#!/bin/busybox sh
+echo 'Content-Type: text/plain'
+echo
+busybox dd if=/dev/zero of="${QUERY_STRING#*:}" bs=1048576 count="${QUERY_STRING%%:*}" 2>&1
+echo "exit=$?"
+echo "size=$(busybox wc -c < "${QUERY_STRING#*:}")"
+"""
 
 
 def build_test_tree(root: Path, *, port: int = 8080, burn_cpus: int = 0) -> Path:
@@ -57,10 +67,14 @@ def build_test_tree(root: Path, *, port: int = 8080, burn_cpus: int = 0) -> Path
         link = root / "bin" / applet
         if not link.exists():
             link.symlink_to("busybox")
+    # world-writable, as in most images: what a sandbox's app (whose root owns no file of the
+    # image) can write to its root file system
+    (root / "var" / "tmp").mkdir(parents=True, exist_ok=True)
+    (root / "var" / "tmp").chmod(0o1777)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\n")
     (root / "www" / "index.html").write_text(_INDEX)
-    for name, body in (("env", _CGI_ENV), ("hostname", _CGI_HOSTNAME)):
+    for name, body in (("env", _CGI_ENV), ("hostname", _CGI_HOSTNAME), ("write", _CGI_WRITE)):
         p = root / "www" / "cgi-bin" / name
         p.write_text(body)
         p.chmod(0o755)

@@ -167,6 +167,11 @@ class VmDriver(Protocol):
         """Release what ``boot`` acquired beyond the process (mounts, sockets). Idempotent."""
         ...
 
+    def remove_leftovers(self, vm_id: str) -> None:
+        """Release what ``boot`` acquired outside the VM's jail when no runtime of it was
+        recorded (a boot cut short by a crash), found by the VM's id. Idempotent."""
+        ...
+
     def inspect(self, runtime: VmRuntime) -> bool:
         """True while the VM's process is alive (and is the same process)."""
         ...

@@ -281,6 +281,11 @@ class FirecrackerDriver:
         if jail:
             shutil.rmtree(jail, ignore_errors=True)  # the jailer leaves its chroot behind
 
+    def remove_leftovers(self, vm_id: str) -> None:
+        """The jailer's chroot (the rest of a boot is in the VM's jail)."""
+        if self.jailer_bin:
+            shutil.rmtree(self.chroot_base / "firecracker" / jailer_id(vm_id), ignore_errors=True)
+
     def inspect(self, runtime: VmRuntime) -> bool:
         alive = process_alive(runtime.pid, runtime.pid_start)
         if not alive:

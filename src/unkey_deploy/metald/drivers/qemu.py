@@ -279,6 +279,9 @@ class QemuDriver:
             with contextlib.suppress(FileNotFoundError):
                 Path(runtime.qmp_socket).unlink()
 
+    def remove_leftovers(self, vm_id: str) -> None:
+        """Nothing: all a boot makes is in the VM's jail."""
+
     def inspect(self, runtime: VmRuntime) -> bool:
         alive = process_alive(runtime.pid, runtime.pid_start)
         if not alive:

@@ -7,7 +7,10 @@ so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="
   (``<run_dir>/images/<id>``, shared by every VM of that image: its pages are cached once; kept
   ``image_keep_s`` after its last VM goes, so the next VM of it finds it mounted and cached,
   then unmounted, and unused ones when metald stops) and an overlay with a per-VM writable
-  upper directory goes on top (copy-on-write, nothing copied). Without root, the
+  upper directory goes on top (copy-on-write, nothing copied). The upper directory is on a
+  tmpfs of the VM's own, as is its /tmp: what the app writes is bounded (``writable_bytes``)
+  and is memory charged to its cgroup, never a host's disk. (The app's root owns no file of
+  the image: it writes where the image lets anyone, e.g. /var/tmp.) Without root, the
   tree is extracted with ``debugfs -R "rdump / <dir>"`` (no mount needed).
 * Processes: ``bwrap`` with new user, pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
   and /tmp, started as an unprivileged host uid (``nsenter -S/-G`` into the VM's network
@@ -73,23 +76,40 @@ def _mount_points(tree: Path) -> None:
         (tree / d).mkdir(exist_ok=True)
 
 
-def _overlays_on(lower: Path) -> list[str]:
-    """Mount points of the overlays whose lower layer is ``lower``."""
-    out = []
+def _overlays() -> Iterator[tuple[str, list[str]]]:
+    """The overlays mounted on the host: (mount point, lower layers)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/mounts").read_text().splitlines():
             f = line.split()
             if len(f) >= 4 and f[2] == "overlay":
                 for opt in f[3].split(","):
-                    if opt.startswith("lowerdir=") and str(lower) in opt[9:].split(":"):
-                        out.append(f[1])
-    return out
+                    if opt.startswith("lowerdir="):
+                        yield f[1], opt[9:].split(":")
+
+
+def _overlays_on(lower: Path) -> list[str]:
+    """Mount points of the overlays whose lower layer is ``lower``."""
+    return [at for at, lowers in _overlays() if str(lower) in lowers]
+
+
+def _lower_of(merged: Path) -> Path | None:
+    """The lower layer of the overlay mounted at ``merged``."""
+    return next((Path(lowers[0]) for at, lowers in _overlays() if at == str(merged)), None)
 
 
 def is_mounted(path: Path) -> bool:
     """Whether a file system is mounted at ``path`` (the image and overlay mounts, each its own
     device: two stats, where reading /proc/self/mounts costs ~0.1 ms on a busy host)."""
     return os.path.ismount(path)
+
+
+def writable_bytes(memory_bytes: int) -> int:
+    """The most a sandbox may write to its root file system, and as much again to its /tmp:
+    half its memory each, the default size of a tmpfs in a VM of that memory (a VM's image has
+    no room to spare: the builder shrinks it; its /tmp is a tmpfs in its RAM). Both are tmpfs,
+    charged to the VM's memory cgroup: an app writing more gets ENOSPC, never a host's disk."""
+    page = 4096
+    return max(memory_bytes // 2 // page, 1) * page
 
 
 class SandboxDriver:
@@ -151,20 +171,29 @@ class SandboxDriver:
         base = self.base_dir(spec.vm_id) if self.root else spec.workdir
         base.mkdir(parents=True, exist_ok=True, mode=0o755)
         merged = base / "root"
-        merged.mkdir(exist_ok=True)
         if not self.root:
+            merged.mkdir(exist_ok=True)
             if not (merged / ".vminit").exists():
                 _run(["debugfs", "-R", f"rdump / {merged}", str(spec.rootfs)])
             merge_env_tree(merged, dict(spec.env))
             write_resolv_tree(merged, list(spec.dns))
             _mount_points(merged)
             return merged, [], None
-        upper, work = base / "upper", base / "work"
-        for d in (upper, work):
-            d.mkdir(exist_ok=True)
         mounts: list[str] = []
         lower: Path | None = None
         try:
+            # the VM's writes (its upper layer) go to a tmpfs of its own: bounded, in memory
+            # charged to the VM's cgroup, gone at its deletion (see writable_bytes)
+            if not is_mounted(base):
+                try:
+                    linux.mount("tmpfs", str(base), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                                f"size={writable_bytes(spec.memory_bytes)},mode=0755")  # fmt: skip
+                except OSError as exc:
+                    raise VmError(f"cannot mount the VM's tmpfs at {base}: {exc}") from exc
+            mounts.append(str(base))
+            upper, work = base / "upper", base / "work"
+            for d in (upper, work, merged):
+                d.mkdir(exist_ok=True)
             # under the images lock: a shared image mount is only ever unmounted when no
             # overlay stands on it, checked under the same lock (see _release_image)
             with self._images_lock():
@@ -315,7 +344,8 @@ class SandboxDriver:
             BWRAP, "--unshare-user", "--uid", "0", "--gid", "0",
             "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", env["HOSTNAME"],
-            "--bind", str(tree), "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--bind", str(tree), "/", "--proc", "/proc", "--dev", "/dev",
+            "--size", str(writable_bytes(spec.memory_bytes)), "--tmpfs", "/tmp",
             "--new-session", "--clearenv",
         ]  # fmt: skip
         # bwrap and the sandbox die with bwrap's parent, the launcher's shell (which outlives
@@ -430,6 +460,22 @@ class SandboxDriver:
         base = runtime.extra.get("base")
         if base:
             shutil.rmtree(base, ignore_errors=True)
+
+    def remove_leftovers(self, vm_id: str) -> None:
+        """What :meth:`boot` mounted for ``vm_id`` when no runtime of it was recorded (a boot
+        cut short by a crash): its overlay, tmpfs and run dir, and the image it held."""
+        base = self.base_dir(vm_id)
+        if not self.root or not base.is_dir():
+            return
+        merged = base / "root"
+        lower = _lower_of(merged) if is_mounted(merged) else None
+        self._unmount([str(base), str(merged)])
+        for m in (merged, base):
+            if is_mounted(m):
+                raise VmError(f"cannot unmount {m}")
+        if lower is not None:
+            self._release_image(lower)
+        shutil.rmtree(base, ignore_errors=True)
 
     def inspect(self, runtime: VmRuntime) -> bool:
         alive = process_alive(runtime.pid, runtime.pid_start)
