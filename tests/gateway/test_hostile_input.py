@@ -4,11 +4,13 @@ named error (never a 500), and nothing is recorded for it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+import pytest
 
 from unkey_deploy.gateway.tls import client_context
-from unkey_deploy.testing.gateway import RunningGateway, new_customer
+from unkey_deploy.testing.gateway import RunningGateway, new_customer, running_gateway
 
 SPEC = {"name": "hostile", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "128MiB"}}
 
@@ -38,3 +40,44 @@ def test_a_chunked_body_over_the_size_limit_is_refused(gateway: RunningGateway) 
         assert "larger than 1048576 bytes" in err["message"]
     with gateway.client(c.key) as client:
         assert client.list_deployments()["deployments"] == []
+
+
+@pytest.mark.postgres
+def test_nul_characters_are_refused_not_an_internal_error(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """PostgreSQL cannot hold a NUL in text (psycopg refuses the parameter): a NUL in a path id,
+    a query parameter or a body field used to reach the database and come back as a 500."""
+    with running_gateway(tmp_path / "gw", database_url=postgres_url) as gw:
+        c = new_customer(gw)
+        user = {"Authorization": f"Bearer {c.key}"}
+        admin = {"Authorization": f"Bearer {gw.admin_token}"}
+        with httpx.Client(base_url=gw.url, verify=client_context(gw.ca_cert)) as h:
+            answers = {
+                "get deployment": h.get("/v1/deployments/dep_%00", headers=user),
+                "events": h.get("/v1/deployments/%00/events", headers=user),
+                "stop": h.delete("/v1/deployments/%00", headers=user),
+                "revoke key": h.delete("/v1/keys/key_%00", headers=user),
+                "list by state": h.get("/v1/deployments", params={"state": "\0"}, headers=user),
+                "get customer": h.get("/v1/customers/%00", headers=admin),
+                "forget host": h.delete("/v1/hosts/%00", headers=admin),
+            }
+            for what, r in answers.items():
+                assert r.status_code == 422, (what, r.text)
+                assert "NUL" in r.json()["error"]["message"], (what, r.text)
+            bodies = {
+                "key name": h.post("/v1/keys", json={"name": "a\0b"}, headers=user),
+                "customer name": h.post("/v1/customers", json={"name": "x\0"}, headers=admin),
+                "customer email": h.post(
+                    "/v1/customers", json={"name": "nul-mail", "email": "a\0@b"}, headers=admin
+                ),
+                "tier": h.patch(
+                    f"/v1/customers/{c.id}", json={"pricing_tier": "pro\0"}, headers=admin
+                ),
+            }
+            for what, r in bodies.items():
+                assert r.status_code == 422, (what, r.text)
+                (problem,) = r.json()["error"]["problems"]
+                assert "NUL" in problem["msg"], (what, r.text)
+        with gw.client(c.key) as client:
+            assert [k["name"] for k in client.list_keys()["keys"]] == ["default"]

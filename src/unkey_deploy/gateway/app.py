@@ -125,6 +125,13 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = rid
         started = time.perf_counter()
         status = 500
+        if "\0" in scope["path"] or b"%00" in scope["query_string"]:
+            # ids and filters reach the database, and PostgreSQL text cannot hold a NUL
+            exc = InvalidInput("the URL contains a NUL character (%00)")
+            resp = error_response(exc, rid)
+            resp.headers["X-Request-Id"] = rid
+            await resp(scope, receive, send)
+            return
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:

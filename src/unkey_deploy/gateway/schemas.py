@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..store import controlplane as cp
 
@@ -15,6 +15,16 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _no_nul(v: str) -> str:
+    if "\0" in v:
+        raise ValueError("must not contain NUL characters")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+"""A string of a request body: stored as text, which on PostgreSQL cannot hold a NUL."""
 
 
 class _Out(BaseModel):
@@ -118,7 +128,7 @@ class KeyOut(_Out):
 
 
 class CreateKeyRequest(_Out):
-    name: str = Field("default", min_length=1, max_length=200)
+    name: Text = Field("default", min_length=1, max_length=200)
 
 
 class KeyCreated(_Out):
@@ -164,19 +174,19 @@ class CustomerOut(_Out):
 
 
 class CreateCustomerRequest(_Out):
-    name: str = Field(min_length=1, max_length=200)
-    email: str | None = Field(None, max_length=320)
-    tenant_id: str | None = Field(
+    name: Text = Field(min_length=1, max_length=200)
+    email: Text | None = Field(None, max_length=320)
+    tenant_id: Text | None = Field(
         None, description="default: a new tenant named after the customer"
     )
-    pricing_tier: str = "standard"
+    pricing_tier: Text = "standard"
     discount_pct: Decimal = Field(Decimal(0), ge=0, le=100, decimal_places=2)
     credit_balance: Decimal = Field(Decimal(0), decimal_places=6)
     create_key: bool = Field(True, description="also create a first API key")
 
 
 class UpdateCustomerRequest(_Out):
-    pricing_tier: str | None = None
+    pricing_tier: Text | None = None
     discount_pct: Decimal | None = Field(None, ge=0, le=100, decimal_places=2)
     credit_balance: Decimal | None = Field(None, decimal_places=6)
     add_credits: Decimal | None = Field(None, decimal_places=6)
