@@ -8,11 +8,13 @@ request exactly as the client sent it (the header policy under test is the clien
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from unkey_deploy.builder.oci import Descriptor, Reference, RegistryClient
+from unkey_deploy.core.config import BuilderConfig
 from unkey_deploy.core.errors import ImageError
 
 BLOB = b"layer bytes" * 100
@@ -66,3 +68,37 @@ def test_a_malformed_redirect_location_is_an_image_error() -> None:
     ImageError naming it (it used to escape as a bare ValueError)."""
     with pytest.raises(ImageError, match=r"redirected to an invalid URL 'http://\[bad/blob'"):
         _pull("http://[bad/blob")
+
+
+def test_a_token_server_answer_is_read_up_to_the_manifest_limit_only() -> None:
+    """The token server is outside input like the registry: an endless (or huge) answer must
+    not be read whole into memory. Past ``max_manifest_bytes`` the client stops with an
+    ImageError naming the realm (it used to read all of it)."""
+    sent = [0]
+
+    def endless() -> Iterator[bytes]:
+        yield b'{"token": "t"}'
+        while sent[0] < 64 << 20:  # 64 MiB of JSON whitespace: valid, and far too much
+            sent[0] += 1 << 20
+            yield b" " * (1 << 20)
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/token":
+            return httpx.Response(200, stream=_Gen(endless()))
+        return httpx.Response(
+            401, headers={"WWW-Authenticate": 'Bearer realm="https://auth.example/token"'}
+        )
+
+    config = BuilderConfig(max_manifest_bytes=1 << 20)
+    client = RegistryClient(config, transport=httpx.MockTransport(handler))
+    with client, pytest.raises(ImageError, match=r"token server https://auth.example/token: "):
+        client.get_manifest(Reference.parse("reg.example/app:latest"))
+    assert sent[0] <= 4 << 20  # stopped soon after the limit, not at the end
+
+
+class _Gen(httpx.SyncByteStream):
+    def __init__(self, it: Iterator[bytes]) -> None:
+        self._it = it
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._it

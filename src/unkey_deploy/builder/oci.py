@@ -517,8 +517,16 @@ class RegistryClient:
             query["service"] = ch.params["service"]
         headers = {"Authorization": _basic(creds)} if creds else {}
         resp = self._send("GET", f"{realm}?{urlencode(query)}", headers)
+        cap = self.config.max_manifest_bytes  # a token is a few KiB; the server is outside input
         try:
-            body = resp.read()
+            buf = bytearray()
+            for chunk in resp.iter_bytes():  # decoded: no digest here, and still capped
+                buf += chunk
+                if len(buf) > cap:
+                    raise ImageError(f"token server {realm}: answer exceeds the {cap}-byte limit")
+            body = bytes(buf)
+        except httpx.HTTPError as e:
+            raise ImageError(f"token server {realm}: transfer failed: {e}", retryable=True) from e
         finally:
             resp.close()
         if resp.status_code in (401, 403):
