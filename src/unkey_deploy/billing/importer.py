@@ -10,9 +10,10 @@ One line per sample::
 
 Every line is checked (names, integer types, ranges); any bad line stops the import before
 anything is sent, naming the line and the field. The spool directory is kept between imports, so
-batch ids keep growing per series; importing the same file twice bills it once (samples with a
-time already billed are duplicates, BILLING.md "Cleaning" 2). Series that are also metered live
-should not be imported (their batch numbering belongs to the live billaged).
+batch ids keep growing per series; importing the same file twice bills it once (the samples of
+a series up to the last one imported are rejected, as BILLING.md "Cleaning" 2 would ignore them).
+Series that are also metered live should not be imported (their batch numbering belongs to the
+live billaged).
 """
 
 from __future__ import annotations
@@ -125,8 +126,12 @@ async def import_file(
             live = [j for j, k in enumerate(keys) if i < len(series[k])]
             rows = np.stack([series[keys[j]][i] for j in live])
             bd.ingest(slots[live], rows)
-        for k in keys:
-            bd.stop(k)
+        # Spool the partial batches but leave the series open (not ``stop``): billaged refuses
+        # to reopen a stopped series, so running the import again (the same file, a longer one,
+        # or after NATS did not take everything) would fail instead of sending what is new and
+        # publishing what is still spooled. Samples at or before a series' last one are
+        # rejected at ingest: a re-import sends nothing twice.
+        bd.checkpoint(keys)
         if not await bd.drain(timeout_s=120):
             raise Unavailable(
                 "usage import: could not publish everything to NATS within 120 s",
