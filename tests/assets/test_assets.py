@@ -18,7 +18,7 @@ from unkey_deploy.assets.api import Asset, AssetMeta
 from unkey_deploy.assets.blobs import BlobStore, FsBlobStore, S3BlobStore, sha256_of
 from unkey_deploy.assets.service import AssetBlobRow, AssetManager
 from unkey_deploy.core.clock import FakeClock
-from unkey_deploy.core.errors import Conflict, NotFound
+from unkey_deploy.core.errors import Conflict, NotFound, UnkeyError
 from unkey_deploy.core.ids import BuildId, CustomerId, new_build_id, new_customer_id
 
 MiB = 1 << 20
@@ -238,3 +238,28 @@ def test_listing_skips_a_blob_another_gc_deletes_meanwhile(
         m.setattr(Path, "iterdir", iterdir_then_delete)
         listed = [sha for sha, _mtime, _size in store.list()]
     assert listed == [sha256_of(kept)]
+
+
+def test_fetch_of_a_corrupted_blob_is_an_asset_error_and_leaves_nothing(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FakeClock
+) -> None:
+    """A stored blob damaged on disk (bit rot, a bad copy) gives the asset manager's own error
+    naming the asset, whatever zstd makes of it; it used to escape as a raw ZstdError (checksum
+    or frame errors), and no half-written rootfs is left at the destination."""
+    blobs = FsBlobStore(tmp_path / "blobs")
+    mgr = AssetManager(factory, blobs, tmp_path / "cache", clock=clock, grace_s=60)
+    cust = new_customer_id()
+    zst, sha, size = _image(tmp_path, "z", b"Z")
+    asset = mgr.register(zst, _meta(cust, sha, size, key=f"z-{cust}"))
+    stored = blobs.local_path(asset.blob_sha256)
+    assert stored is not None
+    good = stored.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    dest = tmp_path / "vm" / "rootfs.ext4"
+    for damaged in (bytes(flipped), b"not zstd at all", good[: len(good) // 2]):
+        stored.chmod(0o644)
+        stored.write_bytes(damaged)
+        with pytest.raises(UnkeyError, match=f"asset {asset.asset_id}: "):
+            mgr.fetch(asset.asset_id, dest)
+        assert not dest.exists() and list(dest.parent.iterdir()) == []

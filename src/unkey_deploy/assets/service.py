@@ -315,6 +315,10 @@ class AssetManager:
             if h.hexdigest() != asset.ext4_sha256:
                 raise UnkeyError(f"asset {asset_id}: rootfs digest mismatch after decompression")
             tmp.replace(dest)
+        except zstandard.ZstdError as exc:  # the stored blob is damaged (bit rot, a bad copy)
+            raise UnkeyError(
+                f"asset {asset_id}: stored blob sha256:{asset.blob_sha256} is corrupt: {exc}"
+            ) from exc
         finally:
             tmp.unlink(missing_ok=True)
         return dest
