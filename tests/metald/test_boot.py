@@ -22,6 +22,7 @@ from unkey_deploy.core.config import MetaldConfig
 from unkey_deploy.core.errors import IllegalTransition, VmError
 from unkey_deploy.core.procs import children
 from unkey_deploy.metald import models
+from unkey_deploy.metald.api import read_consoles
 from unkey_deploy.metald.drivers.base import VmRuntime, VmSpec, process_alive, reap
 from unkey_deploy.metald.drivers.sandbox import SandboxDriver
 from unkey_deploy.metald.kernel import KernelPaths
@@ -351,6 +352,32 @@ def test_a_sandbox_writes_no_more_than_a_vm_could(make_metald: MetaldFactory, ro
         assert "exit=0" in out and "size=0" in out, out
     md.delete(vm.vm_id)
     trace.assert_gone()
+
+
+def test_a_chatty_vm_cannot_fill_the_disk_with_its_console(
+    make_metald: MetaldFactory, rootfs: Path
+) -> None:
+    """A VM's console log keeps its last ``console_keep_bytes`` on disk (the rest is freed in
+    place by the reconcile loop), while `unkey logs` still reads its tail."""
+    keep = 64 << 10
+    md = make_metald("sandbox", console_keep_bytes=keep)
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    log = md.jails.path(vm.vm_id) / "console.log"
+    r = httpx.get(md.endpoint(vm.vm_id) + "/cgi-bin/log?2048", timeout=30)  # 2 MiB
+    assert r.text == "done\n"
+    assert log.stat().st_size > 2 << 20
+    deadline = time.monotonic() + 5
+    while log.stat().st_blocks * 512 > 2 * keep + 8192 and time.monotonic() < deadline:
+        md.reconcile()  # (compacts once a second)
+        time.sleep(0.05)
+    assert log.stat().st_blocks * 512 <= 2 * keep + 8192, "the console still takes the disk"
+    assert log.stat().st_size > 2 << 20
+    with md.engine.connect() as c:
+        (console,) = read_consoles(c, "dep_test", tail=1 << 20)
+    assert console.truncated and console.data.endswith(b"console-end\n")
+    assert b"\0" not in console.data
 
 
 @pytest.mark.parametrize("fault", ["database", "disk"])

@@ -8,6 +8,7 @@ from sqlalchemy import Engine
 
 from unkey_deploy.metald import models
 from unkey_deploy.metald.api import read_consoles
+from unkey_deploy.metald.console import compact
 
 
 def add_vm(engine: Engine, vm_id: str, dep: str, log: Path | None, at: float) -> None:
@@ -50,3 +51,30 @@ def test_reads_from_offset_keeps_to_tail_and_filters(engine: Engine, tmp_path: P
         (restarted,) = read_consoles(c, "dep_a", vm_id="vm_1", offset=22)
         assert (restarted.data, restarted.offset) == (b"again\n", 0)
         assert read_consoles(c, "dep_a", vm_id="vm_9") == []
+
+
+def test_compact_frees_the_old_part_while_the_vmm_appends(engine: Engine, tmp_path: Path) -> None:
+    """A console past twice ``keep`` on disk keeps its last ``keep`` bytes (at least): the
+    writer goes on appending at the same offsets, a follower's offset stays valid, and a reader
+    from the start gets the kept part, told it was truncated (never the freed zeros)."""
+    log = tmp_path / "console.log"
+    line = b"a chatty app says the same thing again and again\n"
+    with open(log, "ab", buffering=0) as vmm:  # as a VMM holds it: appending
+        vmm.write(line * 20_000)  # ~1 MB
+        size = log.stat().st_size
+        assert compact(log, keep=1 << 20) == 0  # under twice keep: left alone
+        assert compact(log, keep=64 << 10) > 0
+        st = log.stat()
+        assert st.st_size == size, "the size (and so every offset) must stay"
+        assert st.st_blocks * 512 <= 2 * (64 << 10) + 8192, "the old part still takes the disk"
+        assert compact(log, keep=64 << 10) == 0  # nothing more to free
+        add_vm(engine, "vm_1", "dep_a", log, 1.0)
+        with engine.connect() as c:
+            (whole,) = read_consoles(c, "dep_a", tail=10 << 20)
+            assert whole.truncated and whole.offset >= size - (64 << 10) - 4096
+            assert b"\0" not in whole.data and whole.data.endswith(line)
+            assert whole.size == size
+            vmm.write(b"later\n")
+            (new,) = read_consoles(c, "dep_a", offset=size)
+            assert (new.data, new.offset, new.truncated) == (b"later\n", size, False)
+    assert log.read_bytes()[-len(line) - 6 :] == line + b"later\n"

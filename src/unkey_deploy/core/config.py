@@ -112,6 +112,10 @@ class MetaldConfig(_Section):
     # goes, so the next VM of it (a restart, a scale-out, a redeploy) finds it mounted and its
     # files in the page cache. Unused ones are unmounted when metald stops. 0: with the VM.
     image_keep_s: float = Field(60.0, ge=0)
+    # Each VM's console log keeps (at least) its last this many bytes on disk: once it holds
+    # twice as much, the older part is freed in place (a hole: offsets stay valid), checked
+    # every second. A chatty app cannot fill the host's disk; `unkey logs` reads the tail.
+    console_keep_bytes: int = Field(8 << 20, ge=64 << 10)
     # Destinations guests may not reach through the host's NAT (private, shared-address,
     # link-local incl. cloud metadata at 169.254.169.254, multicast, reserved), IPv4 and IPv6
     # CIDRs; ``egress_allow`` makes exceptions (e.g. a private resolver or registry). The VM

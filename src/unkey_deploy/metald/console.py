@@ -5,19 +5,25 @@ runtime. :func:`read_consoles` is the one way other services read it (gatewayd's
 ``GET /v1/deployments/{id}/logs``): it reads the file where the caller shares the host's
 filesystem (one-host stacks); a cluster whose gateway runs elsewhere needs this function to ask
 the VM's host agent instead, a change confined to this module.
+
+A log is bounded on disk by :func:`compact` (metald's reconcile loop, ``console_keep_bytes``):
+its old part is freed in place, and the reader skips it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from . import models
+from . import linux, models
 
 DEFAULT_TAIL = 64 * 1024
+_BLOCK = 4096  # holes are punched in whole blocks
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,45 @@ def _read(path: str | None, offset: int | None, tail: int) -> tuple[bytes, int, 
             if want > size:  # a new file (the VM restarted): from its beginning
                 want = 0
             start = max(min(want, size), size - tail)
+            start = max(start, _kept_from(fh.fileno(), start, size))
             fh.seek(start)
             return fh.read(size - start), start, size, start > want
     except FileNotFoundError:  # not booted yet
         return b"", 0, 0, False
+
+
+def _kept_from(fd: int, start: int, size: int) -> int:
+    """The first offset from ``start`` that :func:`compact` kept (past the freed part)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # nothing but a hole from there
+            return size
+        return start  # (a file system without SEEK_DATA: nothing was freed either)
+
+
+def compact(path: Path, keep: int) -> int:
+    """Free all but the last ``keep`` bytes (at least) of the console log at ``path`` once it
+    holds twice that on disk; returns the bytes freed. The VMM keeps writing to it as before:
+    the old part becomes a hole (:func:`linux.punch_hole`), so sizes and offsets (a reader's
+    ``offset=size``) stay valid; :func:`read_consoles` skips it and says ``truncated``. A
+    chatty app can thus never fill its host's disk with its console."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        st = os.fstat(fd)
+        if st.st_blocks * 512 <= 2 * keep:
+            return 0
+        start = _kept_from(fd, 0, st.st_size)
+        end = (st.st_size - keep) // _BLOCK * _BLOCK
+        if end <= start:
+            return 0
+        linux.punch_hole(fd, start, end - start)
+        return end - start
+    finally:
+        os.close(fd)
 
 
 def read_consoles(

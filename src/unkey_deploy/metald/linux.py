@@ -7,6 +7,8 @@ boot path (~10 ms each on our loaded CI machines). These make util-linux's syste
 itself on unmount) and ``mount(2)``. Callers fall back to the ``mount`` command when the kernel
 lacks ``LOOP_CONFIGURE`` (:class:`Unsupported`).
 
+Console logs: freeing their old part in place (:func:`punch_hole`).
+
 Network namespaces: renaming a named one (:func:`rename_bind_mount`) and writing a sysctl inside
 one (:func:`netns_sysctl`) without ``ip netns exec``.
 """
@@ -103,6 +105,20 @@ def umount(target: str, flags: int = 0) -> None:
     if _libc.umount2(target.encode(), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"umount {target}: {os.strerror(e)}")
+
+
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free ``length`` bytes of the file from ``offset`` (they read as zeros; the size and
+    every offset stay as they are, so a process appending to it is not disturbed)."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"fallocate(PUNCH_HOLE) of {length} bytes: {os.strerror(e)}")
 
 
 def rename_bind_mount(old: str, new: str) -> None:

@@ -85,6 +85,7 @@ from ..core.net import free_port
 from ..metering.model import MeterTarget, SeriesKey
 from . import models
 from .cgroups import CgroupManager, VmCgroup
+from .console import compact
 from .drivers.base import (
     DriverCapabilities,
     Launcher,
@@ -840,6 +841,8 @@ class Metald(Scheduler):
                                            thread_name_prefix="metald-vm")  # fmt: skip
         self._last_heartbeat = self.clock.monotonic()
         self._last_sweep = self.clock.monotonic()
+        self._last_compact = self._last_sweep
+        self._not_compacted: set[str] = set()  # VMs whose log cannot be (logged once)
         self._thread: threading.Thread | None = None
         self.netns_pool: NetnsPool | None = None
         if self.network is not None:
@@ -1328,6 +1331,9 @@ class Metald(Scheduler):
         vms = self.list(host_id=self.host_id)
         for state in VmState:
             metrics.VMS.labels(str(state)).set(sum(1 for vm in vms if vm.state == state))
+        if now - self._last_compact >= 1.0:
+            self._last_compact = now
+            self._compact_consoles(vms)
         for vm in vms:
             with self._busy_lock:
                 if vm.vm_id in self._busy:
@@ -1336,6 +1342,22 @@ class Metald(Scheduler):
                 self._reconcile_one(vm)
             except UnkeyError as exc:
                 event(log, "reconcile", logging.WARNING, vm_id=vm.vm_id, error=str(exc))
+
+    def _compact_consoles(self, vms: builtins.list[Vm]) -> None:
+        """Keep each running VM's console log to ``console_keep_bytes`` (console.compact)."""
+        for vm in vms:
+            if vm.state in (VmState.BOOTING, VmState.RUNNING):
+                path = self.jails.path(vm.vm_id) / "console.log"
+                try:
+                    freed = compact(path, self.config.console_keep_bytes)
+                except OSError as exc:
+                    if vm.vm_id not in self._not_compacted:
+                        self._not_compacted.add(vm.vm_id)
+                        event(log, "console not compacted", logging.WARNING, vm_id=vm.vm_id,
+                              error=str(exc))  # fmt: skip
+                    continue
+                if freed:
+                    event(log, "console compacted", vm_id=vm.vm_id, freed_bytes=freed)
 
     def _reconcile_one(self, vm: Vm) -> None:
         if vm.state == VmState.LOST:

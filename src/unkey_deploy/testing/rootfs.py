@@ -9,7 +9,8 @@ builder's init is a static C binary):
 * in ``burn`` mode starts ``burn_cpus`` busy loops (for metering tests),
 * serves ``/www`` with ``busybox httpd -f -p <port>``: ``/`` answers ``unkey-test-app``,
   ``/cgi-bin/env`` prints the environment, ``/cgi-bin/hostname`` the hostname,
-  ``/cgi-bin/write?<MiB>:<file>`` writes a file of that size (how much the app may write).
+  ``/cgi-bin/write?<MiB>:<file>`` writes a file of that size (how much the app may write),
+  ``/cgi-bin/log?<KiB>`` writes that much to the console.
 
 Build cost: one ``mkfs.ext4 -d`` of a ~2 MB tree, ~20-50 ms.
 """
@@ -56,6 +57,14 @@ busybox dd if=/dev/zero of="${QUERY_STRING#*:}" bs=1048576 count="${QUERY_STRING
 echo "exit=$?"
 echo "size=$(busybox wc -c < "${QUERY_STRING#*:}")"
 """
+# ?<KiB>: writes that many KiB of lines to the console (the app's stderr), then "console-end"
+_CGI_LOG = r"""#!/bin/busybox sh
+echo 'Content-Type: text/plain'
+echo
+busybox yes "unkey-test-app console line" | busybox head -c "$((QUERY_STRING * 1024))" >&2
+echo console-end >&2
+echo done
+"""
 
 
 def build_test_tree(root: Path, *, port: int = 8080, burn_cpus: int = 0) -> Path:
@@ -74,7 +83,12 @@ def build_test_tree(root: Path, *, port: int = 8080, burn_cpus: int = 0) -> Path
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\n")
     (root / "www" / "index.html").write_text(_INDEX)
-    for name, body in (("env", _CGI_ENV), ("hostname", _CGI_HOSTNAME), ("write", _CGI_WRITE)):
+    for name, body in (
+        ("env", _CGI_ENV),
+        ("hostname", _CGI_HOSTNAME),
+        ("write", _CGI_WRITE),
+        ("log", _CGI_LOG),
+    ):
         p = root / "www" / "cgi-bin" / name
         p.write_text(body)
         p.chmod(0o755)
