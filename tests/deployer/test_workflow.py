@@ -214,3 +214,48 @@ def test_a_failure_racing_the_users_stop_is_never_recorded_over_it() -> None:
         run_deploy(request(), Builds(), Vms(error=VmError("health check timed out")), rec)
     assert [s for s, _ in rec.states] == ["building", "deploying"]
     assert "failed" not in [p for p, _, _ in rec.events]
+
+
+class FailingReplica(Vms):
+    """``launch`` of replica ``fail_at`` fails, and (as ``launch_replica`` does) deletes the VM
+    it created before raising; the replicas launched before it keep running."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def launch(
+        self, req: DeployRequest, asset: BuiltAsset, replica: int, progress: Progress, /
+    ) -> LaunchedVm:
+        if replica == self.fail_at:
+            self.launched.append(replica)
+            raise DeadlineExceeded(f"replica {replica}: health check timed out")
+        return super().launch(req, asset, replica, progress)
+
+
+def test_a_failed_replica_leaves_no_vm_of_the_attempt_running() -> None:
+    """Replica 1 of 2 never answers: replica 0, already running, is deleted before the
+    deployment is recorded failed (a failed deployment runs, and is billed for, nothing)."""
+    rec, vms = Recorder(), FailingReplica(fail_at=1)
+    with pytest.raises(DeadlineExceeded):
+        run_deploy(request(replicas=2), Builds(), vms, rec)
+    assert vms.launched == [0, 1]
+    assert vms.live == []
+    assert [s for s, _ in rec.states] == ["building", "deploying", "failed"]
+    assert ("vm", "vm_0 stopped and deleted", {"vm_id": "vm_0"}) in rec.events
+    assert rec.events[-1][0] == "failed" and "health check timed out" in rec.events[-1][1]
+
+
+@pytest.mark.parametrize("left_by", ["deploying", "failed"])
+def test_a_retried_deploy_starts_from_no_vms(left_by: str) -> None:
+    """A retried deploy job (its worker crashed while ``deploying``, or its attempt failed)
+    deletes what an earlier attempt left before launching: the deployment ends with exactly
+    ``replicas`` VMs, never the earlier attempt's on top."""
+    rec, vms = Recorder(), Vms()
+    vms.live = ["vm_left_by_an_earlier_attempt"]
+    launched = run_deploy(request(replicas=2), Builds(), vms, rec, current_state=left_by)
+    assert [v.vm_id for v in launched] == ["vm_0", "vm_1"]
+    assert vms.live == ["vm_0", "vm_1"]
+    assert ("vm", "vm_left_by_an_earlier_attempt stopped and deleted",
+            {"vm_id": "vm_left_by_an_earlier_attempt"}) in rec.events  # fmt: skip
+    assert rec.states[-1][0] == "running"

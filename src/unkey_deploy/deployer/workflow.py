@@ -22,15 +22,17 @@ def run_deploy(
     """Build the image, then launch every replica; every step lands in the event stream.
 
     ``current_state`` is where a previous attempt left the deployment (a retried job after a
-    worker crash): the build is cached by image digest, so resuming rebuilds cheaply.
+    worker crash, or after a failed attempt): the build is cached by image digest, so resuming
+    rebuilds cheaply, and the VMs an earlier attempt left are deleted before any is launched.
 
     ``interruption`` is the user's stop: checked at every step and progress event, it raises
     :class:`.api.Interrupted` (so does a move of the deployment the lifecycle refuses: someone
     else, the user's stop, moved it). Then nothing is recorded: the caller deletes what was
     created (:func:`wind_down`) and the stop job owns the deployment.
 
-    Raises the service's error (a core.errors.UnkeyError) after recording the deployment as
-    failed with that error's code and message, so the worker can decide to retry or not; unless
+    Raises the service's error (a core.errors.UnkeyError) after deleting the replicas this
+    attempt launched and recording the deployment as failed with that error's code and
+    message, so the worker can decide to retry or not; unless
     the stop was requested meanwhile (``interruption.confirmed()``): a step that failed because
     the deployment is being torn down (its VM deleted under the launch) is Interrupted.
     """
@@ -52,8 +54,12 @@ def run_deploy(
             # theirs now, never recorded failed by us
             raise Interrupted(f"deployment {dep} was moved under the deploy: {exc}") from exc
 
+    def record(phase: str, message: str, /, **data: Any) -> None:
+        deployments.event(dep, phase, message, **data)
+
     if current_state != "deploying":
         move("building")
+    launched: list[LaunchedVm] = []
     try:
         deployments.event(dep, "build", f"building {req.image}")
         asset = builds.build(req, progress)
@@ -66,7 +72,10 @@ def run_deploy(
             rootfs_bytes=asset.rootfs_bytes,
         )
         move("deploying", asset_id=asset.asset_id)
-        launched = []
+        if current_state != "accepted":
+            # a retried job: an earlier attempt (a crashed worker's, or one that failed) may
+            # have left VMs, and launching beside them would run more than ``replicas``
+            vms.stop_all(dep, progress)
         for replica in range(req.replicas):
             stop.check()
             vm = vms.launch(req, asset, replica, progress)
@@ -86,6 +95,14 @@ def run_deploy(
     except UnkeyError as exc:
         if stop.confirmed():
             raise Interrupted(f"deployment {dep} was stopped ({exc.message})") from exc
+        if launched:
+            # the replicas already running go with the attempt: a failed deployment runs (and
+            # is billed for) nothing, and a retry starts from no VMs
+            try:
+                vms.stop_all(dep, record)
+            except UnkeyError as left:
+                record("vm", f"the failed deploy's VMs are not all deleted yet ({left.message});"
+                       " a retry or a stop deletes them", error=left.to_dict())  # fmt: skip
         try:  # a stop committed since that look moved it: then it is the stop's, not failed
             deployments.set_state(dep, "failed", error=exc.to_dict(), only_from=_DEPLOYING)
         except IllegalTransition as moved:
