@@ -18,7 +18,7 @@ from unkey_deploy.assets.api import Asset, AssetMeta
 from unkey_deploy.assets.blobs import BlobStore, FsBlobStore, S3BlobStore, sha256_of
 from unkey_deploy.assets.service import AssetBlobRow, AssetManager
 from unkey_deploy.core.clock import FakeClock
-from unkey_deploy.core.errors import Conflict, NotFound, UnkeyError
+from unkey_deploy.core.errors import Conflict, NotFound, Unavailable, UnkeyError
 from unkey_deploy.core.ids import BuildId, CustomerId, new_build_id, new_customer_id
 
 MiB = 1 << 20
@@ -263,3 +263,24 @@ def test_fetch_of_a_corrupted_blob_is_an_asset_error_and_leaves_nothing(
         with pytest.raises(UnkeyError, match=f"asset {asset.asset_id}: "):
             mgr.fetch(asset.asset_id, dest)
         assert not dest.exists() and list(dest.parent.iterdir()) == []
+
+
+def _s3_store(endpoint: str, url: str) -> S3BlobStore:
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+    return S3BlobStore(url, endpoint_url=endpoint, region="us-east-1", client=client)
+
+
+def test_s3_upload_failure_is_unavailable_and_registers_nothing(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FakeClock, s3_endpoint: str
+) -> None:
+    """An upload S3 refuses (here: the configured bucket does not exist) is the store's
+    Unavailable naming the blob, like every other S3 error; boto3's upload_file raises its own
+    S3UploadFailedError (not a ClientError), which used to escape raw from register()."""
+    blobs = _s3_store(s3_endpoint, "s3://no-such-bucket/prod")
+    mgr = AssetManager(factory, blobs, tmp_path / "cache", clock=clock, grace_s=60)
+    cust = new_customer_id()
+    zst, sha, size = _image(tmp_path, "u", b"U")
+    with pytest.raises(Unavailable, match=f"upload {sha256_of(zst)}: .*NoSuchBucket"):
+        mgr.register(zst, _meta(cust, sha, size, key=f"u-{cust}"))
+    assert mgr.find(f"u-{cust}") is None and mgr.list(cust) == []

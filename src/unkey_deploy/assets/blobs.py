@@ -141,10 +141,13 @@ class S3BlobStore:
         return f"{self.prefix}/sha256/{sha256}" if self.prefix else f"sha256/{sha256}"
 
     def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        from boto3.exceptions import S3UploadFailedError  # noqa: PLC0415
         from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
 
         try:
             return fn(*args, **kw)
+        except S3UploadFailedError as exc:  # upload_file wraps the ClientError in its own
+            raise Unavailable(f"{what}: S3 error: {exc}") from exc
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NotFound"):
