@@ -284,3 +284,15 @@ def test_s3_upload_failure_is_unavailable_and_registers_nothing(
     with pytest.raises(Unavailable, match=f"upload {sha256_of(zst)}: .*NoSuchBucket"):
         mgr.register(zst, _meta(cust, sha, size, key=f"u-{cust}"))
     assert mgr.find(f"u-{cust}") is None and mgr.list(cust) == []
+
+
+def test_s3_listing_failure_makes_gc_unavailable(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FakeClock, s3_endpoint: str
+) -> None:
+    """gc lists the bucket; when S3 refuses the listing, gc raises the store's Unavailable
+    like every other S3 call (the paginator was called outside the error mapping, so a raw
+    botocore NoSuchBucket/ClientError escaped)."""
+    blobs = _s3_store(s3_endpoint, "s3://no-such-bucket/prod")
+    mgr = AssetManager(factory, blobs, tmp_path / "cache", clock=clock, grace_s=60)
+    with pytest.raises(Unavailable, match=r"list s3://no-such-bucket/prod: .*NoSuchBucket"):
+        mgr.gc()

@@ -190,10 +190,14 @@ class S3BlobStore:
                    Key=self._key(sha256))  # fmt: skip
 
     def list(self) -> Iterator[tuple[str, float, int]]:
-        pages = self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._key("0" * 64)[:-64]
+        pages = iter(
+            self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key("0" * 64)[:-64]
+            )
         )
-        for page in pages:
+        # each page is one request: through _call, so a refusal is Unavailable like elsewhere
+        while (page := self._call(f"list s3://{self.bucket}/{self.prefix}", next, pages,
+                                  None)) is not None:  # fmt: skip
             for obj in page.get("Contents", []):
                 name = str(obj["Key"]).rsplit("/", 1)[-1]
                 if len(name) == 64:
