@@ -10,7 +10,7 @@ import random
 import time
 from decimal import Decimal
 
-from unkey_deploy.billing.aggregator import Aggregator, Incoming
+from unkey_deploy.billing.aggregator import Aggregator, Incoming, Versioner
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.metering.codec import Encoder, encode, samples_to_array
 
@@ -162,3 +162,29 @@ def test_a_batch_claiming_more_vcpus_than_storage_holds_is_quarantined_not_a_cra
     assert len(rows) == 1 and "vcpus: must be 1..65535, got 70000" in rows[0]["reason"]
     assert base64.b64decode(json.loads(rows[0]["sample_json"])["data_base64"]) == bad  # kept
     assert_bills_match(storage, raw_of([good]), TERMS)
+
+
+def test_a_restart_after_the_wall_clock_stepped_back_loses_no_usage(storage: ChdbStorage) -> None:
+    # Versions (billing_hourly, billing_series_state: the largest wins) come from the wall
+    # clock. An aggregator restarted after NTP stepped the clock back a minute wrote its rows
+    # with versions below the ones already stored: the hour kept the row from before the
+    # restart (the second batch's usage lost) and the series' state went back a batch.
+    rng = random.Random(12)
+    s = make_series(rng, "cust_a", "vm_1", "i1", MONTH_EDGE_NS - 10 * 60 * 10**9, 1800)
+    b0, b1, b2 = (encode(b) for b in to_batches(s))
+    wall = [time.time_ns()]
+
+    def aggregator() -> Aggregator:  # a process start: a new Versioner from the same clock
+        return Aggregator(
+            storage,
+            directory(TERMS),
+            wall_ns=lambda: wall[0],
+            versioner=Versioner(lambda: wall[0]),
+        )
+
+    aggregator().process([Incoming(0, b0)])
+    wall[0] -= 60 * 10**9
+    aggregator().process([Incoming(1, b1)])
+    wall[0] += 10**9
+    aggregator().process([Incoming(2, b2)])  # reads the series' state back from storage
+    assert_bills_match(storage, raw_of([s]), TERMS)

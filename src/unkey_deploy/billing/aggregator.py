@@ -329,11 +329,17 @@ def _esc(s: str) -> str:
 
 
 class Versioner:
-    """Strictly increasing versions from the wall clock (ns), across restarts too."""
+    """Strictly increasing versions from the wall clock (ns), across restarts too: the
+    aggregator first moves it past the largest version already stored (:meth:`advance_past`),
+    so a clock stepped back across a restart cannot make newer rows lose to older ones."""
 
     def __init__(self, now_ns: Any = time.time_ns) -> None:
         self._now = now_ns
         self._last = 0
+
+    def advance_past(self, version: int) -> None:
+        """Every later :meth:`next` is larger than ``version``."""
+        self._last = max(self._last, version)
 
     def next(self) -> int:
         v = max(int(self._now()), self._last + 1)
@@ -377,6 +383,7 @@ class Aggregator:
         self._mono = monotonic
         self._wall = wall_ns
         self._versions = versioner or Versioner()
+        self._versions_seeded = False  # see _seed_versions
         self._states: dict[str, SeriesState] = {}
         # hash() of every series with a state in storage not yet retired when it was read (once,
         # then after each forget()), and of every series evicted since, with when each state is
@@ -415,6 +422,19 @@ class Aggregator:
                 )
             )
         return self._stored
+
+    def _seed_versions(self) -> None:
+        """Once per process: take versions above every one stored (the largest version of a
+        row wins), whatever the wall clock says now. A billing row may be stored without its
+        flush's state (a crash between the two writes), so both tables are read."""
+        if self._versions_seeded:
+            return
+        rows = self.storage.query(
+            f"SELECT toUInt64(max(version)) AS v FROM {STATE_TABLE} "  # noqa: S608 (constant)
+            "UNION ALL SELECT toUInt64(max(version)) AS v FROM billing_hourly"
+        )
+        self._versions.advance_past(max((int(r["v"]) for r in rows), default=0))
+        self._versions_seeded = True
 
     def _read_states(self, sids: list[str]) -> dict[str, SeriesState]:
         """The stored states of these series that are still in storage (retired or not)."""
@@ -604,6 +624,7 @@ class Aggregator:
         out = Settled()
         quarantine: list[dict[str, Any]] = []
         redelivered: set[str] = set()
+        self._seed_versions()
         now = self._mono()
         now_ns = self._wall()
         self._prepares += 1
