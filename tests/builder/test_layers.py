@@ -230,3 +230,25 @@ def test_hardlink_header_metadata_never_changes_the_shared_inode(tmp_path: Path)
         assert (st.st_uid, st.st_gid) == (7, 8)
         assert st.st_mtime == 1_500_000_000
     assert all(p.read_bytes() == b"#!x" for p in names)
+
+
+def test_a_whiteout_hides_only_lower_layers_like_umoci(tmp_path: Path) -> None:
+    """OCI image spec (layer.md, Whiteouts): "Whiteout files MUST only apply to resources in
+    lower/parent layers. Files that are present in the same layer as a whiteout file can only
+    be hidden by whiteout files in subsequent layers." A layer holding both ``a/new`` and
+    ``a/.wh.new`` keeps ``a/new`` (umoci, the reference unpacker, agrees); it used to be
+    deleted when the whiteout came after it in the tar."""
+    lower = im.Layer.of([E("a/", "dir"), E("a/old", data=b"old")])
+    upper = im.Layer.of([E("a/new", data=b"new"), E("a/.wh.new"), E("a/.wh.old")])
+    im.write_layout(tmp_path / "layout", {"t": im.image([lower, upper], entrypoint=["/x"])})
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{tmp_path / 'layout'}:t", str(tmp_path / "bundle")],
+        check=True,
+        capture_output=True,
+    )
+    (tmp_path / "ours").mkdir()
+    with resolve(f"oci:{tmp_path / 'layout'}:t") as img:
+        extract_image(img, tmp_path / "ours")
+    assert (tmp_path / "ours/a/new").read_bytes() == b"new"
+    assert not (tmp_path / "ours/a/old").exists()
+    assert listing(tmp_path / "ours") == listing(tmp_path / "bundle/rootfs")

@@ -619,6 +619,9 @@ class _Applier:
         target = base[len(_WH) :]
         if target in ("", ".", "..") or target.startswith(_WH):
             raise self.err(name, f"invalid whiteout target {target!r}")
+        if "/".join([*parent, target]) in self.created:
+            # OCI: a whiteout hides lower layers only, never an entry of its own layer
+            return
         self.touch(parent)
         if self.remove([*parent, target]):
             self.stats.whiteouts += 1
