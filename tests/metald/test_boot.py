@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from unkey_deploy.metald.api import read_consoles
 from unkey_deploy.metald.drivers.base import VmRuntime, VmSpec, process_alive, reap
 from unkey_deploy.metald.drivers.sandbox import SandboxDriver
 from unkey_deploy.metald.kernel import KernelPaths
-from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
+from unkey_deploy.metald.service import CreateVm, Metald, Scheduler, Vm
 from unkey_deploy.metald.states import VmState
 
 MetaldFactory = Callable[..., Metald]
@@ -553,6 +554,41 @@ def test_a_host_boots_vms_at_once_and_keeps_heartbeating(
     finally:
         sched.close()
         md.shutdown()
+
+
+def test_a_reconcile_pass_does_not_wait_for_booting_vms_probes(
+    make_metald: MetaldFactory, rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A booting VM's readiness probe can wait out its connect timeout (a qemu guest whose
+    network is not up yet): the pass probes its booting VMs side by side, off the pass, which
+    goes on to the other VMs and its next round at once."""
+    md = make_metald("sandbox")
+    vms = [md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+           for _ in range(2)]  # fmt: skip
+    for vm in vms:
+        md.boot(vm.vm_id)
+    release = threading.Event()
+    probing: list[str] = []
+
+    def slow_probe(vm: Vm, timeout: float = 0.5, path: str = "/") -> bool:
+        probing.append(vm.vm_id)
+        return release.wait(10)
+
+    monkeypatch.setattr(md, "probe", slow_probe)
+    one_pass = threading.Thread(target=md._pass)
+    one_pass.start()
+    try:
+        one_pass.join(5)
+        assert not one_pass.is_alive(), "the pass waited for a probe"
+        deadline = time.monotonic() + 5
+        while len(probing) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(probing) == sorted(vm.vm_id for vm in vms), "not probed side by side"
+    finally:
+        release.set()
+        one_pass.join(10)
+    md._drain()
+    assert [md.get(vm.vm_id).state for vm in vms] == [VmState.RUNNING] * 2
 
 
 def _heartbeat(md: Metald) -> float:

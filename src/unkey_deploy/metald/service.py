@@ -1280,8 +1280,8 @@ class Metald(Scheduler):
         wait(work)
 
     def _in_background(self, vm_id: str, work: Callable[[], object]) -> None:
-        """Run a VM's boot, stop or deletion off the reconcile pass: a stop may wait
-        ``stop_timeout_s`` for the app and a boot copies a rootfs, and a pass (which also
+        """Run a VM's boot, stop, deletion or readiness probe off the reconcile pass: a stop
+        may wait ``stop_timeout_s`` for the app and a boot copies a rootfs, and a pass (which also
         heartbeats: a host silent for ``lost_after_s`` is declared lost) must not wait for
         those of many VMs one after the other. One at a time per VM; up to VM_WORKERS VMs at
         once."""
@@ -1373,7 +1373,14 @@ class Metald(Scheduler):
             self._in_background(vm.vm_id, lambda: self._boot_local(vm.vm_id))
         elif vm.desired == "stopped" and vm.state in (VmState.BOOTING, VmState.RUNNING):
             self._in_background(vm.vm_id, lambda: self._stop_local(vm.vm_id))
-        elif vm.state == VmState.BOOTING and self.probe(vm, timeout=0.2):
+        elif vm.state == VmState.BOOTING:
+            self._in_background(vm.vm_id, lambda: self._mark_running(vm))
+
+    def _mark_running(self, vm: Vm) -> None:
+        """A booting VM is running once its app answers. Off the pass: behind a tap whose guest
+        is not up yet, a probe waits out its connect timeout, and a pass must not wait that
+        long for each of many booting VMs."""
+        if self.probe(vm, timeout=0.2):
             with contextlib.suppress(IllegalTransition):
                 self._set_state(vm.vm_id, VmState.RUNNING)
 
