@@ -252,3 +252,29 @@ def test_a_whiteout_hides_only_lower_layers_like_umoci(tmp_path: Path) -> None:
     assert (tmp_path / "ours/a/new").read_bytes() == b"new"
     assert not (tmp_path / "ours/a/old").exists()
     assert listing(tmp_path / "ours") == listing(tmp_path / "bundle/rootfs")
+
+
+def test_aufs_metadata_entries_are_skipped_like_umoci(tmp_path: Path) -> None:
+    """Layers written by Docker's old aufs driver carry ``.wh..wh.aufs``, ``.wh..wh.plnk/`` and
+    ``.wh..wh.orph/``: metadata, not whiteouts (moby's unpacker skips them, umoci ignores them
+    as well). Such an image must extract; it was refused with "invalid whiteout target"."""
+    lower = im.Layer.of([E("a/", "dir"), E("a/old", data=b"old")])
+    upper = im.Layer.of(
+        [
+            E(".wh..wh.aufs", data=b""),
+            E(".wh..wh.plnk/", "dir"),
+            E(".wh..wh.orph/", "dir"),
+            E("a/new", data=b"new"),
+        ]
+    )
+    im.write_layout(tmp_path / "layout", {"t": im.image([lower, upper], entrypoint=["/x"])})
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{tmp_path / 'layout'}:t", str(tmp_path / "bundle")],
+        check=True,
+        capture_output=True,
+    )
+    (tmp_path / "ours").mkdir()
+    with resolve(f"oci:{tmp_path / 'layout'}:t") as img:
+        extract_image(img, tmp_path / "ours")
+    assert sorted(os.listdir(tmp_path / "ours/a")) == ["new", "old"]
+    assert listing(tmp_path / "ours") == listing(tmp_path / "bundle/rootfs")

@@ -617,7 +617,12 @@ class _Applier:
             self.stats.opaque_dirs += 1
             return
         target = base[len(_WH) :]
-        if target in ("", ".", "..") or target.startswith(_WH):
+        if target.startswith(_WH):
+            # aufs metadata (.wh..wh.aufs, .wh..wh.plnk/, .wh..wh.orph/) in layers written by
+            # Docker's old aufs driver: not a whiteout of anything; moby and umoci skip it too
+            self.stats.skipped_other.append("/" + "/".join(parts))
+            return
+        if target in ("", ".", ".."):
             raise self.err(name, f"invalid whiteout target {target!r}")
         if "/".join([*parent, target]) in self.created:
             # OCI: a whiteout hides lower layers only, never an entry of its own layer
