@@ -175,6 +175,31 @@ def test_spares_of_a_dead_metald_are_reclaimed(make_metald: MetaldFactory) -> No
     assert not Path(f"/run/netns/{netns_name(pool_id)}").exists()
 
 
+def test_a_spare_that_could_not_be_removed_is_removed_at_the_next_start(
+    make_metald: MetaldFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removing a spare's links fails (at metald's stop): the spare keeps its lease, so the
+    next start of the host finds it and removes it (before, the lease went anyway and the
+    links stayed on the host for good)."""
+    md = make_metald("sandbox", name="h1", netns_pool=1)
+    assert md.network is not None and md.netns_pool is not None
+    assert md.netns_pool.wait_full(timeout=20)
+    (pool_id,) = md.ips.leased(pooled=True)
+
+    def failing(att: object) -> None:
+        raise VmError("ip link del: Device or resource busy")
+
+    monkeypatch.setattr(md.network, "detach", failing)
+    md.close()
+    monkeypatch.undo()
+    assert _iface_exists(iface_name(pool_id))
+    assert pool_id in md.ips.leased(pooled=True), "the spare's lease went with its links left"
+    md2 = make_metald("sandbox", name="h1", netns_pool=0)  # the restart, same host
+    assert md2.ips.leased(pooled=True) == {}
+    assert not _iface_exists(iface_name(pool_id))
+    assert not Path(f"/run/netns/{netns_name(pool_id)}").exists()
+
+
 def _forget(md: Metald) -> None:
     """md's host is declared lost (no VMs) and an operator forgets it: its leases go."""
     with md.engine.begin() as c:

@@ -477,11 +477,7 @@ class NetnsPool:
         try:
             self.ips.reassign(pool_id, vm_id)
         except UnkeyError:
-            if launcher is not None:
-                launcher.discard()
-            self.network.detach(NetAttachment(**{**att.__dict__, "netns": ns}))
-            self.ips.release(pool_id)
-            self._unrecord(pool_id)
+            self._discard(pool_id, NetAttachment(**{**att.__dict__, "netns": ns}), launcher)
             raise
         self._unrecord(pool_id)  # the VM's now (its own record names the links)
         taken = NetAttachment(mode="netns", host_iface=att.host_iface, netns=ns,
@@ -489,12 +485,18 @@ class NetnsPool:
         return taken, launcher
 
     def _discard(self, pool_id: str, att: NetAttachment, launcher: Launcher | None) -> None:
+        """Remove a spare. One whose links could not be removed keeps its lease and record,
+        so :meth:`reclaim` at the next start finds it and tries again."""
         if launcher is not None:
             launcher.discard()
             with contextlib.suppress(OSError):
                 launcher.log.unlink()
-        with contextlib.suppress(VmError):
+        try:
             self.network.detach(att)
+        except VmError as exc:
+            event(_log, "netns pool spare not removed", logging.WARNING, pool_id=pool_id,
+                  error=str(exc))  # fmt: skip
+            return
         self.ips.release(pool_id)
         self._unrecord(pool_id)
 
