@@ -135,3 +135,20 @@ def test_launch_spec_overrides_and_errors(tmp_path: Path, make_tree: Callable[..
         launch_spec(root, ImageConfig(cmd=("/x",), user="root"))
     with pytest.raises(ImageError, match="Entrypoint"):
         ImageConfig.from_oci({"Entrypoint": "not-a-list"})
+
+
+@pytest.mark.parametrize(
+    "user", ["4294967296", "4294967295", "1000:4294967296", "big", "app:99999999999"]
+)
+def test_an_out_of_range_user_or_group_id_is_refused_at_build_time(
+    tmp_path: Path, make_tree: Callable[..., Path], user: str
+) -> None:
+    """uid/gid are 32-bit and 2**32-1 means "no change" to setuid(2): an image ``User`` of
+    4294967296 was written as is, and the init's setuid((uid_t)4294967296) is setuid(0), so the
+    app ran as root while the build record said otherwise (4294967295 failed with EINVAL and
+    the init kept root as well). The build refuses such ids, naming them."""
+    root = make_tree(tmp_path / "r")
+    with (root / "etc/passwd").open("a") as f:
+        f.write("big:x:4294967296:0::/:/bin/sh\n")
+    with pytest.raises(ImageError, match="out of range"):
+        launch_spec(root, ImageConfig(cmd=("/x",), user=user))

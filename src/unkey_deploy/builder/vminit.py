@@ -139,6 +139,10 @@ def _table(text: str | None) -> list[list[str]]:
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
+MAX_ID = 2**32 - 2
+"""The largest uid/gid (32-bit; 2**32-1 is setuid(2)'s "leave unchanged")."""
+
+
 def resolve_user(root: Path, user: str) -> tuple[int, int, tuple[int, ...]]:
     """``User`` (``name``, ``uid``, ``name:group``, ``uid:gid``...) -> numeric uid, gid, groups."""
     if not user:
@@ -169,12 +173,15 @@ def resolve_user(root: Path, user: str) -> tuple[int, int, tuple[int, ...]]:
             if not match:
                 raise ImageError(f"image User {user!r}: no group {group!r} in /etc/group")
             gid = int(match[0][2])
+    for what, n in (("uid", uid), ("gid", gid)):
+        if n > MAX_ID:  # setuid((uid_t)2**32) is setuid(0); 2**32-1 is "leave unchanged"
+            raise ImageError(f"image User {user!r}: {what} {n} out of range (0-{MAX_ID})")
     supplementary: list[int] = []
     if uname is not None:
         for r in groups:
             if len(r) >= 4 and r[2].isdigit() and uname in r[3].split(","):
                 g = int(r[2])
-                if g != gid and g not in supplementary:
+                if g != gid and g not in supplementary and g <= MAX_ID:
                     supplementary.append(g)
     return uid, gid, tuple(supplementary)
 
