@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -120,3 +120,32 @@ def test_compress_failing_mid_stream_raises_instead_of_hanging(tmp_path: Path) -
     assert not t.is_alive(), "compress() hung after its output failed"
     assert len(got) == 1 and isinstance(got[0], Cancelled), got
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.img"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A small tmpfs of the test's own (the builder's work dir may well be one)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_the_image_size_does_not_depend_on_the_work_dirs_filesystem(tmpfs: Path) -> None:
+    """The ext4 is sized from the tree's allocated bytes, but a tmpfs (or XFS) allocates no
+    block to a directory or a long symlink, which ext4 does (one 4 KiB block each): a tree of
+    many of them built on a tmpfs ran out of space in mkfs ("Could not allocate block")."""
+    tree = tmpfs / "tree"
+    tree.mkdir()
+    for i in range(2500):
+        (tree / f"d{i}").mkdir()
+        (tree / f"l{i}").symlink_to(f"/usr/lib/x86_64-linux-gnu/a/target/longer/than/60/chars/{i}")
+    info = make_rootfs(tree, tmpfs / "out.ext4", seed="sha256:abc|opts")
+    fsck = subprocess.run(["e2fsck", "-fn", info.path], capture_output=True, check=False)
+    assert fsck.returncode == 0
+    ls = subprocess.run(["debugfs", "-R", "ls /", info.path], capture_output=True, text=True,
+                        check=True).stdout  # fmt: skip
+    assert "l2499" in ls and "d2499" in ls
