@@ -146,11 +146,14 @@ SERIES_IDLE_S = 300.0
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """One message from the bus. ``handle`` is given back in :class:`Settled`."""
+    """One message from the bus. ``handle`` is given back in :class:`Settled`. ``stream_seq``:
+    the bus's id of the stored message (JetStream's stream sequence), the same in every
+    delivery of it; None when unknown."""
 
     handle: Any
     data: bytes
     redelivered: bool = False
+    stream_seq: int | None = None
 
 
 @dataclass
@@ -669,8 +672,14 @@ class Aggregator:
             if it.redelivered:
                 redelivered.add(b.batch_id)
             old = self._held[sid].get(b.seq)
-            if old is not None and old.item.handle != it.handle:
-                # the same batch twice: keep one copy (unacked, so it survives a crash)
+            if (
+                old is not None
+                and old.item.handle != it.handle
+                and (it.stream_seq is None or it.stream_seq != old.item.stream_seq)
+            ):
+                # the same batch stored twice: keep one copy (unacked, so it survives a crash).
+                # The same stored message delivered again (its ack wait ran out while held) is
+                # only replaced: acking its old delivery would ack the message itself.
                 out.ack.append(old.item.handle)
             self._held[sid][b.seq] = _Held(it, b, old.since if old else now)
         now_s = now_ns // 10**9

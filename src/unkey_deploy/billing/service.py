@@ -102,7 +102,7 @@ async def run_consumer(
                     break
             if not msgs and not agg.held_handles() and inflight is None:
                 continue
-            items = [Incoming(m, m.data, m.num_delivered > 1) for m in msgs]
+            items = [Incoming(m, m.data, m.num_delivered > 1, m.stream_seq) for m in msgs]
             # Prepare this flush while the previous one is being written (chDB works outside
             # the GIL), then write flushes strictly in order.
             prepared = None
