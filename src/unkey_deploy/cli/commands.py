@@ -67,7 +67,7 @@ def _follow(
     with EventRenderer(sys.stderr) as view:
         for _attempt in range(30):
             try:
-                for ev in client.events(deployment_id, last_event_id=last):
+                for ev in client.events(deployment_id, last_event_id=last, deadline=deadline):
                     if ev.event == "end":
                         return dict(ev.data)
                     last = ev.id

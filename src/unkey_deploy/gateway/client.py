@@ -8,6 +8,7 @@ Every non-2xx answer becomes the matching :class:`~unkey_deploy.core.errors.Unke
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -151,20 +152,30 @@ class GatewayClient:
         return result
 
     def events(
-        self, deployment_id: str, *, follow: bool = True, last_event_id: int | None = None
+        self,
+        deployment_id: str,
+        *,
+        follow: bool = True,
+        last_event_id: int | None = None,
+        deadline: float | None = None,
     ) -> Iterator[Event]:
-        """Yield the deployment's events until the stream's ``end`` event (inclusive)."""
+        """Yield the deployment's events until the stream's ``end`` event (inclusive).
+
+        With ``deadline`` (a ``time.monotonic()`` value) the stream also ends, without an
+        ``end`` event, once the deadline has passed, even while no event comes."""
         headers = self._headers(False)
         if last_event_id is not None:
             headers["Last-Event-ID"] = str(last_event_id)
         url = f"/v1/deployments/{deployment_id}/events"
+        # no read timeout otherwise: a deployment may be silent for long (keep-alives aside)
+        read = None if deadline is None else max(0.1, deadline - time.monotonic())
         try:
             with self._http.stream(
                 "GET",
                 url,
                 params={"follow": str(follow).lower()},
                 headers=headers,
-                timeout=httpx.Timeout(30.0, read=None),
+                timeout=httpx.Timeout(30.0, read=read),
             ) as resp:
                 if not resp.is_success:
                     resp.read()
@@ -173,6 +184,8 @@ class GatewayClient:
                 ev_name = "message"
                 data: list[str] = []
                 for line in resp.iter_lines():
+                    if deadline is not None and time.monotonic() > deadline:
+                        return
                     if line == "":
                         if data:
                             yield Event(ev_id, ev_name, json.loads("\n".join(data)))
@@ -188,6 +201,10 @@ class GatewayClient:
                         ev_name = value
                     elif field == "data":
                         data.append(value)
+        except httpx.ReadTimeout as exc:
+            if deadline is not None:
+                return  # nothing came before the deadline (the read waited all that was left)
+            raise self._unreachable(exc) from None
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
