@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from unkey_deploy.builder.rootfs import compress, decompress_sparse, make_rootfs, sha256_file
+from unkey_deploy.core.errors import BuildFailed
 
 pytestmark = pytest.mark.root
 
@@ -149,3 +150,19 @@ def test_the_image_size_does_not_depend_on_the_work_dirs_filesystem(tmpfs: Path)
     ls = subprocess.run(["debugfs", "-R", "ls /", info.path], capture_output=True, text=True,
                         check=True).stdout  # fmt: skip
     assert "l2499" in ls and "d2499" in ls
+
+
+def test_a_failing_e2fsck_says_what_it_found(
+    tmp_path: Path, make_tree: Callable[..., Path]
+) -> None:
+    """e2fsck reports its findings on stdout and only its version banner on stderr: the
+    BuildFailed message carried just "e2fsck 1.47.0 (5-Feb-2023)", not what was wrong."""
+    from unkey_deploy.builder import rootfs
+
+    info = make_rootfs(make_tree(tmp_path / "t"), tmp_path / "t.ext4", seed="s")
+    subprocess.run(["debugfs", "-w", "-R", "clri /etc", info.path], check=True,
+                   capture_output=True)  # fmt: skip
+    with pytest.raises(
+        BuildFailed, match=r"(?s)e2fsck -fn failed \(exit 4\): .*deleted/unused inode"
+    ):
+        rootfs._run(["e2fsck", "-fn", info.path], dict(os.environ), "e2fsck -fn")

@@ -98,8 +98,10 @@ def _clamp_times(tree: Path) -> tuple[int, int]:
 def _run(cmd: list[str], env: dict[str, str], what: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0 and not (cmd[0] == "e2fsck" and "-fy" in cmd and proc.returncode == 1):
-        msg = (proc.stderr or proc.stdout).strip()[-600:]
-        if "No space left" in msg or "Could not allocate" in msg:
+        # both streams: e2fsck says what it found on stdout and only its banner on stderr
+        text = "\n".join(t.strip() for t in (proc.stderr, proc.stdout) if t.strip())
+        msg = text if len(text) <= 800 else f"{text[:500]} … {text[-300:]}"
+        if "No space left" in text or "Could not allocate" in text:
             raise ResourceExhausted(f"{what}: {msg}")
         raise BuildFailed(f"{what} failed (exit {proc.returncode}): {msg}")
     return proc
