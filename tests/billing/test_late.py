@@ -312,3 +312,38 @@ def test_a_late_batch_that_invalidates_later_samples_quarantines_them(
     assert [(r["batch_id"], r["reason"], int(r["n"])) for r in rows] == [
         ("vm_8:i1:3", "counter_decreased", 600)
     ]
+
+
+def test_a_seq_far_ahead_of_its_series_is_quarantined_at_once(storage: ChdbStorage) -> None:
+    # A header's seq is any u64. One far ahead of its series (corrupt or hostile) made every
+    # prepare() build set(range(next_seq, seq)) to see whether the gap was all broken batches
+    # (10^7: 2 s and ~0.5 GB per flush; 10^12: never returns), and would have been held, then
+    # "skipped" with every seq in between.
+    rng = random.Random(41)
+    s = make_series(rng, "cust_a", "vm_1", "i1", _recent_start(), 1800)
+    b0, b1, b2 = to_batches(s)
+    stray = [
+        dataclasses.replace(b1, seq=10**7),  # the same series, far ahead
+        dataclasses.replace(  # a new series whose first batch says seq 2^64 - 1
+            b1, key=dataclasses.replace(b1.key, vm_id="vm_2"), seq=2**64 - 1
+        ),
+    ]
+    clock = Clock()
+    agg = Aggregator(storage, directory(TERMS), monotonic=clock)
+    agg.process([Incoming("b0", encode(b0))])
+    t0 = time.monotonic()
+    out = agg.process([Incoming(f"x{i}", encode(b)) for i, b in enumerate(stray)])
+    assert time.monotonic() - t0 < 2
+    assert sorted(out.ack) == ["x0", "x1"] and out.held == 0 and out.term == []
+    rows = storage.query(
+        "SELECT batch_id, reason, count() AS n FROM metrics_quarantine "
+        "GROUP BY batch_id, reason ORDER BY batch_id"
+    )
+    assert [(r["batch_id"], r["reason"], int(r["n"])) for r in rows] == [
+        ("vm_1:i1:10000000", "seq_out_of_range", 600),
+        (f"vm_2:i1:{2**64 - 1}", "seq_out_of_range", 600),
+    ]
+    clock.now += 2 * HOLD  # nothing waits for them: the series goes on as before
+    out = agg.process([Incoming("b1", encode(b1)), Incoming("b2", encode(b2))])
+    assert sorted(out.ack) == ["b1", "b2"] and out.held == 0
+    assert_bills_match(storage, raw_of([s]), TERMS)

@@ -121,6 +121,12 @@ REASON_INVALID_BATCH = "invalid_batch"
 REASON_TOO_LATE = "arrived_after_horizon"
 REASON_REPLAY = "replay_incomplete"
 REASON_RETIRED = "series_retired"
+REASON_SEQ_RANGE = "seq_out_of_range"
+# How far ahead of its series' next seq a batch may be: ~69 days of 60 s batches, far more than
+# the late horizon. A seq further ahead (the header's seq is any u64) is no gap that batches
+# could fill but a corrupt or hostile header: quarantined at once, never held or skipped over
+# (the seqs in between would be held in memory and in the series' state).
+MAX_SEQ_AHEAD = 100_000
 LATE_HORIZON_S = BillingConfig.LATE_HORIZON_S
 # A series' state is retired this long after its newest sample and its last batch (module
 # docstring, "Memory"); billing.series_retention_s.
@@ -714,6 +720,13 @@ class Aggregator:
                     late.setdefault(sid, []).append(h)  # applied below, by a replay
                 else:
                     out.ack.append(h.item.handle)  # a duplicate: already committed
+            for seq in sorted(s for s in held if s > st.last_seq + MAX_SEQ_AHEAD):
+                h = held.pop(seq)
+                log.warning("series %s: batch seq %d is far ahead of %d", sid, seq, st.last_seq)
+                quarantine.extend(_q_batch(h.batch, REASON_SEQ_RANGE))
+                out.ack.append(h.item.handle)
+                done_ids.append(h.batch.batch_id)
+                out.samples += len(h.batch.samples)
             run: list[_Held] = []
             nxt = st.last_seq + 1
             while nxt in held:
@@ -725,7 +738,9 @@ class Aggregator:
                 first = min(held)
                 # a gap of broken batches only (quarantined: they will not come intact) is not
                 # waited for; one that does come after all is a late batch (replayed, below)
-                gap_broken = set(range(st.last_seq + 1, first)) <= broken
+                gap_broken = first - st.last_seq - 1 <= len(broken) and all(
+                    q in broken for q in range(st.last_seq + 1, first)
+                )
                 if now - oldest.since >= self.hold_timeout_s or gap_broken:
                     log.warning(
                         "series %s: batches %d..%d %s; applying %d without them",
