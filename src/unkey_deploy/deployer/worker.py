@@ -14,6 +14,10 @@ so); it is recorded ``failed``, in the transaction that fails the job for good, 
 attempt is left (or the error is not retryable), or when a worker finds that the stop job's
 last worker lost its lease on the last attempt. So ``failed`` after a stop is final.
 
+A failed deploy attempt that will be retried leaves the deployment ``building``/``deploying``
+(a ``retry`` event says why and when; the attempt's VMs are deleted): it is recorded ``failed``
+only by its last attempt, or for an error no retry can fix, so ``failed`` is final there too.
+
 A deploy job whose last attempt's worker died fails its deployment the same way (found by any
 worker's requeue pass; the VMs that worker may have booted are deleted): nothing else would
 ever move it out of ``building``/``deploying``.
@@ -139,7 +143,7 @@ class DeployWorker:
                 if job.kind == STOP_JOB_KIND:
                     outcome = self._run_stop(dep, job.attempts)
                 else:
-                    outcome = self._run_deploy(dep, job.attempts, interruption)
+                    outcome = self._run_deploy(dep, job, interruption)
             done.set()
             watcher.join(10)
             with self.factory() as s, s.begin():
@@ -161,6 +165,8 @@ class DeployWorker:
                 )
                 if job.kind == STOP_JOB_KIND:
                     self._stop_attempt_failed(s, dep_id, after, exc.to_dict())
+                elif after.state == jobs.JobState.QUEUED:
+                    self._deploy_attempt_failed(s, dep_id, after, exc.to_dict())
         finally:
             done.set()
         return True
@@ -217,14 +223,20 @@ class DeployWorker:
                     event(log, "job watcher", level=logging.WARNING, error=repr(exc))
 
     # -- deploy ---------------------------------------------------------------------------------
-    def _run_deploy(self, dep: Deployment, attempt: int, interruption: Interruption) -> _Outcome:
-        event(log, "deploy started", attempt=attempt, state=dep.state)
+    def _run_deploy(self, dep: Deployment, job: jobs.Job, interruption: Interruption) -> _Outcome:
+        event(log, "deploy started", attempt=job.attempts, state=dep.state)
         if dep.state in _DEPLOY_SKIPS:
             return _Outcome({"state": dep.state})
         t0 = time.monotonic()
+
+        def will_retry(exc: UnkeyError) -> bool:
+            # what jobs.fail will decide (a cancel requested meanwhile is the user's stop)
+            return exc.retryable and job.attempts < job.max_attempts
+
         try:
             launched = run_deploy(request_from(dep), self.builds, self.vms, self.records,
-                                  current_state=dep.state, interruption=interruption)  # fmt: skip
+                                  current_state=dep.state, interruption=interruption,
+                                  will_retry=will_retry)  # fmt: skip
         except Interrupted as why:
             # the user cancelled or stopped it: delete what we created, leave the rest to them
             deleted = wind_down(dep.id, self.builds, self.vms, self.records,
@@ -290,6 +302,18 @@ class DeployWorker:
                     suggestion="check the deployer's log; the stop is retried",
                 )
             time.sleep(0.1)
+
+    def _deploy_attempt_failed(
+        self, s: Session, dep_id: str, after: jobs.Job, error: dict[str, Any]
+    ) -> None:
+        """A deploy attempt failed and its job is queued again: an event says why and when
+        (the deployment stays ``building``/``deploying``; ``failed`` is for the last one)."""
+        now = self._now()
+        retry_in = max(after.not_before - now, 0.0)
+        cp.add_event(s, dep_id, "retry", f"deploy attempt {after.attempts}/{after.max_attempts} "
+                     f"failed: {error.get('message', '')}; retrying in {retry_in:.0f} s", now=now,
+                     data={"error": error, "attempt": after.attempts,
+                           "max_attempts": after.max_attempts, "retrying": True})  # fmt: skip
 
     def _stop_attempt_failed(
         self, s: Session, dep_id: str, after: jobs.Job, error: dict[str, Any]

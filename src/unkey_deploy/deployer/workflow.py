@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import IllegalTransition, UnkeyError
@@ -18,6 +19,7 @@ def run_deploy(
     *,
     current_state: str = "accepted",
     interruption: Interruption | None = None,
+    will_retry: Callable[[UnkeyError], bool] = lambda _exc: False,
 ) -> list[LaunchedVm]:
     """Build the image, then launch every replica; every step lands in the event stream.
 
@@ -32,7 +34,9 @@ def run_deploy(
 
     Raises the service's error (a core.errors.UnkeyError) after deleting the replicas this
     attempt launched and recording the deployment as failed with that error's code and
-    message, so the worker can decide to retry or not; unless
+    message; unless ``will_retry(error)`` (the worker's job will run again): then the
+    deployment stays where it is (``building``/``deploying``), so whoever waits for it waits
+    for the outcome, and the worker records the failed attempt and when it is retried; unless
     the stop was requested meanwhile (``interruption.confirmed()``): a step that failed because
     the deployment is being torn down (its VM deleted under the launch) is Interrupted.
     """
@@ -103,6 +107,8 @@ def run_deploy(
             except UnkeyError as left:
                 record("vm", f"the failed deploy's VMs are not all deleted yet ({left.message});"
                        " a retry or a stop deletes them", error=left.to_dict())  # fmt: skip
+        if will_retry(exc):
+            raise  # not failed yet: the next attempt decides
         try:  # a stop committed since that look moved it: then it is the stop's, not failed
             deployments.set_state(dep, "failed", error=exc.to_dict(), only_from=_DEPLOYING)
         except IllegalTransition as moved:
