@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,30 @@ def test_aufs_metadata_entries_are_skipped_like_umoci(tmp_path: Path) -> None:
         extract_image(img, tmp_path / "ours")
     assert sorted(os.listdir(tmp_path / "ours/a")) == ["new", "old"]
     assert listing(tmp_path / "ours") == listing(tmp_path / "bundle/rootfs")
+
+
+def test_repeated_opaque_markers_do_not_rescan_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ``.wh..wh..opq`` listed (and lstat'ed) its whole directory again: a 142 KB layer
+    of 20,000 files and 200 markers took 52 s to apply, and the entry limit allowed hours per
+    layer. A directory made opaque once in a layer holds nothing of lower layers any more
+    (below it, too), so later markers there are no-ops: the directory is listed once."""
+    apply(tmp_path, [E("d/", "dir"), E("d/old", data=b"o"), E("d/sub/", "dir"),
+                     E("d/sub/old", data=b"o")])  # fmt: skip
+    listed: list[str] = []
+    real_iterdir = Path.iterdir
+
+    def counting_iterdir(self: Path) -> Iterator[Path]:
+        listed.append(str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", counting_iterdir)
+    entries = [E("d/", "dir"), E("d/sub/", "dir"), *[E(f"d/f{i}", data=b"") for i in range(50)]]
+    markers = [E("d/.wh..wh..opq"), E("d/sub/.wh..wh..opq")] * 50
+    apply(tmp_path, [*entries, *markers, E("d/sub/new", data=b"n")])
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "d")) == sorted(["sub", *(f"f{i}" for i in range(50))])
+    assert os.listdir(tmp_path / "d/sub") == ["new"]
+    assert listed.count(str(tmp_path / "d")) == 1
+    assert listed.count(str(tmp_path / "d/sub")) <= 1

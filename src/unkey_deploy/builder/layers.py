@@ -269,6 +269,8 @@ class _Applier:
         self.is_root = os.geteuid() == 0
         # Paths (relative, '/'-joined) created or replaced by this layer: opaque markers keep them.
         self.created: set[str] = set()
+        # Directories this layer already made opaque (see make_opaque).
+        self.opaque: set[str] = set()
         # Directory rel path -> mtime to restore at the end (their children changed).
         self.touched: dict[str, int] = {}
         # Directory rel path -> mtime from this layer's own entry.
@@ -613,7 +615,12 @@ class _Applier:
         if parent is None:
             return  # whiteout below a directory that does not exist: nothing to remove
         if base == _OPQ:
-            self.make_opaque(parent)
+            # Once done, nothing below ``parent`` is of a lower layer any more (what this layer
+            # adds later is its own), so a repeated marker there, or below it, is a no-op:
+            # without that, many markers re-listed a big directory each (hours per layer).
+            if not any("/".join(parent[:i]) in self.opaque for i in range(len(parent) + 1)):
+                self.make_opaque(parent)
+                self.opaque.add("/".join(parent))
             self.stats.opaque_dirs += 1
             return
         target = base[len(_WH) :]
