@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -164,8 +165,16 @@ def check_image_reference(ref: str) -> str:
     return ref
 
 
+def _no_nul(v: str) -> str:
+    # each argument is NUL-terminated in the guest's /.vminit/argv: a NUL would split it, and
+    # the build refuses it, but only after the image was pulled
+    if "\0" in v:
+        raise ValueError("contains a NUL byte")
+    return v
+
+
 Argv = Annotated[
-    list[Annotated[str, StringConstraints(min_length=1, max_length=4096)]],
+    list[Annotated[str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_no_nul)]],
     Field(min_length=1, max_length=MAX_ARGV),
 ]
 
