@@ -303,3 +303,74 @@ def test_corrupt_spool_segment_is_moved_aside_not_deleted(tmp_path: Path) -> Non
         await b.close()
 
     asyncio.run(main())
+
+
+def _sockets() -> int:
+    """Open sockets of this process."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:  # closed meanwhile (the listing's own fd, ...)
+            continue
+    return n
+
+
+def test_nats_back_without_its_stream_gets_the_stream_again_and_the_spool_drains(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # NATS came back with an empty store (a new server, a lost volume, a deleted stream):
+    # billaged ensured the stream once per connection, so every publish failed from then on
+    # ("no responders") and the spool grew until billaged was restarted.
+    fleet = SimFleet(2, seed=8)
+
+    async def factory() -> object:
+        return await connect(nats_server.url)
+
+    async def main() -> None:
+        b = Billaged(tmp_path / "spool", bus_factory=factory, batch_samples=10)  # type: ignore[arg-type]
+        slots = np.array([b.slot(k) for k in fleet.keys])
+        for k in range(20):
+            b.ingest(slots, fleet.rows(k))
+        assert await b.drain(30) and b.stats.batches_published == 4
+        nats_server.stop()
+        shutil.rmtree(nats_server.store_dir / "jetstream")
+        nats_server.start()
+        for k in range(20, 40):
+            b.ingest(slots, fleet.rows(k))
+        assert await b.drain(30), f"{b.spool.pending_count} batches still spooled"
+        await b.close()
+
+    asyncio.run(main())
+    got = asyncio.run(consume_all(nats_server.url, 40))
+    assert len(got["ids"]) == 4  # type: ignore[arg-type]  # the 4 published after the loss
+
+
+def test_a_stream_nats_refuses_leaks_no_connection(nats_server: NatsServer, tmp_path: Path) -> None:
+    # 3 replicas on a single server: JetStream refuses the stream. billaged connected, failed
+    # to ensure the stream and dropped the connection without closing it, once per round.
+    fleet = SimFleet(1, seed=9)
+
+    async def factory() -> object:
+        return await connect(nats_server.url)
+
+    async def main() -> None:
+        b = Billaged(
+            tmp_path / "spool",
+            bus_factory=factory,  # type: ignore[arg-type]
+            bus_config=BusConfig(replicas=3),
+            batch_samples=10,
+        )
+        slots = np.array([b.slot(k) for k in fleet.keys])
+        for k in range(10):
+            b.ingest(slots, fleet.rows(k))
+        assert await b.publish_pending() == 0
+        before = _sockets()
+        for _ in range(10):
+            assert await b.publish_pending() == 0
+        assert _sockets() <= before
+        assert b.spool.pending_count == 1  # kept for when the stream can be made
+        await b.close()
+        assert _sockets() < before
+
+    asyncio.run(main())

@@ -84,6 +84,7 @@ class Billaged:
         self.bus_config = bus_config or BusConfig()
         self._bus_factory = bus_factory
         self._bus: Bus | None = None
+        self._stream_ok = False  # ensure_stream done since the last failed publish
         self._encoder = Encoder(zstd_level)
         self.spool = Spool(self.spool_dir)
         self._journal = Journal(self.spool_dir / "journal") if journal else None
@@ -388,18 +389,25 @@ class Billaged:
 
     # -- publishing -------------------------------------------------------------------------
     async def _connect(self) -> Bus | None:
-        if self._bus is not None:
-            return self._bus
-        if self._bus_factory is None:
-            return None
-        try:
-            bus = await self._bus_factory()
-            await bus.ensure_stream(mstream.stream_spec(self.bus_config))
-        except UnkeyError as exc:
-            ulog.event(log, "bus not available, spooling", logging.WARNING, error=str(exc))
-            return None
-        self._bus = bus
-        return bus
+        """The connection, with the stream ensured since the last failed round (NATS may come
+        back without it: a new server, a lost store, a deleted stream). Kept across rounds
+        once made: a connection whose stream cannot be made is kept too, never dropped open."""
+        if self._bus is None:
+            if self._bus_factory is None:
+                return None
+            try:
+                self._bus = await self._bus_factory()
+            except UnkeyError as exc:
+                ulog.event(log, "bus not available, spooling", logging.WARNING, error=str(exc))
+                return None
+        if not self._stream_ok:
+            try:
+                await self._bus.ensure_stream(mstream.stream_spec(self.bus_config))
+            except UnkeyError as exc:
+                ulog.event(log, "stream not available, spooling", logging.WARNING, error=str(exc))
+                return None
+            self._stream_ok = True
+        return self._bus
 
     async def publish_pending(self, timeout_s: float = 10.0) -> int:
         """One round: publish up to ``publish_chunk`` spooled batches, oldest first. Returns how
@@ -419,6 +427,7 @@ class Billaged:
         for (seg, idx, it), res in zip(pending, results, strict=True):
             if isinstance(res, UnkeyError):
                 self.stats.publish_errors += 1
+                self._stream_ok = False  # the stream may be gone: ensure it next round
                 continue
             self.spool.ack(seg, idx)
             done += 1
