@@ -81,3 +81,20 @@ def test_nul_characters_are_refused_not_an_internal_error(
                 assert "NUL" in problem["msg"], (what, r.text)
         with gw.client(c.key) as client:
             assert [k["name"] for k in client.list_keys()["keys"]] == ["default"]
+
+
+def test_listing_by_an_unknown_state_is_refused_not_an_empty_list(gateway: RunningGateway) -> None:
+    """A typo (``--state runing``) used to answer 200 with no deployments, as if there were
+    none in that state."""
+    c = new_customer(gateway)
+    with gateway.client(c.key) as client:
+        client.deploy(SPEC)
+    with httpx.Client(base_url=gateway.url, verify=client_context(gateway.ca_cert)) as h:
+        user = {"Authorization": f"Bearer {c.key}"}
+        typo = h.get("/v1/deployments", params={"state": "runing"}, headers=user)
+        assert typo.status_code == 422, typo.text
+        (problem,) = typo.json()["error"]["problems"]
+        assert problem["loc"] == "query.state"
+        assert "'runing'" in problem["msg"] and "accepted, building, deploying" in problem["msg"]
+        ok = h.get("/v1/deployments", params={"state": "accepted"}, headers=user)
+        assert ok.status_code == 200 and len(ok.json()["deployments"]) == 1

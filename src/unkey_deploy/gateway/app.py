@@ -55,6 +55,7 @@ from ..core.errors import (
     Conflict,
     InvalidInput,
     NotFound,
+    Problem,
     RateLimited,
     UnkeyError,
     ValidationFailed,
@@ -507,6 +508,11 @@ def _routes(router: APIRouter) -> None:
         state: Annotated[str | None, Query(max_length=16)] = None,
     ) -> Response:
         st = state_of(request)
+        if state is not None and state not in cp.DEPLOYMENT_STATES:
+            # a typo would otherwise list nothing, as if no deployment were in that state
+            known = ", ".join(cp.DEPLOYMENT_STATES)
+            msg = f"{state!r} is not a state; use one of {known}"
+            raise ValidationFailed("invalid request: query.state", [Problem("query.state", msg)])
         with st.factory() as session:
             deps = cp.list_deployments(
                 session, tenant_id=principal.tenant_id, limit=limit, state=state
