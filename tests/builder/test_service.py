@@ -21,8 +21,8 @@ from unkey_deploy.assets.blobs import FsBlobStore
 from unkey_deploy.assets.service import AssetManager
 from unkey_deploy.builder.api import BuildOptions, BuildRequest, BuildState, SourceImage
 from unkey_deploy.builder.service import BuildService, DeployBuilds, OciImageSource
-from unkey_deploy.core.errors import IllegalTransition, ImageError
-from unkey_deploy.core.ids import CustomerId, new_customer_id
+from unkey_deploy.core.errors import DeadlineExceeded, IllegalTransition, ImageError
+from unkey_deploy.core.ids import BuildId, CustomerId, new_customer_id
 from unkey_deploy.store.db import make_engine, session_factory, upgrade
 
 pytestmark = pytest.mark.root
@@ -298,3 +298,33 @@ def test_progress_throttle_bounds_the_rate_and_keeps_every_final_and_step() -> N
     # the first, then one per 250 ms (every 16th chunk), then the final (once)
     assert layer == [1, 17, 33, 49, 65, 81, 97, 100]
     assert [d for item, d in out if item == "rootfs"] == [0, 1, 2, 3]
+
+
+def test_deploy_adapter_that_gives_up_waiting_cancels_its_build(
+    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path, app_image: str
+) -> None:
+    """DeployBuilds waits ``timeout_s`` and then raises DeadlineExceeded; the build it
+    submitted for that deploy (nobody else's) used to go on holding a worker, and every retry
+    of the deploy submitted one more. Giving up now cancels it."""
+    from unkey_deploy.deployer.api import DeployRequest
+
+    source = _BlockingSource()
+    svc = _service(tmp_path, factory, init_binary, source=source, lease_s=0.6)
+    seen: list[str] = []
+
+    def progress(phase: str, message: str, **data: Any) -> None:
+        if data.get("build_id"):
+            seen.append(str(data["build_id"]))
+
+    req = DeployRequest(deployment_id="dep_1", customer_id=new_customer_id(), tenant_id="ten_1",
+                        request_id="req_1", name="app", image=app_image, vcpus=1,
+                        memory_bytes=256 << 20, port=8080)  # fmt: skip
+    try:
+        svc.start(1)
+        with pytest.raises(DeadlineExceeded):
+            DeployBuilds(svc, timeout_s=1.0).build(req, progress)
+        b = svc.wait(BuildId(seen[0]), 30)
+        assert b.state == BuildState.CANCELLED and b.asset_id is None
+    finally:
+        source.release_extract.set()
+        svc.stop()

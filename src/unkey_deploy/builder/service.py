@@ -768,7 +768,15 @@ class DeployBuilds:
         def on_progress(p: BuildProgress) -> None:
             progress("build", p.render(), build_id=build_id, progress=p.as_dict())
 
-        b = self.builder.wait(build_id, self.timeout_s, on_log=on_log, on_progress=on_progress)
+        try:
+            b = self.builder.wait(build_id, self.timeout_s, on_log=on_log,
+                                  on_progress=on_progress)  # fmt: skip
+        except DeadlineExceeded:
+            # the build is this deploy's alone: nobody waits for it any more, so it must not
+            # hold a worker on (and a retried deploy submits a new one)
+            with contextlib.suppress(UnkeyError):  # finished meanwhile
+                self.builder.cancel(build_id)
+            raise
         if b.state != BuildState.SUCCEEDED or b.asset_id is None:
             if b.error:
                 raise errors.from_dict(b.error)
