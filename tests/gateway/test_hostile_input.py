@@ -98,3 +98,25 @@ def test_listing_by_an_unknown_state_is_refused_not_an_empty_list(gateway: Runni
         assert "'runing'" in problem["msg"] and "accepted, building, deploying" in problem["msg"]
         ok = h.get("/v1/deployments", params={"state": "accepted"}, headers=user)
         assert ok.status_code == 200 and len(ok.json()["deployments"]) == 1
+
+
+def test_a_body_that_is_not_a_json_object_says_what_it_is(gateway: RunningGateway) -> None:
+    """``curl -d @app.json`` sends a form Content-Type; a JSON list or null is not an app: the
+    error names the Content-Type or the JSON type, not pydantic's 'a valid dictionary or object
+    to extract fields from'."""
+    c = new_customer(gateway)
+    user = {"Authorization": f"Bearer {c.key}"}
+    good = b'{"name": "web", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "1GB"}}'
+    with httpx.Client(base_url=gateway.url, verify=client_context(gateway.ca_cert)) as h:
+        for ctype, body, fragment in [
+            ("application/x-www-form-urlencoded", good, "Content-Type: application/json"),
+            ("text/plain", good, "got text/plain"),
+            ("application/json", b"[1, 2]", "must be a JSON object, not a list"),
+            ("application/json", b"null", "must be a JSON object, not null"),
+        ]:
+            r = h.post("/v1/deploy", content=body, headers={**user, "Content-Type": ctype})
+            assert r.status_code == 422, r.text
+            (problem,) = r.json()["error"]["problems"]
+            assert fragment in problem["msg"], (ctype, body, problem)
+    with gateway.client(c.key) as client:
+        assert client.list_deployments()["deployments"] == []

@@ -191,6 +191,28 @@ class RequestContext:
                     )
 
 
+_NOT_AN_OBJECT = frozenset({"model_type", "model_attributes_type", "dict_type"})
+
+
+def _body_problem(request: Request, error: Any) -> Problem | None:
+    """Say what a body that is no JSON object at all is (pydantic only says what it is not)."""
+    if tuple(error.get("loc", ())) != ("body",):
+        return None
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    json_ctype = ctype == "application/json" or ctype.endswith("+json")
+    if error.get("type") == "missing":
+        return Problem("", "the body is empty: send a JSON object (Content-Type: application/json)")
+    if error.get("type") not in _NOT_AN_OBJECT:
+        return None
+    if not json_ctype:
+        return Problem("", "the body must be JSON sent with Content-Type: application/json "
+                           f"(got {ctype or 'no Content-Type'})")  # fmt: skip
+    got = error.get("input")
+    kind = {list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(got), type(got).__name__)  # fmt: skip
+    return Problem("", f"the body must be a JSON object, not {kind}")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def unkey_error(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, UnkeyError):  # pragma: no cover - registered for this type
@@ -202,7 +224,9 @@ def _install_error_handlers(app: FastAPI) -> None:
             exc, RequestValidationError
         ):  # pragma: no cover - registered for this type
             raise exc
-        problems = appspec.problems_of(exc.errors())
+        errors = exc.errors()
+        problems = [_body_problem(request, e) or p
+                    for e, p in zip(errors, appspec.problems_of(errors), strict=True)]  # fmt: skip
         named = ", ".join(p.loc or "(body)" for p in problems[:5])
         err = ValidationFailed(f"invalid request: {named}", problems)
         return error_response(err, _request_id(request))
