@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -20,10 +21,11 @@ from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.core.config import BusConfig
 from unkey_deploy.metering import stream as mstream
 from unkey_deploy.metering.codec import encode
+from unkey_deploy.metering.model import Batch
 from unkey_deploy.store import controlplane as cp
 from unkey_deploy.store import db
 
-from .harness import assert_bills_match
+from .harness import TERMS, assert_bills_match, directory
 from .scenarios import make_series, raw_of, to_batches
 
 HOUR = 3_600_000_000_000
@@ -77,3 +79,52 @@ def test_a_control_plane_database_outage_does_not_stop_the_consumer(
     stats = asyncio.run(run())
     assert stats.samples == len(series.samples) and stats.termed == 0
     assert_bills_match(storage, raw_of([series]), {c.id: (Decimal(0), Decimal(0))})
+
+
+def test_nats_back_without_the_stream_the_consumer_is_made_again(
+    tmp_path: Path, storage: ChdbStorage, nats_server: NatsServer
+) -> None:
+    # NATS restarted with an empty store (a new server, a lost volume): billaged makes the
+    # stream again and publishes, but the aggregator's pull consumer was gone with the store
+    # and every fetch failed ("ServiceUnavailable") until the aggregator was restarted.
+    rng = random.Random(4)
+    start = time.time_ns() // HOUR * HOUR - HOUR
+    series = make_series(rng, "cust_a", "vm_1", "i1", start, 1800)
+    b0, b1, b2 = to_batches(series)
+
+    async def publish(*batches: Batch) -> None:
+        bus = await connect(nats_server.url)
+        await bus.ensure_stream(mstream.stream_spec(BusConfig()))
+        for b in batches:
+            await bus.publish(mstream.batch_message("cust_a", b.batch_id, encode(b), 600))
+        await bus.close()
+
+    async def run() -> LoopStats:
+        await publish(b0)
+        bus = await connect(nats_server.url)
+        agg = Aggregator(storage, directory(TERMS))
+        stop = asyncio.Event()
+        stats = LoopStats()
+        task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
+        try:
+            deadline = time.monotonic() + 30
+            while stats.samples < 600 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert stats.samples == 600
+            nats_server.stop()
+            shutil.rmtree(nats_server.store_dir / "jetstream")
+            nats_server.start()
+            await publish(b1, b2)
+            deadline = time.monotonic() + 30
+            while stats.samples < 1800 and time.monotonic() < deadline:
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await bus.close()
+        return stats
+
+    stats = asyncio.run(run())
+    assert stats.samples == 1800
+    assert_bills_match(storage, raw_of([series]), TERMS)

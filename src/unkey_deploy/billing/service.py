@@ -76,10 +76,10 @@ async def run_consumer(
     """Consume until ``stop`` is set. Errors from the store (retryable) leave the messages
     unacked: they come back after ``ack_wait_s``."""
     stats = stats or LoopStats()
-    await bus.ensure_stream(mstream.stream_spec(bus_config or core_config.BusConfig()))
-    consumer = await bus.consumer(
-        mstream.STREAM_NAME, mstream.consumer_spec(durable=durable, ack_wait_s=ack_wait_s)
-    )
+    stream = mstream.stream_spec(bus_config or core_config.BusConfig())
+    cspec = mstream.consumer_spec(durable=durable, ack_wait_s=ack_wait_s)
+    await bus.ensure_stream(stream)
+    consumer = await bus.consumer(mstream.STREAM_NAME, cspec)
     loop = asyncio.get_running_loop()
     last_touch = loop.time()
     inflight: asyncio.Task[Settled] | None = None
@@ -96,6 +96,14 @@ async def run_consumer(
                     log.warning("billing: fetch failed: %s", exc)
                     await asyncio.sleep(0.5)
                     got = []
+                    # NATS may be back without the stream and this consumer (a new server, a
+                    # lost store): make them again (binds to the durable when it still exists)
+                    with contextlib.suppress(UnkeyError):
+                        await bus.ensure_stream(stream)
+                        fresh = await bus.consumer(mstream.STREAM_NAME, cspec)
+                        with contextlib.suppress(Exception):
+                            await consumer.close()
+                        consumer = fresh
                 msgs += got
                 samples += sum(_samples_hint(m) for m in got)
                 if not got or loop.time() >= deadline:
