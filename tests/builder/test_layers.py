@@ -306,3 +306,31 @@ def test_repeated_opaque_markers_do_not_rescan_the_directory(
     assert os.listdir(tmp_path / "d/sub") == ["new"]
     assert listed.count(str(tmp_path / "d")) == 1
     assert listed.count(str(tmp_path / "d/sub")) <= 1
+
+
+def test_directory_times_are_never_set_through_a_replaced_parent(tmp_path: Path) -> None:
+    """The final pass restoring directory mtimes looked paths up from the root, following
+    whatever their parents had become: a layer that made ``x/victim/`` and then replaced ``x``
+    by a symlink to a host directory set that host directory's mtime (outside the root)."""
+    host = tmp_path / "host"
+    (host / "victim").mkdir(parents=True)
+    os.utime(host / "victim", (2_000_000_000, 2_000_000_000))
+    root = tmp_path / "root"
+    root.mkdir()
+    apply(root, [E("x/", "dir"), E("x/victim/", "dir", mtime=1_000_000_000),
+                 E("x", "symlink", link=str(host))], "")  # fmt: skip
+    assert os.readlink(root / "x") == str(host)
+    assert (host / "victim").stat().st_mtime == 2_000_000_000  # untouched
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_directory_replaced_later_in_its_own_layer_applies(tmp_path: Path, kind: str) -> None:
+    """``y/``, ``y/z/``, then ``y`` as a file (or a dangling symlink) is a valid layer; the
+    final mtime pass raised NotADirectoryError/ELOOP on ``y/z`` (the build failed with an
+    internal error and was retried in vain)."""
+    last = E("y", data=b"file now") if kind == "file" else E("y", "symlink", link="y")
+    apply(tmp_path, [E("y/", "dir"), E("y/z/", "dir"), last])
+    if kind == "file":
+        assert (tmp_path / "y").read_bytes() == b"file now"
+    else:
+        assert os.readlink(tmp_path / "y") == "y"

@@ -670,11 +670,27 @@ class _Applier:
         self.shutdown()
         want = dict(self.touched)
         want.update(self.dir_mtimes)
+        # A recorded directory may have been replaced since, itself or a parent (by a file, or
+        # by a symlink leading anywhere, the host included): set a time only where every
+        # component is still a real directory, checked with lstat from the root down.
+        real: dict[str, bool] = {"": True}
+
+        def is_real_dir(key: str) -> bool:
+            if key not in real:
+                parent = key.rpartition("/")[0]
+                ok = is_real_dir(parent)
+                if ok:
+                    try:
+                        ok = stat.S_ISDIR(os.lstat(self.root / key).st_mode)
+                    except OSError:
+                        ok = False
+                real[key] = ok
+            return real[key]
+
         for key, mt in sorted(want.items(), key=lambda kv: -kv[0].count("/")):
-            p = self.root / key if key else self.root
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISDIR(os.lstat(p).st_mode):
-                    os.utime(p, (mt, mt), follow_symlinks=False)
+            if is_real_dir(key):
+                p = self.root / key if key else self.root
+                os.utime(p, (mt, mt), follow_symlinks=False)
 
 
 def _create(dest: Path) -> int:
