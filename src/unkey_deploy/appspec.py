@@ -369,15 +369,25 @@ def _scalar(node: yaml.ScalarNode) -> Any:
         "tag:yaml.org,2002:bool",
         "tag:yaml.org,2002:null",
     }:
-        # Timestamps, binary and custom tags: keep the text; the schema then says "string".
+        # Timestamps (the only other tag _to_python lets through): keep the text.
         return node.value
     return _SCALAR_LOADER.construct_object(node, deep=False)
+
+
+_CORE_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}"
+    for t in ("str", "int", "float", "bool", "null", "timestamp", "seq", "map")
+)
 
 
 def _to_python(node: yaml.Node, loc: Loc, marks: Marks, seen: set[int]) -> Any:
     if id(node) in seen:
         raise _Refused("anchors and aliases are not allowed", node.start_mark, loc)
     seen.add(id(node))
+    if node.tag not in _CORE_TAGS:
+        # `!vault prod/token` would otherwise deploy the text "prod/token"
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise _Refused(f"tags ({tag}) are not allowed", node.start_mark, loc)
     marks[loc] = _pos(node.start_mark)
     if isinstance(node, yaml.ScalarNode):
         return _scalar(node)

@@ -123,3 +123,14 @@ def test_validate_command_exit_codes_and_output(tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode == 2
+
+
+def test_core_tags_and_timestamps_still_load() -> None:
+    """Only tags outside YAML's core schema are refused: ``!!str`` is a way to quote, and a
+    date-like value stays its text."""
+    spec = appspec.load_text(
+        "name: web\nimage: nginx:1.27\nresources: {cpu: !!int 1, memory: 1GB}\n"
+        "env: {PORT: !!str 8080, SINCE: 2024-01-01}\n"
+    )
+    assert spec.env == {"PORT": "8080", "SINCE": "2024-01-01"}
+    assert spec.resources.cpu == 1
