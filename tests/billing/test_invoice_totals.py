@@ -7,11 +7,15 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
+import pytest
+
 from unkey_deploy.billing import pricing
 from unkey_deploy.billing.queries import BillingQueries
+from unkey_deploy.clickhouse import queries as chq
 from unkey_deploy.clickhouse.api import BillingHourlyRow
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.core.clock import FakeClock
+from unkey_deploy.core.errors import InvalidInput
 
 from .harness import directory
 
@@ -58,3 +62,16 @@ def test_a_month_of_more_than_2_pow_64_cpu_ns_is_billed_exactly(storage: ChdbSto
     assert lines["vcpu"].amount == Decimal("276480.00")
     assert lines["network"].amount == Decimal("25920.00")  # 259,200 GB x $0.10
     assert inv.total == Decimal("302400.00")
+
+
+def test_a_month_at_the_end_of_the_calendar_is_invalid_input_not_a_crash(
+    storage: ChdbStorage,
+) -> None:
+    # 9999-12 passed the YYYY-MM check, then the month's end (year 10000) raised Python's
+    # ValueError: GET /v1/bill?month=9999-12 answered 500
+    q = BillingQueries(storage, directory({"cust_a": (Decimal(0), Decimal(0))}), FakeClock())
+    with pytest.raises(InvalidInput, match="9999-12"):
+        q.invoice("cust_a", "9999-12")
+    with pytest.raises(InvalidInput, match="9999-12"):
+        chq.monthly_bill(storage, customer_id="cust_a", month="9999-12")
+    assert q.invoice("cust_a", "9998-12").total == Decimal("0.00")

@@ -135,6 +135,7 @@ class Invoice:
 
 
 def check_month(month: str) -> tuple[int, int]:
+    """(year, month) of ``YYYY-MM``, a month whose end is a date too (0001-01 .. 9999-11)."""
     try:
         y, m = month.split("-")
         year, mon = int(y), int(m)
@@ -142,6 +143,11 @@ def check_month(month: str) -> tuple[int, int]:
             raise ValueError
     except ValueError:
         raise InvalidInput(f"month {month!r} is not YYYY-MM", suggestion="e.g. 2026-11") from None
+    if not (1, 1) <= (year, mon) <= (9999, 11):
+        raise InvalidInput(
+            f"month {month!r} is out of range: YYYY-MM from 0001-01 to 9999-11",
+            suggestion="e.g. 2026-11",
+        )
     return year, mon
 
 

@@ -268,13 +268,13 @@ def month_bounds(month: str) -> tuple[datetime, datetime]:
     """``"YYYY-MM"`` -> [first hour, first hour of next month) in UTC."""
     try:
         start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
-    except ValueError as exc:
-        raise InvalidInput(f"month must be YYYY-MM, got {month!r}") from exc
-    end = (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else (start.replace(month=start.month + 1))
-    )
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else (start.replace(month=start.month + 1))
+        )
+    except ValueError as exc:  # not YYYY-MM, or 9999-12 (its end is no date)
+        raise InvalidInput(f"month must be YYYY-MM up to 9999-11, got {month!r}") from exc
     return start, end
 
 
