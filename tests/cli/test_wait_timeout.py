@@ -46,3 +46,18 @@ def test_stop_wait_gives_up_at_its_timeout_on_a_silent_stream(gateway: RunningGa
     assert res.code == 8, res.err
     assert "did not finish within 2 s" in res.err
     assert took < 20, took
+
+
+def test_logs_follow_refuses_an_interval_it_cannot_sleep(gateway: RunningGateway) -> None:
+    """``--interval -1`` (or 0, a busy loop against the rate limit) is a usage error naming the
+    option, not a ValueError traceback from time.sleep."""
+    c = new_customer(gateway)
+    with gateway.client(c.key) as client:
+        dep_id = client.deploy(
+            {"name": "quiet", "image": "nginx:1.27", "resources": {"cpu": 1, "memory": "128MiB"}}
+        )["deployment"]["id"]
+    for interval in ("-1", "0"):
+        res = unkey(gateway, "logs", dep_id, "--no-build", "--follow", "--interval", interval,
+                    api_key=c.key)  # fmt: skip
+        assert res.code == 2, res.err
+        assert "Traceback" not in res.err and "--interval" in res.err

@@ -35,7 +35,13 @@ def _console_header(vm: Json) -> str:
     "--console/--no-console", default=True, show_default=True, help="show the VMs' consoles"
 )
 @click.option("--tail", default=64 * 1024, show_default=True, help="console bytes per VM")
-@click.option("--interval", default=1.0, show_default=True, help="--follow poll interval (s)")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="--follow poll interval (s)",
+)
 def logs(
     *, deployment_id: str, follow: bool, build: bool, console: bool, tail: int, interval: float
 ) -> None:
