@@ -25,7 +25,7 @@ from unkey_deploy.core.procs import children
 from unkey_deploy.metald import models
 from unkey_deploy.metald.api import read_consoles
 from unkey_deploy.metald.drivers.base import VmRuntime, VmSpec, process_alive, reap
-from unkey_deploy.metald.drivers.sandbox import SandboxDriver
+from unkey_deploy.metald.drivers.sandbox import SandboxDriver, uid_base
 from unkey_deploy.metald.kernel import KernelPaths
 from unkey_deploy.metald.service import CreateVm, Metald, Scheduler, Vm
 from unkey_deploy.metald.states import VmState
@@ -141,13 +141,16 @@ def test_sandbox_boots_serves_http_and_cleans_up(make_metald: MetaldFactory, roo
     assert Path("/proc/self/cgroup").read_text() == own_cgroups
     assert os.getpid() not in trace.pids
     assert vm.net is not None and vm.net.mode == "netns"
-    # everything of the sandbox runs as the unprivileged host user, with no supplementary group
+    # everything of the sandbox runs as the first uid of the VM's own range of host ids (its
+    # root), unprivileged on the host, with no supplementary group
+    ids = uid_base(vm.net)
+    assert ids is not None and ids >= 524288
     for pid in trace.pids:
         status = dict(
             line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         )
-        assert status["Uid"].split() == ["65534"] * 4, (pid, status["Uid"])
-        assert status["Gid"].split() == ["65534"] * 4, (pid, status["Gid"])
+        assert status["Uid"].split() == [str(ids)] * 4, (pid, status["Uid"])
+        assert status["Gid"].split() == [str(ids)] * 4, (pid, status["Gid"])
         assert status["Groups"].split() == [], (pid, status["Groups"])
     # the app runs as pid 1 of its own pid namespace, with the env metald passed
     env = httpx.get(md.endpoint(vm_id) + "/cgi-bin/env", timeout=5).text
@@ -330,6 +333,57 @@ def test_dead_vm_is_marked_failed_and_freed(make_metald: MetaldFactory, rootfs: 
     assert md.ips.leased() == {}
 
 
+def test_a_sandboxs_users_are_its_images(make_metald: MetaldFactory, rootfs: Path) -> None:
+    """A sandbox's users are those of its image, as in a VM: its root owns and writes what the
+    image gives root, another user (``app``, uid 1000) writes its own files and not root's. On
+    the host they are the VM's own range of unprivileged ids, never another VM's."""
+    md = make_metald("sandbox")
+    vms = [md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+           for _ in range(2)]  # fmt: skip
+    for vm in vms:
+        md.boot(vm.vm_id)
+        md.wait_ready(vm.vm_id, timeout=10)
+    out = httpx.get(md.endpoint(vms[0].vm_id) + "/cgi-bin/users", timeout=10).text
+    assert "root-writes-root=ok\n" in out, out
+    assert "app-writes-app=ok\n" in out, out
+    assert "app-writes-root=" in out and "Permission denied" in out, out
+    for line in ("owner /www 0:0", "owner /www/by-root 0:0", "owner /home/app 1000:1000",
+                 "owner /home/app/by-app 1000:1000"):  # fmt: skip
+        assert line + "\n" in out, out
+    nets = [md.get(vm.vm_id).net for vm in vms]
+    ids = [uid_base(net) for net in nets if net is not None]
+    assert len(ids) == 2 and ids[0] != ids[1] and all(i is not None and i >= 524288 for i in ids)
+    assert ids[0] is not None
+    upper = md.driver.base_dir(vms[0].vm_id) / "upper"  # type: ignore[attr-defined]
+    for f, owner in (("www/by-root", 0), ("home/app/by-app", 1000)):
+        st = (upper / f).stat()
+        assert (st.st_uid, st.st_gid) == (ids[0] + owner, ids[0] + owner), f
+
+
+def test_a_kernel_without_idmapped_overlays_still_runs_sandboxes(
+    make_metald: MetaldFactory, rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux < 5.19 cannot stack an overlay on an idmapped mount: the sandbox still boots and
+    serves, its users owning no file of the image (as before there were ranges)."""
+    import errno
+
+    from unkey_deploy.metald import linux
+
+    def unsupported(source: str, target: str, userns: str) -> None:
+        raise OSError(errno.EINVAL, "mount_setattr: Invalid argument")
+
+    monkeypatch.setattr(linux, "mount_idmapped", unsupported)
+    md = make_metald("sandbox")
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    out = httpx.get(md.endpoint(vm.vm_id) + "/cgi-bin/users", timeout=10).text
+    assert "root-writes-root=" in out and "Permission denied" in out, out
+    trace = Trace(md, vm.vm_id)
+    md.delete(vm.vm_id)
+    trace.assert_gone()
+
+
 def test_a_sandbox_writes_no_more_than_a_vm_could(make_metald: MetaldFactory, rootfs: Path) -> None:
     """What a sandbox writes to its root file system (where it may: its root owns no file of
     the image, so the image's world-writable directories), and to its /tmp, is bounded (half
@@ -439,7 +493,9 @@ def test_a_boot_cut_short_by_a_crash_is_freed_by_the_next_metald(
     assert isinstance(sandbox, SandboxDriver)
 
     def crash(spec: VmSpec) -> VmRuntime:
-        sandbox._tree_dir(spec)
+        launcher = spec.launcher or sandbox._cold_launcher(spec)
+        sandbox._tree_dir(spec, launcher)
+        launcher.discard()  # (what dies with metald: it waits on metald's pipe)
         raise SystemExit("metald killed")
 
     monkeypatch.setattr(sandbox, "boot", crash)

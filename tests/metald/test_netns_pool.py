@@ -67,10 +67,14 @@ def test_boot_takes_a_ready_link_and_the_pool_refills(
     spare_ifaces = {iface_name(p) for p in spares}
     assert all(_iface_exists(i) for i in spare_ifaces)
     # each spare has its VM's process waiting in its namespace, already the unprivileged user
+    # (the first of its own range of host ids, its user namespace's root)
     waiting = {p: _in_netns(netns_name(p)) for p in spares}
     assert all(len(pids) == 1 for pids in waiting.values()), waiting
-    launchers = {pids[0] for pids in waiting.values()}
-    assert all(_uids(pid) == ["65534"] * 4 for pid in launchers)
+    uids = {p: _uids(pids[0]) for p, pids in waiting.items()}
+    assert all(len(set(u)) == 1 and int(u[0]) >= 524288 for u in uids.values()), uids
+    assert len({u[0] for u in uids.values()}) == 2, "two spares share their ids"
+    for p, pids in waiting.items():
+        assert Path(f"/proc/{pids[0]}/uid_map").read_text().split() == ["0", uids[p][0], "65536"]
 
     vm = md.create_vm(CreateVm("dep_pool", "cust_a", image, memory_bytes=64 << 20, port=80))
     md.boot(vm.vm_id)

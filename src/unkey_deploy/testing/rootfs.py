@@ -10,7 +10,8 @@ builder's init is a static C binary):
 * serves ``/www`` with ``busybox httpd -f -p <port>``: ``/`` answers ``unkey-test-app``,
   ``/cgi-bin/env`` prints the environment, ``/cgi-bin/hostname`` the hostname,
   ``/cgi-bin/write?<MiB>:<file>`` writes a file of that size (how much the app may write),
-  ``/cgi-bin/log?<KiB>`` writes that much to the console.
+  ``/cgi-bin/log?<KiB>`` writes that much to the console, ``/cgi-bin/users`` shows the
+  image's users (root; ``app``, uid 1000, owning ``/home/app``) writing files.
 
 Build cost: one ``mkfs.ext4 -d`` of a ~2 MB tree, ~20-50 ms.
 """
@@ -66,6 +67,19 @@ echo console-end >&2
 echo done
 """
 
+# the image's users at work: root writes root's directory, "app" (uid 1000) its own home and
+# not root's, and who owns what as the app sees it
+_CGI_USERS = r"""#!/bin/busybox sh
+echo 'Content-Type: text/plain'
+echo
+echo "root-writes-root=$( (echo x > /www/by-root) 2>&1 && echo ok)"
+echo "app-writes-app=$(busybox su -s /bin/sh app -c 'echo x > /home/app/by-app && echo ok' 2>&1)"
+echo "app-writes-root=$(busybox su -s /bin/sh app -c 'echo x > /www/by-app && echo ok' 2>&1)"
+for f in /www /www/by-root /home/app /home/app/by-app; do
+  echo "owner $(busybox stat -c '%n %u:%g' "$f")"
+done
+"""
+
 
 def build_test_tree(root: Path, *, port: int = 8080, burn_cpus: int = 0) -> Path:
     """Write the test image's file tree into ``root`` (created)."""
@@ -80,14 +94,20 @@ def build_test_tree(root: Path, *, port: int = 8080, burn_cpus: int = 0) -> Path
     # image) can write to its root file system
     (root / "var" / "tmp").mkdir(parents=True, exist_ok=True)
     (root / "var" / "tmp").chmod(0o1777)
-    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc" / "group").write_text("root:x:0:\n")
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"
+    )
+    (root / "etc" / "group").write_text("root:x:0:\napp:x:1000:\n")
+    (root / "home" / "app").mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(root / "home" / "app", 1000, 1000)
     (root / "www" / "index.html").write_text(_INDEX)
     for name, body in (
         ("env", _CGI_ENV),
         ("hostname", _CGI_HOSTNAME),
         ("write", _CGI_WRITE),
         ("log", _CGI_LOG),
+        ("users", _CGI_USERS),
     ):
         p = root / "www" / "cgi-bin" / name
         p.write_text(body)
@@ -116,7 +136,7 @@ def build_test_rootfs(
         mkfs = ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(tree), str(out), f"{size_mib}M"]
         if os.geteuid() != 0:
             # fakeroot makes the files root-owned inside the image (vm.md §3).
-            script = 'chown -R 0:0 "$1" && shift && exec "$@"'
+            script = 'chown -R 0:0 "$1" && chown 1000:1000 "$1/home/app" && shift && exec "$@"'
             mkfs = ["fakeroot", "sh", "-c", script, "sh", str(tree), *mkfs]
         subprocess.run(mkfs, check=True, capture_output=True)
     return out

@@ -9,13 +9,20 @@ so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="
   then unmounted, and unused ones when metald stops) and an overlay with a per-VM writable
   upper directory goes on top (copy-on-write, nothing copied). The upper directory is on a
   tmpfs of the VM's own, as is its /tmp: what the app writes is bounded (``writable_bytes``)
-  and is memory charged to its cgroup, never a host's disk. (The app's root owns no file of
-  the image: it writes where the image lets anyone, e.g. /var/tmp.) Without root, the
+  and is memory charged to its cgroup, never a host's disk. Without root, the
   tree is extracted with ``debugfs -R "rdump / <dir>"`` (no mount needed).
-* Processes: ``bwrap`` with new user, pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
-  and /tmp, started as an unprivileged host uid (``nsenter -S/-G`` into the VM's network
-  namespace, ``setpriv`` on the host network), so even "root" in the sandbox has no capability
-  on the host. The VM's process (the pid metald records) is a ``drivers.base.Launcher``'s
+* Users: as root, each sandbox has a user namespace whose ids 0..65535 are a range of host ids
+  of its own (``uid_base``: its address slot's, in systemd's range for containers), and sees
+  the image through an idmapped copy of its shared mount: the sandbox's users own what the
+  image gives them and the image's ``User`` is switched to, as in a VM. Its root keeps
+  ``CAPS`` inside its namespaces (no mount), and is an unprivileged uid on the host. Without
+  root, bwrap maps its one user to root (the app then writes only where the image lets
+  anyone).
+* Processes: ``bwrap`` with new pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
+  and /tmp, started as the sandbox's unprivileged host uid (``nsenter -S/-G`` into the VM's
+  network namespace, then ``unshare --user``; ``setpriv`` and bwrap's own user namespace on
+  the host network), so even "root" in the sandbox has no capability on the host. The VM's
+  process (the pid metald records) is a ``drivers.base.Launcher``'s
   shell, bwrap its child: on a pooled spare (metald's ``NetnsPool``) it was started ahead of
   the boot and waits in the namespace, so the boot only hands it the bwrap command line. bwrap
   runs with ``--die-with-parent``: killing the shell or bwrap takes the whole sandbox down at
@@ -32,8 +39,11 @@ so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import ipaddress
+import logging
 import os
 import shutil
 import signal
@@ -43,6 +53,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ...core.errors import VmError
+from ...core.log import event
+from ...core.log import get as get_logger
 from ...core.procs import children, process_tree
 from .. import linux
 from ..jail import merge_env_tree, write_resolv_tree
@@ -59,7 +71,22 @@ from .base import (
     wait_exit,
 )
 
+_log = get_logger("metald.sandbox")
 BWRAP = "bwrap"
+# Root hosts: each sandbox's users 0..65535 are a range of host uids (and gids) of its own, in
+# systemd's range for containers (524288..1879048191, docs UIDS-GIDS): the range of the VM's
+# address slot (its /30 in the host's subnet, so no two VMs of a host share one).
+UID_BASE = 0x80000
+UID_RANGE = 65536
+_SLOTS = 1 << 14  # ranges up to UID_BASE + 2^30, inside systemd's
+# The capabilities a mapped sandbox's root keeps inside its namespaces (a container runtime's
+# usual set, less NET_RAW, MKNOD, AUDIT_WRITE and SETFCAP): enough for an image's init to
+# switch to its user and for root's usual file work; no mount, no raw sockets. They are
+# capabilities in the sandbox's own user namespace, never on the host. (Its bounding set stays
+# whole, which bwrap does not narrow here: an image's file capabilities work as in a VM, inside
+# the sandbox's namespaces only.)
+CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
+        "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT")  # fmt: skip
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -92,15 +119,50 @@ def _overlays_on(lower: Path) -> list[str]:
     return [at for at, lowers in _overlays() if str(lower) in lowers]
 
 
-def _lower_of(merged: Path) -> Path | None:
-    """The lower layer of the overlay mounted at ``merged``."""
-    return next((Path(lowers[0]) for at, lowers in _overlays() if at == str(merged)), None)
+def _copies_of(mount: Path) -> list[str]:
+    """The other mounts of the file system mounted at ``mount`` (a sandbox's idmapped copy of
+    its image's mount)."""
+    try:
+        dev = mount.stat().st_dev
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    return [f[4] for f in (line.split() for line in lines) if f[2] == want and f[4] != str(mount)]
 
 
 def is_mounted(path: Path) -> bool:
     """Whether a file system is mounted at ``path`` (the image and overlay mounts, each its own
     device: two stats, where reading /proc/self/mounts costs ~0.1 ms on a busy host)."""
     return os.path.ismount(path)
+
+
+def uid_base(net: NetAttachment) -> int | None:
+    """The first host uid (and gid) of the sandbox's own range on ``net`` (a VM link of a root
+    host), None elsewhere (then its one user is the driver's ``run_as``)."""
+    if net.mode != "netns" or not net.guest_ip:
+        return None
+    slot = (int(ipaddress.IPv4Address(net.guest_ip)) >> 2) % _SLOTS
+    return UID_BASE + slot * UID_RANGE
+
+
+def _map_ids(pid: int, base: int, timeout: float = 5.0) -> None:
+    """Give the user namespace that ``pid`` made (``unshare --user``) its ids: 0..65535 inside
+    are ``base``.. on the host. Waits for the namespace (the program chain starting ``pid``
+    has to reach ``unshare``); metald writes the maps, as root of the host's namespace."""
+    own = Path("/proc/self/ns/user").stat().st_ino
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if Path(f"/proc/{pid}/ns/user").stat().st_ino != own:
+                break
+        except FileNotFoundError:
+            raise VmError(f"the sandbox's process {pid} exited before its user namespace") from None
+        if time.monotonic() > deadline:
+            raise VmError(f"the sandbox's process {pid} made no user namespace in {timeout} s")
+        time.sleep(0.0002)
+    for kind in ("uid", "gid"):
+        Path(f"/proc/{pid}/{kind}_map").write_text(f"0 {base} {UID_RANGE}\n")
 
 
 def writable_bytes(memory_bytes: int) -> int:
@@ -127,6 +189,7 @@ class SandboxDriver:
         # Mount points live under a root-owned, world-traversable directory: the unprivileged
         # bwrap must be able to reach the tree, whatever the permissions of metald's state dir.
         self.run_dir = run_dir or Path("/run/unkey-metald")
+        self._unmapped_said = False  # (see _seen_by)
 
     def capabilities(self) -> DriverCapabilities:
         nets = ("netns",) if self.root else ("host",)
@@ -165,9 +228,12 @@ class SandboxDriver:
     def create(self, spec: VmSpec) -> None:
         spec.workdir.mkdir(parents=True, exist_ok=True)
 
-    def _tree_dir(self, spec: VmSpec) -> tuple[Path, list[str], Path | None]:
+    def _tree_dir(self, spec: VmSpec, launcher: Launcher) -> tuple[Path, list[str], Path | None]:
         """Make the VM's root tree available; returns it, the mounts made for this VM only
-        (innermost last) and the shared image mount it stands on (root only)."""
+        (innermost last) and the shared image mount it stands on (root only). Mapped (see
+        :meth:`mapped`): the image's files are seen through ``launcher``'s user namespace
+        (an idmapped copy of the image's mount), so the sandbox's users own what they own in
+        the image."""
         base = self.base_dir(spec.vm_id) if self.root else spec.workdir
         base.mkdir(parents=True, exist_ok=True, mode=0o755)
         merged = base / "root"
@@ -191,15 +257,23 @@ class SandboxDriver:
                 except OSError as exc:
                     raise VmError(f"cannot mount the VM's tmpfs at {base}: {exc}") from exc
             mounts.append(str(base))
-            upper, work = base / "upper", base / "work"
-            for d in (upper, work, merged):
+            upper, work, seen = base / "upper", base / "work", base / "lower"
+            for d in (upper, work, merged, seen):
                 d.mkdir(exist_ok=True)
+            ids = uid_base(spec.net) if self.mapped(spec) else None
+            if ids is not None:
+                os.chown(upper, ids, ids)  # the tree's / (the upper layer's root) is its root's
             # under the images lock: a shared image mount is only ever unmounted when no
-            # overlay stands on it, checked under the same lock (see _release_image)
+            # overlay or copy of it is on it, checked under the same lock (see _release_image)
             with self._images_lock():
                 lower = self._image(spec.rootfs)
+                layer = lower
+                if ids is not None:
+                    layer = self._seen_by(launcher, lower, seen)
+                    if layer == seen:
+                        mounts.append(str(seen))
                 if not is_mounted(merged):
-                    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+                    opts = f"lowerdir={layer},upperdir={upper},workdir={work}"
                     try:
                         linux.mount("overlay", str(merged), "overlay", 0, opts)
                     except OSError as exc:
@@ -207,6 +281,10 @@ class SandboxDriver:
             mounts.append(str(merged))
             merge_env_tree(merged, dict(spec.env))  # lands in the per-VM upper layer
             write_resolv_tree(merged, list(spec.dns))  # so does this
+            if ids is not None:  # written by metald: made the sandbox root's, as in the image
+                for f in (merged / ".vminit" / "env", merged / "etc" / "resolv.conf"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.chown(f, ids, ids, follow_symlinks=False)
             _mount_points(merged)
         except (VmError, OSError):
             self._unmount(mounts)
@@ -214,6 +292,24 @@ class SandboxDriver:
                 self._release_image(lower)
             raise
         return merged, mounts, lower
+
+    def _seen_by(self, launcher: Launcher, image: Path, at: Path) -> Path:
+        """The image's mount as ``launcher``'s user namespace sees it: an idmapped copy at
+        ``at``; the image itself where the kernel cannot (Linux < 5.19: the sandbox then runs,
+        its users owning no file of the image, and metald says so once)."""
+        if is_mounted(at):
+            return at
+        try:
+            linux.mount_idmapped(str(image), str(at), f"/proc/{launcher.pid}/ns/user")
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise VmError(f"cannot map the image's owners: {exc}") from exc
+            if not self._unmapped_said:
+                self._unmapped_said = True
+                event(_log, "sandbox users own no file of their image", logging.WARNING,
+                      error=str(exc))  # fmt: skip
+            return image
+        return at
 
     # -- images: each rootfs mounted read-only once per host, under every VM of it -----------
     def _images_dir(self) -> Path:
@@ -268,7 +364,7 @@ class SandboxDriver:
         overlay stands on it, or, with ``keep`` and :attr:`image_keep_s`, kept mounted and
         marked idle from now (:meth:`release_unused_images` unmounts it when that is over)."""
         with self._images_lock():
-            if _overlays_on(lower):
+            if _overlays_on(lower) or _copies_of(lower):
                 return
             if keep and self.image_keep_s > 0 and is_mounted(lower):
                 self._idle_since(lower).touch()
@@ -320,28 +416,62 @@ class SandboxDriver:
         unprivileged uid/gid (nothing without root)."""
         if not self.root:
             return []
+        base = uid_base(net) if run_as is None else None
+        if base is not None:
+            # nsenter drops to the range's first uid/gid itself once in the namespace (-S/-G:
+            # setgroups(0), setgid, setuid; no capability is left on the host), then a user
+            # namespace of its own, whose ids metald maps (_map_ids): the sandbox's root is
+            # that uid, its other users the rest of the range. (metald's network module
+            # lowered ip_unprivileged_port_start in this netns when it made it, so the app
+            # may bind ports < 1024 there)
+            return ["nsenter", f"--net=/run/netns/{net.netns}", "-S", str(base), "-G", str(base),
+                    "--", "unshare", "--user", "--"]  # fmt: skip
         uid, gid = run_as or self.run_as
         if net.mode == "netns":
-            # nsenter drops to the unprivileged uid/gid itself once in the namespace (-S/-G:
-            # setgroups(0), setgid, setuid; no capability is left), one program less to start.
-            # (metald's network module lowered ip_unprivileged_port_start in this netns when it
-            # made it, so the unprivileged app may bind ports < 1024 there)
             return ["nsenter", f"--net=/run/netns/{net.netns}", "-S", str(uid), "-G", str(gid),
                     "--"]  # fmt: skip
         return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
 
-    def launcher(self, net: NetAttachment, log: Path) -> Launcher:
+    def launcher(
+        self, net: NetAttachment, log: Path, *, cwd: Path | str = "/",
+        run_as: tuple[int, int] | None = None,
+    ) -> Launcher:  # fmt: skip
         """The VM's process made ahead of its boot, in ``net``'s namespace as the unprivileged
-        user, waiting for its bwrap command line (see ``drivers.base.Launcher``; made by
-        metald's ``NetnsPool`` for its spares). ``log`` must be on the file system of the jails:
-        the boot renames it to the VM's console log."""
-        return Launcher(self.prefix(net), log=log)
+        user (in its user namespace, with its ids mapped, on a VM link of a root host),
+        waiting for its bwrap command line (see ``drivers.base.Launcher``; made by metald's
+        ``NetnsPool`` for its spares). ``log`` must be on the file system of the jails: the
+        boot renames it to the VM's console log."""
+        launcher = Launcher(self.prefix(net, run_as), log=log, cwd=cwd)
+        base = uid_base(net) if self.root and run_as is None else None
+        if base is not None:
+            try:
+                _map_ids(launcher.pid, base)
+            except (OSError, VmError) as exc:
+                launcher.discard()
+                raise VmError(f"cannot map the sandbox's users: {exc}; see {log}") from exc
+        return launcher
+
+    def _cold_launcher(self, spec: VmSpec) -> Launcher:
+        return self.launcher(spec.net, spec.log_path, cwd=spec.workdir, run_as=spec.run_as)
+
+    def mapped(self, spec: VmSpec) -> bool:
+        """Whether the sandbox gets a range of host ids of its own (see :meth:`prefix`)."""
+        return self.root and spec.run_as is None and uid_base(spec.net) is not None
 
     def bwrap_argv(self, spec: VmSpec, tree: Path) -> list[str]:
         env = {"PATH": _PATH, "HOSTNAME": spec.vm_id.replace("_", "-").lower()[:63]}
         env.update(spec.env)
+        # in its own user namespace already (mapped): bwrap runs as its root, and the sandbox
+        # keeps what a container's root keeps in it (CAPS: users, files, signals, low ports;
+        # no mounts); else bwrap makes one with its one user as root, with no capability
+        if self.mapped(spec):
+            user = ["--cap-drop", "ALL"]
+            for cap in CAPS:
+                user += ["--cap-add", cap]
+        else:
+            user = ["--unshare-user", "--uid", "0", "--gid", "0"]
         argv = [
-            BWRAP, "--unshare-user", "--uid", "0", "--gid", "0",
+            BWRAP, *user,
             "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", env["HOSTNAME"],
             "--bind", str(tree), "/", "--proc", "/proc", "--dev", "/dev",
@@ -359,24 +489,32 @@ class SandboxDriver:
         return argv
 
     def boot(self, spec: VmSpec) -> VmRuntime:
-        tree, mounts, image = self._tree_dir(spec)
-        argv = self.bwrap_argv(spec, tree)
         launcher = spec.launcher
+        mounts: list[str] = []
+        image: Path | None = None
         try:
-            pid = None
-            if launcher is not None and spec.run_as in (None, self.run_as):
+            if launcher is not None and (spec.run_as not in (None, self.run_as)
+                                         or not launcher.alive()):  # fmt: skip
+                launcher.discard()  # made for another user, or dead (killed while waiting)
+                launcher = None
+            if launcher is None:
+                launcher = self._cold_launcher(spec)
+            else:
                 launcher.adopt_log(spec.log_path)
-                with contextlib.suppress(VmError):  # it died waiting (killed): start one
-                    pid = launcher.run(argv, cgroup=spec.cgroup, supervise=True)
-            if launcher is not None:
-                launcher.discard()  # (unless it runs) made for another user, or dead
-            if pid is None:
-                launcher = Launcher(self.prefix(spec.net, spec.run_as), log=spec.log_path,
-                                    cwd=spec.workdir)  # fmt: skip
+            # the launcher first: the tree's owners are seen through its user namespace
+            tree, mounts, image = self._tree_dir(spec, launcher)
+            argv = self.bwrap_argv(spec, tree)
+            try:
+                pid = launcher.run(argv, cgroup=spec.cgroup, supervise=True)
+            except VmError:
+                if spec.launcher is not launcher:
+                    raise
+                # the spare died since (killed): start one (same ids: the tree stays right)
+                launcher = self._cold_launcher(spec)
                 pid = launcher.run(argv, cgroup=spec.cgroup, supervise=True)
         except (OSError, VmError) as exc:
             if launcher is not None:
-                launcher.discard()
+                launcher.discard()  # (unless it runs)
             self._unmount(mounts)
             if image is not None:
                 self._release_image(image)
@@ -467,15 +605,28 @@ class SandboxDriver:
         base = self.base_dir(vm_id)
         if not self.root or not base.is_dir():
             return
-        merged = base / "root"
-        lower = _lower_of(merged) if is_mounted(merged) else None
-        self._unmount([str(base), str(merged)])
-        for m in (merged, base):
+        mounts = [base, base / "lower", base / "root"]
+        image = self._image_under([m for m in mounts if is_mounted(m)])
+        self._unmount([str(m) for m in mounts])
+        for m in mounts:
             if is_mounted(m):
                 raise VmError(f"cannot unmount {m}")
-        if lower is not None:
-            self._release_image(lower)
+        if image is not None:
+            self._release_image(image)
         shutil.rmtree(base, ignore_errors=True)
+
+    def _image_under(self, mounts: list[Path]) -> Path | None:
+        """The shared image mount that one of a VM's ``mounts`` stands on (as the overlay's
+        lower layer or as its copy)."""
+        lowers = {Path(lw) for at, lws in _overlays() if Path(at) in mounts for lw in lws}
+        images = self.run_dir / "images"
+        for m in [*lowers, *mounts]:
+            if m.parent == images:
+                return m
+            for copy in _copies_of(m):
+                if Path(copy).parent == images:
+                    return Path(copy)
+        return None
 
     def inspect(self, runtime: VmRuntime) -> bool:
         alive = process_alive(runtime.pid, runtime.pid_start)
