@@ -17,7 +17,7 @@ import pytest
 
 from unkey_deploy.core.errors import VmError
 from unkey_deploy.metald import models
-from unkey_deploy.metald.drivers.base import Launcher, VmRuntime
+from unkey_deploy.metald.drivers.base import Launcher, NetAttachment, VmRuntime
 from unkey_deploy.metald.network import NetnsPool, iface_name, netns_name
 from unkey_deploy.metald.service import CreateVm, Metald, Scheduler
 from unkey_deploy.testing.rootfs import build_test_rootfs
@@ -202,6 +202,37 @@ def test_a_spare_that_could_not_be_removed_is_removed_at_the_next_start(
     assert md2.ips.leased(pooled=True) == {}
     assert not _iface_exists(iface_name(pool_id))
     assert not Path(f"/run/netns/{netns_name(pool_id)}").exists()
+
+
+def test_a_spare_whose_lease_went_is_not_handed_out(
+    make_metald: MetaldFactory, tmp_path: Path
+) -> None:
+    """A spare made while its host was forgotten (its lease deleted, the ready spares dropped)
+    is not kept; one whose lease went anyway is discarded at a boot, which then makes its
+    link itself: the boot never fails for it."""
+    md = make_metald("sandbox", name="h1", netns_pool=0)
+    assert md.network is not None
+
+    def drop_meanwhile(pool_id: str, att: NetAttachment) -> None:
+        made_across_drop.drop()  # (a heartbeat finding its host forgotten)
+
+    made_across_drop = NetnsPool(md.network, md.ips, 1, warm=drop_meanwhile)
+    made_across_drop._make_one()
+    assert made_across_drop.ready() == 0
+    assert md.ips.leased(pooled=True) == {}
+    md.close()
+
+    md = make_metald("sandbox", name="h1", netns_pool=1)  # (restarted)
+    assert md.netns_pool is not None and md.netns_pool.wait_full(timeout=20)
+    (pool_id,) = md.ips.leased(pooled=True)
+    with md.engine.begin() as c:  # what forgetting the host does to it
+        c.execute(models.ip_leases.delete().where(models.ip_leases.c.vm_id == pool_id))
+    image = build_test_rootfs(tmp_path / "img.ext4", port=8080)
+    vm = md.create_vm(CreateVm("dep_pool", "cust_a", image, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    assert not _iface_exists(iface_name(pool_id)), "the stale spare was left"
+    md.delete(vm.vm_id)
 
 
 def _forget(md: Metald) -> None:

@@ -364,6 +364,7 @@ class NetnsPool:
         self.record_dir = record_dir
         self.warm = warm
         self._ready: list[tuple[str, NetAttachment, Launcher | None]] = []
+        self._generation = 0  # drop() counts: a spare made across one is not kept
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -386,6 +387,7 @@ class NetnsPool:
         slots may be handed out again); the pool refills with new leases."""
         with self._lock:
             spares, self._ready = self._ready, []
+            self._generation += 1  # and the one being made, if any
         for spare in spares:
             self._discard(*spare)
         self._wake.set()
@@ -419,6 +421,7 @@ class NetnsPool:
         return True
 
     def _make_one(self) -> None:
+        generation = self._generation
         pool_id = POOL_PREFIX + secrets.token_hex(8)
         slot = self.ips.lease(pool_id)
         host_ip, guest_ip = self.ips.addresses(slot)
@@ -435,11 +438,10 @@ class NetnsPool:
             self._discard(pool_id, att, None)
             raise
         with self._lock:
-            if self._stop.is_set():
-                keep = False
-            else:
+            # not once stopped, nor when drop() ran meanwhile (its lease may be gone)
+            keep = not self._stop.is_set() and generation == self._generation
+            if keep:
                 self._ready.append((pool_id, att, launcher))
-                keep = True
         if not keep:
             self._discard(pool_id, att, launcher)
 
@@ -459,8 +461,9 @@ class NetnsPool:
 
     def take(self, vm_id: str) -> tuple[NetAttachment, Launcher | None] | None:
         """A ready link for ``vm_id`` (its lease and namespace now the VM's) with its launcher
-        (``warm``), or None when the pool is empty (the caller then makes one at boot). The
-        caller owns the launcher: it runs it or discards it."""
+        (``warm``), or None when the pool is empty or its spare could not be handed over (the
+        caller then makes one at boot). The caller owns the launcher: it runs it or discards
+        it."""
         with self._lock:
             if not self._ready:
                 return None
@@ -476,9 +479,11 @@ class NetnsPool:
             return None
         try:
             self.ips.reassign(pool_id, vm_id)
-        except UnkeyError:
+        except UnkeyError as exc:
+            # its lease is gone (the host was forgotten meanwhile): the boot makes its own link
+            event(_log, "netns pool take", logging.WARNING, vm_id=vm_id, error=str(exc))
             self._discard(pool_id, NetAttachment(**{**att.__dict__, "netns": ns}), launcher)
-            raise
+            return None
         self._unrecord(pool_id)  # the VM's now (its own record names the links)
         taken = NetAttachment(mode="netns", host_iface=att.host_iface, netns=ns,
                               host_ip=att.host_ip, guest_ip=att.guest_ip)  # fmt: skip
