@@ -190,3 +190,26 @@ def test_one_chdb_path_per_process(store: ChdbStorage, tmp_path: Path) -> None:
 
     with pytest.raises(Unavailable, match="one process can hold one chDB path"):
         ChdbStorage(tmp_path / "other")
+
+
+def test_quarantined_samples_are_kept_however_old_their_time(store: ChdbStorage) -> None:
+    # The quarantine's TTL counted from the sample's time, so the next merge dropped rows
+    # older than 400 days at once: a batch of old usage quarantined (an import for an unknown
+    # customer, a retired series) was acked and then lost. It counts from when the row was
+    # quarantined now.
+    old = [T0_NS - 500 * 86_400 * 10**9, -5 * 10**9]  # 500 days before T0; before 1970
+    tbl = pa.table(
+        {
+            "customer_id": ["cust_zz", "cust_a"],
+            "vm_id": ["vm_1", "vm_1"],
+            "instance_id": ["inst_1", "inst_1"],
+            "batch_id": ["vm_1:inst_1:0", "vm_1:inst_1:1"],
+            "timestamp": pa.array(old, pa.timestamp("ns", tz="UTC")),
+            "reason": ["unknown_customer", "negative_value"],
+            "sample_json": ['{"t": 1}', '{"t": -5000000000}'],
+        }
+    )
+    assert store.insert_quarantine(tbl, "q-old") == 2
+    store.command("OPTIMIZE TABLE metrics_quarantine FINAL")  # a merge applies the TTL
+    rows = store.query("SELECT reason FROM metrics_quarantine ORDER BY reason")
+    assert [r["reason"] for r in rows] == ["negative_value", "unknown_customer"]
