@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,16 @@ def tls_files(settings: Settings) -> tuple[Path, Path]:
     cfg = settings.gateway
     tls_dir = settings.data_dir / "tls"
     return (cfg.cert_file or tls_dir / "gateway.crt", cfg.key_file or tls_dir / "gateway.key")
+
+
+def cert_hosts(host: str) -> tuple[str, ...]:
+    """What a generated certificate names beside localhost: the address gatewayd listens on
+    (a client of another machine connects to it) unless that is a wildcard, and this machine's
+    names (what clients use with a wildcard)."""
+    names = [] if host in ("", "0.0.0.0", "::") else [host]  # noqa: S104 (not a bind)
+    names += [socket.gethostname(), socket.getfqdn()]
+    fixed = ("localhost", "127.0.0.1", "::1")
+    return tuple(dict.fromkeys(n for n in names if n and n.isascii() and n not in fixed))
 
 
 def admin_token_file(settings: Settings) -> Path:
@@ -121,7 +132,7 @@ def serve(settings: Settings) -> None:
     ssl: dict[str, str] = {}
     if cfg.tls:
         cert, key = tls_files(settings)
-        if ensure_self_signed(cert, key):
+        if ensure_self_signed(cert, key, hosts=cert_hosts(cfg.host)):
             log.event(_log, "generated a self-signed certificate", cert=str(cert))
         ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
     scheme = "https" if cfg.tls else "http"
