@@ -328,3 +328,40 @@ def test_deploy_adapter_that_gives_up_waiting_cancels_its_build(
     finally:
         source.release_extract.set()
         svc.stop()
+
+
+def test_scratch_of_a_worker_killed_on_its_last_attempt_is_removed(
+    tmp_path: Path, factory: sessionmaker[Session], db_url: str, init_binary: Path, app_image: str
+) -> None:
+    """A worker killed mid-build leaves its scratch (tree, ext4, zst: gigabytes for a real
+    image). A retry on this host removed it, but when no attempt follows (the last attempt
+    died, or the build was cancelled meanwhile) nothing ever did. Now the worker loop that
+    finds the dead worker's lease expired removes it (and starting the workers removes that of
+    builds no longer running)."""
+    svc = _service(tmp_path, factory, init_binary, lease_s=1.0, max_attempts=1)
+    bid = svc.submit(BuildRequest(app_image, CustomerId(new_customer_id())))
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, db_url, str(tmp_path), str(init_binary)])
+    try:
+        deadline = time.monotonic() + 60
+        while not any("slow worker started" in x for x in svc.get(bid).log):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    scratch = tmp_path / "work" / bid
+    assert (scratch / "attempt-1" / "root").is_dir()  # what the killed worker left
+    time.sleep(1.2)  # its lease runs out
+    try:
+        svc.start(1)
+        b = svc.wait(bid, 30)
+        assert b.state == BuildState.FAILED and "lost its lease" in str(b.error)
+        deadline = time.monotonic() + 30
+        while scratch.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        svc.stop()
+    assert not scratch.exists()

@@ -468,7 +468,18 @@ class BuildService:
                     raise
 
     def start(self, n: int | None = None) -> None:
-        """Start ``n`` worker threads (default ``BuilderConfig.workers``)."""
+        """Start ``n`` worker threads (default ``BuilderConfig.workers``), after removing the
+        scratch that workers of this host killed before left behind (:meth:`_sweep`)."""
+        try:
+            for d in sorted(self.work_dir.iterdir()) if self.work_dir.is_dir() else ():
+                with self.factory() as s:
+                    row = s.get(BuildRow, d.name)
+                    job = s.get(jobs.JobRow, row.job_id) if row is not None else None
+                    snapshot = jobs.Job.of(job) if job is not None else None
+                if snapshot is not None:
+                    self._sweep(d.name, snapshot)
+        except Exception:  # a database hiccup must not keep the workers from starting
+            _log.exception("builder: sweeping %s failed; continuing", self.work_dir)
         host = socket.gethostname()
         for i in range(n or self.config.workers):
             name = f"builder-{host}-{os.getpid()}-{i}"
@@ -488,7 +499,9 @@ class BuildService:
         while not self._stop.is_set():
             try:
                 with transaction(self.factory) as s:
-                    jobs.requeue_expired(s, now=self._now(), kinds=[JOB_KIND])
+                    dead = jobs.requeue_expired(s, now=self._now(), kinds=[JOB_KIND])
+                for j in dead:  # their workers died: what they left here goes
+                    self._sweep(str(j.payload.get("build_id", "")), j)
                 job = jobs.claim(self.factory, [JOB_KIND], name, now=self._now(),
                                  lease_s=self.lease_s)  # fmt: skip
                 if job is not None:
@@ -651,6 +664,18 @@ class BuildService:
                     shutil.rmtree(d, ignore_errors=True)
         with contextlib.suppress(OSError):  # not empty: a later attempt is running
             build_dir.rmdir()
+
+    def _sweep(self, build_id: str, job: jobs.Job) -> None:
+        """Remove the scratch of ``build_id``'s dead attempts: all of it once the build is
+        finished, else that of the attempts before the one that may be running (a running
+        job's own attempt may be another live worker's here)."""
+        if not build_id or "/" in build_id or build_id in (".", ".."):
+            return
+        if job.state in jobs.FINISHED:
+            shutil.rmtree(self.work_dir / build_id, ignore_errors=True)
+        else:
+            last = job.attempts if job.state == jobs.JobState.QUEUED else job.attempts - 1
+            self._remove_scratch(build_id, last)
 
     def _abandoned(self, job: jobs.Job, worker: str, build_id: str) -> str:
         """This worker lost the job's lease (it stalled past it): the queue gave the job to
