@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -542,10 +543,18 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> s
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )
     try:
-        time.sleep(3)
+        # its first console header says it is past its start-up (seconds of imports on a loaded
+        # machine: a Ctrl-C in them is a KeyboardInterrupt traceback); then a few polls
+        assert follow.stdout is not None
+        ready, _, _ = select.select([follow.stdout], [], [], 60)
+        assert ready, "`unkey logs --follow` printed nothing in 60 s"
+        first = follow.stdout.readline()
+        assert first.startswith("==> console of VM"), first
+        time.sleep(1.5)
         assert follow.poll() is None, "`unkey logs --follow` ended while the VM runs"
         follow.send_signal(signal.SIGINT)
         out, errs = follow.communicate(timeout=30)
+        out = first + out
     finally:
         if follow.poll() is None:
             follow.kill()

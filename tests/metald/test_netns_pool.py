@@ -217,9 +217,12 @@ def test_a_spare_whose_lease_went_is_not_handed_out(
         made_across_drop.drop()  # (a heartbeat finding its host forgotten)
 
     made_across_drop = NetnsPool(md.network, md.ips, 1, warm=drop_meanwhile)
-    made_across_drop._make_one()
-    assert made_across_drop.ready() == 0
-    assert md.ips.leased(pooled=True) == {}
+    try:
+        made_across_drop._make_one()
+        assert made_across_drop.ready() == 0
+        assert md.ips.leased(pooled=True) == {}
+    finally:
+        made_across_drop.close()
     md.close()
 
     md = make_metald("sandbox", name="h1", netns_pool=1)  # (restarted)
