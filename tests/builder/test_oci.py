@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import http.server
 import os
+import re
 import socket
 import stat
 import struct
@@ -427,6 +428,32 @@ def test_reference_parsing() -> None:
     for bad in ("", "UPPER/case", "a b", "x@sha256:123", "reg.io/app:bad tag"):
         with pytest.raises(ImageError):
             Reference.parse(bad)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "h:abc/x",
+        "[::1/x",
+        "a..b.com/x",
+        "[zz::1]:5000/x",
+        "xn--.com/x",
+        "xn--zz.com/x",
+        "h:99999/x",
+    ],
+)
+def test_an_invalid_registry_host_is_an_image_error_naming_it(image: str) -> None:
+    """The registry part is outside input too: a bad port, an unclosed or bogus IPv6 literal,
+    an empty or malformed DNS label used to reach httpx/idna and escape as a raw
+    httpx.InvalidURL, ValueError, UnicodeError or IDNAError (or a DNS lookup of nonsense)."""
+    registry = image.rsplit("/", 1)[0]
+    sleeps: list[float] = []
+    with (
+        RegistryClient(retries=0, sleep=sleeps.append) as client,
+        pytest.raises(ImageError, match=f"invalid registry {re.escape(repr(registry))}"),
+    ):
+        resolve(image, client=client)
+    assert client.stats["requests"] == 0  # refused before any request
 
 
 def test_https_unless_loopback_or_insecure() -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
+import idna
 
 from ..core.config import BuilderConfig
 from ..core.errors import ImageError, Unauthenticated
@@ -148,6 +149,8 @@ class Reference:
         last = path.rsplit("/", 1)[-1]
         if ":" in last:
             path, tag = path.rsplit(":", 1)
+        if not _valid_registry(registry):
+            raise ImageError(f"invalid registry {registry!r} in image reference {text!r}")
         if registry == "docker.io":
             registry = "registry-1.docker.io"
             if "/" not in path:
@@ -161,6 +164,30 @@ class Reference:
         if tag is None and digest is None:
             tag = "latest"
         return cls(registry, path, tag, digest)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_REGISTRY_RE = re.compile(rf"(?:(?P<name>{_LABEL}(?:\.{_LABEL})*)|\[(?P<ip6>[0-9A-Fa-f:.]+)\])"
+                          r"(?::(?P<port>[0-9]{1,5}))?")  # fmt: skip
+
+
+def _valid_registry(registry: str) -> bool:
+    """``host[:port]``: DNS labels (no empty, over-long or edge-hyphen label, no invalid
+    ``xn--`` A-label), or a bracketed IPv6 address; port 1-65535."""
+    m = _REGISTRY_RE.fullmatch(registry)
+    if m is None or (m["port"] is not None and not 0 < int(m["port"]) < 65536):
+        return False
+    if m["ip6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["ip6"])
+        except ValueError:
+            return False
+        return True
+    try:
+        idna.encode(m["name"])  # what the connection will do with it (httpx uses idna)
+    except (idna.IDNAError, UnicodeError):
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
