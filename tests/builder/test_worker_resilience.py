@@ -7,6 +7,7 @@ worker thread silently: builderd kept running with no workers and queued builds 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,49 @@ def test_a_worker_that_lost_its_lease_leaves_the_next_attempt_alone(
     assert build.state == BuildState.SUCCEEDED and build.attempts == 2, build.error
     assert "cancelled" not in build.log and "cancel requested" not in build.log
     assert not (tmp_path / "work" / bid).exists()  # and every attempt's scratch is gone
+
+
+class _SlowSource(OciImageSource):
+    """The real source; extraction first waits ``delay`` seconds (several heartbeats)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def extract(self, image: SourceImage, root: Path, log: Any, /, progress: Any = None) -> None:
+        time.sleep(self.delay)
+        super().extract(image, root, log, progress=progress)
+
+
+def test_a_heartbeat_outlives_a_database_hiccup(
+    tmp_path: Path, init_binary: Path, app_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One failed heartbeat (SQLite "database is locked") ended the heartbeat thread: the
+    build went on without a lease, another worker re-queued it and built it again in parallel
+    (attempt 2) while the first still ran. The heartbeat now retries at its next beat."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'control.db'}")
+    upgrade(engine)
+    factory = session_factory(engine)
+    assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
+    svc = BuildService(factory, assets, _SlowSource(2.5), work_dir=tmp_path / "work",
+                       init_binary=init_binary, poll_s=0.05, lease_s=0.9)  # fmt: skip
+    real_heartbeat = jobs.heartbeat
+    failures = {"left": 1}
+
+    def flaky_heartbeat(*a: Any, **kw: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OperationalError("UPDATE jobs ...", {}, Exception("database is locked"))
+        return real_heartbeat(*a, **kw)
+
+    monkeypatch.setattr(jobs, "heartbeat", flaky_heartbeat)
+    try:
+        bid = svc.submit(BuildRequest(app_image, new_customer_id()))
+        svc.start(2)
+        b = svc.wait(bid, 120)
+    finally:
+        svc.stop()
+        engine.dispose()
+    assert failures["left"] == 0  # the hiccup really happened
+    assert b.state == BuildState.SUCCEEDED, b.error
+    assert b.attempts == 1, b.log

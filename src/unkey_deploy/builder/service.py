@@ -539,6 +539,9 @@ class BuildService:
                     lost.set()
                     cancel.set()
                     return
+                except Exception:  # a database hiccup: beat again next time (if the lease
+                    # ran out meanwhile, that beat finds the job gone and stops the build)
+                    _log.warning("builder %s: heartbeat failed; retrying", worker, exc_info=True)
 
         t = threading.Thread(target=beat, daemon=True, name=f"{worker}-heartbeat")
         t.start()
