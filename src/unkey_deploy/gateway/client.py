@@ -8,6 +8,7 @@ Every non-2xx answer becomes the matching :class:`~unkey_deploy.core.errors.Unke
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from ..core.errors import Unavailable, UnkeyError, from_dict
+from ..core.errors import InvalidInput, Unavailable, UnkeyError, from_dict
 from .tls import client_context
 
 Json = dict[str, Any]
@@ -45,8 +46,30 @@ class GatewayClient:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.admin_token = admin_token
-        verify: Any = client_context(ca_cert) if ca_cert else True
-        self._http = httpx.Client(base_url=self.base_url, verify=verify, timeout=timeout)
+        verify: Any = self._ca_context(ca_cert) if ca_cert else True
+        try:
+            url = httpx.URL(self.base_url)
+            if url.port is not None and not 0 < url.port < 65536:
+                # the socket layer would take it modulo 65536: another port, sent our key
+                raise httpx.InvalidURL(f"port {url.port} is out of range")
+            self._http = httpx.Client(base_url=url, verify=verify, timeout=timeout)
+        except httpx.InvalidURL as exc:
+            raise InvalidInput(
+                f"the API URL {self.base_url!r} is not a valid URL: {exc}",
+                suggestion="set UNKEY_API_URL (or `unkey login --api-url`) to the gateway, "
+                "e.g. https://127.0.0.1:8443",
+            ) from None
+
+    @staticmethod
+    def _ca_context(ca_cert: Path | str) -> ssl.SSLContext:
+        try:
+            return client_context(ca_cert)
+        except OSError as exc:  # missing, unreadable, or no PEM certificate in it (SSLError)
+            raise InvalidInput(
+                f"cannot load the CA certificate {ca_cert}: {exc}",
+                suggestion="set UNKEY_CA_CERT to the gateway's certificate "
+                "(for `unkey dev up`: .unkey/tls/gateway.crt)",
+            ) from None
 
     def close(self) -> None:
         self._http.close()
@@ -115,8 +138,14 @@ class GatewayClient:
             )
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
+        except httpx.InvalidURL as exc:  # e.g. an id with control characters
+            raise self._bad_path(path, exc) from None
         self.raise_for(resp)
         return resp
+
+    @staticmethod
+    def _bad_path(path: str, exc: Exception) -> InvalidInput:
+        return InvalidInput(f"cannot request {path!r}: {exc}", suggestion="check the ids given")
 
     # -- API ------------------------------------------------------------------------------------
 
@@ -205,6 +234,8 @@ class GatewayClient:
             if deadline is not None:
                 return  # nothing came before the deadline (the read waited all that was left)
             raise self._unreachable(exc) from None
+        except httpx.InvalidURL as exc:
+            raise self._bad_path(url, exc) from None
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
