@@ -402,9 +402,12 @@ class SandboxDriver:
     def _unmount(mounts: list[str]) -> None:
         for m in reversed(mounts):
             if is_mounted(Path(m)):
-                # -d: detach the loop device as well (normally autoclear does it)
-                subprocess.run(["umount", "-d", m], capture_output=True, check=False)
+                # umount(2) itself (a VM has three mounts: three fork+execs less on a deletion);
+                # image loop devices free themselves (autoclear, set by whoever mounted them)
+                with contextlib.suppress(OSError):
+                    linux.umount(m)
             if is_mounted(Path(m)):
+                # busy: detach lazily (-d: and the loop device, should autoclear be missing)
                 subprocess.run(["umount", "-l", "-d", m], capture_output=True, check=False)
 
     def command(self, spec: VmSpec, tree: Path) -> list[str]:
