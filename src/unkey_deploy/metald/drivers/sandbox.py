@@ -75,7 +75,9 @@ _log = get_logger("metald.sandbox")
 BWRAP = "bwrap"
 # Root hosts: each sandbox's users 0..65535 are a range of host uids (and gids) of its own, in
 # systemd's range for containers (524288..1879048191, docs UIDS-GIDS): the range of the VM's
-# address slot (its /30 in the host's subnet, so no two VMs of a host share one).
+# address (its /30: no two VMs of a host share one while the host's subnet is at most a /16,
+# the 2^14 ranges that fit in systemd's; two metalds on one host with subnets whose addresses
+# agree in their low 16 bits would reuse ranges).
 UID_BASE = 0x80000
 UID_RANGE = 65536
 _SLOTS = 1 << 14  # ranges up to UID_BASE + 2^30, inside systemd's
