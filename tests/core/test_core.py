@@ -71,3 +71,19 @@ def test_network_lists_read_from_toml_and_env_and_name_a_bad_entry(tmp_path: Pat
         config.load(environ={"UNKEY_METALD__EGRESS_DENY": "10.0.0.0/8,10.0.0.300/32"})
     assert exc.value.problems[0].loc == "metald.egress_deny"
     assert "'10.0.0.300/32' is not a network" in exc.value.problems[0].msg
+
+
+@pytest.mark.parametrize(
+    ("subnet", "says"),
+    [("172.31.5.0/19", "host bits set"), ("10.0.0.0/8", "/16 to /28"), ("fd00::/64", "IPv4"),
+     ("nope", "not an IPv4 network")],
+)  # fmt: skip
+def test_a_bad_metald_subnet_is_named_at_load(subnet: str, says: str) -> None:
+    """Before, any string was taken, and metald failed later, at its start or first VM."""
+    with pytest.raises(errors.ValidationFailed) as exc:
+        config.load(environ={"UNKEY_METALD__SUBNET": subnet})
+    assert exc.value.problems[0].loc == "metald.subnet"
+    assert says in exc.value.problems[0].msg
+    assert (
+        config.load(environ={"UNKEY_METALD__SUBNET": "10.9.0.0/16"}).metald.subnet == "10.9.0.0/16"
+    )

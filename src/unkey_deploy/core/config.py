@@ -92,6 +92,8 @@ class MetaldConfig(_Section):
     memory_mib: int | None = None
     kernel_dir: Path | None = None
     bridge: str = "unkbr0"
+    # The VMs' addresses on this host, a /30 each (IPv4, /16 to /28; the sandbox's host id
+    # ranges follow the /30s of up to a /16).
     subnet: str = "172.31.0.0/19"
     # Host name shown in the hosts table (default: the machine's hostname).
     host_name: str | None = None
@@ -130,6 +132,17 @@ class MetaldConfig(_Section):
     # moving a VM's first process into its cgroup costs ~0.1 ms instead of an RCU grace period
     # (~10 ms, a whole sandbox app start); forks and exits host-wide get slightly dearer.
     cgroup_favordynmods: bool = True
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        try:
+            net = ipaddress.IPv4Network(v)
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an IPv4 network such as 172.31.0.0/19: {exc}") from exc
+        if not 16 <= net.prefixlen <= 28:
+            raise ValueError(f"{v!r}: the prefix must be /16 to /28 (a /30 per VM)")
+        return str(net)
 
     @field_validator("guest_dns", mode="before")
     @classmethod
