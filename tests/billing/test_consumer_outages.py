@@ -128,3 +128,43 @@ def test_nats_back_without_the_stream_the_consumer_is_made_again(
     stats = asyncio.run(run())
     assert stats.samples == 1800
     assert_bills_match(storage, raw_of([series]), TERMS)
+
+
+def test_nats_away_when_the_consumer_starts_is_waited_for(
+    tmp_path: Path, storage: ChdbStorage, nats_server: NatsServer
+) -> None:
+    # The loop ensured the stream and made its consumer once, before its retry loop: NATS (or
+    # JetStream) not answering at that moment ended the task for good, and the billing service
+    # running in gatewayd went on without a consumer, silently.
+    rng = random.Random(6)
+    start = time.time_ns() // HOUR * HOUR - HOUR
+    series = make_series(rng, "cust_a", "vm_1", "i1", start, 600)
+    (b0,) = to_batches(series)
+
+    async def run() -> LoopStats:
+        bus = await connect(nats_server.url)
+        nats_server.stop()
+        agg = Aggregator(storage, directory(TERMS))
+        stop = asyncio.Event()
+        stats = LoopStats()
+        task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
+        try:
+            await asyncio.sleep(3)
+            assert not task.done(), task.exception()
+            nats_server.start()
+            pub = await connect(nats_server.url)
+            await pub.ensure_stream(mstream.stream_spec(BusConfig()))
+            await pub.publish(mstream.batch_message("cust_a", b0.batch_id, encode(b0), 600))
+            await pub.close()
+            deadline = time.monotonic() + 30
+            while stats.samples < 600 and time.monotonic() < deadline:
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await bus.close()
+        return stats
+
+    assert asyncio.run(run()).samples == 600
+    assert_bills_match(storage, raw_of([series]), TERMS)

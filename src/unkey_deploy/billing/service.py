@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..bus.interface import Bus, Delivery
+from ..bus.interface import Bus, Consumer, Delivery
 from ..bus.jetstream import connect
 from ..clickhouse.api import Storage
 from ..clickhouse.factory import storage_from_settings
@@ -78,8 +78,21 @@ async def run_consumer(
     stats = stats or LoopStats()
     stream = mstream.stream_spec(bus_config or core_config.BusConfig())
     cspec = mstream.consumer_spec(durable=durable, ack_wait_s=ack_wait_s)
-    await bus.ensure_stream(stream)
-    consumer = await bus.consumer(mstream.STREAM_NAME, cspec)
+    consumer: Consumer | None = None
+    while consumer is None:  # NATS or JetStream may not answer yet: wait for it, do not end
+        try:
+            await bus.ensure_stream(stream)
+            consumer = await bus.consumer(mstream.STREAM_NAME, cspec)
+        except UnkeyError as exc:
+            log.warning("billing: cannot make the stream's consumer yet: %s", exc)
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation
+            waiter = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=1.0)
+            finally:
+                waiter.cancel()
+            if stop.is_set():
+                return stats
     loop = asyncio.get_running_loop()
     last_touch = loop.time()
     inflight: asyncio.Task[Settled] | None = None
