@@ -10,7 +10,6 @@ Environment overrides use ``UNKEY_<SECTION>__<KEY>`` (e.g. ``UNKEY_GATEWAY__PORT
 from __future__ import annotations
 
 import ipaddress
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -133,13 +132,6 @@ class MetaldConfig(_Section):
     # moving a VM's first process into its cgroup costs ~0.1 ms instead of an RCU grace period
     # (~10 ms, a whole sandbox app start); forks and exits host-wide get slightly dearer.
     cgroup_favordynmods: bool = True
-
-    @field_validator("bridge")
-    @classmethod
-    def _bridge(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", v) or v in (".", ".."):
-            raise ValueError(f"{v!r} is not a Linux interface name (1 to 15 of A-Z a-z 0-9 _ . -)")
-        return v
 
     @field_validator("subnet")
     @classmethod
