@@ -8,11 +8,14 @@ import dataclasses
 import json
 import random
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from unkey_deploy.billing.aggregator import Aggregator, Incoming, Versioner
+from unkey_deploy.clickhouse import queries as chq
 from unkey_deploy.clickhouse.chdb_backend import ChdbStorage
 from unkey_deploy.metering.codec import Encoder, encode, samples_to_array
+from unkey_deploy.metering.model import Batch, Sample, SeriesKey
 
 from .harness import assert_bills_match, directory
 from .scenarios import MONTH_EDGE_NS, make_series, raw_of, to_batches
@@ -188,3 +191,24 @@ def test_a_restart_after_the_wall_clock_stepped_back_loses_no_usage(storage: Chd
     wall[0] += 10**9
     aggregator().process([Incoming(2, b2)])  # reads the series' state back from storage
     assert_bills_match(storage, raw_of([s]), TERMS)
+
+
+def test_raw_intervals_of_a_large_vm_hold_exact_memory_byte_ns(storage: ChdbStorage) -> None:
+    # metrics_raw.mem_byte_ns was a UInt64, and a.memory_used x dt passes 2^64 for 32 GiB held
+    # 0.6 s (17 GiB for a whole second): the raw rows wrapped, and hour_usage() (documented as
+    # recomputing an hour exactly) said 1.95e19 where billing_hourly says 1.86e20.
+    gib = 2**30
+    key = SeriesKey("cust_a", "vm_1", "i1", 8, 64 * gib)
+    t0 = (time.time_ns() // HOUR - 1) * HOUR + 10**9
+    samples = tuple(
+        Sample(t0 + i * 600_000_000, i * 10**8, 32 * gib + i, 0, 0, 0, 0) for i in range(10)
+    )
+    Aggregator(storage, directory(TERMS)).process([Incoming(0, encode(Batch(key, 0, samples)))])
+    exact = sum(samples[i - 1].memory_used_bytes * 600_000_000 for i in range(1, 10))
+    hour = datetime.fromtimestamp(t0 // HOUR * 3600, UTC)
+    (u,) = chq.hour_usage(
+        storage, customer_id="cust_a", vm_id="vm_1", start=hour, end=hour + timedelta(hours=1)
+    )
+    assert u.mem_byte_ns == exact
+    billed = storage.query("SELECT toString(mem_byte_ns) AS m FROM billing_hourly FINAL")
+    assert int(billed[0]["m"]) == exact

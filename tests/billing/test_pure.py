@@ -302,3 +302,18 @@ def test_invoice_amounts_are_cents_when_the_balance_has_six_places() -> None:
         "cust_x", "2026-11", [], discount_pct=Decimal("0"), credit_balance=Decimal("0.000000")
     )
     assert str(inv.credits_applied) == "0.00" and str(inv.total) == "0.00"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mem=st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=20),
+    dt=st.integers(0, 10**9),
+)
+def test_raw_memory_byte_ns_limbs_are_the_exact_product(mem: list[int], dt: int) -> None:
+    from unkey_deploy.billing.aggregator import _mem_byte_ns
+
+    n = len(mem)
+    counted = np.array([i % 3 != 2 for i in range(n)])
+    limbs = _mem_byte_ns(np.array(mem, dtype=np.int64), np.full(n, dt, np.int64), counted)
+    got = [int(lo) + (int(hi) << 64) for lo, hi in limbs.tolist()]
+    assert got == [m * dt if c else 0 for m, c in zip(mem, counted.tolist(), strict=True)]

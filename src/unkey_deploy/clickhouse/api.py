@@ -58,7 +58,8 @@ RAW_SCHEMA = pa.schema(
         ("network_tx_bytes", pa.uint64()),  # delta
         ("disk_read_bytes", pa.uint64()),  # delta
         ("disk_write_bytes", pa.uint64()),  # delta
-        ("mem_byte_ns", pa.uint64()),  # a.memory_used_bytes * dt when dt <= 1 s, else 0
+        # a.memory_used_bytes * dt when dt <= 1 s, else 0 (passes 2^64: Decimal(38, 0))
+        ("mem_byte_ns", pa.decimal128(38, 0)),
         ("gap_ns", pa.uint64()),  # dt when dt > 1 s, else 0
         ("batch_id", pa.string()),  # "<vm_id>:<instance_id>:<seq>" (metering.model.Batch)
     ]

@@ -85,7 +85,8 @@ def raw_chunk(
         "network_tx_bytes": tx,
         "disk_read_bytes": dr,
         "disk_write_bytes": dw,
-        "mem_byte_ns": mem_byte_ns,
+        # at most 8 GiB x 1 s here: the product fits a uint64
+        "mem_byte_ns": pa.array(mem_byte_ns).cast(pa.decimal128(38, 0)),
         "gap_ns": gap,
         "batch_id": _dict_col([f"b{batch_seq}"], np.zeros(n, np.int32)),
     }
