@@ -360,6 +360,27 @@ def test_a_sandboxs_users_are_its_images(make_metald: MetaldFactory, rootfs: Pat
         assert (st.st_uid, st.st_gid) == (ids[0] + owner, ids[0] + owner), f
 
 
+def test_a_host_that_denies_id_ranges_runs_sandboxes_as_one_user(
+    make_metald: MetaldFactory, rootfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the trial of a sandbox's own id range fails (a host forbidding unprivileged user
+    namespaces, or denying them capabilities), sandboxes run as one unprivileged host id, as
+    bwrap maps it: they boot and serve, their users owning no file of the image."""
+    monkeypatch.setattr(SandboxDriver, "maps_ids", lambda self: False)
+    md = make_metald("sandbox")
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    md.wait_ready(vm.vm_id, timeout=10)
+    trace = Trace(md, vm.vm_id)
+    for pid in trace.pids:
+        uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:4]
+        assert uids == ["65534"] * 4, (pid, uids)
+    out = httpx.get(md.endpoint(vm.vm_id) + "/cgi-bin/users", timeout=10).text
+    assert "root-writes-root=" in out and "Permission denied" in out, out
+    md.delete(vm.vm_id)
+    trace.assert_gone()
+
+
 def test_a_kernel_without_idmapped_overlays_still_runs_sandboxes(
     make_metald: MetaldFactory, rootfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

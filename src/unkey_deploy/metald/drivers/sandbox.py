@@ -48,6 +48,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,6 +140,13 @@ def is_mounted(path: Path) -> bool:
     return os.path.ismount(path)
 
 
+def _caps_args() -> list[str]:
+    args = ["--cap-drop", "ALL"]
+    for cap in CAPS:
+        args += ["--cap-add", cap]
+    return args
+
+
 def uid_base(net: NetAttachment) -> int | None:
     """The first host uid (and gid) of the sandbox's own range on ``net`` (a VM link of a root
     host), None elsewhere (then its one user is the driver's ``run_as``)."""
@@ -192,6 +200,8 @@ class SandboxDriver:
         # bwrap must be able to reach the tree, whatever the permissions of metald's state dir.
         self.run_dir = run_dir or Path("/run/unkey-metald")
         self._unmapped_said = False  # (see _seen_by)
+        self._maps_ids: bool | None = None  # (see maps_ids)
+        self._ids_why: str | None = None
 
     def capabilities(self) -> DriverCapabilities:
         nets = ("netns",) if self.root else ("host",)
@@ -221,10 +231,52 @@ class SandboxDriver:
                 self.name, False, f"bwrap trial failed: {probe.stderr.strip()[:200]}",
                 isolation="namespaces",
             )  # fmt: skip
+        reason = "bwrap trial run succeeded"
+        if self.root:
+            why = self._ids_trial()
+            reason += ("; each sandbox gets its own range of host ids" if why is None else
+                       f"; each sandbox runs as one host id (no id ranges: {why})")  # fmt: skip
         return DriverCapabilities(
-            self.name, True, "bwrap trial run succeeded", isolation="namespaces",
-            networking=nets, graceful_stop=True,
+            self.name, True, reason, isolation="namespaces", networking=nets, graceful_stop=True,
         )  # fmt: skip
+
+    def maps_ids(self) -> bool:
+        """Whether sandboxes get a range of host ids of their own here: root, and a trial of
+        it worked (an unprivileged user namespace, mapped by metald, with bwrap as its root:
+        a host may forbid unprivileged user namespaces, or deny them capabilities)."""
+        if self._maps_ids is None:
+            self._maps_ids = self.root and self._ids_trial() is None
+        return self._maps_ids
+
+    def _ids_trial(self) -> str | None:
+        """Run the mapped chain once (cached); None when it works, else why not (logged)."""
+        if self._ids_why is not None or self._maps_ids is not None:
+            return self._ids_why
+        base = UID_BASE + (_SLOTS - 1) * UID_RANGE
+        why: str | None = None
+        with tempfile.TemporaryDirectory(prefix="unkey-sandbox-trial-") as d:
+            log = Path(d) / "trial.log"
+            prefix = ["setpriv", f"--reuid={base}", f"--regid={base}", "--clear-groups", "--",
+                      "unshare", "--user", "--"]  # fmt: skip
+            try:
+                launcher = Launcher(prefix, log=log)
+                try:
+                    _map_ids(launcher.pid, base)
+                except (OSError, VmError):
+                    launcher.discard()
+                    raise
+                pid = launcher.run([BWRAP, *_caps_args(), "--unshare-pid", "--as-pid-1",
+                                    "--ro-bind", "/", "/", "/bin/true"], cgroup=None)  # fmt: skip
+                status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                if status != 0:
+                    why = f"exit status {status}: {log.read_text(errors='replace')[-200:]}"
+            except (OSError, VmError) as exc:
+                why = str(exc)
+        self._maps_ids = why is None
+        self._ids_why = why
+        if why is not None:
+            event(_log, "sandboxes run as one host id", logging.WARNING, error=why)
+        return why
 
     # -- lifecycle ----------------------------------------------------------------------------
     def create(self, spec: VmSpec) -> None:
@@ -421,7 +473,7 @@ class SandboxDriver:
         unprivileged uid/gid (nothing without root)."""
         if not self.root:
             return []
-        base = uid_base(net) if run_as is None else None
+        base = uid_base(net) if run_as is None and self.maps_ids() else None
         if base is not None:
             # nsenter drops to the range's first uid/gid itself once in the namespace (-S/-G:
             # setgroups(0), setgid, setuid; no capability is left on the host), then a user
@@ -447,7 +499,7 @@ class SandboxDriver:
         ``NetnsPool`` for its spares). ``log`` must be on the file system of the jails: the
         boot renames it to the VM's console log."""
         launcher = Launcher(self.prefix(net, run_as), log=log, cwd=cwd)
-        base = uid_base(net) if self.root and run_as is None else None
+        base = uid_base(net) if run_as is None and self.maps_ids() else None
         if base is not None:
             try:
                 _map_ids(launcher.pid, base)
@@ -461,7 +513,7 @@ class SandboxDriver:
 
     def mapped(self, spec: VmSpec) -> bool:
         """Whether the sandbox gets a range of host ids of its own (see :meth:`prefix`)."""
-        return self.root and spec.run_as is None and uid_base(spec.net) is not None
+        return spec.run_as is None and uid_base(spec.net) is not None and self.maps_ids()
 
     def bwrap_argv(self, spec: VmSpec, tree: Path) -> list[str]:
         env = {"PATH": _PATH, "HOSTNAME": spec.vm_id.replace("_", "-").lower()[:63]}
@@ -469,12 +521,8 @@ class SandboxDriver:
         # in its own user namespace already (mapped): bwrap runs as its root, and the sandbox
         # keeps what a container's root keeps in it (CAPS: users, files, signals, low ports;
         # no mounts); else bwrap makes one with its one user as root, with no capability
-        if self.mapped(spec):
-            user = ["--cap-drop", "ALL"]
-            for cap in CAPS:
-                user += ["--cap-add", cap]
-        else:
-            user = ["--unshare-user", "--uid", "0", "--gid", "0"]
+        one_user = ["--unshare-user", "--uid", "0", "--gid", "0"]
+        user = _caps_args() if self.mapped(spec) else one_user
         argv = [
             BWRAP, *user,
             "--unshare-pid", "--as-pid-1", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
