@@ -18,6 +18,7 @@ import pytest
 
 from unkey_deploy.bus import NatsServer, connect
 from unkey_deploy.core.config import BusConfig
+from unkey_deploy.core.errors import InvalidInput
 from unkey_deploy.metering import codec
 from unkey_deploy.metering import stream as mstream
 from unkey_deploy.metering.billaged import Billaged
@@ -374,3 +375,13 @@ def test_a_stream_nats_refuses_leaks_no_connection(nats_server: NatsServer, tmp_
         assert _sockets() < before
 
     asyncio.run(main())
+
+
+def test_batches_larger_than_any_decoder_reads_are_refused_up_front(tmp_path: Path) -> None:
+    # metering.batch_samples has no upper bound in the settings: with 65,537 billaged spooled
+    # and published batches that every decoder rejects (count over codec.MAX_SAMPLES), so the
+    # aggregator quarantined all usage as invalid_batch and billed none of it.
+    with pytest.raises(InvalidInput, match="batch_samples"):
+        Billaged(tmp_path / "a", batch_samples=codec.MAX_SAMPLES + 1, journal=False)
+    b = Billaged(tmp_path / "b", batch_samples=codec.MAX_SAMPLES, journal=False, capacity=1)
+    asyncio.run(b.close())

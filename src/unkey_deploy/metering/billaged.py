@@ -38,7 +38,7 @@ from ..core import metrics
 from ..core.config import BusConfig
 from ..core.errors import InvalidInput, Unavailable, UnkeyError
 from . import stream as mstream
-from .codec import COUNTER_COLS, MEMORY_COL, NCOLS, Encoder, Samples, check_key
+from .codec import COUNTER_COLS, MAX_SAMPLES, MEMORY_COL, NCOLS, Encoder, Samples, check_key
 from .journal import SAMPLES, SERIES, STOP, Journal
 from .model import SeriesKey
 from .spool import SeriesState, Spool, SpooledBatch, series_name
@@ -77,8 +77,13 @@ class Billaged:
         publish_chunk: int = 2000,
         capacity: int = 16,
     ) -> None:
-        if batch_samples < 1:
-            raise InvalidInput("billaged: batch_samples must be >= 1")
+        if not 1 <= batch_samples <= MAX_SAMPLES:
+            # a bigger batch is encoded, but every decoder (the aggregator's, the spool's)
+            # rejects it: all its usage would be quarantined, never billed
+            raise InvalidInput(
+                f"billaged: batch_samples must be 1..{MAX_SAMPLES} (the batch format's limit), "
+                f"got {batch_samples}"
+            )
         self.spool_dir = Path(spool_dir)
         self.batch_samples = batch_samples
         self.bus_config = bus_config or BusConfig()
