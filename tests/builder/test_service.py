@@ -3,6 +3,7 @@ the deploy adapter, and crash recovery (kill -9 of a worker process mid-build)."
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -365,3 +367,63 @@ def test_scratch_of_a_worker_killed_on_its_last_attempt_is_removed(
     finally:
         svc.stop()
     assert not scratch.exists()
+
+
+class _StallingProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards to a real registry; a big blob (a layer) gets half its bytes, then nothing
+    until ``release`` is set: a registry or network that stalls mid-pull."""
+
+    upstream = ""
+    release = threading.Event()
+    stalled = threading.Event()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        r = httpx.get(self.upstream + self.path, headers={"Accept": self.headers["Accept"] or ""})
+        self.send_response(r.status_code)
+        for k in ("content-type", "docker-content-digest"):
+            if k in r.headers:
+                self.send_header(k, r.headers[k])
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        if "/blobs/" in self.path and len(r.content) > 100_000:
+            self.wfile.write(r.content[: len(r.content) // 2])
+            self.wfile.flush()
+            self.stalled.set()
+            self.release.wait(120)
+        self.wfile.write(r.content)
+
+
+def test_cancel_reaches_a_build_whose_layer_download_stalls(
+    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path
+) -> None:
+    """Cancellation was checked only when layer data arrived: a build whose registry stalled
+    mid-layer ignored its cancel until the read timed out (60 s; never, for a registry that
+    drips a byte now and then). Waiting for data now checks it too."""
+    from unkey_deploy.testing import images as im
+    from unkey_deploy.testing.registry import start_registry
+
+    reg = start_registry(tmp_path / "registry")
+    handler = type("H", (_StallingProxy,), {"upstream": reg.url, "release": threading.Event(),
+                                            "stalled": threading.Event()})  # fmt: skip
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    svc = _service(tmp_path, factory, init_binary, lease_s=0.6)
+    try:
+        im.push(reg.host, "test/app", "v1", im.http_app_image())
+        svc.start(1)
+        bid = svc.submit(BuildRequest(f"127.0.0.1:{srv.server_address[1]}/test/app:v1",
+                                      new_customer_id()))  # fmt: skip
+        assert handler.stalled.wait(60)
+        svc.cancel(bid)
+        b = svc.wait(bid, 20)  # the heartbeat (every 0.2 s) sees the request
+        assert b.state == BuildState.CANCELLED
+    finally:
+        handler.release.set()
+        svc.stop()
+        srv.shutdown()
+        srv.server_close()
+        reg.stop()

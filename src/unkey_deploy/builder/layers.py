@@ -31,6 +31,7 @@ import shutil
 import stat
 import tarfile
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -80,6 +81,10 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _POOL_FILE_MAX = 4 * 1024 * 1024
 _PENDING_BYTES = 64 * 1024 * 1024
 _WRITERS = 8
+# How long a failed or cancelled layer waits for its fetch thread (see apply_layer).
+_ABANDON_S = 1.0
+# A layer's unchanged progress is passed on this often while it waits for data (_LayerProgress).
+_STILL_S = 0.2
 _WH = ".wh."
 _OPQ = ".wh..wh..opq"
 
@@ -176,8 +181,11 @@ class _Prefetch:
     ISA-L/zlib/zstd and sha256 all release the GIL, so fetching, decompressing and creating the
     files overlap. Errors are raised to the reader, in order. After the end of ``inner``,
     ``at_eof`` runs in the thread (draining the blob so its digest is verified). All stages of a
-    layer share ``stop``: once it is set, every stage ends (a waiting read raises ``_Stopped``),
-    and ``close()`` joins the thread, so nothing reads the blob after apply_layer returns."""
+    layer share ``stop``: once it is set, every stage ends (a waiting read raises ``_Stopped``).
+    apply_layer joins the threads, so after a successful layer nothing reads the blob any more;
+    after a failed one the fetch thread may finish a read already under way (then stops).
+    ``on_idle`` runs each time the creating thread waited 0.1 s for data (never in another
+    stage's thread)."""
 
     _END = object()
 
@@ -187,9 +195,12 @@ class _Prefetch:
         stop: threading.Event,
         at_eof: Callable[[], None] | None = None,
         name: str = "layer-read",
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self._inner = inner
         self._at_eof = at_eof
+        self._on_idle = on_idle
+        self._owner = threading.current_thread()  # on_idle runs only in the creator's thread
         self._q: queue.Queue[object] = queue.Queue(maxsize=16)
         self._stop = stop
         self._buf = b""
@@ -229,6 +240,8 @@ class _Prefetch:
             except queue.Empty:
                 if self._stop.is_set():
                     raise _Stopped from None
+                if self._on_idle is not None and threading.current_thread() is self._owner:
+                    self._on_idle()  # the reader's chance to give up (a cancel)
 
     def read(self, n: int = -1) -> bytes:
         if self._pos >= len(self._buf):
@@ -256,8 +269,8 @@ class _Prefetch:
         while self.read(1 << 20):
             pass
 
-    def join(self) -> None:
-        self._thread.join()
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
 
 class _Applier:
@@ -801,33 +814,42 @@ def apply_layer(
             f"layer {short_digest(layer_digest)}: {msg}", details={"layer": layer_digest}
         )
 
+    counter: _CountingReader | None = None
+
+    def report() -> None:
+        if progress is not None:
+            done = getattr(stream, "bytes_read", None)
+            if not isinstance(done, int):
+                done = counter.count if counter is not None else 0
+            progress(done, size)
+
+    # While this thread waits for data (a stalled registry), the caller's progress still runs:
+    # that is where a build notices its cancel.
+    idle = report if progress is not None else None
     # Stage 1 reads the whole blob, then drains it (its digest verified) before reporting the end.
     stop = threading.Event()
     drain = getattr(stream, "drain", None)
-    raw = _Prefetch(stream, stop, at_eof=drain if callable(drain) else None, name="layer-fetch")
+    raw = _Prefetch(stream, stop, at_eof=drain if callable(drain) else None, name="layer-fetch",
+                    on_idle=idle)  # fmt: skip
     peek = _Peek(raw)
     try:
         decomp, _kind = _open_decompressed(peek, media_type, lerr)
     except BaseException:
         stop.set()
-        raw.join()
+        raw.join(_ABANDON_S)
         raise
     budget = min(lim.max_layer_bytes, lim.max_image_bytes)
     counter = _CountingReader(decomp, budget, lerr)
-
-    def report() -> None:
-        if progress is not None:
-            done = getattr(stream, "bytes_read", None)
-            progress(done if isinstance(done, int) else counter.count, size)
-
     if progress is not None:
         applier.progress = report
     # Stage 2 (decompress + diff_id hash) reads from stage 1 (the blob), started below.
-    pre = _Prefetch(counter, stop, name="layer-inflate")
+    pre = _Prefetch(counter, stop, name="layer-inflate", on_idle=idle)
+    ok = False
     try:
         with tarfile.open(fileobj=pre, mode="r|", bufsize=1 << 16) as tf:  # type: ignore[call-overload]
             applier.apply(tf)
         pre.drain()
+        ok = True
     except (LayerError, ImageError):
         raise
     except tarfile.TarError as e:
@@ -845,7 +867,10 @@ def apply_layer(
     finally:
         stop.set()
         pre.join()
-        raw.join()
+        # On success the fetch stage has ended (end of blob). On an error or a cancel it may sit
+        # in a read of a stalled registry until the read timeout: it stops by itself then (it
+        # sees ``stop``), so it is not waited for beyond a moment.
+        raw.join(None if ok else _ABANDON_S)
         applier.finish()
     stats.tar_bytes = counter.count
     report()
@@ -884,22 +909,26 @@ Progress = Callable[[int, int, int], None]
 
 class _LayerProgress:
     """One layer's blob bytes: counted by the read-ahead thread (``add``, the stream's callback),
-    passed on from the caller's thread (``report``, apply_layer's callback) when changed. The
-    stream reports the chunk completing the blob only once its digest is verified, so the layer
-    size is reached only for a verified blob."""
+    passed on from the caller's thread (``report``, apply_layer's callback) when changed, and
+    unchanged every :data:`_STILL_S` (a stalled download: the callback is also where the caller
+    can stop the layer, e.g. a cancelled build). The stream reports the chunk completing the
+    blob only once its digest is verified, so the layer size is reached only for a verified
+    blob."""
 
     def __init__(self, index: int, size: int, progress: Progress | None) -> None:
         self.index, self.size, self.progress = index, size, progress
         self.done = 0
         self.shown = -1
+        self.shown_at = 0.0
 
     def add(self, k: int) -> None:
         self.done += k  # one writer (the read-ahead thread); int rebinding is atomic
 
     def report(self, _done: int, _total: int) -> None:
         done = self.done
-        if self.progress is not None and done != self.shown:
-            self.shown = done
+        now = time.monotonic()
+        if self.progress is not None and (done != self.shown or now - self.shown_at >= _STILL_S):
+            self.shown, self.shown_at = done, now
             self.progress(self.index, done, self.size)
 
 

@@ -107,8 +107,8 @@ class ProgressThrottle:
         now = self._now()
         last = self._last.get(p.item)
         if last is not None:
-            if p.done < last[1] or (p.done == last[1] and p.unit != "bytes"):
-                return  # back, or a step already reported
+            if p.done <= last[1]:
+                return  # back, or nothing new (a step already reported, a stalled layer)
             if p.unit == "bytes" and not p.finished and now - last[0] < self._interval:
                 return
         self._last[p.item] = (now, p.done)
