@@ -11,13 +11,14 @@ so this is weaker than ``qemu``/``firecracker`` and is reported as ``isolation="
   tmpfs of the VM's own, as is its /tmp: what the app writes is bounded (``writable_bytes``)
   and is memory charged to its cgroup, never a host's disk. Without root, the
   tree is extracted with ``debugfs -R "rdump / <dir>"`` (no mount needed).
-* Users: as root, each sandbox has a user namespace whose ids 0..65535 are a range of host ids
-  of its own (``uid_base``: its address slot's, in systemd's range for containers), and sees
+* Users: as root (where a trial shows it works: ``maps_ids``), each sandbox has a user
+  namespace whose ids 0..65535 are a range of host ids of its own (``uid_base``: its address
+  slot's, in systemd's range for containers), and sees
   the image through an idmapped copy of its shared mount: the sandbox's users own what the
   image gives them and the image's ``User`` is switched to, as in a VM. Its root keeps
-  ``CAPS`` inside its namespaces (no mount), and is an unprivileged uid on the host. Without
-  root, bwrap maps its one user to root (the app then writes only where the image lets
-  anyone).
+  ``CAPS`` inside its namespaces (no mount), and is an unprivileged uid on the host.
+  Otherwise bwrap maps its one user (``run_as``) to root, with no capability (the app then
+  writes only where the image lets anyone).
 * Processes: ``bwrap`` with new pid, ipc, uts and cgroup namespaces, a fresh /proc, /dev
   and /tmp, started as the sandbox's unprivileged host uid (``nsenter -S/-G`` into the VM's
   network namespace, then ``unshare --user``; ``setpriv`` and bwrap's own user namespace on
