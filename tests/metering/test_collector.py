@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from unkey_deploy.bus import NatsServer, connect
+from unkey_deploy.core.errors import InvalidInput
 from unkey_deploy.metering import codec
 from unkey_deploy.metering import stream as mstream
 from unkey_deploy.metering.billaged import Billaged
@@ -510,3 +511,16 @@ def test_metering_goes_on_when_its_targets_cannot_be_read(
     assert len(failed) == 2
     loop.collector.close()
     asyncio.run(b.close())
+
+
+def test_a_sampling_interval_of_a_second_or_more_is_refused(tmp_path: Path) -> None:
+    # BILLING.md bills memory only over intervals of at most 1 s (longer ones are gaps), and
+    # metering.interval_ms has no upper bound: sampling every 1 s or slower metered every VM's
+    # memory as nothing but gaps, and not a single byte of it was billed.
+    b = Billaged(tmp_path / "spool", journal=False)
+    try:
+        with pytest.raises(InvalidInput, match="interval"):
+            MeteringLoop(Collector(), b, list, interval_s=1.0)
+        MeteringLoop(Collector(), b, list, interval_s=0.5)
+    finally:
+        asyncio.run(b.close())

@@ -38,6 +38,14 @@ class MeteringLoop:
         interval_s: float = 0.1,
         targets_every: int = 10,
     ) -> None:
+        if not 0 < interval_s < 1.0:
+            # BILLING.md bills memory only over intervals of at most 1 s: sampling every second
+            # or slower would meter every VM's memory as gaps, never billed
+            raise InvalidInput(
+                f"metering: the sampling interval must be under 1 s (100 ms by design), "
+                f"got {interval_s} s",
+                suggestion="set metering.interval_ms below 1000",
+            )
         self.collector = collector
         self.billaged = billaged
         self.targets = targets
