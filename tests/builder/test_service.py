@@ -427,3 +427,30 @@ def test_cancel_reaches_a_build_whose_layer_download_stalls(
         srv.shutdown()
         srv.server_close()
         reg.stop()
+
+
+def test_a_full_work_disk_is_resource_exhausted_naming_it(
+    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path, oci_layout: Any
+) -> None:
+    """A work directory that fills up while layers are extracted failed the build as
+    "internal error: OSError(28, 'No space left on device')"; it is the ResourceExhausted,
+    naming the work directory, that mkfs running out of space gives."""
+    work = tmp_path / "small"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(work)], check=True)
+    try:
+        image = oci_layout(tmp_path / "layout", {"Entrypoint": ["/big"]},
+                           [[("big", os.urandom(6 << 20), 0o755, None)]])  # fmt: skip
+        assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
+        svc = BuildService(factory, assets, OciImageSource(), work_dir=work, poll_s=0.05,
+                           init_binary=init_binary, max_attempts=1)  # fmt: skip
+        try:
+            svc.start(1)
+            b = svc.wait(svc.submit(BuildRequest(image, new_customer_id())), 60)
+        finally:
+            svc.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(work)], check=True)
+    assert b.state == BuildState.FAILED and b.error is not None
+    assert b.error["code"] == "resource_exhausted", b.error
+    assert str(work) in b.error["message"] and "No space left" in b.error["message"]

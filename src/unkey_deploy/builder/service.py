@@ -29,6 +29,7 @@ build, image reference) appears in the log, the events or the build record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -53,7 +54,14 @@ from ..core import errors, metrics
 from ..core import log as corelog
 from ..core.clock import Clock, SystemClock
 from ..core.config import BuilderConfig, Settings
-from ..core.errors import BuildFailed, DeadlineExceeded, IllegalTransition, NotFound, UnkeyError
+from ..core.errors import (
+    BuildFailed,
+    DeadlineExceeded,
+    IllegalTransition,
+    NotFound,
+    ResourceExhausted,
+    UnkeyError,
+)
 from ..core.ids import AssetId, BuildId, CustomerId, new_build_id
 from ..store import jobs
 from ..store.db import Base, transaction
@@ -216,6 +224,14 @@ def build_rootfs(
         log(f"compress: zstd -{config.zstd_level}: {info.bytes / 1e6:.1f} MB -> "
             f"{z.bytes / 1e6:.1f} MB")  # fmt: skip
         step(3)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # what mkfs running out of space says too (rootfs._run)
+        raise ResourceExhausted(
+            f"build work directory {workdir}: {exc.strerror}",
+            suggestion="free space there (or give builderd a larger work directory), then retry",
+        ) from exc
     finally:
         if not keep_tree:
             shutil.rmtree(root, ignore_errors=True)
