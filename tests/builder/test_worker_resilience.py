@@ -150,8 +150,9 @@ def test_a_heartbeat_outlives_a_database_hiccup(
     upgrade(engine)
     factory = session_factory(engine)
     assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
-    svc = BuildService(factory, assets, _SlowSource(2.5), work_dir=tmp_path / "work",
-                       init_binary=init_binary, poll_s=0.05, lease_s=0.9)  # fmt: skip
+    # heartbeats at 1 s (fails), 2 s, ...; the lease taken at 0 s would run out at 3 s
+    svc = BuildService(factory, assets, _SlowSource(4.5), work_dir=tmp_path / "work",
+                       init_binary=init_binary, poll_s=0.05, lease_s=3.0)  # fmt: skip
     real_heartbeat = jobs.heartbeat
     failures = {"left": 1}
 
