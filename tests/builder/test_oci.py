@@ -11,6 +11,7 @@ import base64
 import contextlib
 import gzip
 import http.server
+import json
 import os
 import re
 import socket
@@ -487,6 +488,22 @@ def test_oci_layout_and_docker_archive_sources(tmp_path: Path) -> None:
     (tmp_path / "broken.tar").write_bytes(b"garbage" * 100)
     with pytest.raises(ImageError, match="docker-archive"):
         resolve(f"docker-archive:{tmp_path / 'broken.tar'}")
+
+
+@pytest.mark.parametrize("annotations", [1, "latest", ["org.opencontainers.image.ref.name"]])
+def test_a_layout_entry_with_malformed_annotations_is_an_image_error(
+    tmp_path: Path, annotations: object
+) -> None:
+    """index.json is outside input: an entry whose ``annotations`` is not an object made a
+    tagged ``oci:PATH:tag`` lookup raise a raw AttributeError."""
+    im.write_layout(tmp_path / "layout", {"v1": im.http_app_image()})
+    index = json.loads((tmp_path / "layout/index.json").read_text())
+    index["manifests"][0]["annotations"] = annotations
+    (tmp_path / "layout/index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ImageError, match=r"index.json manifests\[0\]: annotations must be an object"
+    ):
+        resolve(f"oci:{tmp_path / 'layout'}:v1")
 
 
 def test_token_cached_per_repository_scope(pushed: Pushed) -> None:

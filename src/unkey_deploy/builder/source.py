@@ -404,13 +404,16 @@ def _resolve_layout(image_ref: str, cfg: BuilderConfig) -> ResolvedImage:
         Descriptor.parse(e, f"{image_ref}: index.json manifests[{i}]")
         for i, e in enumerate(entries)
     ]
-    raws = [e for e in entries if isinstance(e, dict)]
+    names = []
+    for i, e in enumerate(entries):  # every entry is an object: Descriptor.parse checked that
+        ann = e.get("annotations") or {}
+        if not isinstance(ann, dict):
+            raise ImageError(
+                f"{image_ref}: index.json manifests[{i}]: annotations must be an object"
+            )
+        names.append(ann.get("org.opencontainers.image.ref.name"))
     if tag is not None:
-        chosen = [
-            d
-            for d, r in zip(descs, raws, strict=True)
-            if (r.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag
-        ]
+        chosen = [d for d, name in zip(descs, names, strict=True) if name == tag]
         if not chosen:
             raise ImageError(f"{image_ref}: no image tagged {tag!r} in the layout")
         first = chosen[0]
