@@ -15,10 +15,16 @@ import zstandard
 from sqlalchemy.orm import Session, sessionmaker
 
 from unkey_deploy.assets.api import Asset, AssetMeta
-from unkey_deploy.assets.blobs import BlobStore, FsBlobStore, S3BlobStore, sha256_of
+from unkey_deploy.assets.blobs import (
+    BlobStore,
+    FsBlobStore,
+    S3BlobStore,
+    open_blob_store,
+    sha256_of,
+)
 from unkey_deploy.assets.service import AssetBlobRow, AssetManager
 from unkey_deploy.core.clock import FakeClock
-from unkey_deploy.core.errors import Conflict, NotFound, Unavailable, UnkeyError
+from unkey_deploy.core.errors import Conflict, InvalidInput, NotFound, Unavailable, UnkeyError
 from unkey_deploy.core.ids import BuildId, CustomerId, new_build_id, new_customer_id
 
 MiB = 1 << 20
@@ -296,3 +302,20 @@ def test_s3_listing_failure_makes_gc_unavailable(
     mgr = AssetManager(factory, blobs, tmp_path / "cache", clock=clock, grace_s=60)
     with pytest.raises(Unavailable, match=r"list s3://no-such-bucket/prod: .*NoSuchBucket"):
         mgr.gc()
+
+
+@pytest.mark.parametrize(
+    "form", ["file://blobs{tmp}/x", "file://.{tmp}/b", "file:blobs", "file://"]
+)
+def test_a_file_blob_url_that_is_not_an_absolute_path_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """``file://blobs/x`` parses as host "blobs" and path "/x": the store silently went to
+    /x (or to the current directory for ``file:blobs`` and ``file://``) instead of failing.
+    (The wrong places here are all inside tmp_path.)"""
+    monkeypatch.chdir(tmp_path)
+    url = form.format(tmp=tmp_path)
+    with pytest.raises(InvalidInput, match="file:///absolute/path"):
+        open_blob_store(url, tmp_path)
+    assert isinstance(open_blob_store(f"file://{tmp_path}/b", tmp_path), FsBlobStore)
+    assert isinstance(open_blob_store(f"file://localhost{tmp_path}/c", tmp_path), FsBlobStore)

@@ -223,6 +223,11 @@ def open_blob_store(
         return FsBlobStore(Path(data_dir) / "assets" / "blobs")
     u = urlparse(url)
     if u.scheme == "file":
+        # file://blobs/x is host "blobs", path "/x": only an absolute path names a directory
+        if u.netloc not in ("", "localhost") or not u.path.startswith("/"):
+            raise InvalidInput(
+                f"blob url {url!r} is not a local directory: use file:///absolute/path"
+            )
         return FsBlobStore(Path(u.path))
     if u.scheme == "s3":
         return S3BlobStore(url, endpoint_url=endpoint_url, region=region)
