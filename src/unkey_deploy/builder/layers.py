@@ -11,7 +11,9 @@ which that filter rejects or rewrites. The rules here (see :func:`apply_layer`):
 * hardlink targets must already exist inside ``root`` and not be symlinks or directories; a
   link shares the target's inode, so its header's owner/mode/mtime are ignored (as GNU tar and
   umoci do): the target's entry set them;
-* whiteouts ``.wh.NAME`` delete NAME, ``.wh..wh..opq`` empties the directory of lower-layer entries;
+* whiteouts ``.wh.NAME`` delete NAME of a lower layer (never an entry of their own layer),
+  ``.wh..wh..opq`` empties the directory of lower-layer entries; aufs metadata (``.wh..wh.*``)
+  is skipped;
 * character/block devices and FIFOs are skipped and counted, never created;
 * uncompressed bytes, per-file size and entry count are limited (bomb protection);
 * numeric uid/gid (``lchown``), modes (setuid kept: hardening decides), mtimes clamped to
