@@ -34,7 +34,7 @@ from unkey_deploy.deployer.worker import DeployWorker
 from unkey_deploy.metald.api import Metald, Scheduler, Vm, VmState
 from unkey_deploy.metald.drivers.base import VmRuntime
 from unkey_deploy.metering.billaged import Billaged
-from unkey_deploy.metering.codec import decode
+from unkey_deploy.metering.codec import MAX_SAMPLES, decode
 from unkey_deploy.metering.collector import Collector
 from unkey_deploy.metering.service import MeteringLoop
 from unkey_deploy.store import jobs
@@ -149,7 +149,7 @@ def test_stop_wait_deletes_the_vm_and_leaves_nothing(platform: Platform, tmp_pat
     assert vm.vm_id in {t.key.vm_id for t in md.meter_targets()}
     # the host's metering loop, as hostd wires it (no bus: batches stay in the spool); batches
     # far larger than this test samples, so only the stop can flush one
-    billaged = Billaged(tmp_path / "billaged", batch_samples=100_000, journal=False)
+    billaged = Billaged(tmp_path / "billaged", batch_samples=MAX_SAMPLES, journal=False)
     metering = MeteringLoop(Collector(), billaged, md.meter_targets, targets_every=1)
     sampled = sum(metering.tick() for _ in range(5))
     assert sampled == 5 and billaged.spool.pending(10) == []
