@@ -152,3 +152,18 @@ def test_an_out_of_range_user_or_group_id_is_refused_at_build_time(
         f.write("big:x:4294967296:0::/:/bin/sh\n")
     with pytest.raises(ImageError, match="out of range"):
         launch_spec(root, ImageConfig(cmd=("/x",), user=user))
+
+
+def test_an_image_whose_etc_is_not_a_directory_gets_a_clear_user_error(
+    tmp_path: Path, make_tree: Callable[..., Path]
+) -> None:
+    """Looking up ``User`` in /etc/passwd when the image's /etc is a file raised a raw
+    NotADirectoryError (the build failed as an internal error and was retried); it is the
+    same "no user" ImageError as a missing /etc/passwd, and numeric users still resolve."""
+    root = make_tree(tmp_path / "r")
+    shutil.rmtree(root / "etc")
+    (root / "etc").write_text("not a directory\n")
+    with pytest.raises(ImageError, match="no user 'app'"):
+        launch_spec(root, ImageConfig(cmd=("/x",), user="app"))
+    spec = launch_spec(root, ImageConfig(cmd=("/x",), user="1000:1000"))
+    assert (spec.uid, spec.gid) == (1000, 1000)

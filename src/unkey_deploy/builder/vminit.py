@@ -122,7 +122,7 @@ def _read_inside(root: Path, rel: str) -> str | None:
         cur = cur / part
         try:
             st = os.lstat(cur)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # absent, or a parent is a file
             return None
         if stat.S_ISLNK(st.st_mode):
             return None
