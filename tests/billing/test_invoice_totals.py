@@ -75,3 +75,13 @@ def test_a_month_at_the_end_of_the_calendar_is_invalid_input_not_a_crash(
     with pytest.raises(InvalidInput, match="9999-12"):
         chq.monthly_bill(storage, customer_id="cust_a", month="9999-12")
     assert q.invoice("cust_a", "9998-12").total == Decimal("0.00")
+
+
+def test_a_month_before_the_year_1000_is_an_empty_invoice(storage: ChdbStorage) -> None:
+    # check_month takes 0001-01.., but the bounds went to ClickHouse as "1-01-01 00:00:00"
+    # (strftime does not pad the year): "ClickHouse rejected the statement: Cannot parse
+    # DateTime" instead of the month's (empty) invoice
+    q = BillingQueries(storage, directory({"cust_a": (Decimal(0), Decimal(0))}), FakeClock())
+    for month in ("0001-01", "0999-12"):
+        assert q.invoice("cust_a", month).total == Decimal("0.00")
+        assert chq.monthly_bill(storage, customer_id="cust_a", month=month).vm_hours == 0

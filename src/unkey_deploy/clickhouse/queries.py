@@ -46,9 +46,11 @@ def _utc(t: datetime, name: str) -> datetime:
     return t.astimezone(UTC)
 
 
-def _ts(t: datetime) -> str:
-    """A UTC datetime as ClickHouse DateTime64(6) text (bound with {x:DateTime64(6, 'UTC')})."""
-    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+def _ts(t: datetime, timespec: str = "microseconds") -> str:
+    """A UTC datetime as ClickHouse DateTime64(6) text (bound with {x:DateTime64(6, 'UTC')}), or
+    DateTime text with ``timespec="seconds"``. isoformat, not strftime: strftime("%Y") does not
+    pad years before 1000, which ClickHouse cannot parse."""
+    return t.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec=timespec)
 
 
 def _as_utc(value: Any) -> datetime:
@@ -115,12 +117,9 @@ class Scope:
     ) -> dict[str, Any]:
         """The bound values for :meth:`sql`'s placeholders (checked: tenant required unless
         platform-wide, timezone-aware bounds)."""
-        fmt = "%Y-%m-%d %H:%M:%S" if self.time_type.startswith("DateTime(") else None
+        spec = "seconds" if self.time_type.startswith("DateTime(") else "microseconds"
         s, e = _utc(start, "start"), _utc(end, "end")
-        out: dict[str, Any] = {
-            "start": s.strftime(fmt) if fmt else _ts(s),
-            "end": e.strftime(fmt) if fmt else _ts(e),
-        }
+        out: dict[str, Any] = {"start": _ts(s, spec), "end": _ts(e, spec)}
         if not self.platform:
             out["customer_id"] = _need_customer(customer_id)
         if self.vm == "one":
