@@ -323,10 +323,21 @@ class AssetManager:
             tmp.unlink(missing_ok=True)
         return dest
 
+    def _lock(self, s: Session, asset_id: str) -> AssetRow:
+        """The asset's row, write-locked for the rest of the transaction: a no-op UPDATE first
+        (PostgreSQL locks the row; SQLite takes its write lock, which a SELECT does not), so
+        lease() and delete() of one asset serialize and each reads the other's commit."""
+        touched = s.execute(
+            update(AssetRow).where(AssetRow.asset_id == asset_id).values(deleted=AssetRow.deleted)
+        )
+        if _rowcount(touched) != 1:
+            raise NotFound(f"asset {asset_id} not found")
+        return self._row(s, asset_id)
+
     def lease(self, asset_id: AssetId, holder: str) -> Lease:
         now = self._now()
         with transaction(self.factory) as s:
-            row = self._row(s, asset_id)
+            row = self._lock(s, asset_id)
             if row.deleted:
                 raise Conflict(f"asset {asset_id} was deleted; it cannot be leased")
             existing = s.get(AssetLeaseRow, (asset_id, holder))
@@ -349,7 +360,7 @@ class AssetManager:
     def delete(self, asset_id: AssetId) -> None:
         now = self._now()
         with transaction(self.factory) as s:
-            row = self._row(s, asset_id)
+            row = self._lock(s, asset_id)
             held = s.scalars(
                 select(AssetLeaseRow.holder).where(AssetLeaseRow.asset_id == asset_id)
             ).all()
