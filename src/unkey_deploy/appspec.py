@@ -380,6 +380,25 @@ _CORE_TAGS = frozenset(
 )
 
 
+def _refuse_surprising_number(node: yaml.ScalarNode, value: Any, loc: Loc) -> None:
+    """YAML 1.1 (PyYAML) reads a leading zero as octal and ``a:b`` as base 60: ``replicas: 010``
+    would be 8 replicas, without a word."""
+    if node.tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        return
+    digits = node.value.replace("_", "").lstrip("+-")
+    if ":" in digits:
+        kind = "a base-60"
+    elif node.tag.endswith(":int") and re.fullmatch(r"0[0-7]+", digits):
+        kind = "an octal"
+    else:
+        return
+    raise _Refused(
+        f"{node.value} is {kind} number in YAML ({value}); write it in decimal, or quote it",
+        node.start_mark,
+        loc,
+    )
+
+
 def _to_python(node: yaml.Node, loc: Loc, marks: Marks, seen: set[int]) -> Any:
     if id(node) in seen:
         raise _Refused("anchors and aliases are not allowed", node.start_mark, loc)
@@ -390,7 +409,9 @@ def _to_python(node: yaml.Node, loc: Loc, marks: Marks, seen: set[int]) -> Any:
         raise _Refused(f"tags ({tag}) are not allowed", node.start_mark, loc)
     marks[loc] = _pos(node.start_mark)
     if isinstance(node, yaml.ScalarNode):
-        return _scalar(node)
+        value = _scalar(node)
+        _refuse_surprising_number(node, value, loc)
+        return value
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(child, (*loc, i), marks, seen) for i, child in enumerate(node.value)]
     if isinstance(node, yaml.MappingNode):
