@@ -19,7 +19,7 @@ from unkey_deploy.core.errors import BuildFailed, Unavailable, UnkeyError
 from unkey_deploy.core.ids import CustomerId, TenantId
 from unkey_deploy.deployer.api import BuiltAsset, DeployRequest, LaunchedVm, Progress
 from unkey_deploy.deployer.worker import DeployWorker
-from unkey_deploy.gateway.app import accept_deployment
+from unkey_deploy.gateway.app import accept_deployment, stop_deployment
 from unkey_deploy.gateway.auth import Principal
 from unkey_deploy.store import controlplane as cp
 from unkey_deploy.store import db, jobs
@@ -135,3 +135,27 @@ def test_the_last_attempt_or_an_error_no_retry_fixes_fails_it(
     assert worker.run_once()
     assert records.get(broken).state == "failed"
     assert _events(factory, broken)[-1].phase == "failed"
+
+
+def test_a_stop_while_a_retry_waits_cancels_it_and_stops(factory: sessionmaker[Session]) -> None:
+    """Between a failed attempt and its retry (the job queued, the deployment ``building``), the
+    user's stop cancels the queued retry and the stop job ends it ``stopped``; the retry never
+    builds."""
+    clock = FakeClock()
+    dep_id = _accepted(factory, clock)
+    builds = FlakyBuilds(Unavailable("registry unreachable"))
+    worker = DeployWorker(factory, builds, OneHostVms(), worker_id="w1", clock=clock)
+    assert worker.run_once()
+    records = cp.DeploymentRecords(factory, clock)
+    dep = records.get(dep_id)
+    assert dep.state == "building"
+    who = Principal(CustomerId(dep.customer_id), TenantId(dep.tenant_id), "key_x", "api_key")
+    status, body = stop_deployment(factory, clock, who, dep_id, request_id="req_2")
+    assert status == 202 and body["deployment"]["state"] == "stopping"
+    clock.advance(10)
+    while worker.run_once():
+        pass
+    assert records.get(dep_id).state == "stopped"
+    assert builds.calls == 1
+    with factory() as s:
+        assert jobs.get(s, dep.job_id or "").state == jobs.JobState.CANCELLED
