@@ -109,3 +109,31 @@ def test_depth_just_under_the_cap_is_accepted(tmp_path: Path) -> None:
     root.mkdir()
     _apply(_tar([(ti, b"ok")]), root, Limits())
     assert (root.joinpath(*(["d"] * (MAX_DEPTH - 1))) / "f").read_bytes() == b"ok"
+
+
+def _meta_header_tar(kind: bytes, payload: bytes) -> bytes:
+    """A tar whose first member is a pax (x) or GNU long-name (L) header carrying ``payload``,
+    followed by one small file: what tarfile itself reads whole into memory."""
+    head = tarfile.TarInfo("././@Meta")
+    head.type, head.size = kind, len(payload)
+    f = tarfile.TarInfo("a")
+    f.size = 1
+    pad = b"\0" * ((512 - len(payload) % 512) % 512)
+    return (head.tobuf(format=tarfile.USTAR_FORMAT) + payload + pad
+            + f.tobuf(format=tarfile.USTAR_FORMAT) + b"a" + b"\0" * 511 + b"\0" * 1024)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_an_oversized_pax_or_long_name_header_is_refused_before_it_is_read(
+    tmp_path: Path, kind: bytes
+) -> None:
+    """tarfile reads a pax or GNU long-name header whole and parses it in memory: a 1.3 MB
+    gzip'd layer with a 300 MB pax record took the worker to 2 GB of RSS (and the 2 GiB layer
+    limit allowed ~14 GB). Such headers are refused past 1 MiB (real ones hold a path, a few
+    attributes or xattrs: kilobytes)."""
+    body = b"x" * (2 << 20)
+    record = b" comment=" + body + b"\n"
+    payload = str(len(record) + 8).encode() + record if kind != tarfile.GNUTYPE_LONGNAME else body
+    with pytest.raises(LayerError, match=r"header of \d+ bytes, over the 1048576-byte limit"):
+        _apply(_meta_header_tar(kind, payload), tmp_path, Limits())
+    assert not (tmp_path / "a").exists()

@@ -87,6 +87,11 @@ _WRITERS = 8
 _ABANDON_S = 1.0
 # A layer's unchanged progress is passed on this often while it waits for data (_LayerProgress).
 _STILL_S = 0.2
+# Largest pax (x/g) or GNU long-name/link (L/K) header accepted: tarfile reads one whole into
+# memory and parses it there. Real ones carry a path, times, a few xattrs: kilobytes.
+MAX_META_HEADER = 1 << 20
+_META_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                         tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK})  # fmt: skip
 _WH = ".wh."
 _OPQ = ".wh..wh..opq"
 
@@ -171,6 +176,20 @@ class _CountingReader:
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo refusing metadata headers over :data:`MAX_META_HEADER` before tarfile reads
+    them (a tiny compressed layer could otherwise make it hold gigabytes)."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES and self.size > MAX_META_HEADER:
+            kind = "long-name" if self.type in (tarfile.GNUTYPE_LONGNAME,
+                                                tarfile.GNUTYPE_LONGLINK) else "pax"  # fmt: skip
+            raise tarfile.HeaderError(
+                f"{kind} header of {self.size} bytes, over the {MAX_META_HEADER}-byte limit"
+            )
+        return super()._proc_member(tf)  # type: ignore[misc,no-any-return]  # not in the stubs
 
 
 class _Stopped(Exception):
@@ -848,7 +867,8 @@ def apply_layer(
     pre = _Prefetch(counter, stop, name="layer-inflate", on_idle=idle)
     ok = False
     try:
-        with tarfile.open(fileobj=pre, mode="r|", bufsize=1 << 16) as tf:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=pre, mode="r|", bufsize=1 << 16,  # type: ignore[call-overload]
+                          tarinfo=_BoundedTarInfo) as tf:  # fmt: skip
             applier.apply(tf)
         pre.drain()
         ok = True
