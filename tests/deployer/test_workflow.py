@@ -259,3 +259,14 @@ def test_a_retried_deploy_starts_from_no_vms(left_by: str) -> None:
     assert ("vm", "vm_left_by_an_earlier_attempt stopped and deleted",
             {"vm_id": "vm_left_by_an_earlier_attempt"}) in rec.events  # fmt: skip
     assert rec.states[-1][0] == "running"
+
+
+def test_a_vm_its_failed_launch_left_is_gone_before_the_deployment_is_failed() -> None:
+    """The first replica's launch fails and its VM is still there (launch_replica's own delete
+    only asks for it, and a failure of that delete is swallowed): the attempt deletes it and
+    waits, so a failed deployment holds no VM and no capacity."""
+    rec, vms = Recorder(), Vms(error=VmError("VM vm_0 failed: boot timed out"))
+    with pytest.raises(VmError):
+        run_deploy(request(), Builds(), vms, rec)
+    assert vms.launched == [0] and vms.live == []
+    assert [s for s, _ in rec.states] == ["building", "deploying", "failed"]

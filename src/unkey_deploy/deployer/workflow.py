@@ -64,6 +64,7 @@ def run_deploy(
     if current_state != "deploying":
         move("building")
     launched: list[LaunchedVm] = []
+    launching = False  # VMs of this attempt may exist (also a failed launch's, being deleted)
     try:
         deployments.event(dep, "build", f"building {req.image}")
         asset = builds.build(req, progress)
@@ -80,6 +81,7 @@ def run_deploy(
             # a retried job: an earlier attempt (a crashed worker's, or one that failed) may
             # have left VMs, and launching beside them would run more than ``replicas``
             vms.stop_all(dep, progress)
+        launching = True
         for replica in range(req.replicas):
             stop.check()
             vm = vms.launch(req, asset, replica, progress)
@@ -99,9 +101,10 @@ def run_deploy(
     except UnkeyError as exc:
         if stop.confirmed():
             raise Interrupted(f"deployment {dep} was stopped ({exc.message})") from exc
-        if launched:
-            # the replicas already running go with the attempt: a failed deployment runs (and
-            # is billed for) nothing, and a retry starts from no VMs
+        if launching:
+            # the replicas already running go with the attempt, and a failed launch's VM is
+            # waited for: a failed deployment runs (and is billed for) nothing, holds no
+            # capacity, and a retry starts from no VMs
             try:
                 vms.stop_all(dep, record)
             except UnkeyError as left:
