@@ -150,9 +150,11 @@ def test_kill9_at_random_moments_bills_exactly_once(
             await bus.close()
             return stats
 
-        stats = asyncio.run(drain())
-        # the killed processes did commit work (the kills hit a working aggregator)
-        assert stats.acked < len(msgs) // 2
+        committed_by_the_killed = storage.processed_batches(b.batch_id for b in batches)
+        asyncio.run(drain())
+        # the killed processes did commit work (the kills hit a working aggregator; how much
+        # depends on the machine's load: under a full parallel test run, little)
+        assert committed_by_the_killed, "every kill hit an aggregator that had committed nothing"
         assert_bills_match(storage, raw_of(series), terms)
         n_raw = storage.query("SELECT count() AS n FROM metrics_raw")[0]["n"]
         assert int(n_raw) == sum(len(s.samples) for s in series)
