@@ -16,12 +16,12 @@ import contextlib
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -542,19 +542,29 @@ def _journey(st: Stack, tmp: Path, *, driver: str, deploy_timeout_s: float) -> s
         # inherit that: give the CLI the default a person at a terminal has
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )
+    lines: list[str] = []
+    header = threading.Event()
+
+    def read_out() -> None:
+        assert follow.stdout is not None
+        for line in follow.stdout:
+            lines.append(line)
+            if line.startswith("==> console of VM"):
+                header.set()
+
+    reader = threading.Thread(target=read_out, daemon=True)
+    reader.start()
     try:
         # its first console header says it is past its start-up (seconds of imports on a loaded
         # machine: a Ctrl-C in them is a KeyboardInterrupt traceback); then a few polls
-        assert follow.stdout is not None
-        ready, _, _ = select.select([follow.stdout], [], [], 60)
-        assert ready, "`unkey logs --follow` printed nothing in 60 s"
-        first = follow.stdout.readline()
-        assert first.startswith("==> console of VM"), first
+        assert header.wait(60), f"`unkey logs --follow` printed no console in 60 s: {lines}"
         time.sleep(1.5)
         assert follow.poll() is None, "`unkey logs --follow` ended while the VM runs"
         follow.send_signal(signal.SIGINT)
-        out, errs = follow.communicate(timeout=30)
-        out = first + out
+        follow.wait(timeout=30)
+        reader.join(timeout=30)
+        assert follow.stderr is not None
+        out, errs = "".join(lines), follow.stderr.read()
     finally:
         if follow.poll() is None:
             follow.kill()
