@@ -87,3 +87,18 @@ def test_a_bad_metald_subnet_is_named_at_load(subnet: str, says: str) -> None:
     assert (
         config.load(environ={"UNKEY_METALD__SUBNET": "10.9.0.0/16"}).metald.subnet == "10.9.0.0/16"
     )
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "loc"),
+    [("UNKEY_METERING__BATCH_SAMPLES", "65537", "metering.batch_samples"),
+     ("UNKEY_METERING__INTERVAL_MS", "1000", "metering.interval_ms")],
+)  # fmt: skip
+def test_metering_settings_that_would_bill_nothing_are_named_at_load(
+    var: str, value: str, loc: str
+) -> None:
+    """A batch over the format's 65,536 samples is undecodable, and samples 1 s or more apart
+    are gaps (BILLING.md): either would quarantine usage instead of billing it."""
+    with pytest.raises(errors.ValidationFailed) as exc:
+        config.load(environ={var: value})
+    assert exc.value.problems[0].loc == loc

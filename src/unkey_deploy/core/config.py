@@ -156,8 +156,10 @@ class MetaldConfig(_Section):
 
 
 class MeteringConfig(_Section):
-    interval_ms: int = Field(100, ge=10)
-    batch_samples: int = Field(600, ge=1)
+    # below 1 s: BILLING.md counts memory only over intervals of at most 1 s
+    interval_ms: int = Field(100, ge=10, lt=1000)
+    # at most the batch format's 65,536 samples (metering.codec.MAX_SAMPLES)
+    batch_samples: int = Field(600, ge=1, le=65536)
 
 
 class BusConfig(_Section):

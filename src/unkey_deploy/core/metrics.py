@@ -45,7 +45,8 @@ BUILDS_STARTED = Counter(
 )
 BUILDS_FINISHED = Counter(
     "unkey_builder_builds_finished",
-    "Build attempts finished, by outcome (succeeded, cached, failed, retrying, cancelled)",
+    "Build attempts finished, by outcome (succeeded, cached, failed, retrying, cancelled,"
+    " abandoned: a worker that lost its lease)",
     ["outcome"],
     registry=BUILDER,
 )
@@ -122,7 +123,7 @@ STOPS = Counter(
 )
 
 # labelled series start at zero, so a scrape shows every outcome before the first one happens
-for _outcome in ("succeeded", "cached", "failed", "retrying", "cancelled"):
+for _outcome in ("succeeded", "cached", "failed", "retrying", "cancelled", "abandoned"):
     BUILDS_FINISHED.labels(_outcome)
 for _outcome in ("ok", "failed"):
     VM_BOOTS.labels(_outcome)
