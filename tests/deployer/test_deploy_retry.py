@@ -159,3 +159,26 @@ def test_a_stop_while_a_retry_waits_cancels_it_and_stops(factory: sessionmaker[S
     assert builds.calls == 1
     with factory() as s:
         assert jobs.get(s, dep.job_id or "").state == jobs.JobState.CANCELLED
+
+
+def test_a_recorded_spec_that_no_longer_validates_fails_the_deployment_at_once(
+    factory: sessionmaker[Session],
+) -> None:
+    """A deployment accepted under older, looser rules (here a NUL in ``command``, refused since)
+    cannot be turned into a deploy request: it fails at once, naming the problem, instead of the
+    worker dying on a raw ValidationError and the job waiting out its lease three times."""
+    clock = FakeClock()
+    dep_id = _accepted(factory, clock)
+    with db.transaction(factory) as s:
+        row = s.get(cp.DeploymentRow, dep_id)
+        assert row is not None
+        row.spec = row.spec.replace('"image"', '"command": ["/app\\u0000"], "image"')
+    builds = FlakyBuilds()
+    worker = DeployWorker(factory, builds, OneHostVms(), worker_id="w1", clock=clock)
+    assert worker.run_once()
+    dep = cp.DeploymentRecords(factory, clock).get(dep_id)
+    assert dep.state == "failed" and dep.error is not None
+    assert "command[0]: contains a NUL byte" in dep.error["message"]
+    assert builds.calls == 0
+    with factory() as s:
+        assert jobs.get(s, dep.job_id or "").state == jobs.JobState.FAILED

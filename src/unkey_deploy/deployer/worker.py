@@ -35,10 +35,17 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..appspec import AppSpec, parse_size
+from ..appspec import parse_size, validate_data
 from ..core import metrics
 from ..core.clock import SYSTEM_CLOCK, Clock
-from ..core.errors import DeadlineExceeded, IllegalTransition, NotFound, UnkeyError
+from ..core.errors import (
+    DeadlineExceeded,
+    IllegalTransition,
+    InvalidInput,
+    NotFound,
+    UnkeyError,
+    ValidationFailed,
+)
 from ..core.log import bound, event, get
 from ..store import controlplane as cp
 from ..store import jobs
@@ -56,8 +63,16 @@ log = get("deployer")
 
 
 def request_from(dep: Deployment) -> DeployRequest:
-    """The workflow's request from the recorded (already validated) deployment."""
-    spec = AppSpec.model_validate(dep.spec)
+    """The workflow's request from the recorded (already validated) deployment; InvalidInput
+    naming the problems when it no longer validates (accepted under older, looser rules)."""
+    try:
+        spec = validate_data(dep.spec)
+    except ValidationFailed as exc:
+        named = "; ".join(f"{p.loc}: {p.msg}" for p in exc.problems)
+        raise InvalidInput(
+            f"the recorded app spec of {dep.id} is no longer valid: {named}",
+            suggestion="deploy the app again with a corrected app.yaml",
+        ) from None
     return DeployRequest(
         deployment_id=dep.id,
         customer_id=dep.customer_id,
@@ -167,6 +182,8 @@ class DeployWorker:
                     self._stop_attempt_failed(s, dep_id, after, exc.to_dict())
                 elif after.state == jobs.JobState.QUEUED:
                     self._deploy_attempt_failed(s, dep_id, after, exc.to_dict())
+                elif after.state == jobs.JobState.FAILED:
+                    self._deploy_failed(s, dep_id, after, exc.to_dict())
         finally:
             done.set()
         return True
@@ -314,6 +331,21 @@ class DeployWorker:
                      f"failed: {error.get('message', '')}; retrying in {retry_in:.0f} s", now=now,
                      data={"error": error, "attempt": after.attempts,
                            "max_attempts": after.max_attempts, "retrying": True})  # fmt: skip
+
+    def _deploy_failed(
+        self, s: Session, dep_id: str, after: jobs.Job, error: dict[str, Any]
+    ) -> None:
+        """The deploy job failed for good: its deployment fails too, in the job's transaction,
+        unless the workflow recorded it already (or a stop moved it): an error raised before
+        the workflow ran (its request could not be made) would otherwise leave it as it was."""
+        now = self._now()
+        try:
+            cp.record_state(s, dep_id, "failed", now=now, error=error,
+                            only_from=("accepted", "building", "deploying"))  # fmt: skip
+        except (NotFound, IllegalTransition):
+            return
+        cp.add_event(s, dep_id, "failed", f"deploy failed: {error.get('message', '')}", now=now,
+                     data={"error": error, "attempt": after.attempts, "final": True})  # fmt: skip
 
     def _stop_attempt_failed(
         self, s: Session, dep_id: str, after: jobs.Job, error: dict[str, Any]
