@@ -429,6 +429,41 @@ def test_cancel_reaches_a_build_whose_layer_download_stalls(
         reg.stop()
 
 
+def test_a_build_longer_than_max_build_s_fails_and_frees_its_worker(
+    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path
+) -> None:
+    """A registry that stalls (or drips a byte now and then, inside the read timeout) held a
+    worker for as long as it liked: the attempt now fails at builder.max_build_s, not retried."""
+    from unkey_deploy.core.config import BuilderConfig
+    from unkey_deploy.testing import images as im
+    from unkey_deploy.testing.registry import start_registry
+
+    reg = start_registry(tmp_path / "registry")
+    handler = type("H", (_StallingProxy,), {"upstream": reg.url, "release": threading.Event(),
+                                            "stalled": threading.Event()})  # fmt: skip
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    svc = _service(tmp_path, factory, init_binary, config=BuilderConfig(max_build_s=3.0))
+    try:
+        im.push(reg.host, "test/app", "v1", im.http_app_image())
+        svc.start(1)
+        bid = svc.submit(BuildRequest(f"127.0.0.1:{srv.server_address[1]}/test/app:v1",
+                                      new_customer_id()))  # fmt: skip
+        assert handler.stalled.wait(60)
+        b = svc.wait(bid, 30)
+        assert b.state == BuildState.FAILED
+        assert b.error is not None and b.error["code"] == "deadline_exceeded", b.error
+        assert "builder.max_build_s (3 s)" in b.error["message"]
+        assert b.attempts == 1
+    finally:
+        handler.release.set()
+        svc.stop()
+        srv.shutdown()
+        srv.server_close()
+        reg.stop()
+
+
 def test_a_full_work_disk_is_resource_exhausted_naming_it(
     tmp_path: Path, factory: sessionmaker[Session], init_binary: Path, oci_layout: Any
 ) -> None:

@@ -608,12 +608,18 @@ class BuildService:
 
         def log(line: str) -> None:
             self.log_line(build_id, line)
-            if cancel.is_set():
-                raise Cancelled
+            check_cancel()
+
+        deadline = time.monotonic() + self.config.max_build_s
 
         def check_cancel() -> None:
             if cancel.is_set():
                 raise Cancelled
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"the build took longer than builder.max_build_s "
+                    f"({self.config.max_build_s:g} s)", retryable=False,
+                )
 
         def record_progress(p: BuildProgress) -> None:
             self.log_line(build_id, p.render(), p)

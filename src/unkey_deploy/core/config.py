@@ -51,6 +51,9 @@ class BuilderConfig(_Section):
     max_manifest_bytes: int = 4 * 1024**2
     zstd_level: int = Field(3, ge=1, le=19)
     registry_timeout_s: float = 60.0
+    # An attempt taking longer fails (not retried): a registry dripping bytes just inside
+    # registry_timeout_s would otherwise hold a worker for ever.
+    max_build_s: float = Field(3600.0, gt=0)
     # Registries reached over plain HTTP (host:port). Loopback is always allowed.
     insecure_registries: tuple[str, ...] = ()
 
