@@ -32,8 +32,8 @@ def test_changed_init_is_not_served_from_the_cache(
     customer = new_customer_id()  # one customer: a cache hit then returns their own asset
 
     def build(init: Path) -> tuple[str | None, bool]:
-        svc = BuildService(factory, assets, OciImageSource(), work_dir=tmp_path / "work",
-                           init_binary=init, poll_s=0.05)  # fmt: skip
+        svc = BuildService(factory, assets, OciImageSource(local_sources=True),
+                           work_dir=tmp_path / "work", init_binary=init, poll_s=0.05)  # fmt: skip
         svc.start(1)
         try:
             b = svc.wait(svc.submit(BuildRequest(app_image, customer)), 120)

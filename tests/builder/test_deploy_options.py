@@ -36,8 +36,9 @@ def test_deploy_command_and_args_are_baked_into_the_init_argv(
     upgrade(engine)
     factory = session_factory(engine)
     assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
-    svc = BuildService(factory, assets, OciImageSource(), work_dir=tmp_path / "work",
-                       init_binary=init_binary, poll_s=0.05)  # fmt: skip
+    svc = BuildService(factory, assets, OciImageSource(local_sources=True),
+                       work_dir=tmp_path / "work", init_binary=init_binary,
+                       poll_s=0.05)  # fmt: skip
     svc.start(1)
 
     def progress(phase: str, message: str, **data: Any) -> None:

@@ -48,7 +48,8 @@ def factory(db_url: str) -> Iterator[sessionmaker[Session]]:
 
 def _service(tmp_path: Path, factory: sessionmaker[Session], init: Path, **kw: Any) -> BuildService:
     assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
-    source = kw.pop("source", None) or OciImageSource()
+    # builds of oci: layouts made by the tests (a builderd refuses them by default)
+    source = kw.pop("source", None) or OciImageSource(local_sources=True)
     return BuildService(factory, assets, source, work_dir=tmp_path / "work", init_binary=init,
                         poll_s=0.05, **kw)  # fmt: skip
 
@@ -152,7 +153,7 @@ class _BlockingSource(OciImageSource):
     """The real source, but extraction waits until the test releases it."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(local_sources=True)
         self.entered = threading.Event()
         self.release_extract = threading.Event()
 
@@ -221,8 +222,8 @@ WORKER = textwrap.dedent("""
     url, tmp, init = sys.argv[1:4]
     f = session_factory(make_engine(url))
     assets = AssetManager(f, FsBlobStore(Path(tmp) / "blobs"), Path(tmp) / "cache")
-    svc = BuildService(f, assets, Slow(), work_dir=Path(tmp) / "work", init_binary=Path(init),
-                       lease_s=1.0, poll_s=0.05)
+    svc = BuildService(f, assets, Slow(local_sources=True), work_dir=Path(tmp) / "work",
+                       init_binary=Path(init), lease_s=1.0, poll_s=0.05)
     svc.run_worker("doomed-worker")
 """)
 
@@ -264,8 +265,9 @@ def test_built_rootfs_starts_under_bwrap_without_a_shell(
 
     script = 'echo "$(id -u) $(pwd) $A $B"; exit 5'
     opts = BuildOptions(command=("/bin/busybox", "sh", "-c", script), env={"B": "two"})
-    out = build_rootfs(OciImageSource(), app_image, opts, tmp_path / "w", init_binary=init_binary,
-                       config=BuilderConfig(), log=lambda _: None)  # fmt: skip
+    out = build_rootfs(OciImageSource(local_sources=True), app_image, opts, tmp_path / "w",
+                       init_binary=init_binary, config=BuilderConfig(),
+                       log=lambda _: None)  # fmt: skip
     tree = tmp_path / "tree"
     tree.mkdir()
     subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(out.rootfs)], check=True,
@@ -429,6 +431,25 @@ def test_cancel_reaches_a_build_whose_layer_download_stalls(
         reg.stop()
 
 
+@pytest.mark.parametrize("image", ["oci:/etc", "docker-archive:/etc/shadow"])
+def test_a_builderd_builds_no_image_from_its_own_files(
+    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path, image: str
+) -> None:
+    """A customer naming a path on the builder's host (``oci:PATH``, ``docker-archive:PATH``)
+    got that host's files opened for them (an image built from them, or their existence
+    told); a builderd now refuses, unless builder.local_sources is on."""
+    svc = _service(tmp_path, factory, init_binary, source=OciImageSource())
+    try:
+        svc.start(1)
+        b = svc.wait(svc.submit(BuildRequest(image, new_customer_id())), 30)
+        assert b.state == BuildState.FAILED and b.error is not None
+        assert b.error["code"] == "image_error", b.error
+        assert "builder.local_sources is off" in b.error["message"]
+        assert b.attempts == 1
+    finally:
+        svc.stop()
+
+
 def test_a_build_longer_than_max_build_s_fails_and_frees_its_worker(
     tmp_path: Path, factory: sessionmaker[Session], init_binary: Path
 ) -> None:
@@ -477,7 +498,8 @@ def test_a_full_work_disk_is_resource_exhausted_naming_it(
         image = oci_layout(tmp_path / "layout", {"Entrypoint": ["/big"]},
                            [[("big", os.urandom(6 << 20), 0o755, None)]])  # fmt: skip
         assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
-        svc = BuildService(factory, assets, OciImageSource(), work_dir=work, poll_s=0.05,
+        svc = BuildService(factory, assets, OciImageSource(local_sources=True), work_dir=work,
+                           poll_s=0.05,
                            init_binary=init_binary, max_attempts=1)  # fmt: skip
         try:
             svc.start(1)

@@ -33,8 +33,9 @@ def test_worker_outlives_database_errors_while_claiming(
     upgrade(engine)
     factory = session_factory(engine)
     assets = AssetManager(factory, FsBlobStore(tmp_path / "blobs"), tmp_path / "cache")
-    svc = BuildService(factory, assets, OciImageSource(), work_dir=tmp_path / "work",
-                       init_binary=init_binary, poll_s=0.05)  # fmt: skip
+    svc = BuildService(factory, assets, OciImageSource(local_sources=True),
+                       work_dir=tmp_path / "work", init_binary=init_binary,
+                       poll_s=0.05)  # fmt: skip
     real_claim = jobs.claim
     failures = {"left": 3}
 
@@ -61,7 +62,7 @@ class _GatedSource(OciImageSource):
     """The real source; each extraction (one per attempt) waits until the test opens its gate."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(local_sources=True)  # (the tests build oci: layouts)
         self.entered = [threading.Event() for _ in range(3)]
         self.gates = [threading.Event() for _ in range(3)]
         self.calls = 0
@@ -132,7 +133,7 @@ class _SlowSource(OciImageSource):
     """The real source; extraction first waits ``delay`` seconds (several heartbeats)."""
 
     def __init__(self, delay: float) -> None:
-        super().__init__()
+        super().__init__(local_sources=True)  # (the tests build oci: layouts)
         self.delay = delay
 
     def extract(self, image: SourceImage, root: Path, log: Any, /, progress: Any = None) -> None:

@@ -120,3 +120,22 @@ def test_a_body_that_is_not_a_json_object_says_what_it_is(gateway: RunningGatewa
             assert fragment in problem["msg"], (ctype, body, problem)
     with gateway.client(c.key) as client:
         assert client.list_deployments()["deployments"] == []
+
+
+@pytest.mark.parametrize("image", ["oci:/etc", "docker-archive:/etc/shadow", "oci:./layout"])
+def test_a_deploy_naming_the_platforms_own_files_is_refused(
+    gateway: RunningGateway, image: str
+) -> None:
+    """``oci:PATH`` and ``docker-archive:PATH`` name files of the builder's host: a customer
+    got them opened for them (their existence told, or an image built of them). Refused at
+    the API (422 naming the image), nothing recorded; builderd refuses them too."""
+    c = new_customer(gateway)
+    with httpx.Client(base_url=gateway.url, verify=client_context(gateway.ca_cert)) as h:
+        r = h.post("/v1/deploy", json={**SPEC, "image": image},
+                   headers={"Authorization": f"Bearer {c.key}"})  # fmt: skip
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_input" and err["message"].startswith("image: ")
+    assert "does not build from" in err["message"]
+    with gateway.client(c.key) as client:
+        assert client.list_deployments()["deployments"] == []

@@ -202,6 +202,11 @@ class Builder(Protocol):
 # -- image source seam ---------------------------------------------------------------------------
 
 
+# Image references naming files of the builder's own host: a builderd builds them only with
+# builder.local_sources on (a builder serving customers must not read its host's files for them).
+LOCAL_SOURCES = ("oci:", "docker-archive:")
+
+
 @dataclass(frozen=True)
 class SourceImage:
     """A resolved image: what the cache key and the launch spec need, plus the source's handle."""

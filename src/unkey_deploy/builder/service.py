@@ -58,6 +58,7 @@ from ..core.errors import (
     BuildFailed,
     DeadlineExceeded,
     IllegalTransition,
+    ImageError,
     NotFound,
     ResourceExhausted,
     UnkeyError,
@@ -67,6 +68,7 @@ from ..store import jobs
 from ..store.db import Base, transaction
 from .api import (
     FINISHED,
+    LOCAL_SOURCES,
     Build,
     BuildOptions,
     BuildProgress,
@@ -618,7 +620,8 @@ class BuildService:
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(
                     f"the build took longer than builder.max_build_s "
-                    f"({self.config.max_build_s:g} s)", retryable=False,
+                    f"({self.config.max_build_s:g} s)",
+                    retryable=False,
                 )
 
         def record_progress(p: BuildProgress) -> None:
@@ -847,13 +850,23 @@ class OciImageSource:
         self,
         config: BuilderConfig | None = None,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        *,
+        local_sources: bool | None = None,
     ) -> None:
         self.config = config or BuilderConfig()
         self.credentials = credentials
+        # images from this host's file system (default: builder.local_sources)
+        self.local_sources = self.config.local_sources if local_sources is None else local_sources
 
     def resolve(self, image: str, log: Log) -> SourceImage:
         from . import source  # noqa: PLC0415
 
+        if not self.local_sources and image.startswith(LOCAL_SOURCES):
+            raise ImageError(
+                f"image {image[:200]!r}: images from the builder's own file system "
+                f"({', '.join(LOCAL_SOURCES)}) are not built here (builder.local_sources is off)",
+                suggestion="push the image to a registry and deploy its reference",
+            )
         log(f"resolve: {image}")
         img = source.resolve(image, config=self.config, credentials=self.credentials)
         try:

@@ -58,8 +58,10 @@ def register(group: click.Group) -> None:
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=output))
         try:
             init = build_init(_native_dir())
+            # local: images from this machine's files (oci:, docker-archive:) too
+            source = OciImageSource(settings.builder, local_sources=True)
             result = build_rootfs(
-                OciImageSource(settings.builder), image, BuildOptions(keep_shell=keep_shell),
+                source, image, BuildOptions(keep_shell=keep_shell),
                 work, init_binary=init, config=settings.builder, log=log,
             )  # fmt: skip
             rootfs = output / "rootfs.ext4"

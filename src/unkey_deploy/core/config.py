@@ -56,6 +56,10 @@ class BuilderConfig(_Section):
     max_build_s: float = Field(3600.0, gt=0)
     # Registries reached over plain HTTP (host:port). Loopback is always allowed.
     insecure_registries: tuple[str, ...] = ()
+    # Whether builderd may build images from its own host's file system (oci:PATH,
+    # docker-archive:PATH): off, as a builder serving customers must not read its host's files
+    # for them; a single-user stack may turn it on. (`unkey build`, local, always may.)
+    local_sources: bool = False
 
 
 class AssetsConfig(_Section):

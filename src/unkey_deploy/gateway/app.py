@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import appspec
+from ..builder.api import LOCAL_SOURCES
 from ..core import log
 from ..core import metrics as core_metrics
 from ..core.clock import SYSTEM_CLOCK, Clock
@@ -502,6 +503,13 @@ def _routes(router: APIRouter) -> None:
         ] = None,
     ) -> Response:
         st = state_of(request)
+        if spec.image.startswith(LOCAL_SOURCES) and not request.app.state.local_images:
+            # (builderd would refuse it too, once the deployment is queued)
+            raise InvalidInput(
+                f"image: {spec.image[:200]!r} names files of the platform's own host "
+                f"({', '.join(LOCAL_SOURCES)}), which this platform does not build from",
+                suggestion="push the image to a registry and deploy its reference",
+            )
         work = functools.partial(
             accept_deployment,
             st.factory,
@@ -894,6 +902,7 @@ def create_app(
         inline_writes=sqlite,
     )
     app.state.hosts = HostsAccess(settings, factory)
+    app.state.local_images = settings.builder.local_sources  # (see the deploy route)
     registry = CollectorRegistry()
     app.state.metrics_registry = registry
     router = APIRouter()
