@@ -43,7 +43,7 @@ from ..bus.server import nats_server_binary
 from ..core.config import Settings
 from ..core.errors import Unavailable
 from ..core.net import free_port
-from ..gateway.server import admin_token_file, ensure_admin_token, tls_files
+from ..gateway.server import admin_token_file, cert_hosts, ensure_admin_token, tls_files
 from ..gateway.tls import client_context, ensure_self_signed
 from ..metald.api import Scheduler
 from ..store import db
@@ -428,7 +428,8 @@ class Stack:
             (self.data_dir / sub).mkdir(exist_ok=True)
         if self.settings.gateway.tls:
             cert, key = tls_files(self.settings)
-            ensure_self_signed(cert, key)
+            # (made before gatewayd starts: the same names gatewayd gives its own)
+            ensure_self_signed(cert, key, hosts=cert_hosts(self.settings.gateway.host))
         ensure_admin_token(self.settings)
         engine = db.make_engine(self.settings.resolved_database_url)
         try:
