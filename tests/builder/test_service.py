@@ -3,6 +3,7 @@ the deploy adapter, and crash recovery (kill -9 of a worker process mid-build)."
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -398,12 +399,10 @@ class _StallingProxy(http.server.BaseHTTPRequestHandler):
         self.wfile.write(r.content)
 
 
-def test_cancel_reaches_a_build_whose_layer_download_stalls(
-    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path
-) -> None:
-    """Cancellation was checked only when layer data arrived: a build whose registry stalled
-    mid-layer ignored its cancel until the read timed out (60 s; never, for a registry that
-    drips a byte now and then). Waiting for data now checks it too."""
+@contextlib.contextmanager
+def _stalled_pull(tmp_path: Path) -> Iterator[tuple[type[_StallingProxy], str]]:
+    """A real registry holding the test app, behind a :class:`_StallingProxy`: yields the
+    proxy's handler class (``stalled``, ``release``) and the image reference through it."""
     from unkey_deploy.testing import images as im
     from unkey_deploy.testing.registry import start_registry
 
@@ -413,22 +412,34 @@ def test_cancel_reaches_a_build_whose_layer_download_stalls(
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    svc = _service(tmp_path, factory, init_binary, lease_s=0.6)
     try:
         im.push(reg.host, "test/app", "v1", im.http_app_image())
-        svc.start(1)
-        bid = svc.submit(BuildRequest(f"127.0.0.1:{srv.server_address[1]}/test/app:v1",
-                                      new_customer_id()))  # fmt: skip
-        assert handler.stalled.wait(60)
-        svc.cancel(bid)
-        b = svc.wait(bid, 20)  # the heartbeat (every 0.2 s) sees the request
-        assert b.state == BuildState.CANCELLED
+        yield handler, f"127.0.0.1:{srv.server_address[1]}/test/app:v1"
     finally:
         handler.release.set()
-        svc.stop()
         srv.shutdown()
         srv.server_close()
         reg.stop()
+
+
+def test_cancel_reaches_a_build_whose_layer_download_stalls(
+    tmp_path: Path, factory: sessionmaker[Session], init_binary: Path
+) -> None:
+    """Cancellation was checked only when layer data arrived: a build whose registry stalled
+    mid-layer ignored its cancel until the read timed out (60 s; never, for a registry that
+    drips a byte now and then). Waiting for data now checks it too."""
+    svc = _service(tmp_path, factory, init_binary, lease_s=0.6)
+    with _stalled_pull(tmp_path) as (handler, image):
+        try:
+            svc.start(1)
+            bid = svc.submit(BuildRequest(image, new_customer_id()))
+            assert handler.stalled.wait(60)
+            svc.cancel(bid)
+            b = svc.wait(bid, 20)  # the heartbeat (every 0.2 s) sees the request
+            assert b.state == BuildState.CANCELLED
+        finally:
+            handler.release.set()
+            svc.stop()
 
 
 @pytest.mark.parametrize("image", ["oci:/etc", "docker-archive:/etc/shadow"])
@@ -456,33 +467,21 @@ def test_a_build_longer_than_max_build_s_fails_and_frees_its_worker(
     """A registry that stalls (or drips a byte now and then, inside the read timeout) held a
     worker for as long as it liked: the attempt now fails at builder.max_build_s, not retried."""
     from unkey_deploy.core.config import BuilderConfig
-    from unkey_deploy.testing import images as im
-    from unkey_deploy.testing.registry import start_registry
 
-    reg = start_registry(tmp_path / "registry")
-    handler = type("H", (_StallingProxy,), {"upstream": reg.url, "release": threading.Event(),
-                                            "stalled": threading.Event()})  # fmt: skip
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     svc = _service(tmp_path, factory, init_binary, config=BuilderConfig(max_build_s=3.0))
-    try:
-        im.push(reg.host, "test/app", "v1", im.http_app_image())
-        svc.start(1)
-        bid = svc.submit(BuildRequest(f"127.0.0.1:{srv.server_address[1]}/test/app:v1",
-                                      new_customer_id()))  # fmt: skip
-        assert handler.stalled.wait(60)
-        b = svc.wait(bid, 30)
-        assert b.state == BuildState.FAILED
-        assert b.error is not None and b.error["code"] == "deadline_exceeded", b.error
-        assert "builder.max_build_s (3 s)" in b.error["message"]
-        assert b.attempts == 1
-    finally:
-        handler.release.set()
-        svc.stop()
-        srv.shutdown()
-        srv.server_close()
-        reg.stop()
+    with _stalled_pull(tmp_path) as (handler, image):
+        try:
+            svc.start(1)
+            bid = svc.submit(BuildRequest(image, new_customer_id()))
+            assert handler.stalled.wait(60)
+            b = svc.wait(bid, 30)
+            assert b.state == BuildState.FAILED
+            assert b.error is not None and b.error["code"] == "deadline_exceeded", b.error
+            assert "builder.max_build_s (3 s)" in b.error["message"]
+            assert b.attempts == 1
+        finally:
+            handler.release.set()
+            svc.stop()
 
 
 def test_a_full_work_disk_is_resource_exhausted_naming_it(
