@@ -9,6 +9,7 @@ import shutil
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -167,4 +168,55 @@ def test_nats_away_when_the_consumer_starts_is_waited_for(
         return stats
 
     assert asyncio.run(run()).samples == 600
+    assert_bills_match(storage, raw_of([series]), TERMS)
+
+
+def test_an_unexpected_error_in_a_flush_does_not_end_the_consumer(
+    storage: ChdbStorage, nats_server: NatsServer
+) -> None:
+    """A bug in prepare or commit (an error that is no UnkeyError) went through the loop and
+    ended the consumer task, silently inside gatewayd: billing stopped until a restart. It is
+    logged, the flush's messages are redelivered, and they are billed once it passes."""
+    rng = random.Random(5)
+    start = time.time_ns() // HOUR * HOUR - HOUR
+    series = make_series(rng, "cust_a", "vm_1", "i1", start, 1800)
+    failures = {"prepare": 2, "commit": 2}
+
+    class Flaky(Aggregator):
+        def prepare(self, items: Any) -> Any:
+            if failures["prepare"]:
+                failures["prepare"] -= 1
+                raise KeyError("a bug in prepare")
+            return super().prepare(items)
+
+        def commit(self, prepared: Any) -> Any:
+            if failures["commit"]:
+                failures["commit"] -= 1
+                raise ZeroDivisionError("a bug in commit")
+            return super().commit(prepared)
+
+    async def run() -> LoopStats:
+        bus = await connect(nats_server.url)
+        await bus.ensure_stream(mstream.stream_spec(BusConfig()))
+        for b in to_batches(series):
+            await bus.publish(mstream.batch_message(b.key.customer_id, b.batch_id, encode(b),
+                                                    len(b.samples)))  # fmt: skip
+        agg = Flaky(storage, directory(TERMS))
+        stop = asyncio.Event()
+        stats = LoopStats()
+        task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
+        try:
+            deadline = time.monotonic() + 60
+            while stats.samples < len(series.samples) and time.monotonic() < deadline:
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            await bus.close()
+        return stats
+
+    stats = asyncio.run(run())
+    assert failures == {"prepare": 0, "commit": 0}
+    assert stats.samples == len(series.samples) and stats.termed == 0
     assert_bills_match(storage, raw_of([series]), TERMS)

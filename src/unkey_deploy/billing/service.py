@@ -134,6 +134,9 @@ async def run_consumer(
             except UnkeyError as exc:
                 log.warning("billing: prepare failed (%s); messages will be redelivered", exc)
                 reset = True
+            except Exception:  # a bug: said loudly, and the loop goes on (it used to end)
+                log.exception("billing: prepare failed unexpectedly; messages will be redelivered")
+                reset = True
             if inflight is not None:
                 ok = await _settle(inflight, stats)
                 inflight = None
@@ -173,6 +176,9 @@ async def _settle(task: asyncio.Task[Settled], stats: LoopStats) -> bool:
         out = await task
     except UnkeyError as exc:
         log.warning("billing: commit failed (%s); messages will be redelivered", exc)
+        return False
+    except Exception:  # a bug: said loudly, and the loop goes on (it used to end)
+        log.exception("billing: commit failed unexpectedly; messages will be redelivered")
         return False
     await asyncio.gather(*(d.ack() for d in out.ack), return_exceptions=True)
     await asyncio.gather(*(d.term() for d in out.term), return_exceptions=True)
