@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from unkey_deploy.core.config import MetaldConfig
-from unkey_deploy.core.errors import IllegalTransition, VmError
+from unkey_deploy.core.errors import DeadlineExceeded, IllegalTransition, VmError
 from unkey_deploy.core.procs import children
 from unkey_deploy.metald import models
 from unkey_deploy.metald.api import read_consoles
@@ -666,6 +667,41 @@ def test_a_reconcile_pass_does_not_wait_for_booting_vms_probes(
         one_pass.join(10)
     md._drain()
     assert [md.get(vm.vm_id).state for vm in vms] == [VmState.RUNNING] * 2
+
+
+def test_a_vms_host_checks_the_readiness_its_app_asked_for(
+    tmp_path: Path, engine: Engine, subnet: str, kernel: KernelPaths, rootfs: Path
+) -> None:
+    """The app.yaml's healthcheck (path and port) is recorded with the VM, and the VM's host
+    checks that, whoever waits for it (the deployer is another process: before, the host
+    probed "/" on the app's port, so a failing health endpoint or port still made it running)."""
+    cfg = MetaldConfig(driver="sandbox", host_name="h1", subnet=subnet, stop_timeout_s=0.5)
+    md = Metald(cfg, engine, tmp_path / "md", kernel=kernel)
+    sched = Scheduler(engine)
+    try:
+        md.start(interval=0.05)
+
+        def vm(**health: Any) -> str:
+            v = sched.create_vm(CreateVm("dep_h", "cust_a", rootfs, memory_bytes=64 << 20,
+                                         **health))  # fmt: skip
+            sched.boot(v.vm_id)
+            return v.vm_id
+
+        ok = vm(health_path="/cgi-bin/env")
+        failing = vm(health_path="/cgi-bin/fail")  # answers 500
+        elsewhere = vm(health_port=9)  # nothing listens there
+        ready = sched.wait_ready(ok, timeout=20)
+        assert ready.state == VmState.RUNNING and ready.health_path == "/cgi-bin/env"
+        for vm_id in (failing, elsewhere):
+            with pytest.raises(DeadlineExceeded):
+                sched.wait_ready(vm_id, timeout=2)
+            assert md.get(vm_id).state == VmState.BOOTING
+            # the app itself serves: only its readiness check fails
+            assert httpx.get(md.endpoint(vm_id) + "/", timeout=5).status_code == 200
+        assert md.get(elsewhere).health_port == 9
+    finally:
+        sched.close()
+        md.shutdown()
 
 
 def _heartbeat(md: Metald) -> float:

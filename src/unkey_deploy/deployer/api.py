@@ -34,6 +34,7 @@ class DeployRequest:
     keep_shell: bool = False
     replicas: int = 1
     healthcheck_path: str = "/"
+    healthcheck_port: int | None = None  # None: the app's port
 
 
 @dataclass(frozen=True)

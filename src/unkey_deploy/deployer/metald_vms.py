@@ -45,6 +45,7 @@ class MetaldVms:
             port=req.port or DEFAULT_PORT,
             env=dict(req.env),
             health_path=req.healthcheck_path,
+            health_port=req.healthcheck_port,
             timeout=self.ready_timeout_s,
             progress=progress,
         )

@@ -89,6 +89,7 @@ def request_from(dep: Deployment) -> DeployRequest:
         keep_shell=spec.keep_shell,
         replicas=spec.replicas,
         healthcheck_path=spec.healthcheck.path if spec.healthcheck else "/",
+        healthcheck_port=spec.healthcheck.port if spec.healthcheck else None,
     )
 
 

@@ -25,10 +25,12 @@ def launch_replica(
     env: Mapping[str, str] | None = None,
     asset_id: str | None = None,
     health_path: str = "/",
+    health_port: int | None = None,
     timeout: float = 120.0,
     progress: Progress | None = None,
 ) -> Vm:
-    """Create, boot and wait until the app answers HTTP on ``health_path``; returns the running
+    """Create, boot and wait until the app answers HTTP on ``health_path`` (on ``health_port``,
+    default: ``port``; recorded with the VM, so its host checks the same); returns the running
     VM (``vm.url`` is its endpoint). With ``asset_id`` (the asset ``rootfs`` comes from) the
     VM holds a lease on the asset until it is deleted (the scheduler needs ``leases``). On
     failure the VM is deleted (its capacity freed) and the error — VmError, DeadlineExceeded,
@@ -44,7 +46,8 @@ def launch_replica(
 
     vm = api.create_vm(
         CreateVm(deployment_id, customer_id, Path(rootfs), vcpus=vcpus,
-                 memory_bytes=memory_bytes, port=port, env=dict(env or {}), asset_id=asset_id)
+                 memory_bytes=memory_bytes, port=port, env=dict(env or {}), asset_id=asset_id,
+                 health_path=health_path, health_port=health_port)
     )  # fmt: skip
     say(f"scheduled {vm.vm_id} on host {vm.host_id}", vm_id=vm.vm_id, host_id=vm.host_id)
     try:
@@ -53,11 +56,11 @@ def launch_replica(
         if progress is not None:
             progress(
                 "health",
-                f"health check: GET {health_path} on port {port} of {vm.vm_id} until it answers"
-                f" with a status below 500 (up to {timeout:.0f} s)",
-                vm_id=vm.vm_id, path=health_path, port=port, timeout_s=timeout,
+                f"health check: GET {health_path} on port {health_port or port} of {vm.vm_id}"
+                f" until it answers with a status below 500 (up to {timeout:.0f} s)",
+                vm_id=vm.vm_id, path=health_path, port=health_port or port, timeout_s=timeout,
             )  # fmt: skip
-        vm = api.wait_ready(vm.vm_id, timeout=timeout, path=health_path)
+        vm = api.wait_ready(vm.vm_id, timeout=timeout)
     except UnkeyError:
         with contextlib.suppress(UnkeyError):
             api.delete(vm.vm_id)

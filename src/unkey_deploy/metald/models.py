@@ -48,6 +48,9 @@ vms = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     # the asset the rootfs came from; metald leases it (holder: the VM id) while the row exists
     sa.Column("asset_id", sa.String(40), nullable=True),
+    # readiness: GET health_path (None: "/") on health_port (None: the app's port)
+    sa.Column("health_path", sa.Text, nullable=True),
+    sa.Column("health_port", sa.Integer, nullable=True),
     # for a lost VM: the VM placed in its stead
     sa.Column("replaced_by", sa.String(40), nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),

@@ -124,6 +124,7 @@ HOST_LOST_AFTER_S = 30.0
 # what a VM's row carries over to its replacement
 _VM_FIELDS = (
     "deployment_id", "customer_id", "vcpus", "memory_bytes", "port", "rootfs", "env", "asset_id",
+    "health_path", "health_port",
 )  # fmt: skip
 
 
@@ -147,6 +148,9 @@ class CreateVm:
     port: int = 8080
     env: Mapping[str, str] = field(default_factory=dict)
     asset_id: str | None = None
+    # readiness (the app.yaml's healthcheck): GET health_path on health_port (None: ``port``)
+    health_path: str = "/"
+    health_port: int | None = None
 
     def validate(self) -> None:
         problems = []
@@ -160,6 +164,10 @@ class CreateVm:
             problems.append(Problem("memory_bytes", f"must be at least {MIN_MEMORY}"))
         if not 1 <= self.port <= 65535:
             problems.append(Problem("port", "must be between 1 and 65535"))
+        if self.health_port is not None and not 1 <= self.health_port <= 65535:
+            problems.append(Problem("health_port", "must be between 1 and 65535"))
+        if not self.health_path.startswith("/") or any(c.isspace() for c in self.health_path):
+            problems.append(Problem("health_path", "must start with '/' and hold no spaces"))
         for k in self.env:
             if not k or "=" in k or "\0" in k:
                 problems.append(Problem(f"env.{k}", "is not a valid variable name"))
@@ -190,12 +198,23 @@ class Vm:
     updated_at: float
     replaced_by: VmId | None = None
     asset_id: str | None = None
+    health_path: str = "/"
+    health_port: int | None = None
 
     @property
     def url(self) -> str | None:
         if self.net is None:
             return None
         host, port = self.net.endpoint(self.port)
+        return f"http://{host}:{port}"
+
+    @property
+    def health_url(self) -> str | None:
+        """Where its readiness is checked (QEMU's user-mode network forwards the app's port
+        only: there, the app's port)."""
+        if self.net is None:
+            return None
+        host, port = self.net.endpoint(self.health_port or self.port)
         return f"http://{host}:{port}"
 
 
@@ -266,6 +285,8 @@ def _to_vm(r: Any) -> Vm:
         updated_at=r.updated_at,
         replaced_by=VmId(r.replaced_by) if r.replaced_by else None,
         asset_id=r.asset_id,
+        health_path=r.health_path or "/",
+        health_port=r.health_port,
     )
 
 
@@ -550,7 +571,8 @@ class Scheduler:
                     "deployment_id": req.deployment_id, "customer_id": req.customer_id,
                     "vcpus": req.vcpus, "memory_bytes": req.memory_bytes, "port": req.port,
                     "rootfs": str(Path(req.rootfs).resolve()), "env": dict(req.env),
-                    "asset_id": req.asset_id,
+                    "asset_id": req.asset_id, "health_path": req.health_path,
+                    "health_port": req.health_port,
                 }  # fmt: skip
                 row = self._place_and_insert(c, fields, desired="stopped", vm_id=vm_id)
         except BaseException:
@@ -706,19 +728,22 @@ class Scheduler:
         self._update(vm_id, desired="deleted")
 
     # -- readiness ----------------------------------------------------------------------------
-    def probe(self, vm: Vm, timeout: float = 0.5, path: str = "/") -> bool:
-        """One HTTP GET of the app's ``path``: any HTTP answer below 500 means it is serving."""
-        if vm.url is None:
+    def probe(self, vm: Vm, timeout: float = 0.5, path: str | None = None) -> bool:
+        """One HTTP GET of the VM's readiness check (``path`` on its health port; default: its
+        ``health_path``): any HTTP answer below 500 means it is serving."""
+        if vm.health_url is None:
             return False
-        status = http_status(vm.url, path, connect_timeout=0.1, timeout=timeout)
+        status = http_status(vm.health_url, path or vm.health_path, connect_timeout=0.1,
+                             timeout=timeout)  # fmt: skip
         return status is not None and status < 500
 
     def _alive(self, vm_id: str) -> bool:
         return True  # only a host can tell; its reconciler marks dead VMs failed
 
-    def wait_ready(self, vm_id: str, timeout: float = 60.0, path: str = "/") -> Vm:
-        """Wait until the app answers HTTP on ``path`` (then the VM is ``running``); raise
-        VmError when it fails, DeadlineExceeded when ``timeout`` passes.
+    def wait_ready(self, vm_id: str, timeout: float = 60.0, path: str | None = None) -> Vm:
+        """Wait until the app answers its readiness check (``path``, default: the VM's
+        ``health_path``, on its health port; then the VM is ``running``); raise VmError when
+        it fails, DeadlineExceeded when ``timeout`` passes.
 
         A local booting VM is probed every half millisecond for the first second (a sandbox app
         listens ~10 ms after its start; a refused connect costs ~50 us); the VM's row (state

@@ -9,6 +9,7 @@ builder's init is a static C binary):
 * in ``burn`` mode starts ``burn_cpus`` busy loops (for metering tests),
 * serves ``/www`` with ``busybox httpd -f -p <port>``: ``/`` answers ``unkey-test-app``,
   ``/cgi-bin/env`` prints the environment, ``/cgi-bin/hostname`` the hostname,
+  ``/cgi-bin/fail`` always answers 500,
   ``/cgi-bin/write?<MiB>:<file>`` writes a file of that size (how much the app may write),
   ``/cgi-bin/log?<KiB>`` writes that much to the console, ``/cgi-bin/users`` shows the
   image's users (root; ``app``, uid 1000, owning ``/home/app``) writing files.
@@ -49,6 +50,11 @@ exec busybox httpd -f -p "${PORT}" -h /www
 _INDEX = "unkey-test-app\n"
 _CGI_ENV = "#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\nenv\n"
 _CGI_HOSTNAME = "#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\nbusybox hostname\n"
+# an unhealthy endpoint: always 500
+_CGI_FAIL = (
+    "#!/bin/busybox sh\necho 'Status: 500 Internal Server Error'\n"
+    "echo 'Content-Type: text/plain'\necho\necho unhealthy\n"
+)
 # ?<MiB>:<file>: writes that many MiB of zeros to <file> (kept), then says what dd said, its
 # exit status and the file's size
 _CGI_WRITE = r"""#!/bin/busybox sh
@@ -108,6 +114,7 @@ def build_test_tree(root: Path, *, port: int = 8080, burn_cpus: int = 0) -> Path
         ("write", _CGI_WRITE),
         ("log", _CGI_LOG),
         ("users", _CGI_USERS),
+        ("fail", _CGI_FAIL),
     ):
         p = root / "www" / "cgi-bin" / name
         p.write_text(body)
