@@ -52,11 +52,18 @@ class Unsupported(OSError):
     """The kernel cannot do this without util-linux's help (no LOOP_CONFIGURE)."""
 
 
+def _checked(result: int, what: str) -> int:
+    """A libc call's ``result``, or OSError naming ``what`` when it failed (-1, errno set)."""
+    if result < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+    return result
+
+
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
     """mount(2); raises OSError naming the mount."""
-    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount -t {fstype} {source} {target} ({data}): {os.strerror(e)}")
+    _checked(_libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()),
+             f"mount -t {fstype} {source} {target} ({data})")  # fmt: skip
 
 
 def mount_ext4_ro(image: str, target: str) -> None:
@@ -105,9 +112,7 @@ _libc.umount2.restype = ctypes.c_int
 
 def umount(target: str, flags: int = 0) -> None:
     """umount2(2); raises OSError naming the mount point."""
-    if _libc.umount2(target.encode(), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"umount {target}: {os.strerror(e)}")
+    _checked(_libc.umount2(target.encode(), flags), f"umount {target}")
 
 
 FALLOC_FL_KEEP_SIZE = 1
@@ -119,9 +124,8 @@ _libc.fallocate.restype = ctypes.c_int
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Free ``length`` bytes of the file from ``offset`` (they read as zeros; the size and
     every offset stay as they are, so a process appending to it is not disturbed)."""
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"fallocate(PUNCH_HOLE) of {length} bytes: {os.strerror(e)}")
+    _checked(_libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
+             f"fallocate(PUNCH_HOLE) of {length} bytes")  # fmt: skip
 
 
 # x86_64 (and every architecture using the generic table): open_tree 428, move_mount 429,
@@ -131,18 +135,13 @@ _OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
 _AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000
 _MOVE_MOUNT_F_EMPTY_PATH = 4
 _MOUNT_ATTR_IDMAP = 0x00100000
-_MOUNT_ATTR = struct.Struct(
-    "=QQQQ"
-)  # struct mount_attr { attr_set, attr_clr, propagation, userns_fd }
+# struct mount_attr { u64 attr_set, attr_clr, propagation, userns_fd; }
+_MOUNT_ATTR = struct.Struct("=QQQQ")
 _libc.syscall.restype = ctypes.c_long
 
 
 def _sys(what: str, nr: int, *args: object) -> int:
-    r = int(_libc.syscall(nr, *args))
-    if r < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-    return r
+    return _checked(int(_libc.syscall(nr, *args)), what)
 
 
 def mount_idmapped(source: str, target: str, userns: str) -> None:
@@ -196,9 +195,7 @@ def netns_sysctl(netns_path: str, key: str, value: str) -> None:
         try:
             fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    e = ctypes.get_errno()
-                    raise OSError(e, f"setns {netns_path}: {os.strerror(e)}")
+                _checked(_libc.setns(fd, CLONE_NEWNET), f"setns {netns_path}")
             finally:
                 os.close(fd)
             Path(f"/proc/sys/{key}").write_text(value)
