@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -201,8 +202,6 @@ class SandboxDriver:
         # bwrap must be able to reach the tree, whatever the permissions of metald's state dir.
         self.run_dir = run_dir or Path("/run/unkey-metald")
         self._unmapped_said = False  # (see _seen_by)
-        self._maps_ids: bool | None = None  # (see maps_ids)
-        self._ids_why: str | None = None
 
     def capabilities(self) -> DriverCapabilities:
         nets = ("netns",) if self.root else ("host",)
@@ -234,7 +233,7 @@ class SandboxDriver:
             )  # fmt: skip
         reason = "bwrap trial run succeeded"
         if self.root:
-            why = self._ids_trial()
+            why = self._ids_trial
             reason += ("; each sandbox gets its own range of host ids" if why is None else
                        f"; each sandbox runs as one host id (no id ranges: {why})")  # fmt: skip
         return DriverCapabilities(
@@ -245,14 +244,11 @@ class SandboxDriver:
         """Whether sandboxes get a range of host ids of their own here: root, and a trial of
         it worked (an unprivileged user namespace, mapped by metald, with bwrap as its root:
         a host may forbid unprivileged user namespaces, or deny them capabilities)."""
-        if self._maps_ids is None:
-            self._maps_ids = self.root and self._ids_trial() is None
-        return self._maps_ids
+        return self.root and self._ids_trial is None
 
+    @functools.cached_property
     def _ids_trial(self) -> str | None:
         """Run the mapped chain once (cached); None when it works, else why not (logged)."""
-        if self._ids_why is not None or self._maps_ids is not None:
-            return self._ids_why
         base = UID_BASE + (_SLOTS - 1) * UID_RANGE
         why: str | None = None
         with tempfile.TemporaryDirectory(prefix="unkey-sandbox-trial-") as d:
@@ -273,8 +269,6 @@ class SandboxDriver:
                     why = f"exit status {status}: {log.read_text(errors='replace')[-200:]}"
             except (OSError, VmError) as exc:
                 why = str(exc)
-        self._maps_ids = why is None
-        self._ids_why = why
         if why is not None:
             event(_log, "sandboxes run as one host id", logging.WARNING, error=why)
         return why
@@ -315,7 +309,7 @@ class SandboxDriver:
             upper, work, seen = base / "upper", base / "work", base / "lower"
             for d in (upper, work, merged, seen):
                 d.mkdir(exist_ok=True)
-            ids = uid_base(spec.net) if self.mapped(spec) else None
+            ids = self._ids_for(spec.net, spec.run_as)
             if ids is not None:
                 os.chown(upper, ids, ids)  # the tree's / (the upper layer's root) is its root's
             # under the images lock: a shared image mount is only ever unmounted when no
@@ -474,7 +468,7 @@ class SandboxDriver:
         unprivileged uid/gid (nothing without root)."""
         if not self.root:
             return []
-        base = uid_base(net) if run_as is None and self.maps_ids() else None
+        base = self._ids_for(net, run_as)
         if base is not None:
             # nsenter drops to the range's first uid/gid itself once in the namespace (-S/-G:
             # setgroups(0), setgid, setuid; no capability is left on the host), then a user
@@ -500,7 +494,7 @@ class SandboxDriver:
         ``NetnsPool`` for its spares). ``log`` must be on the file system of the jails: the
         boot renames it to the VM's console log."""
         launcher = Launcher(self.prefix(net, run_as), log=log, cwd=cwd)
-        base = uid_base(net) if run_as is None and self.maps_ids() else None
+        base = self._ids_for(net, run_as)
         if base is not None:
             try:
                 _map_ids(launcher.pid, base)
@@ -512,9 +506,16 @@ class SandboxDriver:
     def _cold_launcher(self, spec: VmSpec) -> Launcher:
         return self.launcher(spec.net, spec.log_path, cwd=spec.workdir, run_as=spec.run_as)
 
+    def _ids_for(self, net: NetAttachment, run_as: tuple[int, int] | None) -> int | None:
+        """The first host id of the sandbox's own range (see :meth:`prefix`), or None: it runs
+        as one host id (``run_as`` asked for, not a VM link of a root host, or no ranges
+        here)."""
+        base = uid_base(net) if run_as is None else None
+        return base if base is not None and self.maps_ids() else None
+
     def mapped(self, spec: VmSpec) -> bool:
         """Whether the sandbox gets a range of host ids of its own (see :meth:`prefix`)."""
-        return spec.run_as is None and uid_base(spec.net) is not None and self.maps_ids()
+        return self._ids_for(spec.net, spec.run_as) is not None
 
     def bwrap_argv(self, spec: VmSpec, tree: Path) -> list[str]:
         env = {"PATH": _PATH, "HOSTNAME": spec.vm_id.replace("_", "-").lower()[:63]}
