@@ -87,6 +87,7 @@ from . import models
 from .cgroups import CgroupManager, VmCgroup
 from .console import compact
 from .drivers.base import (
+    CONSOLE_LOG,
     DriverCapabilities,
     Launcher,
     NetAttachment,
@@ -203,19 +204,19 @@ class Vm:
 
     @property
     def url(self) -> str | None:
-        if self.net is None:
-            return None
-        host, port = self.net.endpoint(self.port)
-        return f"http://{host}:{port}"
+        return self._url(self.port)
 
     @property
     def health_url(self) -> str | None:
         """Where its readiness is checked (QEMU's user-mode network forwards the app's port
         only: there, the app's port)."""
+        return self._url(self.health_port or self.port)
+
+    def _url(self, port: int) -> str | None:
         if self.net is None:
             return None
-        host, port = self.net.endpoint(self.health_port or self.port)
-        return f"http://{host}:{port}"
+        host, at = self.net.endpoint(port)
+        return f"http://{host}:{at}"
 
 
 # The boot path's statements, built once: building one costs ~0.1 ms of SQLAlchemy each time,
@@ -1372,7 +1373,7 @@ class Metald(Scheduler):
         """Keep each running VM's console log to ``console_keep_bytes`` (console.compact)."""
         for vm in vms:
             if vm.state in (VmState.BOOTING, VmState.RUNNING):
-                path = self.jails.path(vm.vm_id) / "console.log"
+                path = self.jails.path(vm.vm_id) / CONSOLE_LOG
                 try:
                     freed = compact(path, self.config.console_keep_bytes)
                 except OSError as exc:

@@ -28,6 +28,10 @@ from ..kernel import KernelPaths
 DriverName = Literal["qemu", "firecracker", "sandbox"]
 
 
+# a VM's console log, in its jail (the VMM's serial console, the sandbox's output)
+CONSOLE_LOG = "console.log"
+
+
 @dataclass(frozen=True)
 class NetAttachment:
     """How the VM reaches the world and how the host reaches the app.
@@ -89,7 +93,7 @@ class VmSpec:
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / "console.log"
+        return self.workdir / CONSOLE_LOG
 
 
 @dataclass
