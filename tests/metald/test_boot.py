@@ -110,6 +110,13 @@ class Trace:
             assert not Path(base).exists(), "sandbox run dir left behind"
 
 
+def _running(md: Metald, rootfs: Path) -> Vm:
+    """A VM of the test image (64 MiB), booted here and answering."""
+    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
+    md.boot(vm.vm_id)
+    return md.wait_ready(vm.vm_id, timeout=10)
+
+
 def _boot_and_check(md: Metald, rootfs: Path, timeout: float) -> tuple[str, Trace]:
     vm = md.create_vm(
         CreateVm("dep_test", "cust_a", rootfs, vcpus=1, memory_bytes=128 << 20,
@@ -316,9 +323,7 @@ def _spec_for_stats(md: Metald, vm_id: str):  # type: ignore[no-untyped-def]
 
 def test_dead_vm_is_marked_failed_and_freed(make_metald: MetaldFactory, rootfs: Path) -> None:
     md = make_metald("sandbox")
-    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(vm.vm_id)
-    md.wait_ready(vm.vm_id, timeout=10)
+    vm = _running(md, rootfs)
     trace = Trace(md, vm.vm_id)
     # the guest dies (its init and everything under it); bwrap and its launcher then exit.
     trace.kill_guest()
@@ -339,11 +344,7 @@ def test_a_sandboxs_users_are_its_images(make_metald: MetaldFactory, rootfs: Pat
     image gives root, another user (``app``, uid 1000) writes its own files and not root's. On
     the host they are the VM's own range of unprivileged ids, never another VM's."""
     md = make_metald("sandbox")
-    vms = [md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
-           for _ in range(2)]  # fmt: skip
-    for vm in vms:
-        md.boot(vm.vm_id)
-        md.wait_ready(vm.vm_id, timeout=10)
+    vms = [_running(md, rootfs) for _ in range(2)]
     out = httpx.get(md.endpoint(vms[0].vm_id) + "/cgi-bin/users", timeout=10).text
     assert "root-writes-root=ok\n" in out, out
     assert "app-writes-app=ok\n" in out, out
@@ -369,9 +370,7 @@ def test_a_host_that_denies_id_ranges_runs_sandboxes_as_one_user(
     bwrap maps it: they boot and serve, their users owning no file of the image."""
     monkeypatch.setattr(SandboxDriver, "maps_ids", lambda self: False)
     md = make_metald("sandbox")
-    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(vm.vm_id)
-    md.wait_ready(vm.vm_id, timeout=10)
+    vm = _running(md, rootfs)
     trace = Trace(md, vm.vm_id)
     for pid in trace.pids:
         uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:4]
@@ -396,9 +395,7 @@ def test_a_kernel_without_idmapped_overlays_still_runs_sandboxes(
 
     monkeypatch.setattr(linux, "mount_idmapped", unsupported)
     md = make_metald("sandbox")
-    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(vm.vm_id)
-    md.wait_ready(vm.vm_id, timeout=10)
+    vm = _running(md, rootfs)
     out = httpx.get(md.endpoint(vm.vm_id) + "/cgi-bin/users", timeout=10).text
     assert "root-writes-root=" in out and "Permission denied" in out, out
     trace = Trace(md, vm.vm_id)
@@ -412,9 +409,7 @@ def test_a_sandbox_writes_no_more_than_a_vm_could(make_metald: MetaldFactory, ro
     its memory each, as a tmpfs in a VM of that memory) and held in memory charged to the VM:
     an app writing more gets "No space left on device", never a host's disk."""
     md = make_metald("sandbox")
-    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(vm.vm_id)
-    md.wait_ready(vm.vm_id, timeout=10)
+    vm = _running(md, rootfs)
     trace = Trace(md, vm.vm_id)
     cg = md.cgroups.paths_for(vm.vm_id)
     url = md.endpoint(vm.vm_id)
@@ -438,9 +433,7 @@ def test_a_chatty_vm_cannot_fill_the_disk_with_its_console(
     place by the reconcile loop), while `unkey logs` still reads its tail."""
     keep = 64 << 10
     md = make_metald("sandbox", console_keep_bytes=keep)
-    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(vm.vm_id)
-    md.wait_ready(vm.vm_id, timeout=10)
+    vm = _running(md, rootfs)
     log = md.jails.path(vm.vm_id) / "console.log"
     r = httpx.get(md.endpoint(vm.vm_id) + "/cgi-bin/log?2048", timeout=30)  # 2 MiB
     assert r.text == "done\n"
@@ -540,9 +533,7 @@ def test_a_sandbox_dies_with_its_bwrap_or_launcher(
     records), takes the whole sandbox down at once, as killing a VMM does its VM: nothing of
     it runs on unnoticed, even with no metald to clean up."""
     md = make_metald("sandbox")
-    vm = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(vm.vm_id)
-    md.wait_ready(vm.vm_id, timeout=10)
+    vm = _running(md, rootfs)
     trace = Trace(md, vm.vm_id)
     (bwrap,) = children(trace.rt.pid)
     assert Path(f"/proc/{bwrap}/comm").read_text().strip() == "bwrap"
@@ -906,9 +897,7 @@ def test_a_forgotten_host_that_comes_back_frees_the_forgotten_vms(
     make_metald: MetaldFactory, rootfs: Path
 ) -> None:
     md = make_metald("sandbox", name="h1")
-    a = md.create_vm(CreateVm("dep_test", "cust_a", rootfs, memory_bytes=64 << 20))
-    md.boot(a.vm_id)
-    md.wait_ready(a.vm_id, timeout=10)
+    a = _running(md, rootfs)
     trace_a = Trace(md, a.vm_id)
     _lose_and_forget(md, a.vm_id)
     trace_a.assert_present()  # nothing ran on the host meanwhile: the VM still runs there
