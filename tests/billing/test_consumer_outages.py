@@ -4,9 +4,11 @@ flush cannot be computed, and everything is billed once the outage is over."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,43 @@ from .scenarios import make_series, raw_of, to_batches
 HOUR = 3_600_000_000_000
 
 
+async def _publish(url: str, *batches: Batch) -> None:
+    """Publish ``batches`` as billaged does (the stream made if need be)."""
+    bus = await connect(url)
+    await bus.ensure_stream(mstream.stream_spec(BusConfig()))
+    for b in batches:
+        await bus.publish(mstream.batch_message(b.key.customer_id, b.batch_id, encode(b),
+                                                len(b.samples)))  # fmt: skip
+    await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def _consuming(
+    url: str, agg: Aggregator
+) -> AsyncIterator[tuple[LoopStats, asyncio.Task[LoopStats]]]:
+    """The aggregator's consumer loop on ``url``, stopped (and awaited) at the end."""
+    bus = await connect(url)
+    stop = asyncio.Event()
+    stats = LoopStats()
+    task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
+    try:
+        yield stats, task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await bus.close()
+
+
+async def _until_billed(
+    stats: LoopStats, task: asyncio.Task[LoopStats], samples: int, timeout: float = 30
+) -> None:
+    """Until the loop has billed ``samples`` (or ``timeout``), failing if it ended."""
+    deadline = time.monotonic() + timeout
+    while stats.samples < samples and time.monotonic() < deadline:
+        assert not task.done(), task.exception()
+        await asyncio.sleep(0.1)
+
+
 def test_a_control_plane_database_outage_does_not_stop_the_consumer(
     tmp_path: Path, storage: ChdbStorage, nats_server: NatsServer
 ) -> None:
@@ -54,27 +93,13 @@ def test_a_control_plane_database_outage_does_not_stop_the_consumer(
     series = make_series(rng, c.id, "vm_1", "i1", start, 1800)
 
     async def run() -> LoopStats:
-        bus = await connect(nats_server.url)
-        await bus.ensure_stream(mstream.stream_spec(BusConfig()))
-        for b in to_batches(series):
-            await bus.publish(mstream.batch_message(c.id, b.batch_id, encode(b), len(b.samples)))
-        agg = Aggregator(storage, directory)
-        stop = asyncio.Event()
-        stats = LoopStats()
-        task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
-        try:
+        await _publish(nats_server.url, *to_batches(series))
+        async with _consuming(nats_server.url, Aggregator(storage, directory)) as (stats, task):
             await asyncio.sleep(3)  # fetched, failed on the database, not acked
             assert not task.done(), task.exception()
             assert stats.acked == 0
             ready.rename(live)  # the database is back
-            deadline = time.monotonic() + 60
-            while stats.samples < len(series.samples) and time.monotonic() < deadline:
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0.2)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            await bus.close()
+            await _until_billed(stats, task, len(series.samples), timeout=60)
         return stats
 
     stats = asyncio.run(run())
@@ -93,37 +118,17 @@ def test_nats_back_without_the_stream_the_consumer_is_made_again(
     series = make_series(rng, "cust_a", "vm_1", "i1", start, 1800)
     b0, b1, b2 = to_batches(series)
 
-    async def publish(*batches: Batch) -> None:
-        bus = await connect(nats_server.url)
-        await bus.ensure_stream(mstream.stream_spec(BusConfig()))
-        for b in batches:
-            await bus.publish(mstream.batch_message("cust_a", b.batch_id, encode(b), 600))
-        await bus.close()
-
     async def run() -> LoopStats:
-        await publish(b0)
-        bus = await connect(nats_server.url)
+        await _publish(nats_server.url, b0)
         agg = Aggregator(storage, directory(TERMS))
-        stop = asyncio.Event()
-        stats = LoopStats()
-        task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
-        try:
-            deadline = time.monotonic() + 30
-            while stats.samples < 600 and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+        async with _consuming(nats_server.url, agg) as (stats, task):
+            await _until_billed(stats, task, 600)
             assert stats.samples == 600
             nats_server.stop()
             shutil.rmtree(nats_server.store_dir / "jetstream")
             nats_server.start()
-            await publish(b1, b2)
-            deadline = time.monotonic() + 30
-            while stats.samples < 1800 and time.monotonic() < deadline:
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0.1)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            await bus.close()
+            await _publish(nats_server.url, b1, b2)
+            await _until_billed(stats, task, 1800)
         return stats
 
     stats = asyncio.run(run())
@@ -143,28 +148,14 @@ def test_nats_away_when_the_consumer_starts_is_waited_for(
     (b0,) = to_batches(series)
 
     async def run() -> LoopStats:
-        bus = await connect(nats_server.url)
-        nats_server.stop()
         agg = Aggregator(storage, directory(TERMS))
-        stop = asyncio.Event()
-        stats = LoopStats()
-        task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
-        try:
+        async with _consuming(nats_server.url, agg) as (stats, task):
+            nats_server.stop()  # (the loop's connection made: it is the stream it waits for)
             await asyncio.sleep(3)
             assert not task.done(), task.exception()
             nats_server.start()
-            pub = await connect(nats_server.url)
-            await pub.ensure_stream(mstream.stream_spec(BusConfig()))
-            await pub.publish(mstream.batch_message("cust_a", b0.batch_id, encode(b0), 600))
-            await pub.close()
-            deadline = time.monotonic() + 30
-            while stats.samples < 600 and time.monotonic() < deadline:
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0.1)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            await bus.close()
+            await _publish(nats_server.url, b0)
+            await _until_billed(stats, task, 600)
         return stats
 
     assert asyncio.run(run()).samples == 600
@@ -196,24 +187,10 @@ def test_an_unexpected_error_in_a_flush_does_not_end_the_consumer(
             return super().commit(prepared)
 
     async def run() -> LoopStats:
-        bus = await connect(nats_server.url)
-        await bus.ensure_stream(mstream.stream_spec(BusConfig()))
-        for b in to_batches(series):
-            await bus.publish(mstream.batch_message(b.key.customer_id, b.batch_id, encode(b),
-                                                    len(b.samples)))  # fmt: skip
+        await _publish(nats_server.url, *to_batches(series))
         agg = Flaky(storage, directory(TERMS))
-        stop = asyncio.Event()
-        stats = LoopStats()
-        task = asyncio.create_task(run_consumer(bus, agg, stop, ack_wait_s=2, stats=stats))
-        try:
-            deadline = time.monotonic() + 60
-            while stats.samples < len(series.samples) and time.monotonic() < deadline:
-                assert not task.done(), task.exception()
-                await asyncio.sleep(0.2)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
-            await bus.close()
+        async with _consuming(nats_server.url, agg) as (stats, task):
+            await _until_billed(stats, task, len(series.samples), timeout=60)
         return stats
 
     stats = asyncio.run(run())
