@@ -229,24 +229,34 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_worker_killed_mid_build_is_retried_by_another(
-    tmp_path: Path, factory: sessionmaker[Session], db_url: str, init_binary: Path, app_image: str
-) -> None:
-    svc = _service(tmp_path, factory, init_binary, lease_s=1.0)
-    bid = svc.submit(BuildRequest(app_image, CustomerId(new_customer_id())))
+@contextlib.contextmanager
+def _doomed_worker(
+    svc: BuildService, bid: str, db_url: str, tmp_path: Path, init_binary: Path
+) -> Iterator[None]:
+    """A worker process (WORKER) that claims ``bid`` and starts building it; the block runs
+    while it builds, then it is killed (SIGKILL) mid-build."""
     proc = subprocess.Popen([sys.executable, "-c", WORKER, db_url, str(tmp_path), str(init_binary)])
     try:
         deadline = time.monotonic() + 60
         while not any("slow worker started" in x for x in svc.get(bid).log):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
-        assert svc.get(bid).state == BuildState.RUNNING
+        yield
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_worker_killed_mid_build_is_retried_by_another(
+    tmp_path: Path, factory: sessionmaker[Session], db_url: str, init_binary: Path, app_image: str
+) -> None:
+    svc = _service(tmp_path, factory, init_binary, lease_s=1.0)
+    bid = svc.submit(BuildRequest(app_image, CustomerId(new_customer_id())))
+    with _doomed_worker(svc, bid, db_url, tmp_path, init_binary):
+        assert svc.get(bid).state == BuildState.RUNNING
     try:
         svc.start(1)
         b = svc.wait(bid, 120)
@@ -345,18 +355,8 @@ def test_scratch_of_a_worker_killed_on_its_last_attempt_is_removed(
     builds no longer running)."""
     svc = _service(tmp_path, factory, init_binary, lease_s=1.0, max_attempts=1)
     bid = svc.submit(BuildRequest(app_image, CustomerId(new_customer_id())))
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, db_url, str(tmp_path), str(init_binary)])
-    try:
-        deadline = time.monotonic() + 60
-        while not any("slow worker started" in x for x in svc.get(bid).log):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with _doomed_worker(svc, bid, db_url, tmp_path, init_binary):
+        pass
     scratch = tmp_path / "work" / bid
     assert (scratch / "attempt-1" / "root").is_dir()  # what the killed worker left
     time.sleep(1.2)  # its lease runs out
